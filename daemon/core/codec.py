@@ -1,0 +1,280 @@
+"""Binary encoding of messages, with a version byte and one error type for any bad input.
+
+Layout (big-endian): version u8 | type u8 | cluster tag 4s | k u16 | body. Decoding parses the
+whole buffer into immutable objects before anything is returned, so a malformed message can
+never be half-applied; every failure, whatever its cause, is a DecodeError. Sizes are also
+computed arithmetically (``*_size``) so the gossip builder and the simulator can bound and count
+bytes without encoding; tests keep the two in agreement.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from .ids import NODE_ID_BYTES
+from .messages import (
+    BEAT_PREFIX,
+    Ack,
+    Beat,
+    Envelope,
+    Gossip,
+    Leave,
+    MemberEntry,
+    Message,
+    Refusal,
+    Snapshot,
+    SyncRequest,
+    TupleEntry,
+    Version,
+)
+
+PROTOCOL_VERSION = 1
+MAX_NAME_BYTES = 4096
+MAX_CHECKSUM_BYTES = 64
+MAX_HOLDERS = 64
+MAX_REASON_BYTES = 1024
+
+_HEADER = struct.Struct(">BB4sH")
+_MEMBER = struct.Struct(f">{NODE_ID_BYTES}s4sHII")
+_TUPLE_FIXED = struct.Struct(f">Q{NODE_ID_BYTES}sIQIQB")
+_U8 = struct.Struct(">B")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_GOSSIP_FIXED = struct.Struct(">IB")
+_BEAT = struct.Struct(f">{BEAT_PREFIX}sII")
+
+HEADER_SIZE = _HEADER.size
+MEMBER_SIZE = _MEMBER.size
+TUPLE_FIXED_SIZE = 2 + _TUPLE_FIXED.size + 1 + 1  # name length, fixed part, checksum len, holders
+BEAT_SIZE = _BEAT.size
+GOSSIP_OVERHEAD = HEADER_SIZE + MEMBER_SIZE + _GOSSIP_FIXED.size + 2 + 2 + 2
+ACK_SIZE = HEADER_SIZE + MEMBER_SIZE + 4
+LEAVE_SIZE = HEADER_SIZE + MEMBER_SIZE
+
+_TYPE_CODES: dict[type, int] = {Gossip: 1, Ack: 2, Leave: 3, SyncRequest: 4, Snapshot: 5,
+                                Refusal: 6}
+_U32_MAX = 0xFFFFFFFF
+_U64_MAX = 0xFFFFFFFFFFFFFFFF
+
+
+class DecodeError(ValueError):
+    """The bytes are not a well-formed message of a protocol version this node speaks."""
+
+
+class EncodeError(ValueError):
+    """A message cannot be encoded (a field out of its wire range)."""
+
+
+def tuple_size(entry: TupleEntry) -> int:
+    """Encoded size of one file tuple."""
+    return (TUPLE_FIXED_SIZE + len(entry.name.encode("utf-8")) + len(entry.checksum)
+            + NODE_ID_BYTES * len(entry.holders))
+
+
+def gossip_size(n_members: int, n_beats: int, tuples_bytes: int) -> int:
+    """Encoded size of a Gossip with these many entries and beats and tuples of that size."""
+    return GOSSIP_OVERHEAD + MEMBER_SIZE * n_members + BEAT_SIZE * n_beats + tuples_bytes
+
+
+def message_size(message: Message) -> int:
+    """Encoded size of any message, without encoding it."""
+    if isinstance(message, Gossip):
+        return gossip_size(len(message.members), len(message.beats),
+                           sum(map(tuple_size, message.tuples)))
+    if isinstance(message, Ack):
+        return ACK_SIZE
+    if isinstance(message, Leave):
+        return LEAVE_SIZE
+    if isinstance(message, (SyncRequest, Snapshot)):
+        return (HEADER_SIZE + MEMBER_SIZE + 8 + MEMBER_SIZE * len(message.members)
+                + sum(map(tuple_size, message.tuples)))
+    return HEADER_SIZE + 2 + len(message.reason.encode("utf-8"))
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+def encode(envelope: Envelope) -> bytes:
+    """Encode an envelope; raises EncodeError for a field outside its wire range."""
+    message = envelope.message
+    code = _TYPE_CODES.get(type(message))
+    if code is None:
+        raise EncodeError(f"not a message: {message!r}")
+    try:
+        parts = [_HEADER.pack(PROTOCOL_VERSION, code, envelope.cluster_tag, envelope.k)]
+        if len(envelope.cluster_tag) != 4:
+            raise EncodeError("cluster tag must be 4 bytes")
+        if isinstance(message, Gossip):
+            parts.append(_member(message.sender))
+            flags = (1 if message.want_ack else 0) | (2 if message.pull else 0)
+            parts.append(_GOSSIP_FIXED.pack(message.ts_ms & _U32_MAX, flags))
+            _members(parts, message.members)
+            parts.append(_U16.pack(len(message.beats)))
+            parts.extend(_BEAT.pack(b.prefix, b.incarnation, b.heartbeat) for b in message.beats)
+            _tuples(parts, message.tuples)
+        elif isinstance(message, Ack):
+            parts.append(_member(message.sender))
+            parts.append(_U32.pack(message.echo_ts_ms & _U32_MAX))
+        elif isinstance(message, Leave):
+            parts.append(_member(message.sender))
+        elif isinstance(message, (SyncRequest, Snapshot)):
+            parts.append(_member(message.sender))
+            _members(parts, message.members, wide=True)
+            _tuples(parts, message.tuples, wide=True)
+        else:
+            reason = message.reason.encode("utf-8")[:MAX_REASON_BYTES]
+            parts.append(_U16.pack(len(reason)))
+            parts.append(reason)
+    except (struct.error, OSError, UnicodeError, TypeError) as exc:
+        raise EncodeError(str(exc)) from exc
+    return b"".join(parts)
+
+
+def _member(entry: MemberEntry) -> bytes:
+    if len(entry.node_id) != NODE_ID_BYTES:
+        raise EncodeError("node id must be 20 bytes")
+    return _MEMBER.pack(entry.node_id, socket.inet_aton(entry.host), entry.port,
+                        entry.incarnation, entry.heartbeat)
+
+
+def _members(parts: list[bytes], entries: tuple[MemberEntry, ...], wide: bool = False) -> None:
+    parts.append(_U32.pack(len(entries)) if wide else _U16.pack(len(entries)))
+    parts.extend(_member(e) for e in entries)
+
+
+def _tuples(parts: list[bytes], entries: tuple[TupleEntry, ...], wide: bool = False) -> None:
+    parts.append(_U32.pack(len(entries)) if wide else _U16.pack(len(entries)))
+    for t in entries:
+        name = t.name.encode("utf-8")
+        if len(name) > MAX_NAME_BYTES or len(t.checksum) > MAX_CHECKSUM_BYTES \
+                or len(t.holders) > MAX_HOLDERS:
+            raise EncodeError(f"tuple {t.name!r} exceeds a wire limit")
+        ids = (*t.holders, t.version.writer)
+        if any(len(h) != NODE_ID_BYTES for h in ids):
+            raise EncodeError("node id must be 20 bytes")
+        parts.append(_U16.pack(len(name)))
+        parts.append(name)
+        parts.append(_TUPLE_FIXED.pack(t.version.clock, t.version.writer, t.holder_seq, t.size,
+                                       t.mode, t.mtime_ns, 1 if t.tombstone else 0))
+        parts.append(_U8.pack(len(t.checksum)))
+        parts.append(t.checksum)
+        parts.append(_U8.pack(len(t.holders)))
+        parts.extend(t.holders)
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+class _Reader:
+    """A cursor over a buffer whose every read either succeeds completely or raises DecodeError."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        end = self.pos + n
+        if n < 0 or end > len(self.data):
+            raise DecodeError("message truncated")
+        chunk = self.data[self.pos:end]
+        self.pos = end
+        return chunk
+
+    def unpack(self, fmt: struct.Struct) -> tuple:  # type: ignore[type-arg]
+        return fmt.unpack(self.take(fmt.size))
+
+    def count(self, wide: bool, item_size: int) -> int:
+        (n,) = self.unpack(_U32 if wide else _U16)
+        if n * item_size > len(self.data) - self.pos:
+            raise DecodeError("count exceeds message length")
+        return int(n)
+
+
+def decode(data: bytes) -> Envelope:
+    """Decode one whole message; any problem at all raises DecodeError and nothing else."""
+    try:
+        return _decode(bytes(data))
+    except DecodeError:
+        raise
+    except (struct.error, ValueError, OSError, UnicodeError, IndexError, TypeError) as exc:
+        raise DecodeError(f"malformed message: {exc}") from exc
+
+
+def _decode(data: bytes) -> Envelope:
+    reader = _Reader(data)
+    version, code, tag, k = reader.unpack(_HEADER)
+    if version != PROTOCOL_VERSION:
+        raise DecodeError(f"unsupported protocol version {version}")
+    if k == 0:
+        raise DecodeError("k must be at least 1")
+    message: Message
+    if code == 1:
+        sender = _read_member(reader)
+        ts_ms, flags = reader.unpack(_GOSSIP_FIXED)
+        if flags & ~3:
+            raise DecodeError("unknown gossip flags")
+        members = _read_members(reader, wide=False)
+        n_beats = reader.count(False, BEAT_SIZE)
+        beats = tuple(Beat(*reader.unpack(_BEAT)) for _ in range(n_beats))
+        tuples = _read_tuples(reader, wide=False)
+        message = Gossip(sender, ts_ms, bool(flags & 1), members, tuples, bool(flags & 2), beats)
+    elif code == 2:
+        sender = _read_member(reader)
+        (echo,) = reader.unpack(_U32)
+        message = Ack(sender, echo)
+    elif code == 3:
+        message = Leave(_read_member(reader))
+    elif code in (4, 5):
+        sender = _read_member(reader)
+        members = _read_members(reader, wide=True)
+        tuples = _read_tuples(reader, wide=True)
+        message = (SyncRequest if code == 4 else Snapshot)(sender, members, tuples)
+    elif code == 6:
+        (n,) = reader.unpack(_U16)
+        if n > MAX_REASON_BYTES:
+            raise DecodeError("reason too long")
+        message = Refusal(reader.take(n).decode("utf-8"))
+    else:
+        raise DecodeError(f"unknown message type {code}")
+    if reader.pos != len(data):
+        raise DecodeError("trailing bytes after message")
+    return Envelope(tag, k, message)
+
+
+def _read_member(reader: _Reader) -> MemberEntry:
+    node_id, raw_ip, port, incarnation, heartbeat = reader.unpack(_MEMBER)
+    if port == 0:
+        raise DecodeError("port 0 is not an address")
+    return MemberEntry(node_id, socket.inet_ntoa(raw_ip), port, incarnation, heartbeat)
+
+
+def _read_members(reader: _Reader, wide: bool) -> tuple[MemberEntry, ...]:
+    n = reader.count(wide, MEMBER_SIZE)
+    return tuple(_read_member(reader) for _ in range(n))
+
+
+def _read_tuples(reader: _Reader, wide: bool) -> tuple[TupleEntry, ...]:
+    n = reader.count(wide, TUPLE_FIXED_SIZE)
+    out = []
+    for _ in range(n):
+        (name_len,) = reader.unpack(_U16)
+        if name_len == 0 or name_len > MAX_NAME_BYTES:
+            raise DecodeError("bad object name length")
+        name = reader.take(name_len).decode("utf-8")
+        if "\x00" in name:
+            raise DecodeError("object name contains NUL")
+        clock, writer, holder_seq, size, mode, mtime_ns, flags = reader.unpack(_TUPLE_FIXED)
+        if flags & ~1:
+            raise DecodeError("unknown tuple flags")
+        (cs_len,) = reader.unpack(_U8)
+        if cs_len > MAX_CHECKSUM_BYTES:
+            raise DecodeError("checksum too long")
+        checksum = reader.take(cs_len)
+        (n_holders,) = reader.unpack(_U8)
+        if n_holders > MAX_HOLDERS:
+            raise DecodeError("too many holders")
+        holders = tuple(reader.take(NODE_ID_BYTES) for _ in range(n_holders))
+        out.append(TupleEntry(name, Version(clock, writer), holder_seq, size, mode, mtime_ns,
+                              checksum, holders, bool(flags & 1)))
+    return tuple(out)

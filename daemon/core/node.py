@@ -1,0 +1,843 @@
+"""The Kelips node as a pure state machine: (time, message) in, messages to send out.
+
+Nothing here touches a socket, a clock or global randomness: every entry point takes ``now``
+(seconds on the driver's monotonic clock) and randomness comes from the injected
+``random.Random``. The trio daemon and the simulator are two drivers of this one class.
+
+Driver contract:
+- call ``tick(now)`` no later than ``next_deadline()``; send what it returns;
+- feed every decoded envelope to ``receive(now, envelope)``; send what it returns;
+- drain ``drain_events()`` for failures, joins and refusals (repair, metrics, logs);
+- use ``plan_lookup`` / ``answer_lookup`` / ``plan_insert`` / ``placement`` for the data path
+  and ``record_write`` / ``repair_tasks`` / ``repair_done`` to keep tuples and copies right.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from . import codec, placement
+from .config import MAC_SIZE, CoreConfig
+from .ids import NodeId, cluster_tag, group_of_name, group_of_node
+from .members import Graveyard, Member, Status
+from .messages import (
+    BEAT_PREFIX,
+    DATAGRAM_TYPES,
+    Ack,
+    Address,
+    Beat,
+    Envelope,
+    Gossip,
+    Leave,
+    MemberEntry,
+    Message,
+    Outgoing,
+    Refusal,
+    Snapshot,
+    SyncRequest,
+    TupleEntry,
+    Version,
+)
+from .tuples import HybridClock, TupleStore, make_version, with_holders
+
+_HOT_ROUNDS = 3  # an entry changed within this many gossip rounds goes first in messages
+_FRESH_SENDS = 6  # messages that carry a newly learned member's full entry
+_ROTATING_FULL = 2  # full own-group entries per message besides new members (heals gaps)
+_SYNC_RETRY = 2.0  # seconds between join-sync attempts to the own group
+_REPAIR_RETRY = 10.0  # seconds before an unfinished repair is planned again
+_MAX_EXPLORING = 2
+_CANDIDATES = 8
+
+
+class Event(NamedTuple):
+    """Something drivers may act on or count: kind is one of EVENT_KINDS."""
+
+    kind: str
+    node_id: NodeId
+    at: float
+    detail: str = ""
+
+
+EVENT_KINDS = ("joined", "failed", "revived", "removed", "left", "contact_added",
+               "contact_dropped", "refused", "synced")
+
+
+@dataclass(frozen=True)
+class LookupPlan:
+    """Where to find a name: locally (own group) or by asking these contacts, nearest first."""
+
+    name: str
+    group: int
+    local: bool
+    entry: TupleEntry | None
+    ask: tuple[MemberEntry, ...]
+
+
+@dataclass(frozen=True)
+class LookupAnswer:
+    """A contact's (or the own group's) answer: the tuple and its live holders."""
+
+    entry: TupleEntry | None
+    holders: tuple[MemberEntry, ...]
+
+
+@dataclass(frozen=True)
+class RepairTask:
+    """Copy ``entry``'s bytes from this node to ``targets``, then call repair_done."""
+
+    entry: TupleEntry
+    targets: tuple[MemberEntry, ...]
+
+
+class _Probe:
+    __slots__ = ("contact", "entry", "misses", "sent_at")
+
+    def __init__(self, sent_at: float, contact: bool, entry: MemberEntry) -> None:
+        self.sent_at = sent_at
+        self.misses = 0
+        self.contact = contact
+        self.entry = entry
+
+
+class KelipsNode:
+    """One node's protocol state: own-group view, contacts, file tuples, failure detector."""
+
+    def __init__(self, config: CoreConfig, node_id: NodeId, address: Address, incarnation: int,
+                 rng: random.Random, now: float) -> None:
+        self.config = config
+        self.node_id = node_id
+        self.host, self.port = address
+        self.incarnation = incarnation
+        self.heartbeat = 0
+        self.group = group_of_node(node_id, config.k)
+        self.rng = rng
+        self.tag = cluster_tag(config.cluster_id)
+        self.members: dict[NodeId, Member] = {}
+        self.contacts: dict[int, list[NodeId]] = {}
+        self.graveyard = Graveyard()
+        self.tuples = TupleStore()
+        self.clock = HybridClock()
+        self.dropped = 0  # messages refused (wrong cluster or k)
+        self.synced = True  # False while a join still needs a snapshot from the own group
+        self._events: list[Event] = []
+        gi = config.gossip_interval
+        self._next_heartbeat = now + config.heartbeat_interval
+        self._next_gossip = now + rng.uniform(0, gi)
+        self._next_scan = now + config.heartbeat_interval
+        self._next_anti_entropy = now + rng.uniform(0.5, 1.0) * config.anti_entropy_interval
+        self._next_sync = now
+        self._changed: OrderedDict[NodeId, float] = OrderedDict()
+        self._own_alive: list[Member] | None = None
+        self._cum_weights: list[float] = []
+        self._weights_at = -1e18
+        self._own_cursor = 0
+        self._contact_list: list[NodeId] | None = None
+        self._contact_cursor = 0
+        self._probe_cursor = 0
+        self._probes: dict[NodeId, _Probe] = {}
+        self._candidates: deque[MemberEntry] = deque(maxlen=_CANDIDATES)
+        self._repairing: dict[str, float] = {}
+        self._repair_dirty = False
+        self._last_group_gossip = now  # when gossip from the own group last arrived
+        self._by_prefix: dict[bytes, Member] = {}  # beat prefix -> own-group member
+        self._fresh: OrderedDict[NodeId, int] = OrderedDict()  # new members: full-entry sends left
+        budget = config.max_datagram - MAC_SIZE - codec.GOSSIP_OVERHEAD
+        if budget < codec.MEMBER_SIZE * 4:
+            raise ValueError("max_datagram leaves no room for member entries")
+        self._budget = budget
+
+    # --- identity and introspection ------------------------------------------------------------
+
+    def entry(self) -> MemberEntry:
+        return MemberEntry(self.node_id, self.host, self.port, self.incarnation, self.heartbeat)
+
+    @property
+    def address(self) -> Address:
+        return (self.host, self.port)
+
+    def envelope(self, message: Message) -> Envelope:
+        return Envelope(self.tag, self.config.k, message)
+
+    def drain_events(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
+
+    def own_alive(self) -> list[Member]:
+        """Live members of the own group, excluding this node."""
+        if self._own_alive is None:
+            self._own_alive = [m for m in self.members.values() if m.own and m.alive]
+        return self._own_alive
+
+    def live_contacts(self, group: int) -> list[Member]:
+        out = []
+        for nid in self.contacts.get(group, ()):
+            m = self.members.get(nid)
+            if m is not None and m.alive:
+                out.append(m)
+        return out
+
+    def state_entries(self) -> int:
+        """Entries of soft state held: members (alive or failed), tuples and graves."""
+        return len(self.members) + len(self.tuples) + len(self.graveyard)
+
+    def estimated_size(self) -> int:
+        """N estimate: own group size times k (groups are equal in expectation)."""
+        return (len(self.own_alive()) + 1) * self.config.k
+
+    def next_deadline(self) -> float:
+        return min(self._next_heartbeat, self._next_gossip, self._next_scan)
+
+    # --- time ---------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Outgoing]:
+        """Advance timers: heartbeat, failure detection, probes, gossip, anti-entropy."""
+        out: list[Outgoing] = []
+        cfg = self.config
+        if now >= self._next_heartbeat:
+            self.heartbeat += 1
+            self._next_heartbeat = max(self._next_heartbeat + cfg.heartbeat_interval,
+                                       now + 0.5 * cfg.heartbeat_interval)
+        if now >= self._next_scan:
+            self._scan(now)
+            self._next_scan = now + 0.5 * cfg.heartbeat_interval
+        if now >= self._next_gossip:
+            self._next_gossip = max(self._next_gossip + cfg.gossip_interval,
+                                    now + 0.5 * cfg.gossip_interval)
+            self._expire_probes(now, out)
+            self._gossip_round(now, out)
+        if not self.synced and now >= self._next_sync:
+            self._next_sync = now + _SYNC_RETRY
+            self._send_sync(now, out)
+        elif now >= self._next_anti_entropy:
+            self._next_anti_entropy = now + cfg.anti_entropy_interval * self.rng.uniform(0.8, 1.2)
+            self._send_sync(now, out)
+        return out
+
+    def _scan(self, now: float) -> None:
+        """Failure detection over the own group: t_fail marks failed, t_cleanup forgets."""
+        cfg = self.config
+        t_fail, t_cleanup = cfg.t_fail, cfg.t_cleanup
+        gone: list[Member] = []
+        for m in self.members.values():
+            if not m.own:
+                continue
+            silent = now - m.last_heard
+            if m.status is Status.ALIVE:
+                if silent > t_fail:
+                    m.status = Status.FAILED
+                    m.failed_at = now
+                    self._membership_changed()
+                    self._events.append(Event("failed", m.node_id, now))
+            elif silent > t_cleanup:
+                gone.append(m)
+        for m in gone:
+            self._remove_member(m.node_id)
+            self.graveyard.bury(m.node_id, (m.incarnation, m.heartbeat), now + cfg.graveyard_ttl)
+            self._events.append(Event("removed", m.node_id, now))
+        self.graveyard.expire(now)
+        for name in self.tuples.expire_tombstones(now, cfg.tombstone_ttl):
+            self._repairing.pop(name, None)
+
+    def _add_member(self, member: Member) -> None:
+        self.members[member.node_id] = member
+        if member.own:
+            self._by_prefix[member.node_id[:BEAT_PREFIX]] = member
+            self._fresh[member.node_id] = _FRESH_SENDS
+
+    def _remove_member(self, node_id: NodeId) -> Member | None:
+        member = self.members.pop(node_id, None)
+        if member is not None and member.own:
+            prefix = node_id[:BEAT_PREFIX]
+            if self._by_prefix.get(prefix) is member:
+                del self._by_prefix[prefix]
+            self._fresh.pop(node_id, None)
+        return member
+
+    def _membership_changed(self) -> None:
+        self._own_alive = None
+        self._weights_at = -1e18
+        self._repair_dirty = True
+
+    # --- gossip -------------------------------------------------------------------------------
+
+    def _gossip_round(self, now: float, out: list[Outgoing]) -> None:
+        cfg = self.config
+        targets = self._pick_targets(now, cfg.fanout)
+        if targets:
+            members, tuples, beats = self._build_own_message(now)
+            # Spatial weighting sends less to far members; one that hears nothing for two
+            # rounds asks its targets to answer with gossip, so no view goes stale.
+            pull = now - self._last_group_gossip > 2 * cfg.gossip_interval
+            for target in targets:
+                want_ack = target.rtt is None or self.rng.random() < cfg.rtt_refresh_probability
+                msg = Gossip(self.entry(), _ms(now), want_ack, members, tuples, pull, beats)
+                if want_ack and target.node_id not in self._probes:
+                    self._probes[target.node_id] = _Probe(now, False, target.entry())
+                out.append(Outgoing(target.address, msg))
+        contact = self._next_contact_to_probe()
+        if contact is not None:
+            self._probe(now, contact.entry(), True, out)
+        if self._candidates and len([p for p in self._probes.values() if not p.contact
+                                     and p.entry.node_id not in self.members]) < _MAX_EXPLORING \
+                and self.rng.random() < cfg.explore_probability:
+            candidate = self._candidates.popleft()
+            if candidate.node_id not in self.members and candidate.node_id not in self._probes:
+                self._probe(now, candidate, False, out)
+
+    def _probe(self, now: float, target: MemberEntry, contact: bool, out: list[Outgoing]) -> None:
+        """A gossip with our group's freshest entries that asks for an ack (liveness + RTT)."""
+        picked = self._select_own(now, self._budget // codec.MEMBER_SIZE, {self.node_id})
+        members = tuple(m.entry() for m in picked)
+        out.append(Outgoing(target.address, Gossip(self.entry(), _ms(now), True, members, ())))
+        probe = self._probes.get(target.node_id)
+        if probe is None:
+            self._probes[target.node_id] = _Probe(now, contact, target)
+        else:
+            probe.sent_at = now
+
+    def _expire_probes(self, now: float, out: list[Outgoing]) -> None:
+        cfg = self.config
+        for nid, probe in list(self._probes.items()):
+            m = self.members.get(nid)
+            timeout = cfg.probe_timeout
+            if m is not None and m.rtt is not None:
+                timeout = max(timeout, 4 * m.rtt)
+            if now - probe.sent_at < timeout:
+                continue
+            if not probe.contact or m is None or m.own:
+                del self._probes[nid]  # RTT refreshes and explorations are best effort
+                continue
+            probe.misses += 1
+            if probe.misses >= cfg.probe_misses:
+                del self._probes[nid]
+                self._drop_contact(m, now)
+            else:
+                self._probe(now, probe.entry, True, out)  # retry at once: loss is not death
+
+    def _pick_targets(self, now: float, fanout: int) -> list[Member]:
+        """Spatial gossip: own-group targets weighted toward low RTT, some uniform."""
+        pool = self.own_alive()
+        if not pool:
+            return []
+        if len(pool) <= fanout:
+            return list(pool)
+        if now - self._weights_at > 5.0:
+            self._recompute_weights(pool, now)
+        chosen: list[Member] = []
+        seen: set[int] = set()
+        rng = self.rng
+        cfg = self.config
+        total = self._cum_weights[-1]
+        attempts = 0
+        while len(chosen) < fanout and attempts < 8 * fanout:
+            attempts += 1
+            if rng.random() < cfg.uniform_share:
+                i = rng.randrange(len(pool))
+            else:
+                i = bisect.bisect_left(self._cum_weights, rng.random() * total)
+                i = min(i, len(pool) - 1)
+            if i not in seen:
+                seen.add(i)
+                chosen.append(pool[i])
+        return chosen
+
+    def _recompute_weights(self, pool: list[Member], now: float) -> None:
+        cfg = self.config
+        floor, exponent = cfg.rtt_floor, cfg.rtt_exponent
+        known = [m.rtt for m in pool if m.rtt is not None]
+        default_rtt = sorted(known)[len(known) // 2] if known else floor
+        acc = 0.0
+        cum = []
+        for m in pool:
+            rtt = m.rtt if m.rtt is not None else default_rtt
+            acc += (floor / max(rtt, floor)) ** exponent
+            cum.append(acc)
+        self._cum_weights = cum
+        self._weights_at = now
+
+    def _build_own_message(self, now: float) -> tuple[tuple[MemberEntry, ...],
+                                                      tuple[TupleEntry, ...],
+                                                      tuple[Beat, ...]]:
+        """This round's body for own-group targets, filled to the datagram budget in order of
+        urgency: hot tuples, foreign (contact) entries, full entries of new members, heartbeat
+        digests of the whole group, and cold tuples in whatever room is left."""
+        cfg = self.config
+        budget = self._budget
+        tuples: list[TupleEntry] = []
+        if self.tuples.hot_count:
+            tuples = self.tuples.select_hot(int(budget * cfg.tuple_share), codec.tuple_size)
+            budget -= sum(map(codec.tuple_size, tuples))
+        full: list[MemberEntry] = []
+        contact_ids = self._all_contacts()
+        n = len(contact_ids)
+        foreign_slots = min(n, int(self._budget * cfg.foreign_share) // codec.MEMBER_SIZE)
+        for _ in range(n):
+            if len(full) >= foreign_slots:
+                break
+            if self._contact_cursor >= n:
+                self._contact_cursor = 0
+            m = self.members.get(contact_ids[self._contact_cursor])
+            self._contact_cursor += 1
+            if m is not None and m.alive:
+                full.append(m.entry())
+        own_full = self._fresh_entries(max(1, budget // (4 * codec.MEMBER_SIZE)))
+        full.extend(own_full)
+        budget -= codec.MEMBER_SIZE * len(full)
+        skip = {e.node_id for e in own_full}
+        skip.add(self.node_id)
+        beats = tuple(m.beat() for m in self._select_own(now, budget // codec.BEAT_SIZE, skip))
+        budget -= codec.BEAT_SIZE * len(beats)
+        if len(self.tuples) and budget > codec.TUPLE_FIXED_SIZE:
+            tuples.extend(self.tuples.select_cold(budget, {t.name for t in tuples},
+                                                  codec.tuple_size))
+        return tuple(full), tuple(tuples), beats
+
+    def _fresh_entries(self, limit: int) -> list[MemberEntry]:
+        """Full entries of own-group members learned lately (rumor counted), plus a couple in
+        rotation, so receivers that do not know a member yet learn its address."""
+        chosen: list[MemberEntry] = []
+        fresh = self._fresh
+        for _ in range(len(fresh)):
+            if len(chosen) >= limit:
+                break
+            nid, left = next(iter(fresh.items()))
+            m = self.members.get(nid)
+            if m is None or not m.alive:
+                del fresh[nid]
+                continue
+            chosen.append(m.entry())
+            if left <= 1:
+                del fresh[nid]
+            else:
+                fresh[nid] = left - 1
+                fresh.move_to_end(nid)
+        taken = {e.node_id for e in chosen}
+        taken.add(self.node_id)
+        for m in self._select_own(-1.0, min(_ROTATING_FULL, max(0, limit - len(chosen))), taken):
+            chosen.append(m.entry())
+        return chosen
+
+    def _select_own(self, now: float, slots: int, skip: set[NodeId]) -> list[Member]:
+        """Own-group members: those whose heartbeat rose lately (freshest first, at most half
+        the slots), then a rotation over the whole group for the rest.
+
+        The cap matters: with only "freshest first", an entry that falls a little behind is
+        never fresh at anyone and is never sent again -- rotation guarantees every member
+        leaves every node at least once per len(group) / (slots / 2) rounds. ``now`` < 0
+        means rotation only.
+        """
+        chosen: list[Member] = []
+        if slots <= 0:
+            return chosen
+        taken = set(skip)
+        members = self.members
+        if now >= 0:
+            window = now - _HOT_ROUNDS * self.config.gossip_interval
+            changed = self._changed
+            while changed:
+                nid, at = next(iter(changed.items()))
+                if at >= window:
+                    break
+                changed.popitem(last=False)
+            hot_limit = max(1, slots // 2)
+            for nid in reversed(changed):
+                if len(chosen) >= hot_limit:
+                    break
+                m = members.get(nid)
+                if m is not None and m.alive and nid not in taken:
+                    chosen.append(m)
+                    taken.add(nid)
+        pool = self.own_alive()
+        n = len(pool)
+        for _ in range(n):
+            if len(chosen) >= slots:
+                break
+            if self._own_cursor >= n:
+                self._own_cursor = 0
+            m = pool[self._own_cursor]
+            self._own_cursor += 1
+            if m.node_id not in taken:
+                chosen.append(m)
+                taken.add(m.node_id)
+        return chosen
+
+    def _all_contacts(self) -> list[NodeId]:
+        if self._contact_list is None:
+            self._contact_list = [nid for ids in self.contacts.values() for nid in ids]
+        return self._contact_list
+
+    def _next_contact_to_probe(self) -> Member | None:
+        ids = self._all_contacts()
+        for _ in range(len(ids)):
+            if self._probe_cursor >= len(ids):
+                self._probe_cursor = 0
+            nid = ids[self._probe_cursor]
+            self._probe_cursor += 1
+            m = self.members.get(nid)
+            if m is not None and nid not in self._probes:
+                return m
+        return None
+
+    # --- receiving ----------------------------------------------------------------------------
+
+    def receive(self, now: float, envelope: Envelope) -> list[Outgoing]:
+        """Apply one decoded message; returns the replies to send."""
+        message = envelope.message
+        if isinstance(message, Refusal):
+            self._events.append(Event("refused", b"", now, message.reason))
+            return []
+        if envelope.cluster_tag != self.tag or envelope.k != self.config.k:
+            self.dropped += 1
+            if isinstance(message, SyncRequest):
+                return [Outgoing(message.sender.address, Refusal(self._refusal_reason(envelope)))]
+            if isinstance(message, Snapshot):
+                self._events.append(Event("refused", message.sender.node_id, now,
+                                          "snapshot from a node of another cluster or k"))
+            return []
+        if isinstance(message, Gossip):
+            return self._on_gossip(now, message)
+        if isinstance(message, Ack):
+            self._on_ack(now, message)
+            return []
+        if isinstance(message, Leave):
+            self._on_leave(now, message.sender)
+            return []
+        self._merge_bulk(now, message.sender, message.members, message.tuples)
+        if isinstance(message, SyncRequest):
+            return [Outgoing(message.sender.address, self.snapshot(message.sender.node_id))]
+        if not self.synced and group_of_node(message.sender.node_id, self.config.k) == self.group:
+            self.synced = True
+            self._events.append(Event("synced", message.sender.node_id, now))
+        return []
+
+    def _refusal_reason(self, envelope: Envelope) -> str:
+        if envelope.cluster_tag != self.tag:
+            return (f"join refused: the node belongs to another cluster (cluster_id differs from "
+                    f"{self.config.cluster_id!r})")
+        return (f"join refused: this cluster uses k={self.config.k} affinity groups, the joining "
+                f"node has k={envelope.k}; start it with k={self.config.k}")
+
+    def _on_gossip(self, now: float, msg: Gossip) -> list[Outgoing]:
+        self._merge_entry(now, msg.sender)
+        for entry in msg.members:
+            self._merge_entry(now, entry)
+        by_prefix = self._by_prefix
+        for beat in msg.beats:
+            m = by_prefix.get(beat.prefix)
+            if m is not None and m.absorb_beat(beat.incarnation, beat.heartbeat, now):
+                self._heard(m, now)
+        for t in msg.tuples:
+            self.merge_tuple(now, t)
+        sender = self.members.get(msg.sender.node_id)
+        own_sender = sender is not None and sender.own
+        if own_sender:
+            self._last_group_gossip = now
+        out: list[Outgoing] = []
+        if msg.want_ack:
+            out.append(Outgoing(msg.sender.address, Ack(self.entry(), msg.ts_ms)))
+        if msg.pull and own_sender:
+            members, tuples, beats = self._build_own_message(now)
+            reply = Gossip(self.entry(), _ms(now), False, members, tuples, False, beats)
+            out.append(Outgoing(msg.sender.address, reply))
+        return out
+
+    def _on_ack(self, now: float, msg: Ack) -> None:
+        entry = msg.sender
+        self._merge_entry(now, entry)
+        sample = ((_ms(now) - msg.echo_ts_ms) & 0xFFFFFFFF) / 1000.0
+        probe = self._probes.pop(entry.node_id, None)
+        m = self.members.get(entry.node_id)
+        if m is not None:
+            if sample < 60.0:
+                m.observe_rtt(sample)
+            return
+        if probe is not None and sample < 60.0:
+            self._consider_closer_contact(now, entry, sample)
+
+    def _on_leave(self, now: float, entry: MemberEntry) -> None:
+        m = self.members.get(entry.node_id)
+        if m is None or (entry.incarnation, entry.heartbeat) < (m.incarnation, m.heartbeat):
+            return
+        if m.own:
+            if m.alive:
+                m.status = Status.FAILED
+                m.failed_at = now
+                m.last_heard = min(m.last_heard, now - self.config.t_fail)
+                self._membership_changed()
+                self._events.append(Event("left", m.node_id, now))
+        else:
+            self._drop_contact(m, now, bury=True)
+
+    def _merge_bulk(self, now: float, sender: MemberEntry, members: tuple[MemberEntry, ...],
+                    tuples: tuple[TupleEntry, ...]) -> None:
+        self._merge_entry(now, sender)
+        for entry in members:
+            self._merge_entry(now, entry)
+        for t in tuples:
+            self.merge_tuple(now, t)
+
+    def _merge_entry(self, now: float, entry: MemberEntry) -> None:
+        """Merge one gossiped member entry: monotone in (incarnation, heartbeat)."""
+        nid = entry.node_id
+        m = self.members.get(nid)
+        if m is not None:
+            if m.absorb(entry, now):
+                self._heard(m, now)
+            return
+        if nid == self.node_id:
+            if (entry.incarnation, entry.heartbeat) > (self.incarnation, self.heartbeat):
+                # Someone remembers a later life of ours (we restarted without our state):
+                # move to a higher incarnation so our fresh heartbeats are believed again.
+                self.incarnation = entry.incarnation + 1
+                self.heartbeat = 0
+            return
+        if self.graveyard.blocks(entry):
+            return
+        group = group_of_node(nid, self.config.k)
+        if group == self.group:
+            self.graveyard.forget(nid)
+            self._add_member(Member(entry, group, True, now))
+            self._changed[nid] = now
+            self._membership_changed()
+            self._events.append(Event("joined", nid, now))
+            return
+        contacts = self.contacts.get(group)
+        if contacts is None:
+            contacts = self.contacts[group] = []
+        if len(contacts) < self.config.contacts_per_group:
+            self.graveyard.forget(nid)
+            self._add_member(Member(entry, group, False, now))
+            contacts.append(nid)
+            self._contact_list = None
+            self._events.append(Event("contact_added", nid, now))
+        elif len(self._candidates) < _CANDIDATES or self.rng.random() < 0.1:
+            self._candidates.append(entry)
+
+    def _heard(self, m: Member, now: float) -> None:
+        """A member's liveness rose: it is fresh news, and a failed member is alive again."""
+        if m.own:
+            self._changed[m.node_id] = now
+            self._changed.move_to_end(m.node_id)
+        if m.status is Status.FAILED:
+            m.status = Status.ALIVE
+            self._membership_changed()
+            self._events.append(Event("revived", m.node_id, now))
+
+    def _consider_closer_contact(self, now: float, entry: MemberEntry, rtt: float) -> None:
+        """An explored foreign node answered: make it a contact if clearly closer than the worst."""
+        group = group_of_node(entry.node_id, self.config.k)
+        if group == self.group or self.graveyard.blocks(entry):
+            return
+        contacts = self.contacts.setdefault(group, [])
+        if len(contacts) < self.config.contacts_per_group:
+            worst = None
+        else:
+            current = [self.members[nid] for nid in contacts]
+            worst = max(current, key=lambda c: c.rtt if c.rtt is not None else float("inf"))
+            if worst.rtt is not None and worst.rtt <= rtt * 1.2:
+                return
+            self._drop_contact(worst, now, bury=False)
+        member = Member(entry, group, False, now)
+        member.observe_rtt(rtt)
+        self._add_member(member)
+        contacts.append(entry.node_id)
+        self._contact_list = None
+        self._events.append(Event("contact_added", entry.node_id, now))
+
+    def _drop_contact(self, m: Member, now: float, bury: bool = True) -> None:
+        """Stop using a contact (unreachable or replaced by a closer one); keep its place free."""
+        contacts = self.contacts.get(m.group, [])
+        if m.node_id in contacts:
+            contacts.remove(m.node_id)
+        self._remove_member(m.node_id)
+        self._probes.pop(m.node_id, None)
+        self._contact_list = None
+        if bury:
+            self.graveyard.bury(m.node_id, (m.incarnation, m.heartbeat),
+                                now + self.config.graveyard_ttl)
+        self._events.append(Event("contact_dropped", m.node_id, now))
+
+    def report_unreachable(self, now: float, node_id: NodeId) -> None:
+        """The driver could not reach a node over a stream: a contact is replaced at once.
+
+        Own-group members are left to the heartbeat detector (one refused connection is not
+        proof of death, and the detector's verdict must be the same on every member).
+        """
+        m = self.members.get(node_id)
+        if m is not None and not m.own:
+            self._drop_contact(m, now)
+
+    def record_rtt(self, node_id: NodeId, rtt: float) -> None:
+        """An RTT measured by the driver (e.g. an HTTP exchange) feeds the same estimate."""
+        m = self.members.get(node_id)
+        if m is not None and 0 <= rtt < 60.0:
+            m.observe_rtt(rtt)
+
+    # --- join, leave, snapshots ---------------------------------------------------------------
+
+    def join_request(self) -> SyncRequest:
+        """What a new node sends to a live member (or a bootstrap-provided one) to join."""
+        self.synced = False
+        return SyncRequest(self.entry(), (), ())
+
+    def leave_messages(self) -> list[Outgoing]:
+        """Tell every live own-group member (and contacts) that this node leaves on purpose."""
+        msg = Leave(self.entry())
+        return [Outgoing(m.address, msg) for m in self.members.values() if m.alive]
+
+    def snapshot(self, for_node: NodeId | None = None) -> Snapshot:
+        """Own group (alive), contacts and, for a member of the own group, all tuples."""
+        members = tuple(m.entry() for m in self.members.values() if m.alive)
+        same_group = for_node is None or group_of_node(for_node, self.config.k) == self.group
+        tuples = tuple(self.tuples) if same_group else ()
+        return Snapshot(self.entry(), members, tuples)
+
+    def _send_sync(self, now: float, out: list[Outgoing]) -> None:
+        pool = self.own_alive()
+        if not pool:
+            if not self.synced:
+                # Nobody of our group is known yet: ask a contact, whose snapshot carries the
+                # contacts it has in our group; if there are none we are the group's first.
+                contacts = [m for m in self.members.values() if not m.own and m.alive]
+                if not contacts:
+                    self.synced = True
+                    return
+                target = self.rng.choice(contacts)
+                out.append(Outgoing(target.address, SyncRequest(self.entry(), (), ())))
+            return
+        target = min(pool, key=lambda m: m.rtt if m.rtt is not None else 1e9) \
+            if not self.synced else self.rng.choice(pool)
+        snap = self.snapshot()
+        out.append(Outgoing(target.address, SyncRequest(self.entry(), snap.members, snap.tuples)))
+
+    # --- data path planning -------------------------------------------------------------------
+
+    def group_of(self, name: str) -> int:
+        return group_of_name(name, self.config.k)
+
+    def plan_lookup(self, name: str) -> LookupPlan:
+        group = self.group_of(name)
+        if group == self.group:
+            return LookupPlan(name, group, True, self.tuples.get(name), ())
+        ask = sorted(self.live_contacts(group), key=_by_rtt)
+        return LookupPlan(name, group, False, None, tuple(m.entry() for m in ask))
+
+    def answer_lookup(self, name: str) -> LookupAnswer:
+        """What this node tells a requester about a name of its own group."""
+        t = self.tuples.get(name)
+        if t is None:
+            return LookupAnswer(None, ())
+        return LookupAnswer(t, tuple(self.live_holders(t)))
+
+    def live_holders(self, t: TupleEntry) -> list[MemberEntry]:
+        """The tuple's holders that this node believes alive, nearest first."""
+        holders: list[Member] = []
+        me: MemberEntry | None = None
+        for nid in t.holders:
+            if nid == self.node_id:
+                me = self.entry()
+                continue
+            m = self.members.get(nid)
+            if m is not None and m.alive:
+                holders.append(m)
+        holders.sort(key=_by_rtt)
+        entries = [m.entry() for m in holders]
+        return ([me] if me is not None else []) + entries
+
+    def fetch_order(self, holders: tuple[MemberEntry, ...]) -> list[MemberEntry]:
+        """Order holders named by a contact by this node's own RTT knowledge (unknown last)."""
+        def key(entry: MemberEntry) -> float:
+            if entry.node_id == self.node_id:
+                return -1.0
+            m = self.members.get(entry.node_id)
+            return m.rtt if m is not None and m.rtt is not None else 1e9
+        return sorted(holders, key=key)
+
+    def placement(self, name: str, exclude: frozenset[NodeId] = frozenset()) -> list[MemberEntry]:
+        """The r live members of the own group that should hold ``name`` (rendezvous order)."""
+        by_id = {m.node_id: m.entry() for m in self.own_alive()}
+        by_id[self.node_id] = self.entry()
+        for nid in exclude:
+            by_id.pop(nid, None)
+        ranked = placement.choose(name, by_id, self.config.replication)
+        return [by_id[nid] for nid in ranked]
+
+    def plan_insert(self, name: str) -> LookupPlan:
+        """Own group: the holders are computed here; else ask a contact for ``placement``."""
+        return self.plan_lookup(name)
+
+    def new_version(self, wall_ms: int) -> Version:
+        return make_version(self.clock, wall_ms, self.node_id)
+
+    # --- tuples and repair --------------------------------------------------------------------
+
+    def merge_tuple(self, now: float, t: TupleEntry) -> bool:
+        """Merge a tuple of the own group (others are ignored); True if it changed state."""
+        if group_of_name(t.name, self.config.k) != self.group:
+            return False
+        self.clock.observe(t.version.clock)
+        if self.tuples.merge(t, now):
+            self._repair_dirty = True
+            return True
+        return False
+
+    def record_write(self, now: float, t: TupleEntry) -> bool:
+        """A holder stored (fsynced) the bytes of ``t``: publish the tuple to the group."""
+        return self.merge_tuple(now, t)
+
+    def repair_tasks(self, now: float) -> list[RepairTask]:
+        """Copies this node must make: tuples with fewer than r live holders where this node
+        is the lowest-id live holder (so exactly one member drives each repair)."""
+        if not self._repair_dirty and not self._repairing:
+            return []
+        self._repair_dirty = False
+        r = self.config.replication
+        alive_ids = {m.node_id for m in self.own_alive()}
+        alive_ids.add(self.node_id)
+        tasks: list[RepairTask] = []
+        for t in self.tuples:
+            if t.tombstone:
+                continue
+            live = [h for h in t.holders if h in alive_ids]
+            if len(live) >= r or len(live) >= len(alive_ids) or not live:
+                continue
+            if min(live) != self.node_id:
+                continue
+            due = self._repairing.get(t.name)
+            if due is not None and due > now:
+                continue
+            ranked = placement.rank(t.name, alive_ids - set(live))
+            targets = ranked[:r - len(live)]
+            if not targets:
+                continue
+            self._repairing[t.name] = now + _REPAIR_RETRY
+            entries = tuple(self.members[nid].entry() for nid in targets)
+            tasks.append(RepairTask(t, entries))
+        return tasks
+
+    def repair_done(self, now: float, t: TupleEntry, added: tuple[NodeId, ...]) -> TupleEntry:
+        """Record that ``added`` now hold ``t``'s bytes: a new holder epoch of the same version."""
+        self._repairing.pop(t.name, None)
+        current = self.tuples.get(t.name)
+        if current is None or current.version != t.version:
+            return current if current is not None else t
+        alive_ids = {m.node_id for m in self.own_alive()} | {self.node_id}
+        live = [h for h in current.holders if h in alive_ids]
+        updated = with_holders(current, tuple(dict.fromkeys(live + list(added))))
+        self.merge_tuple(now, updated)
+        return updated
+
+
+def _ms(now: float) -> int:
+    return int(now * 1000) & 0xFFFFFFFF
+
+
+def _by_rtt(m: Member) -> float:
+    return m.rtt if m.rtt is not None else 1e9
+
+
+__all__ = ["DATAGRAM_TYPES", "Event", "KelipsNode", "LookupAnswer", "LookupPlan", "RepairTask"]

@@ -1,0 +1,161 @@
+"""File tuples of the own affinity group, their merge rule, and the hybrid logical clock.
+
+Merge keeps, per name, the tuple with the highest (version, holder_seq, holders, tombstone):
+a total order, so merging is commutative, associative and idempotent, and every node that has
+seen the same tuples holds the same state whatever the order they arrived in.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+
+from .ids import NodeId
+from .messages import TupleEntry, Version
+
+
+class HybridClock:
+    """Hybrid logical clock: 48 bits of wall milliseconds, 16 bits of logical counter.
+
+    Versions must rise across nodes even when clocks disagree a little: a write stamps
+    max(wall, last seen + 1), so a node that saw version v always writes something above v.
+    """
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def stamp(self, wall_ms: int) -> int:
+        physical = max(0, int(wall_ms)) << 16
+        self.last = max(self.last + 1, physical)
+        return self.last
+
+    def observe(self, clock: int) -> None:
+        if clock > self.last:
+            self.last = clock
+
+
+class TupleStore:
+    """The own group's tuples, with rumor counters so every change is forwarded enough.
+
+    A tuple that changed here is "hot" for ``rumor_sends`` gossip messages: hot tuples are
+    served round-robin (oldest first), so a burst of writes drains at the budget's rate and no
+    change is dropped before it was forwarded; cold tuples rotate slowly behind them.
+    """
+
+    __slots__ = ("_cursor", "_cursor_names", "_hot", "_tomb_since", "_tuples", "rumor_sends")
+
+    def __init__(self, rumor_sends: int = 6) -> None:
+        self._tuples: dict[str, TupleEntry] = {}
+        self._hot: OrderedDict[str, int] = OrderedDict()  # name -> sends left
+        self._cursor_names: list[str] | None = None
+        self._cursor = 0
+        self._tomb_since: dict[str, float] = {}
+        self.rumor_sends = rumor_sends
+
+    def __len__(self) -> int:
+        return len(self._tuples)
+
+    def __iter__(self) -> Iterator[TupleEntry]:
+        return iter(list(self._tuples.values()))
+
+    def get(self, name: str) -> TupleEntry | None:
+        return self._tuples.get(name)
+
+    def names(self) -> list[str]:
+        return list(self._tuples)
+
+    @property
+    def hot_count(self) -> int:
+        return len(self._hot)
+
+    def merge(self, entry: TupleEntry, now: float) -> bool:
+        """Keep ``entry`` if it orders above what is held; True when the state changed."""
+        old = self._tuples.get(entry.name)
+        if old is not None and entry.order_key <= old.order_key:
+            return False
+        if old is None:
+            self._cursor_names = None
+        self._tuples[entry.name] = entry
+        self._hot[entry.name] = self.rumor_sends
+        if entry.tombstone:
+            self._tomb_since[entry.name] = now
+        else:
+            self._tomb_since.pop(entry.name, None)
+        return True
+
+    def expire_tombstones(self, now: float, ttl: float) -> list[str]:
+        gone = [name for name, since in self._tomb_since.items() if now - since >= ttl]
+        for name in gone:
+            del self._tomb_since[name]
+            del self._tuples[name]
+            self._hot.pop(name, None)
+        if gone:
+            self._cursor_names = None
+        return gone
+
+    def select_hot(self, budget: int, size_of: Callable[[TupleEntry], int]) -> list[TupleEntry]:
+        """Hot tuples for one gossip message, round-robin (oldest first), within budget bytes."""
+        chosen: list[TupleEntry] = []
+        used = 0
+        hot = self._hot
+        for _ in range(len(hot)):
+            name, left = next(iter(hot.items()))
+            entry = self._tuples.get(name)
+            if entry is None:
+                del hot[name]
+                continue
+            size = size_of(entry)
+            if used + size > budget:
+                break
+            chosen.append(entry)
+            used += size
+            if left <= 1:
+                del hot[name]
+            else:
+                hot[name] = left - 1
+                hot.move_to_end(name)
+        return chosen
+
+    def select_cold(self, budget: int, skip: set[str],
+                    size_of: Callable[[TupleEntry], int]) -> list[TupleEntry]:
+        """A rotation over all tuples within budget bytes: slowly heals what gossip missed."""
+        if self._cursor_names is None:
+            self._cursor_names = list(self._tuples)
+        names = self._cursor_names
+        chosen: list[TupleEntry] = []
+        used = 0
+        for _ in range(len(names)):
+            if self._cursor >= len(names):
+                self._cursor = 0
+            name = names[self._cursor]
+            entry = self._tuples.get(name)
+            if entry is None or name in skip:
+                self._cursor += 1
+                continue
+            size = size_of(entry)
+            if used + size > budget:
+                break
+            self._cursor += 1
+            chosen.append(entry)
+            used += size
+        return chosen
+
+
+def newest(a: TupleEntry | None, b: TupleEntry | None) -> TupleEntry | None:
+    """The merge of two optional tuples for the same name."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a if a.order_key >= b.order_key else b
+
+
+def with_holders(entry: TupleEntry, holders: tuple[NodeId, ...]) -> TupleEntry:
+    """The same version held by another set of nodes (after a repair): a higher holder epoch."""
+    return entry._replace(holders=tuple(sorted(holders)), holder_seq=entry.holder_seq + 1)
+
+
+def make_version(clock: HybridClock, wall_ms: int, writer: NodeId) -> Version:
+    return Version(clock.stamp(wall_ms), writer)

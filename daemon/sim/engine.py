@@ -1,0 +1,618 @@
+"""Deterministic discrete-event simulation of N Kelips nodes over a virtual network.
+
+Every node is the real ``daemon.core.KelipsNode``; this module only plays the role the trio
+daemon plays in production -- delivering messages, running timers, storing object copies and
+doing the data path (lookups, inserts, repair copies) -- against a virtual network and a virtual
+clock. One seed gives one run, bit for bit.
+
+Simplifications (stated so results are read correctly): a lookup or insert is evaluated against
+the nodes' state at the instant it starts (its latency is computed, but state does not change
+during those few milliseconds); object bytes are not modelled, only which version each node
+holds; stream (TCP) messages are never lost, a loss costs a retransmission timeout instead.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.core import codec
+from daemon.core.config import MAC_SIZE, CoreConfig, groups_for
+from daemon.core.ids import NodeId, group_of_node, new_node_id
+from daemon.core.messages import (
+    Ack,
+    Envelope,
+    Gossip,
+    Leave,
+    MemberEntry,
+    Message,
+    Outgoing,
+    Snapshot,
+    TupleEntry,
+)
+from daemon.core.node import KelipsNode
+
+from .network import VirtualNetwork
+from .stats import percentile, rounded
+
+HTTP_OVERHEAD = 200  # bytes of request line and headers around a stream message
+LOOKUP_REQUEST = 260  # bytes: a lookup or placement request over HTTP
+LOOKUP_TIMEOUT = 1.0  # seconds a requester waits for a host that does not answer
+PORT = 7400
+
+_TICK, _DELIVER, _CRASH, _JOIN, _LOOKUP, _WRITE, _SAMPLE, _SPLIT, _HEAL, _CONVERGE = range(10)
+
+
+@dataclass
+class SimConfig:
+    nodes: int
+    duration: float
+    churn_per_min: float = 0.0  # percent of the nodes that crash (and are replaced) per minute
+    loss: float = 0.0
+    seed: int = 1
+    k: int | None = None
+    files: int | None = None
+    lookups_per_s: float = 20.0
+    writes_per_s: float = 2.0
+    warmup: float = 20.0
+    settle: float = 5.0  # a lookup targets objects whose last write is at least this old
+    partition_at: float | None = None
+    partition_for: float = 60.0
+    core: dict[str, Any] = field(default_factory=dict)
+
+    def core_config(self) -> CoreConfig:
+        k = self.k if self.k is not None else groups_for(self.nodes)
+        return CoreConfig(k=k, **self.core)
+
+
+class _Host:
+    __slots__ = (
+        "address",
+        "crashed_at",
+        "crashed_incarnation",
+        "gen",
+        "incarnation",
+        "node",
+        "node_id",
+        "slot",
+        "up_since",
+    )
+
+    def __init__(self, slot: int, node_id: NodeId, address: tuple[str, int]) -> None:
+        self.slot = slot
+        self.node: KelipsNode | None = None
+        self.node_id = node_id
+        self.address = address
+        self.incarnation = 0
+        self.gen = 0
+        self.up_since = 0.0
+        self.crashed_at: float | None = None
+        self.crashed_incarnation = -1
+
+
+class Simulation:
+    """One seeded run. ``run()`` returns the metrics dict described in ``kelipsfs sim --help``."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.cfg = config
+        self.core = config.core_config()
+        self.rng = random.Random(config.seed)
+        self.net = VirtualNetwork(config.loss, random.Random(config.seed * 7919 + 1))
+        self.hosts: list[_Host] = []
+        self.by_addr: dict[tuple[str, int], _Host] = {}
+        self.by_id: dict[NodeId, _Host] = {}
+        self.live: list[_Host] = []
+        self._live_pos: dict[int, int] = {}
+        self.disks: dict[NodeId, dict[str, int]] = {}
+        self.current: dict[str, int] = {}  # name -> clock of the last acknowledged write
+        self.written_at: dict[str, float] = {}
+        self.names: list[str] = []
+        self.heap: list[tuple[float, int, int, Any, Any]] = []
+        self.seq = 0
+        self.now = 0.0
+        self.tag = KelipsNode(self.core, b"\0" * 20, ("0.0.0.1", 1), 0, random.Random(0), 0).tag
+        # metrics
+        self.measure_from = config.warmup
+        self.maint_bytes = 0
+        self.data_bytes = 0
+        self.node_seconds = 0.0
+        self._alive_since_measure: dict[int, float] = {}
+        self.lookups = 0
+        self.lookup_ok = 0
+        self.hops: list[int] = []
+        self.attempts: list[int] = []
+        self.latencies: list[float] = []
+        self.writes = 0
+        self.writes_acked = 0
+        self.detect: list[float] = []
+        self.false_positives = 0
+        self.partition_declarations = 0
+        self.declarations = 0
+        self.crashes = 0
+        self.joins = 0
+        self.repairs = 0
+        self.state_max = 0
+        self.state_sum = 0
+        self.state_samples = 0
+        self.split_at: float | None = None
+        self.healed_at: float | None = None
+        self.converged_at: float | None = None
+        self.lost_objects = 0
+        self._measuring = False
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def push(self, at: float, kind: int, a: Any = None, b: Any = None) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (at, self.seq, kind, a, b))
+
+    def _new_host(self, node_id: NodeId) -> _Host:
+        slot = self.net.add_host()
+        address = (f"10.{(slot >> 16) & 255}.{(slot >> 8) & 255}.{slot & 255}", PORT)
+        host = _Host(slot, node_id, address)
+        self.hosts.append(host)
+        self.by_addr[address] = host
+        self.by_id[node_id] = host
+        self.disks.setdefault(node_id, {})
+        return host
+
+    def _start(self, host: _Host, now: float) -> KelipsNode:
+        host.incarnation += 1
+        host.gen += 1
+        host.up_since = now
+        node = KelipsNode(self.core, host.node_id, host.address, host.incarnation,
+                          random.Random(self.rng.getrandbits(64)), now)
+        host.node = node
+        self._live_pos[host.slot] = len(self.live)
+        self.live.append(host)
+        if now >= self.measure_from:
+            self._alive_since_measure[host.slot] = now
+        self.push(node.next_deadline(), _TICK, host, host.gen)
+        return node
+
+    def _stop(self, host: _Host, now: float) -> None:
+        host.node = None
+        host.crashed_at = now
+        host.crashed_incarnation = host.incarnation
+        pos = self._live_pos.pop(host.slot)
+        last = self.live.pop()
+        if last is not host:
+            self.live[pos] = last
+            self._live_pos[last.slot] = pos
+        since = self._alive_since_measure.pop(host.slot, None)
+        if since is not None:
+            self.node_seconds += now - since
+
+    def send(self, src: _Host, outs: list[Outgoing]) -> None:
+        measuring = self.now >= self.measure_from
+        for dest, message in outs:
+            target = self.by_addr.get(dest)
+            size = codec.message_size(message) + MAC_SIZE
+            if isinstance(message, (Gossip, Ack, Leave)):
+                delay = None if target is None else self.net.datagram_delay(src.slot, target.slot)
+            else:
+                size += HTTP_OVERHEAD
+                delay = None if target is None else self.net.stream_delay(src.slot, target.slot)
+                if delay is not None:
+                    delay /= 2  # one direction of the exchange; the reply is its own message
+            if measuring:
+                self.maint_bytes += size
+            if delay is not None and target is not None:
+                self.push(self.now + delay, _DELIVER, target, message)
+
+    def _after(self, host: _Host) -> None:
+        """Drain a node's events into the metrics after every call into it."""
+        node = host.node
+        if node is None:
+            return
+        for event in node.drain_events():
+            if event.kind == "failed":
+                self._on_declared(host, event.node_id)
+
+    def _on_declared(self, observer: _Host, subject_id: NodeId) -> None:
+        now = self.now
+        if now < self.measure_from:
+            return
+        self.declarations += 1
+        subject = self.by_id[subject_id]
+        node = observer.node
+        assert node is not None
+        member = node.members.get(subject_id)
+        known_incarnation = member.incarnation if member is not None else -1
+        if subject.node is None or known_incarnation < subject.incarnation:
+            crashed_at = subject.crashed_at
+            if crashed_at is not None and observer.up_since < crashed_at:
+                self.detect.append(now - crashed_at)
+            return
+        if self._partition_excuses(observer, subject):
+            self.partition_declarations += 1
+        else:
+            self.false_positives += 1
+
+    def _partition_excuses(self, a: _Host, b: _Host) -> bool:
+        if self.split_at is None:
+            return False
+        settle = self.core.t_cleanup + 10.0
+        in_window = self.healed_at is None or self.now <= self.healed_at + settle
+        return in_window and self.net.hosts[a.slot].side != self.net.hosts[b.slot].side
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    def _bootstrap(self) -> None:
+        """Start N nodes in the state a converged cluster has: own group plus c contacts."""
+        k = self.core.k
+        groups: dict[int, list[_Host]] = {}
+        for _ in range(self.cfg.nodes):
+            host = self._new_host(new_node_id(self.rng))
+            groups.setdefault(group_of_node(host.node_id, k), []).append(host)
+        for host in self.hosts:
+            self._start(host, 0.0)
+        entries = {h.slot: h.node.entry() for h in self.hosts if h.node is not None}
+        c = self.core.contacts_per_group
+        for host in self.hosts:
+            node = host.node
+            assert node is not None
+            members: list[MemberEntry] = []
+            for group, hosts in groups.items():
+                if group == node.group:
+                    members.extend(entries[h.slot] for h in hosts)
+                else:
+                    picked = self.rng.sample(hosts, min(c, len(hosts)))
+                    members.extend(entries[h.slot] for h in picked)
+            node.receive(0.0, Envelope(self.tag, k, Snapshot(node.entry(), tuple(members), ())))
+            node.drain_events()
+
+    def _seed_files(self) -> None:
+        count = self.cfg.files if self.cfg.files is not None else self.cfg.nodes
+        for i in range(count):
+            name = f"obj/{i:07d}"
+            self.names.append(name)
+            self._write(name)
+
+    # --- data path -----------------------------------------------------------------------------
+
+    def _ask(self, src: _Host, dest: MemberEntry) -> tuple[_Host | None, float]:
+        """One request/response from src to a node: (responder or None, time it took)."""
+        target = self.by_addr.get(dest.address)
+        if target is None or target.node is None or target.node_id != dest.node_id:
+            return None, LOOKUP_TIMEOUT
+        delay = self.net.stream_delay(src.slot, target.slot)
+        if delay is None:
+            return None, LOOKUP_TIMEOUT
+        if self.now >= self.measure_from:
+            self.data_bytes += 2 * LOOKUP_REQUEST
+        return target, delay
+
+    def _holders_for(self, src: _Host, name: str) -> tuple[list[MemberEntry], int, int, float]:
+        """Placement for a write: (holders, hops, attempts, seconds)."""
+        node = src.node
+        assert node is not None
+        plan = node.plan_insert(name)
+        if plan.local:
+            return node.placement(name), 0, 0, 0.0
+        hops = attempts = 0
+        spent = 0.0
+        for contact in plan.ask:
+            attempts += 1
+            target, took = self._ask(src, contact)
+            spent += took
+            if target is None:
+                node.report_unreachable(self.now, contact.node_id)
+                continue
+            hops += 1
+            assert target.node is not None
+            return target.node.placement(name), hops, attempts, spent
+        return [], hops, attempts, spent
+
+    def _write(self, name: str) -> None:
+        if not self.live:
+            return
+        writer = self.rng.choice(self.live)
+        node = writer.node
+        assert node is not None
+        holders, _, _, _ = self._holders_for(writer, name)
+        version = node.new_version(int(self.now * 1000))
+        stored: list[_Host] = []
+        for entry in holders:
+            if entry.node_id == writer.node_id:
+                stored.append(writer)
+                continue
+            target, _ = self._ask(writer, entry)
+            if target is not None:
+                stored.append(target)
+        self.writes += 1
+        if not stored:
+            return
+        self.writes_acked += 1
+        t = TupleEntry(name, version, 0, 4096, 0o644, int(self.now * 1e9), b"\x11" * 32,
+                       tuple(sorted(h.node_id for h in stored)), False)
+        for host in stored:
+            self.disks[host.node_id][name] = version.clock
+            assert host.node is not None
+            host.node.record_write(self.now, t)
+        self.current[name] = version.clock
+        self.written_at[name] = self.now
+
+    def _lookup(self) -> None:
+        if not self.live or not self.names:
+            return
+        name = self.names[self.rng.randrange(len(self.names))]
+        if self.now - self.written_at.get(name, -1e9) < self.cfg.settle:
+            return
+        if not self._object_survives(name):
+            return  # every copy is gone: not a routing question (counted as lost_objects)
+        src = self.rng.choice(self.live)
+        node = src.node
+        assert node is not None
+        hops = attempts = 0
+        spent = 0.0
+        plan = node.plan_lookup(name)
+        holders: list[MemberEntry] = []
+        found = None
+        if plan.local:
+            found = plan.entry
+            if found is not None:
+                holders = node.live_holders(found)
+        else:
+            for contact in plan.ask:
+                attempts += 1
+                target, took = self._ask(src, contact)
+                spent += took
+                if target is None:
+                    node.report_unreachable(self.now, contact.node_id)
+                    continue
+                hops += 1
+                assert target.node is not None
+                answer = target.node.answer_lookup(name)
+                found = answer.entry
+                holders = node.fetch_order(answer.holders)
+                break
+        got = None
+        if found is not None:
+            for entry in holders:
+                if entry.node_id == src.node_id:
+                    got = self.disks[src.node_id].get(name)
+                    if got is not None and got >= found.version.clock:
+                        break
+                    got = None
+                    continue
+                attempts += 1
+                target, took = self._ask(src, entry)
+                spent += took
+                if target is None:
+                    continue
+                hops += 1
+                have = self.disks[target.node_id].get(name)
+                if have is not None and have >= found.version.clock:
+                    got = have
+                    break
+        self.lookups += 1
+        self.hops.append(hops)
+        self.attempts.append(attempts)
+        self.latencies.append(spent)
+        if got is not None and got == self.current.get(name):
+            self.lookup_ok += 1
+
+    def _object_survives(self, name: str) -> bool:
+        clock = self.current[name]
+        return any(self.disks[h.node_id].get(name) == clock for h in self.live)
+
+    def _repair(self, host: _Host) -> None:
+        node = host.node
+        assert node is not None
+        for task in node.repair_tasks(self.now):
+            have = self.disks[host.node_id].get(task.entry.name)
+            if have is None or have < task.entry.version.clock:
+                continue
+            added = []
+            for entry in task.targets:
+                target, _ = self._ask(host, entry)
+                if target is None:
+                    continue
+                self.disks[target.node_id][task.entry.name] = have
+                added.append(target)
+            if not added:
+                continue
+            self.repairs += 1
+            updated = node.repair_done(self.now, task.entry, tuple(h.node_id for h in added))
+            for target in added:
+                assert target.node is not None
+                target.node.record_write(self.now, updated)
+
+    # --- churn and partitions ------------------------------------------------------------------
+
+    def _crash(self) -> None:
+        if len(self.live) <= 2:
+            return
+        host = self.rng.choice(self.live)
+        self._stop(host, self.now)
+        self.crashes += 1
+        self.push(self.now + self.rng.uniform(20.0, 60.0), _JOIN, host)
+
+    def _join(self, old: _Host) -> None:
+        """Half the crashed hosts come back on their data; the rest are replaced by new nodes."""
+        host = old if self.rng.random() < 0.5 else self._new_host(new_node_id(self.rng))
+        node = self._start(host, self.now)
+        self.joins += 1
+        if len(self.live) > 1:
+            seed = self.rng.choice(self.live)
+            while seed is host:
+                seed = self.rng.choice(self.live)
+            self.send(host, [Outgoing(seed.address, node.join_request())])
+
+    def _converged(self) -> bool:
+        """Every live node sees every live member of its group (up since before the heal)."""
+        assert self.healed_at is not None
+        groups: dict[int, set[NodeId]] = {}
+        for host in self.live:
+            if host.up_since <= self.healed_at and host.node is not None:
+                groups.setdefault(host.node.group, set()).add(host.node_id)
+        for host in self.live:
+            node = host.node
+            if node is None or host.up_since > self.healed_at:
+                continue
+            seen = {m.node_id for m in node.own_alive()}
+            seen.add(host.node_id)
+            if not groups[node.group] <= seen:
+                return False
+        return True
+
+    # --- main loop -----------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self._bootstrap()
+        end = cfg.warmup + cfg.duration
+        self.push(cfg.warmup / 2, _WRITE, True)
+        if cfg.churn_per_min > 0:
+            self.push(cfg.warmup / 2 + self._exp(self._crash_rate()), _CRASH)
+        if cfg.lookups_per_s > 0:
+            self.push(cfg.warmup + self._exp(cfg.lookups_per_s), _LOOKUP)
+        if cfg.writes_per_s > 0:
+            self.push(cfg.warmup + self._exp(cfg.writes_per_s), _WRITE, False)
+        self.push(cfg.warmup, _SAMPLE)
+        if cfg.partition_at is not None:
+            self.push(cfg.warmup + cfg.partition_at, _SPLIT)
+        heap = self.heap
+        pop = heapq.heappop
+        tag, k = self.tag, self.core.k
+        while heap:
+            at, _, kind, a, b = pop(heap)
+            if at > end:
+                break
+            self.now = at
+            if kind == _DELIVER:
+                node = a.node
+                if node is None:
+                    continue
+                outs = node.receive(at, Envelope(tag, k, b))
+                if outs:
+                    self.send(a, outs)
+                if node._events:
+                    self._after(a)
+            elif kind == _TICK:
+                node = a.node
+                if node is None or a.gen != b:
+                    continue
+                outs = node.tick(at)
+                if outs:
+                    self.send(a, outs)
+                self._after(a)
+                self._repair(a)
+                self.push(max(node.next_deadline(), at + 1e-4), _TICK, a, b)
+            elif kind == _LOOKUP:
+                self._lookup()
+                self.push(at + self._exp(cfg.lookups_per_s), _LOOKUP)
+            elif kind == _WRITE:
+                if a:
+                    self._seed_files()
+                else:
+                    if self.names:
+                        self._write(self.names[self.rng.randrange(len(self.names))])
+                    self.push(at + self._exp(cfg.writes_per_s), _WRITE, False)
+            elif kind == _CRASH:
+                self._crash()
+                self.push(at + self._exp(self._crash_rate()), _CRASH)
+            elif kind == _JOIN:
+                self._join(a)
+            elif kind == _SAMPLE:
+                if not self._measuring:
+                    self._measuring = True
+                    self._alive_since_measure = {h.slot: at for h in self.live}
+                self._sample()
+                self.push(at + 10.0, _SAMPLE)
+            elif kind == _SPLIT:
+                self.net.split()
+                self.split_at = at
+                self.push(at + cfg.partition_for, _HEAL)
+            elif kind == _HEAL:
+                self.net.heal()
+                self.healed_at = at
+                self.push(at + 0.5, _CONVERGE)
+            elif kind == _CONVERGE and self.converged_at is None:
+                if self._converged():
+                    self.converged_at = at
+                else:
+                    self.push(at + 0.5, _CONVERGE)
+        self.now = end
+        return self._report(end)
+
+    def _crash_rate(self) -> float:
+        return self.cfg.churn_per_min / 100.0 * self.cfg.nodes / 60.0
+
+    def _exp(self, rate: float) -> float:
+        return self.rng.expovariate(rate) if rate > 0 else math.inf
+
+    def _sample(self) -> None:
+        for host in self.live:
+            node = host.node
+            if node is None:
+                continue
+            n = node.state_entries()
+            self.state_max = max(self.state_max, n)
+            self.state_sum += n
+            self.state_samples += 1
+
+    def _report(self, end: float) -> dict[str, Any]:
+        self.node_seconds += sum(end - since for since in self._alive_since_measure.values())
+        self._alive_since_measure.clear()
+        self.lost_objects = sum(1 for name in self.names if not self._object_survives(name))
+        n = self.cfg.nodes
+        files = len(self.names)
+        k = self.core.k
+        detect = self.detect
+        fp_rate = self.false_positives / self.declarations if self.declarations else 0.0
+        return {
+            "nodes": n,
+            "groups": k,
+            "duration_s": self.cfg.duration,
+            "churn_per_min_pct": self.cfg.churn_per_min,
+            "loss": self.cfg.loss,
+            "seed": self.cfg.seed,
+            "files": files,
+            "lookups": self.lookups,
+            "lookup_success_rate": rounded(self.lookup_ok / self.lookups
+                                           if self.lookups else None, 5),
+            "hops_p50": percentile(self.hops, 50),
+            "hops_p99": percentile(self.hops, 99),
+            "attempts_p99": percentile(self.attempts, 99),
+            "lookup_latency_ms_p50": rounded(_ms(percentile(self.latencies, 50)), 2),
+            "lookup_latency_ms_p99": rounded(_ms(percentile(self.latencies, 99)), 2),
+            "writes": self.writes,
+            "writes_acked": self.writes_acked,
+            "fd_detect_s_p50": rounded(percentile(detect, 50)),
+            "fd_detect_s_p99": rounded(percentile(detect, 99)),
+            "fd_detections": len(detect),
+            "false_positives": self.false_positives,
+            "false_positive_rate": rounded(fp_rate, 6),
+            "partition_declarations": self.partition_declarations,
+            "crashes": self.crashes,
+            "joins": self.joins,
+            "repairs": self.repairs,
+            "lost_objects": self.lost_objects,
+            "bytes_per_node_per_s": rounded(self.maint_bytes / self.node_seconds
+                                            if self.node_seconds else None, 1),
+            "data_bytes_per_node_per_s": rounded(self.data_bytes / self.node_seconds
+                                                 if self.node_seconds else None, 1),
+            "state_entries_per_node_max": self.state_max,
+            "state_entries_per_node_mean": rounded(self.state_sum / self.state_samples
+                                                   if self.state_samples else None, 1),
+            "state_bound": round(3 * math.sqrt(n) + files / k, 1),
+            "convergence_s_after_heal": rounded(self.converged_at - self.healed_at
+                                                if self.converged_at is not None
+                                                and self.healed_at is not None else None, 2),
+        }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
+
+
+def run(config: SimConfig) -> dict[str, Any]:
+    return Simulation(config).run()
+
+
+__all__ = ["Message", "SimConfig", "Simulation", "run"]

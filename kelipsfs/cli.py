@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-
 USAGE = """usage: kelipsfs COMMAND [ARGS]
 
 commands:

@@ -40,7 +40,7 @@ class CoreConfig:
     #: Largest encoded gossip datagram including its MAC; 1,200 never fragments on real paths.
     max_datagram: int = 1200
     #: Share of a gossip message's entry budget given to file tuples when tuples are waiting.
-    tuple_share: float = 0.4
+    tuple_share: float = 0.25
     #: Share of a gossip message's entry budget given to foreign-group (contact) entries.
     foreign_share: float = 0.1
     #: Spatial gossip: target weight falls as (rtt_floor / rtt) ** rtt_exponent ...

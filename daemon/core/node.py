@@ -45,7 +45,9 @@ from .messages import (
 from .tuples import HybridClock, TupleStore, make_version, with_holders
 
 _HOT_ROUNDS = 3  # an entry changed within this many gossip rounds goes first in messages
-_FRESH_SENDS = 6  # messages that carry a newly learned member's full entry
+_FRESH_SENDS = 3  # messages that carry a newly learned member's full entry
+_RUMOR_SENDS = 3  # messages that carry a changed tuple (x fanout deliveries: e^-6 miss)
+_FRESH_PER_MESSAGE = 4  # at most this many such entries in one message
 _ROTATING_FULL = 2  # full own-group entries per message besides new members (heals gaps)
 _SYNC_RETRY = 2.0  # seconds between join-sync attempts to the own group
 _REPAIR_RETRY = 10.0  # seconds before an unfinished repair is planned again
@@ -79,10 +81,13 @@ class LookupPlan:
 
 @dataclass(frozen=True)
 class LookupAnswer:
-    """A contact's (or the own group's) answer: the tuple and its live holders."""
+    """A contact's answer: the tuple and its live holders; when the contact does not know the
+    name (yet: tuples spread by gossip), the members a write would have placed it on, so a
+    just-written object is still found by asking them directly."""
 
     entry: TupleEntry | None
     holders: tuple[MemberEntry, ...]
+    candidates: tuple[MemberEntry, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,7 @@ class KelipsNode:
         self.members: dict[NodeId, Member] = {}
         self.contacts: dict[int, list[NodeId]] = {}
         self.graveyard = Graveyard()
-        self.tuples = TupleStore()
+        self.tuples = TupleStore(_RUMOR_SENDS)
         self.clock = HybridClock()
         self.dropped = 0  # messages refused (wrong cluster or k)
         self.synced = True  # False while a join still needs a snapshot from the own group
@@ -242,11 +247,12 @@ class KelipsNode:
         for name in self.tuples.expire_tombstones(now, cfg.tombstone_ttl):
             self._repairing.pop(name, None)
 
-    def _add_member(self, member: Member) -> None:
+    def _add_member(self, member: Member, rumor: bool = True) -> None:
         self.members[member.node_id] = member
         if member.own:
             self._by_prefix[member.node_id[:BEAT_PREFIX]] = member
-            self._fresh[member.node_id] = _FRESH_SENDS
+            if rumor:
+                self._fresh[member.node_id] = _FRESH_SENDS
 
     def _remove_member(self, node_id: NodeId) -> Member | None:
         member = self.members.pop(node_id, None)
@@ -362,15 +368,15 @@ class KelipsNode:
     def _build_own_message(self, now: float) -> tuple[tuple[MemberEntry, ...],
                                                       tuple[TupleEntry, ...],
                                                       tuple[Beat, ...]]:
-        """This round's body for own-group targets, filled to the datagram budget in order of
-        urgency: hot tuples, foreign (contact) entries, full entries of new members, heartbeat
-        digests of the whole group, and cold tuples in whatever room is left."""
+        """This round's body for own-group targets, filled to the datagram budget.
+
+        Heartbeats come first -- a burst of writes must never starve the failure detector --
+        but leave ``tuple_share`` of the budget to hot tuples when there are any; then
+        foreign (contact) entries, full entries of new members, and cold tuples in whatever
+        room is left.
+        """
         cfg = self.config
         budget = self._budget
-        tuples: list[TupleEntry] = []
-        if self.tuples.hot_count:
-            tuples = self.tuples.select_hot(int(budget * cfg.tuple_share), codec.tuple_size)
-            budget -= sum(map(codec.tuple_size, tuples))
         full: list[MemberEntry] = []
         contact_ids = self._all_contacts()
         n = len(contact_ids)
@@ -384,13 +390,19 @@ class KelipsNode:
             self._contact_cursor += 1
             if m is not None and m.alive:
                 full.append(m.entry())
-        own_full = self._fresh_entries(max(1, budget // (4 * codec.MEMBER_SIZE)))
+        own_full = self._fresh_entries(_FRESH_PER_MESSAGE)
         full.extend(own_full)
         budget -= codec.MEMBER_SIZE * len(full)
+        hot_reserve = int(self._budget * cfg.tuple_share) if self.tuples.hot_count else 0
         skip = {e.node_id for e in own_full}
         skip.add(self.node_id)
-        beats = tuple(m.beat() for m in self._select_own(now, budget // codec.BEAT_SIZE, skip))
+        beat_slots = max(1, (budget - hot_reserve) // codec.BEAT_SIZE)
+        beats = tuple(m.beat() for m in self._select_own(now, beat_slots, skip))
         budget -= codec.BEAT_SIZE * len(beats)
+        tuples: list[TupleEntry] = []
+        if self.tuples.hot_count:
+            tuples = self.tuples.select_hot(budget, codec.tuple_size)
+            budget -= sum(map(codec.tuple_size, tuples))
         if len(self.tuples) and budget > codec.TUPLE_FIXED_SIZE:
             tuples.extend(self.tuples.select_cold(budget, {t.name for t in tuples},
                                                   codec.tuple_size))
@@ -576,12 +588,15 @@ class KelipsNode:
                     tuples: tuple[TupleEntry, ...]) -> None:
         self._merge_entry(now, sender)
         for entry in members:
-            self._merge_entry(now, entry)
+            self._merge_entry(now, entry, rumor=False)
         for t in tuples:
             self.merge_tuple(now, t)
 
-    def _merge_entry(self, now: float, entry: MemberEntry) -> None:
-        """Merge one gossiped member entry: monotone in (incarnation, heartbeat)."""
+    def _merge_entry(self, now: float, entry: MemberEntry, rumor: bool = True) -> None:
+        """Merge one gossiped member entry: monotone in (incarnation, heartbeat).
+
+        A member learned from gossip is news worth spreading (``rumor``); one learned from a
+        snapshot is already known to the snapshot's group and is not re-broadcast."""
         nid = entry.node_id
         m = self.members.get(nid)
         if m is not None:
@@ -600,7 +615,7 @@ class KelipsNode:
         group = group_of_node(nid, self.config.k)
         if group == self.group:
             self.graveyard.forget(nid)
-            self._add_member(Member(entry, group, True, now))
+            self._add_member(Member(entry, group, True, now), rumor)
             self._changed[nid] = now
             self._membership_changed()
             self._events.append(Event("joined", nid, now))
@@ -730,7 +745,7 @@ class KelipsNode:
         """What this node tells a requester about a name of its own group."""
         t = self.tuples.get(name)
         if t is None:
-            return LookupAnswer(None, ())
+            return LookupAnswer(None, (), tuple(self.placement(name)))
         return LookupAnswer(t, tuple(self.live_holders(t)))
 
     def live_holders(self, t: TupleEntry) -> list[MemberEntry]:

@@ -141,6 +141,7 @@ class Simulation:
         self.healed_at: float | None = None
         self.converged_at: float | None = None
         self.lost_objects = 0
+        self.failures: dict[str, int] = {}
         self._measuring = False
 
     # --- plumbing ------------------------------------------------------------------------------
@@ -369,6 +370,12 @@ class Simulation:
                 answer = target.node.answer_lookup(name)
                 found = answer.entry
                 holders = node.fetch_order(answer.holders)
+                if found is None and answer.candidates:
+                    found, holders, more, tried, took = self._ask_candidates(
+                        src, name, answer.candidates)
+                    hops += more
+                    attempts += tried
+                    spent += took
                 break
         got = None
         if found is not None:
@@ -395,6 +402,29 @@ class Simulation:
         self.latencies.append(spent)
         if got is not None and got == self.current.get(name):
             self.lookup_ok += 1
+        else:
+            reason = ("no_contact" if not plan.local and hops == 0 else
+                      "unknown_name" if found is None else
+                      "no_live_holder" if got is None else "stale_version")
+            self.failures[reason] = self.failures.get(reason, 0) + 1
+
+    def _ask_candidates(self, src: _Host, name: str, candidates: tuple[MemberEntry, ...]
+                        ) -> tuple[TupleEntry | None, list[MemberEntry], int, int, float]:
+        """The contact did not know the name: ask the members a write would have chosen."""
+        hops = attempts = 0
+        spent = 0.0
+        for entry in candidates:
+            attempts += 1
+            target, took = self._ask(src, entry)
+            spent += took
+            if target is None or target.node is None:
+                continue
+            hops += 1
+            local = target.node.tuples.get(name)
+            if local is not None:
+                # The candidate is a holder answering with its tuple: the fetch is this hop.
+                return local, [entry], hops - 1, attempts - 1, spent - took
+        return None, [], hops, attempts, spent
 
     def _object_survives(self, name: str) -> bool:
         clock = self.current[name]
@@ -576,6 +606,7 @@ class Simulation:
             "lookups": self.lookups,
             "lookup_success_rate": rounded(self.lookup_ok / self.lookups
                                            if self.lookups else None, 5),
+            "lookup_failures": dict(sorted(self.failures.items())),
             "hops_p50": percentile(self.hops, 50),
             "hops_p99": percentile(self.hops, 99),
             "attempts_p99": percentile(self.attempts, 99),

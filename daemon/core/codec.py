@@ -66,6 +66,14 @@ class EncodeError(ValueError):
     """A message cannot be encoded (a field out of its wire range)."""
 
 
+def _reason_bytes(reason: str) -> bytes:
+    """The reason as sent: capped at MAX_REASON_BYTES without splitting a character."""
+    raw = reason.encode("utf-8")
+    if len(raw) <= MAX_REASON_BYTES:
+        return raw
+    return raw[:MAX_REASON_BYTES].decode("utf-8", "ignore").encode("utf-8")
+
+
 def tuple_size(entry: TupleEntry) -> int:
     """Encoded size of one file tuple."""
     return (TUPLE_FIXED_SIZE + len(entry.name.encode("utf-8")) + len(entry.checksum)
@@ -89,7 +97,7 @@ def message_size(message: Message) -> int:
     if isinstance(message, (SyncRequest, Snapshot)):
         return (HEADER_SIZE + MEMBER_SIZE + 8 + MEMBER_SIZE * len(message.members)
                 + sum(map(tuple_size, message.tuples)))
-    return HEADER_SIZE + 2 + len(message.reason.encode("utf-8"))
+    return HEADER_SIZE + 2 + len(_reason_bytes(message.reason))
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -110,6 +118,8 @@ def encode(envelope: Envelope) -> bytes:
             parts.append(_GOSSIP_FIXED.pack(message.ts_ms & _U32_MAX, flags))
             _members(parts, message.members)
             parts.append(_U16.pack(len(message.beats)))
+            if any(len(b.prefix) != BEAT_PREFIX for b in message.beats):
+                raise EncodeError(f"a beat prefix is {BEAT_PREFIX} bytes")
             parts.extend(_BEAT.pack(b.prefix, b.incarnation, b.heartbeat) for b in message.beats)
             _tuples(parts, message.tuples)
         elif isinstance(message, Ack):
@@ -122,7 +132,7 @@ def encode(envelope: Envelope) -> bytes:
             _members(parts, message.members, wide=True)
             _tuples(parts, message.tuples, wide=True)
         else:
-            reason = message.reason.encode("utf-8")[:MAX_REASON_BYTES]
+            reason = _reason_bytes(message.reason)
             parts.append(_U16.pack(len(reason)))
             parts.append(reason)
     except (struct.error, OSError, UnicodeError, TypeError) as exc:
@@ -133,6 +143,8 @@ def encode(envelope: Envelope) -> bytes:
 def _member(entry: MemberEntry) -> bytes:
     if len(entry.node_id) != NODE_ID_BYTES:
         raise EncodeError("node id must be 20 bytes")
+    if entry.port == 0:
+        raise EncodeError("port 0 is not an address")
     return _MEMBER.pack(entry.node_id, socket.inet_aton(entry.host), entry.port,
                         entry.incarnation, entry.heartbeat)
 
@@ -146,6 +158,8 @@ def _tuples(parts: list[bytes], entries: tuple[TupleEntry, ...], wide: bool = Fa
     parts.append(_U32.pack(len(entries)) if wide else _U16.pack(len(entries)))
     for t in entries:
         name = t.name.encode("utf-8")
+        if not name or "\x00" in t.name:
+            raise EncodeError("an object name is non-empty and has no NUL")
         if len(name) > MAX_NAME_BYTES or len(t.checksum) > MAX_CHECKSUM_BYTES \
                 or len(t.holders) > MAX_HOLDERS:
             raise EncodeError(f"tuple {t.name!r} exceeds a wire limit")

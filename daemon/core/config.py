@@ -88,6 +88,11 @@ class CoreConfig:
             raise ConfigError("tuple_share + foreign_share must leave room for own-group entries")
         if not isinstance(self.rtt_exponent, (int, float)) or not 0 <= self.rtt_exponent <= 4:
             raise ConfigError(f"rtt_exponent must be between 0 and 4, got {self.rtt_exponent!r}")
+        _positive("t_fail", self.t_fail)
+        if self.t_cleanup != 0.0:
+            _positive("t_cleanup", self.t_cleanup)
+        if self.graveyard_ttl != 0.0:
+            _positive("graveyard_ttl", self.graveyard_ttl)
         if self.t_fail <= self.heartbeat_interval:
             raise ConfigError("t_fail must be longer than heartbeat_interval")
         if self.t_cleanup == 0.0:
@@ -103,6 +108,7 @@ class CoreConfig:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         if "t_fail" in changes and "t_cleanup" not in changes:
             values["t_cleanup"] = 0.0
+        if ("t_fail" in changes or "t_cleanup" in changes) and "graveyard_ttl" not in changes:
             values["graveyard_ttl"] = 0.0
         values.update(changes)
         return CoreConfig(**values)

@@ -46,6 +46,10 @@ from .tuples import HybridClock, TupleStore, make_version, with_holders
 
 _HOT_ROUNDS = 3  # an entry changed within this many gossip rounds goes first in messages
 _FRESH_SENDS = 3  # messages that carry a newly learned member's full entry
+_PROBE_ENTRIES = 8  # own-group entries a probe carries to a foreign node (its candidates)
+_DEPARTED_EVERY = 4  # rounds between probes of a forgotten member (partition healing)
+_DEPARTED_MAX = 64
+_DEPARTED_TTL = 3600.0
 _RUMOR_SENDS = 3  # messages that carry a changed tuple (x fanout deliveries: e^-6 miss)
 _FRESH_PER_MESSAGE = 4  # at most this many such entries in one message
 _ROTATING_FULL = 2  # full own-group entries per message besides new members (heals gaps)
@@ -150,6 +154,10 @@ class KelipsNode:
         self._last_group_gossip = now  # when gossip from the own group last arrived
         self._by_prefix: dict[bytes, Member] = {}  # beat prefix -> own-group member
         self._fresh: OrderedDict[NodeId, int] = OrderedDict()  # new members: full-entry sends left
+        # Members forgotten lately, probed now and then: after a partition longer than t_fail
+        # both sides have failed each other, and without this nothing would ever cross again.
+        self._departed: OrderedDict[NodeId, tuple[MemberEntry, float]] = OrderedDict()
+        self._rounds = 0
         budget = config.max_datagram - MAC_SIZE - codec.GOSSIP_OVERHEAD
         if budget < codec.MEMBER_SIZE * 4:
             raise ValueError("max_datagram leaves no room for member entries")
@@ -187,7 +195,7 @@ class KelipsNode:
 
     def state_entries(self) -> int:
         """Entries of soft state held: members (alive or failed), tuples and graves."""
-        return len(self.members) + len(self.tuples) + len(self.graveyard)
+        return len(self.members) + len(self.tuples) + len(self.graveyard) + len(self._departed)
 
     def estimated_size(self) -> int:
         """N estimate: own group size times k (groups are equal in expectation)."""
@@ -241,6 +249,10 @@ class KelipsNode:
                 gone.append(m)
         for m in gone:
             self._remove_member(m.node_id)
+            self._departed[m.node_id] = (m.entry(), now + _DEPARTED_TTL)
+            self._departed.move_to_end(m.node_id)
+            while len(self._departed) > _DEPARTED_MAX:
+                self._departed.popitem(last=False)
             self.graveyard.bury(m.node_id, (m.incarnation, m.heartbeat), now + cfg.graveyard_ttl)
             self._events.append(Event("removed", m.node_id, now))
         self.graveyard.expire(now)
@@ -287,6 +299,13 @@ class KelipsNode:
         contact = self._next_contact_to_probe()
         if contact is not None:
             self._probe(now, contact.entry(), True, out)
+        self._rounds += 1
+        if self._departed and self._rounds % _DEPARTED_EVERY == 0:
+            nid, (entry, expires) = next(iter(self._departed.items()))
+            del self._departed[nid]
+            if expires > now and nid not in self.members:
+                self._departed[nid] = (entry, expires)  # back of the queue
+                self._probe(now, entry, False, out)
         if self._candidates and len([p for p in self._probes.values() if not p.contact
                                      and p.entry.node_id not in self.members]) < _MAX_EXPLORING \
                 and self.rng.random() < cfg.explore_probability:
@@ -296,7 +315,7 @@ class KelipsNode:
 
     def _probe(self, now: float, target: MemberEntry, contact: bool, out: list[Outgoing]) -> None:
         """A gossip with our group's freshest entries that asks for an ack (liveness + RTT)."""
-        picked = self._select_own(now, self._budget // codec.MEMBER_SIZE, {self.node_id})
+        picked = self._select_own(now, _PROBE_ENTRIES, {self.node_id})
         members = tuple(m.entry() for m in picked)
         out.append(Outgoing(target.address, Gossip(self.entry(), _ms(now), True, members, ())))
         probe = self._probes.get(target.node_id)
@@ -393,10 +412,15 @@ class KelipsNode:
         own_full = self._fresh_entries(_FRESH_PER_MESSAGE)
         full.extend(own_full)
         budget -= codec.MEMBER_SIZE * len(full)
-        hot_reserve = int(self._budget * cfg.tuple_share) if self.tuples.hot_count else 0
+        hot_reserve = 0
+        first_hot = self.tuples.first_hot() if self.tuples.hot_count else None
+        if first_hot is not None:
+            # At least room for one hot tuple, however long its name: changes always move.
+            hot_reserve = min(budget, max(int(self._budget * cfg.tuple_share),
+                                          codec.tuple_size(first_hot)))
         skip = {e.node_id for e in own_full}
         skip.add(self.node_id)
-        beat_slots = max(1, (budget - hot_reserve) // codec.BEAT_SIZE)
+        beat_slots = max(0, (budget - hot_reserve) // codec.BEAT_SIZE)
         beats = tuple(m.beat() for m in self._select_own(now, beat_slots, skip))
         budget -= codec.BEAT_SIZE * len(beats)
         tuples: list[TupleEntry] = []
@@ -521,7 +545,11 @@ class KelipsNode:
         self._merge_bulk(now, message.sender, message.members, message.tuples)
         if isinstance(message, SyncRequest):
             return [Outgoing(message.sender.address, self.snapshot(message.sender.node_id))]
-        if not self.synced and group_of_node(message.sender.node_id, self.config.k) == self.group:
+        if not self.synced and (
+                group_of_node(message.sender.node_id, self.config.k) == self.group
+                or not self.own_alive()):
+            # A snapshot from our own group, or from a contact that knows nobody of it (then
+            # we are the first of our group): the join has all there is to learn.
             self.synced = True
             self._events.append(Event("synced", message.sender.node_id, now))
         return []
@@ -574,6 +602,7 @@ class KelipsNode:
         m = self.members.get(entry.node_id)
         if m is None or (entry.incarnation, entry.heartbeat) < (m.incarnation, m.heartbeat):
             return
+        m.absorb(entry, now)  # gossip older than the Leave must not revive the member
         if m.own:
             if m.alive:
                 m.status = Status.FAILED
@@ -615,6 +644,7 @@ class KelipsNode:
         group = group_of_node(nid, self.config.k)
         if group == self.group:
             self.graveyard.forget(nid)
+            self._departed.pop(nid, None)
             self._add_member(Member(entry, group, True, now), rumor)
             self._changed[nid] = now
             self._membership_changed()

@@ -70,6 +70,14 @@ class TupleStore:
     def hot_count(self) -> int:
         return len(self._hot)
 
+    def first_hot(self) -> TupleEntry | None:
+        """The hot tuple served next (its size decides the room reserved for tuples)."""
+        for name in self._hot:
+            entry = self._tuples.get(name)
+            if entry is not None:
+                return entry
+        return None
+
     def merge(self, entry: TupleEntry, now: float) -> bool:
         """Keep ``entry`` if it orders above what is held; True when the state changed."""
         old = self._tuples.get(entry.name)
@@ -107,6 +115,9 @@ class TupleStore:
                 del hot[name]
                 continue
             size = size_of(entry)
+            if size > budget:
+                hot.move_to_end(name)  # can never fit this message: do not block the others
+                continue
             if used + size > budget:
                 break
             chosen.append(entry)
@@ -135,8 +146,11 @@ class TupleStore:
                 self._cursor += 1
                 continue
             size = size_of(entry)
+            if size > budget:
+                self._cursor += 1  # can never fit this budget: do not stall the rotation
+                continue
             if used + size > budget:
-                break
+                break  # full: the rotation resumes here next time
             self._cursor += 1
             chosen.append(entry)
             used += size

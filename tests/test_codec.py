@@ -1,0 +1,384 @@
+"""Binary codec: roundtrips, size arithmetic, and DecodeError as the only failure on bad bytes."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from daemon.core import codec
+from daemon.core.ids import NODE_ID_BYTES, cluster_tag
+from daemon.core.messages import (
+    BEAT_PREFIX,
+    Ack,
+    Beat,
+    Envelope,
+    Gossip,
+    Leave,
+    MemberEntry,
+    Message,
+    Refusal,
+    Snapshot,
+    SyncRequest,
+    TupleEntry,
+    Version,
+)
+
+PROPS = settings(max_examples=200, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+TAG = cluster_tag("kelipsfs")
+U32 = 2**32 - 1
+U64 = 2**64 - 1
+
+
+def nid(i: int) -> bytes:
+    return i.to_bytes(NODE_ID_BYTES, "big")
+
+
+def member(i: int, inc: int = 1, hb: int = 7) -> MemberEntry:
+    return MemberEntry(nid(i), f"10.0.{i // 200}.{i % 200 + 1}", 7000 + i, inc, hb)
+
+
+def tuple_entry(name: str, clock: int = 1 << 20, holders: int = 3,
+                tombstone: bool = False) -> TupleEntry:
+    return TupleEntry(name, Version(clock, nid(99)), 2, 12345, 0o644, 1_700_000_000_000_000_000,
+                      bytes(range(32)), tuple(nid(i) for i in range(holders)), tombstone)
+
+
+SENDER = member(1, inc=3, hb=42)
+
+MESSAGES: dict[str, Message] = {
+    "gossip-empty": Gossip(SENDER, 0, False, (), ()),
+    "gossip-full": Gossip(
+        SENDER, U32, True,
+        (member(2), member(3, inc=U32, hb=U32)),
+        (tuple_entry("/a/b.txt"), tuple_entry("/été/ü.bin", holders=0, tombstone=True)),
+        pull=True,
+        beats=(Beat(nid(4)[:BEAT_PREFIX], 1, 9), Beat(b"\xff" * BEAT_PREFIX, U32, 0)),
+    ),
+    "gossip-pull-only": Gossip(SENDER, 123, False, (), (), pull=True),
+    "gossip-ack-only": Gossip(SENDER, 456, True, (member(5),), ()),
+    "ack": Ack(SENDER, 987654),
+    "leave": Leave(SENDER),
+    "sync-empty": SyncRequest(SENDER, (), ()),
+    "sync": SyncRequest(SENDER, tuple(member(i) for i in range(2, 12)),
+                        tuple(tuple_entry(f"/f{i}") for i in range(5))),
+    "snapshot": Snapshot(SENDER, (member(2), member(3)), (tuple_entry("/x", clock=U64),)),
+    "snapshot-empty": Snapshot(SENDER, (), ()),
+    "refusal": Refusal("join refused: this cluster uses k=4 affinity groups"),
+    "refusal-empty": Refusal(""),
+    "refusal-utf8": Refusal("refusé: k=3 ≠ k=4"),
+}
+
+
+def env(message: Message, k: int = 4, tag: bytes = TAG) -> Envelope:
+    return Envelope(tag, k, message)
+
+
+@pytest.mark.parametrize("name", sorted(MESSAGES))
+def test_roundtrip_every_message_type(name: str) -> None:
+    e = env(MESSAGES[name], k=17)
+    data = codec.encode(e)
+    assert codec.decode(data) == e
+    assert codec.decode(bytearray(data)) == e
+
+
+@pytest.mark.parametrize("name", sorted(MESSAGES))
+def test_message_size_matches_encoding(name: str) -> None:
+    message = MESSAGES[name]
+    assert codec.message_size(message) == len(codec.encode(env(message)))
+
+
+def test_header_layout() -> None:
+    data = codec.encode(env(MESSAGES["ack"], k=300))
+    version, code, tag, k = struct.unpack(">BB4sH", data[:8])
+    assert (version, code, tag, k) == (codec.PROTOCOL_VERSION, 2, TAG, 300)
+    assert len(data) == codec.ACK_SIZE
+    assert len(codec.encode(env(MESSAGES["leave"]))) == codec.LEAVE_SIZE
+
+
+def test_gossip_flags_roundtrip_independently() -> None:
+    for want_ack in (False, True):
+        for pull in (False, True):
+            msg = Gossip(SENDER, 1, want_ack, (), (), pull)
+            out = codec.decode(codec.encode(env(msg))).message
+            assert isinstance(out, Gossip)
+            assert (out.want_ack, out.pull) == (want_ack, pull)
+
+
+def test_gossip_ts_is_carried_modulo_2_32() -> None:
+    msg = Gossip(SENDER, 2**32 + 5, False, (), ())
+    out = codec.decode(codec.encode(env(msg))).message
+    assert isinstance(out, Gossip)
+    assert out.ts_ms == 5
+
+
+def test_size_helpers_agree_with_encoding() -> None:
+    t = tuple_entry("/some/name")
+    msg = Gossip(SENDER, 0, False, (member(2),), (t,), beats=(Beat(b"\x00" * 8, 1, 1),))
+    assert codec.tuple_size(t) == len(codec.encode(env(Gossip(SENDER, 0, False, (), (t,))))) \
+        - codec.GOSSIP_OVERHEAD
+    assert codec.gossip_size(1, 1, codec.tuple_size(t)) == len(codec.encode(env(msg)))
+
+
+# --- decode errors ---------------------------------------------------------------------------
+
+
+def valid(name: str = "gossip-full") -> bytes:
+    return codec.encode(env(MESSAGES[name]))
+
+
+def test_wrong_version_byte() -> None:
+    data = bytearray(valid())
+    for version in (0, 2, 255):
+        data[0] = version
+        with pytest.raises(codec.DecodeError):
+            codec.decode(bytes(data))
+
+
+@pytest.mark.parametrize("code", [0, 7, 8, 200, 255])
+def test_unknown_type(code: int) -> None:
+    data = bytearray(valid("leave"))
+    data[1] = code
+    with pytest.raises(codec.DecodeError):
+        codec.decode(bytes(data))
+
+
+@pytest.mark.parametrize("name", sorted(MESSAGES))
+def test_every_truncation_is_a_decode_error(name: str) -> None:
+    data = valid(name)
+    for n in range(len(data)):
+        with pytest.raises(codec.DecodeError):
+            codec.decode(data[:n])
+
+
+@pytest.mark.parametrize("name", sorted(MESSAGES))
+def test_trailing_bytes(name: str) -> None:
+    data = valid(name)
+    for extra in (b"\x00", b"\x01\x02\x03", bytes(40)):
+        with pytest.raises(codec.DecodeError):
+            codec.decode(data + extra)
+
+
+GOSSIP_FLAGS_OFFSET = codec.HEADER_SIZE + codec.MEMBER_SIZE + 4
+SENDER_PORT_OFFSET = codec.HEADER_SIZE + NODE_ID_BYTES + 4
+
+
+@pytest.mark.parametrize("flags", [4, 8, 0x80, 0xFF])
+def test_unknown_gossip_flags(flags: int) -> None:
+    data = bytearray(valid("gossip-empty"))
+    assert data[GOSSIP_FLAGS_OFFSET] == 0
+    data[GOSSIP_FLAGS_OFFSET] = flags
+    with pytest.raises(codec.DecodeError):
+        codec.decode(bytes(data))
+
+
+def test_unknown_tuple_flags() -> None:
+    msg = Gossip(SENDER, 0, False, (), (tuple_entry("/t", holders=0),))
+    data = bytearray(codec.encode(env(msg)))
+    # the tuple's flag byte sits right before its checksum length and checksum
+    flag_at = len(data) - 1 - 32 - 1 - 1
+    assert data[flag_at] == 0
+    data[flag_at] = 2
+    with pytest.raises(codec.DecodeError):
+        codec.decode(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["gossip-empty", "ack", "leave", "sync-empty", "snapshot"])
+def test_sender_port_zero(name: str) -> None:
+    data = bytearray(valid(name))
+    data[SENDER_PORT_OFFSET:SENDER_PORT_OFFSET + 2] = b"\x00\x00"
+    with pytest.raises(codec.DecodeError):
+        codec.decode(bytes(data))
+
+
+def test_member_entry_port_zero() -> None:
+    msg = Gossip(SENDER, 0, False, (member(2)._replace(port=0),), ())
+    with pytest.raises(codec.EncodeError):
+        codec.encode(env(msg))
+    data = bytearray(codec.encode(env(Gossip(SENDER, 0, False, (), ()))))
+    port_at = codec.HEADER_SIZE + 20 + 4  # the sender entry's port, after its id and IPv4
+    data[port_at:port_at + 2] = b"\x00\x00"
+    with pytest.raises(codec.DecodeError):
+        codec.decode(bytes(data))
+
+
+@pytest.mark.parametrize("name", sorted(MESSAGES))
+def test_k_zero(name: str) -> None:
+    data = bytearray(valid(name))
+    data[6:8] = b"\x00\x00"
+    with pytest.raises(codec.DecodeError):
+        codec.decode(bytes(data))
+
+
+def test_bad_tuple_names() -> None:
+    for bad in ("", "a\x00b"):
+        msg = Gossip(SENDER, 0, False, (), (tuple_entry("/ok")._replace(name=bad),))
+        with pytest.raises(codec.EncodeError):
+            codec.encode(env(msg))
+    # The same names arriving from a peer that encodes them anyway are refused on decode.
+    data = bytearray(codec.encode(env(Gossip(SENDER, 0, False, (), (tuple_entry("/ab"),)))))
+    at = codec.GOSSIP_OVERHEAD + 2
+    data[at + 1] = 0
+    with pytest.raises(codec.DecodeError):
+        codec.decode(bytes(data))
+    empty = bytearray(data[:at - 2]) + b"\x00\x00" + data[at + 3:]
+    with pytest.raises(codec.DecodeError):
+        codec.decode(bytes(empty))
+
+
+def test_invalid_utf8_name() -> None:
+    data = bytearray(codec.encode(env(Gossip(SENDER, 0, False, (), (tuple_entry("/ab"),)))))
+    at = codec.GOSSIP_OVERHEAD + 2  # after the tuples count comes the name length, then the name
+    assert bytes(data[at:at + 3]) == b"/ab"
+    data[at + 1] = 0xFF
+    with pytest.raises(codec.DecodeError):
+        codec.decode(bytes(data))
+
+
+def test_huge_counts_are_rejected_cheaply() -> None:
+    data = bytearray(valid("sync-empty"))
+    members_count_at = codec.HEADER_SIZE + codec.MEMBER_SIZE
+    data[members_count_at:members_count_at + 4] = b"\xff\xff\xff\xff"
+    with pytest.raises(codec.DecodeError):
+        codec.decode(bytes(data))
+
+
+def test_refusal_reason_too_long_on_the_wire() -> None:
+    data = codec.encode(env(Refusal("")))[:-2] + struct.pack(">H", 2000) + b"x" * 2000
+    with pytest.raises(codec.DecodeError):
+        codec.decode(data)
+
+
+def test_long_refusal_is_truncated_to_a_decodable_prefix() -> None:
+    reason = "a" * 1023 + "é" + "b" * 500  # the 1,024-byte cut falls inside "é"
+    data = codec.encode(env(Refusal(reason)))
+    out = codec.decode(data).message
+    assert isinstance(out, Refusal)
+    assert reason.startswith(out.reason)
+    assert len(out.reason.encode("utf-8")) <= codec.MAX_REASON_BYTES
+
+
+def test_message_size_of_long_refusal_matches_encoding() -> None:
+    message = Refusal("x" * 3000)
+    assert codec.message_size(message) == len(codec.encode(env(message)))
+
+
+# --- encode errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "envelope",
+    [
+        Envelope(b"abc", 1, Leave(SENDER)),
+        Envelope(TAG, 0x10000, Leave(SENDER)),
+        Envelope(TAG, 1, Leave(SENDER._replace(node_id=b"short"))),
+        Envelope(TAG, 1, Leave(SENDER._replace(host="not-an-ip"))),
+        Envelope(TAG, 1, Leave(SENDER._replace(port=70000))),
+        Envelope(TAG, 1, Leave(SENDER._replace(heartbeat=2**32))),
+        Envelope(TAG, 1, Gossip(SENDER, 0, False, (), (tuple_entry("x" * 5000),))),
+        Envelope(TAG, 1, Gossip(SENDER, 0, False, (), (tuple_entry("/x", holders=65),))),
+        Envelope(TAG, 1, "not a message"),  # type: ignore[arg-type]
+    ],
+)
+def test_encode_errors(envelope: Envelope) -> None:
+    with pytest.raises(codec.EncodeError):
+        codec.encode(envelope)
+
+
+# --- properties ------------------------------------------------------------------------------
+
+ids = st.binary(min_size=NODE_ID_BYTES, max_size=NODE_ID_BYTES)
+u32 = st.integers(min_value=0, max_value=U32)
+u64 = st.integers(min_value=0, max_value=U64)
+hosts = st.tuples(*[st.integers(0, 255)] * 4).map(lambda p: ".".join(map(str, p)))
+member_entries = st.builds(MemberEntry, ids, hosts, st.integers(1, 65535), u32, u32)
+object_names = st.text(
+    st.characters(exclude_categories=("Cs",), exclude_characters="\x00"),
+    min_size=1, max_size=100)
+tuple_entries = st.builds(
+    TupleEntry,
+    object_names,
+    st.builds(Version, u64, ids),
+    u32,
+    u64,
+    u32,
+    u64,
+    st.binary(min_size=32, max_size=32),
+    st.lists(ids, max_size=5).map(tuple),
+    st.booleans(),
+)
+beats = st.builds(Beat, st.binary(min_size=BEAT_PREFIX, max_size=BEAT_PREFIX), u32, u32)
+
+
+def _tuples_of(strategy: st.SearchStrategy, n: int) -> st.SearchStrategy:
+    return st.lists(strategy, max_size=n).map(tuple)
+
+
+gossips = st.builds(Gossip, member_entries, u32, st.booleans(), _tuples_of(member_entries, 8),
+                    _tuples_of(tuple_entries, 4), st.booleans(), _tuples_of(beats, 8))
+messages = st.one_of(
+    gossips,
+    st.builds(Ack, member_entries, u32),
+    st.builds(Leave, member_entries),
+    st.builds(SyncRequest, member_entries, _tuples_of(member_entries, 8),
+              _tuples_of(tuple_entries, 4)),
+    st.builds(Snapshot, member_entries, _tuples_of(member_entries, 8),
+              _tuples_of(tuple_entries, 4)),
+    st.builds(Refusal, st.text(st.characters(exclude_categories=("Cs",)), max_size=300)),
+)
+envelopes = st.builds(Envelope, st.binary(min_size=4, max_size=4), st.integers(1, 65535),
+                      messages)
+
+
+def _decode_or_decode_error(data: bytes) -> None:
+    try:
+        out = codec.decode(data)
+    except codec.DecodeError:
+        return
+    assert isinstance(out, Envelope)
+    # whatever decodes must be re-encodable to the same bytes (no lossy acceptance)
+    assert codec.encode(out) == data
+
+
+@PROPS
+@given(st.binary(max_size=2000))
+def test_random_bytes_only_raise_decode_error(data: bytes) -> None:
+    _decode_or_decode_error(data)
+
+
+@PROPS
+@given(code=st.integers(0, 7), k=st.integers(0, 3), body=st.binary(max_size=2000))
+def test_random_bodies_behind_a_valid_header_only_raise_decode_error(
+        code: int, k: int, body: bytes) -> None:
+    _decode_or_decode_error(struct.pack(">BB4sH", codec.PROTOCOL_VERSION, code, TAG, k) + body)
+
+
+@PROPS
+@given(message=gossips, data=st.data())
+def test_mutated_gossip_only_raises_decode_error(message: Gossip, data: st.DataObject) -> None:
+    buf = bytearray(codec.encode(env(message)))
+    ops = data.draw(st.lists(st.tuples(st.sampled_from(["flip", "insert", "delete"]),
+                                       st.integers(0, 10**6), st.integers(0, 255)),
+                             min_size=1, max_size=6))
+    for op, where, value in ops:
+        if op == "insert":
+            buf.insert(where % (len(buf) + 1), value)
+        elif not buf:
+            continue
+        elif op == "flip":
+            buf[where % len(buf)] ^= 1 << (value % 8)
+        else:
+            del buf[where % len(buf)]
+    _decode_or_decode_error(bytes(buf))
+
+
+@PROPS
+@given(envelopes)
+def test_generated_messages_roundtrip(envelope: Envelope) -> None:
+    data = codec.encode(envelope)
+    assert codec.decode(data) == envelope
+    assert codec.message_size(envelope.message) == len(data)

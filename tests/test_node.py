@@ -1,0 +1,954 @@
+"""The KelipsNode state machine driven directly: join, refusal, failure detection, leave,
+gossip size and rotation, snapshots, lookups, placement, repair and contacts.
+
+A tiny in-memory driver (``Net``) plays the daemon: it ticks nodes at ``next_deadline()``,
+delivers every Outgoing message at once (zero latency) to the node at its address after a trip
+through the real codec, and can stop nodes or cut links. Nothing here touches a socket or a clock.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable
+
+import pytest
+
+from daemon.core import codec, placement
+from daemon.core.config import MAC_SIZE, CoreConfig
+from daemon.core.ids import NodeId, group_of_name, group_of_node, new_node_id
+from daemon.core.members import Status
+from daemon.core.messages import (
+    BEAT_PREFIX,
+    Ack,
+    Address,
+    Beat,
+    Envelope,
+    Gossip,
+    Leave,
+    MemberEntry,
+    Message,
+    Outgoing,
+    Refusal,
+    Snapshot,
+    SyncRequest,
+    TupleEntry,
+    Version,
+)
+from daemon.core.node import Event, KelipsNode
+
+# --- driver ----------------------------------------------------------------------------------
+
+_ID_RNG = random.Random(20240601)
+
+
+def find_id(k: int, group: int | None = None, avoid: Iterable[int] = ()) -> NodeId:
+    """A random node id in ``group`` (or in any group not in ``avoid``)."""
+    avoid = set(avoid)
+    while True:
+        nid = new_node_id(_ID_RNG)
+        g = group_of_node(nid, k)
+        if (group is None or g == group) and g not in avoid:
+            return nid
+
+
+def find_name(k: int, group: int, prefix: str = "/obj") -> str:
+    for i in range(100_000):
+        name = f"{prefix}-{i}"
+        if group_of_name(name, k) == group:
+            return name
+    raise AssertionError("no name found")
+
+
+_ADDR_SEQ = iter(range(1, 1_000_000))
+
+
+def next_address() -> Address:
+    i = next(_ADDR_SEQ)
+    return (f"10.{i // 60000}.{i // 250 % 240}.{i % 250 + 1}", 7000 + i % 1000)
+
+
+def make_node(cfg: CoreConfig, node_id: NodeId | None = None, *, group: int | None = None,
+              now: float = 0.0, seed: int | None = None, incarnation: int = 1) -> KelipsNode:
+    if node_id is None:
+        node_id = find_id(cfg.k, group)
+    rng = random.Random(seed if seed is not None else int.from_bytes(node_id[:4], "big"))
+    return KelipsNode(cfg, node_id, next_address(), incarnation, rng, now)
+
+
+def wire(src: KelipsNode, message: Message) -> Envelope:
+    """What the receiver of ``message`` from ``src`` decodes (through the real codec)."""
+    return codec.decode(codec.encode(src.envelope(message)))
+
+
+class Net:
+    """Zero-latency delivery between nodes by address; stopped nodes neither tick nor receive."""
+
+    def __init__(self, *nodes: KelipsNode) -> None:
+        self.nodes: dict[Address, KelipsNode] = {}
+        self.now = 0.0
+        self.down: set[Address] = set()
+        self.cut: set[tuple[Address, Address]] = set()  # (src, dest) pairs that lose everything
+        self.sent: list[tuple[float, NodeId, Outgoing]] = []
+        self.events: dict[NodeId, list[Event]] = defaultdict(list)
+        self.last_bump: dict[NodeId, float] = {}
+        self.queue: deque[tuple[KelipsNode, Outgoing]] = deque()
+        for n in nodes:
+            self.add(n)
+
+    def add(self, node: KelipsNode) -> None:
+        self.nodes[node.address] = node
+
+    def post(self, src: KelipsNode, outs: Iterable[Outgoing]) -> None:
+        for out in outs:
+            self.queue.append((src, out))
+
+    def flush(self) -> None:
+        while self.queue:
+            src, out = self.queue.popleft()
+            self.sent.append((self.now, src.node_id, out))
+            dst = self.nodes.get(out.dest)
+            if dst is None or out.dest in self.down or (src.address, out.dest) in self.cut:
+                continue
+            self.post(dst, dst.receive(self.now, wire(src, out.message)))
+        for n in self.nodes.values():
+            self.events[n.node_id].extend(n.drain_events())
+
+    def send(self, src: KelipsNode, dest: KelipsNode, message: Message) -> None:
+        self.post(src, [Outgoing(dest.address, message)])
+        self.flush()
+
+    def run_until(self, end: float) -> None:
+        while True:
+            live = [n for a, n in self.nodes.items() if a not in self.down]
+            if not live:
+                break
+            t = min(n.next_deadline() for n in live)
+            if t > end:
+                break
+            self.now = max(self.now, t)
+            for n in live:
+                if n.next_deadline() <= self.now:
+                    before = n.heartbeat
+                    self.post(n, n.tick(self.now))
+                    if n.heartbeat != before:
+                        self.last_bump[n.node_id] = self.now
+            self.flush()
+        self.now = max(self.now, end)
+
+    def stop(self, node: KelipsNode) -> None:
+        self.down.add(node.address)
+
+    def partition(self, side_a: Iterable[KelipsNode], side_b: Iterable[KelipsNode]) -> None:
+        a, b = list(side_a), list(side_b)
+        for x in a:
+            for y in b:
+                self.cut.add((x.address, y.address))
+                self.cut.add((y.address, x.address))
+
+    def heal(self) -> None:
+        self.cut.clear()
+
+    def of_kind(self, node: KelipsNode, kind: str, about: KelipsNode | None = None) -> list[Event]:
+        return [e for e in self.events[node.node_id]
+                if e.kind == kind and (about is None or e.node_id == about.node_id)]
+
+    def sent_by(self, node: KelipsNode, since: float = -1.0) -> list[tuple[float, Outgoing]]:
+        return [(t, o) for t, nid, o in self.sent if nid == node.node_id and t >= since]
+
+
+def own_ids(node: KelipsNode) -> set[NodeId]:
+    return {m.node_id for m in node.own_alive()}
+
+
+def join(net: Net, new: KelipsNode, via: KelipsNode) -> None:
+    net.send(new, via, new.join_request())
+
+
+def converge(net: Net, nodes: list[KelipsNode], until: float) -> None:
+    """Join every node through the first, run, and check that the group view is complete."""
+    for n in nodes[1:]:
+        join(net, n, nodes[0])
+    net.run_until(until)
+    everyone = {n.node_id for n in nodes}
+    for n in nodes:
+        assert own_ids(n) == everyone - {n.node_id}
+
+
+def fake_entry(i: int, k: int = 1, group: int | None = None, hb: int = 1) -> MemberEntry:
+    return MemberEntry(find_id(k, group), f"172.16.{i // 250}.{i % 250 + 1}", 9000 + i, 1, hb)
+
+
+def tuple_for(name: str, holders: Iterable[NodeId], clock: int = 1 << 30,
+              writer: NodeId = b"\x07" * 20) -> TupleEntry:
+    return TupleEntry(name, Version(clock, writer), 0, 4096, 0o644, 1_700_000_000_000_000_000,
+                      bytes(32), tuple(sorted(holders)), False)
+
+
+# --- join ------------------------------------------------------------------------------------
+
+
+def test_join_same_group() -> None:
+    cfg = CoreConfig(k=2)
+    a = make_node(cfg, group=0)
+    b = make_node(cfg, group=0)
+    net = Net(a, b)
+    reply = a.receive(0.0, wire(b, b.join_request()))
+    assert len(reply) == 1 and reply[0].dest == b.address
+    assert isinstance(reply[0].message, Snapshot)
+    assert not b.synced
+    net.post(a, reply)
+    net.flush()
+    assert b.synced
+    assert net.of_kind(b, "synced", a)
+    net.run_until(6.0)
+    for x, y in ((a, b), (b, a)):
+        m = x.members[y.node_id]
+        assert m.own and m.alive
+        assert own_ids(x) == {y.node_id}
+        assert net.of_kind(x, "joined", y)
+        assert m.heartbeat >= y.heartbeat - 1 >= 3  # heartbeats flow both ways
+    assert not a.contacts.get(1) and not b.contacts.get(1)
+
+
+def test_join_different_groups_makes_each_the_others_contact() -> None:
+    cfg = CoreConfig(k=2)
+    a = make_node(cfg, group=0)
+    b = make_node(cfg, group=1)
+    net = Net(a, b)
+    join(net, b, a)
+    net.run_until(10.0)
+    assert a.contacts[1] == [b.node_id]
+    assert b.contacts[0] == [a.node_id]
+    for x, y in ((a, b), (b, a)):
+        m = x.members[y.node_id]
+        assert not m.own and m.alive
+        assert m.rtt is not None  # probes were answered
+        assert net.of_kind(x, "contact_added", y)
+        assert not net.of_kind(x, "contact_dropped")
+        assert x.own_alive() == []
+        assert [m.node_id for m in x.live_contacts(y.group)] == [y.node_id]
+
+
+def test_lone_node_of_its_group_stops_retrying_sync_after_asking_a_contact() -> None:
+    # The joiner's group is empty: the contact's snapshot holds nobody of it, so the joiner is
+    # the group's first and should count as synced instead of sending a full SyncRequest to
+    # its contact every two seconds for as long as it stays alone.
+    cfg = CoreConfig(k=2)
+    a = make_node(cfg, group=0)
+    b = make_node(cfg, group=1)
+    net = Net(a, b)
+    join(net, b, a)
+    net.run_until(25.0)
+    syncs = [o for _, o in net.sent_by(b) if isinstance(o.message, SyncRequest)]
+    assert len(syncs) <= 2, f"{len(syncs)} SyncRequests sent by a node alone in its group"
+    assert b.synced
+
+
+def test_three_nodes_join_through_one_and_learn_each_other() -> None:
+    cfg = CoreConfig(k=1)
+    nodes = [make_node(cfg) for _ in range(3)]
+    net = Net(*nodes)
+    converge(net, nodes, 10.0)
+    for n in nodes:
+        assert len(net.of_kind(n, "joined")) == 2
+
+
+# --- refusal ---------------------------------------------------------------------------------
+
+
+def _members_state(node: KelipsNode) -> dict[NodeId, tuple[object, ...]]:
+    return {nid: (m.entry(), m.status, m.last_heard, m.rtt, m.own)
+            for nid, m in node.members.items()}
+
+
+def _full_state(node: KelipsNode) -> tuple[object, ...]:
+    return (_members_state(node), {g: list(c) for g, c in node.contacts.items()},
+            sorted(node.tuples, key=lambda t: t.name), node.incarnation, node.heartbeat,
+            len(node.graveyard))
+
+
+@pytest.mark.parametrize(
+    ("other", "needles"),
+    [
+        ({"k": 5}, ["k=4", "k=5"]),
+        ({"cluster_id": "someone-else"}, ["cluster"]),
+    ],
+)
+def test_join_with_wrong_k_or_cluster_is_refused(other: dict[str, object],
+                                                 needles: list[str]) -> None:
+    cfg = CoreConfig(k=4)
+    a = make_node(cfg)
+    peer = make_node(cfg)
+    a.receive(0.0, wire(peer, Gossip(peer.entry(), 0, False, (), ())))
+    a.drain_events()
+    before = _full_state(a)
+    stranger = make_node(cfg.with_changes(**other))
+    out = a.receive(1.0, wire(stranger, stranger.join_request()))
+    assert len(out) == 1
+    dest, refusal = out[0]
+    assert dest == stranger.address
+    assert isinstance(refusal, Refusal)
+    for needle in needles:
+        assert needle in refusal.reason
+    assert _full_state(a) == before
+    assert stranger.node_id not in a.members
+    assert a.dropped == 1
+    assert a.drain_events() == []
+    assert stranger.receive(1.0, wire(a, refusal)) == []
+    events = stranger.drain_events()
+    assert [e.kind for e in events] == ["refused"]
+    assert events[0].detail == refusal.reason
+    assert stranger.members == {}
+
+
+def test_datagrams_from_another_cluster_are_dropped() -> None:
+    cfg = CoreConfig(k=1)
+    a = make_node(cfg)
+    stranger = make_node(cfg.with_changes(cluster_id="other"))
+    before = _full_state(a)
+    assert a.receive(0.0, wire(stranger, Gossip(stranger.entry(), 0, True, (), ()))) == []
+    assert a.receive(0.0, wire(stranger, Ack(stranger.entry(), 0))) == []
+    assert a.receive(0.0, wire(stranger, Leave(stranger.entry()))) == []
+    assert _full_state(a) == before
+    assert a.dropped == 3
+    assert a.receive(0.0, wire(stranger, Snapshot(stranger.entry(), (), ()))) == []
+    assert _full_state(a) == before
+    assert [e.kind for e in a.drain_events()] == ["refused"]
+
+
+# --- failure detection -----------------------------------------------------------------------
+
+
+def _mentions(message: Message, node: KelipsNode) -> bool:
+    if isinstance(message, (Gossip, SyncRequest, Snapshot)):
+        if any(e.node_id == node.node_id for e in message.members):
+            return True
+        if message.sender.node_id == node.node_id:
+            return True
+    if isinstance(message, Gossip):
+        return any(b.prefix == node.node_id[:BEAT_PREFIX] for b in message.beats)
+    return False
+
+
+def _liveness_of(message: Message, node_id: NodeId) -> list[tuple[int, int]]:
+    """Every (incarnation, heartbeat) of ``node_id`` that ``message`` carries."""
+    entries: list[MemberEntry] = []
+    if isinstance(message, (Gossip, SyncRequest, Snapshot)):
+        entries = [message.sender, *message.members]
+    elif isinstance(message, (Ack, Leave)):
+        entries = [message.sender]
+    found = [e.liveness for e in entries if e.node_id == node_id]
+    if isinstance(message, Gossip):
+        found += [(b.incarnation, b.heartbeat) for b in message.beats
+                  if b.prefix == node_id[:BEAT_PREFIX]]
+    return found
+
+
+def _last_rise(net: Net, receiver: KelipsNode, subject: KelipsNode) -> float:
+    """When ``receiver`` was last delivered a higher liveness of ``subject`` (from the log)."""
+    best: tuple[int, int] = (-1, -1)
+    at = -1.0
+    for t, _src, out in net.sent:
+        if out.dest != receiver.address or out.dest in net.down:
+            continue
+        for liveness in _liveness_of(out.message, subject.node_id):
+            if liveness > best:
+                best, at = liveness, t
+    return at
+
+
+def test_failure_detection_removal_and_graveyard() -> None:
+    cfg = CoreConfig(k=1)
+    gi = cfg.gossip_interval
+    a, b, c = (make_node(cfg) for _ in range(3))
+    net = Net(a, b, c)
+    converge(net, [a, b, c], 10.0)
+    t_stop = net.now
+    net.stop(c)
+
+    net.run_until(t_stop + cfg.t_fail + 4 * gi)
+    failed_at: dict[NodeId, float] = {}
+    heard_at: dict[NodeId, float] = {}
+    last_known: dict[NodeId, MemberEntry] = {}
+    for x in (a, b):
+        failed = net.of_kind(x, "failed", c)
+        assert len(failed) == 1, f"{x.node_id.hex()[:6]} did not declare c failed"
+        at = failed[0].at
+        heard = _last_rise(net, x, c)
+        assert heard <= t_stop
+        assert at - heard > cfg.t_fail  # not before t_fail of silence ...
+        assert at - heard <= cfg.t_fail + 2 * gi  # ... and promptly after
+        assert at - t_stop <= cfg.t_fail + 4 * gi
+        assert x.members[c.node_id].status is Status.FAILED
+        assert c.node_id not in own_ids(x)
+        failed_at[x.node_id], heard_at[x.node_id] = at, heard
+        last_known[x.node_id] = x.members[c.node_id].entry()
+        assert not net.of_kind(x, "failed", a if x is b else b)  # no false positive
+
+    net.run_until(t_stop + cfg.t_cleanup + 4 * gi)
+    for x in (a, b):
+        removed = net.of_kind(x, "removed", c)
+        assert len(removed) == 1
+        assert removed[0].at - heard_at[x.node_id] > cfg.t_cleanup
+        assert removed[0].at - heard_at[x.node_id] <= cfg.t_cleanup + 2 * gi
+        assert c.node_id not in x.members
+        assert c.node_id in x.graveyard
+        # after its failure, c is not mentioned by x, and not targeted until it is forgotten;
+        # then only the rare departed-member probe (partition healing) goes to it
+        for at, out in net.sent_by(x, since=failed_at[x.node_id]):
+            assert not _mentions(out.message, c)
+            if out.dest == c.address:
+                assert at >= removed[0].at
+                _assert_departed_probe(out.message)
+        assert own_ids(x) == {(b if x is a else a).node_id}
+
+    # stale gossip (the last entry x heard) cannot bring c back, by any path
+    now = net.now
+    assert now < min(e.at for x in (a, b) for e in net.of_kind(x, "removed")) + cfg.graveyard_ttl
+    for x, relay in ((a, b), (b, a)):
+        stale_entry = last_known[x.node_id]
+        older = stale_entry._replace(heartbeat=max(0, stale_entry.heartbeat - 1))
+        stale = [
+            Gossip(relay.entry(), 0, False, (stale_entry,), ()),
+            Gossip(relay.entry(), 0, False, (older,), ()),
+            Gossip(relay.entry(), 0, False, (), (), beats=(_beat(stale_entry),)),
+            Snapshot(relay.entry(), (stale_entry,), ()),
+            SyncRequest(relay.entry(), (stale_entry,), ()),
+            Gossip(stale_entry, 0, False, (), ()),
+            Ack(stale_entry, 0),
+        ]
+        for message in stale:
+            x.receive(now, wire(relay, message))
+        assert c.node_id not in x.members
+        assert not [e for e in x.drain_events() if e.node_id == c.node_id]
+
+    # a higher heartbeat brings it back at a ...
+    fresher = last_known[a.node_id]._replace(heartbeat=last_known[a.node_id].heartbeat + 1)
+    a.receive(now, wire(b, Gossip(b.entry(), 0, False, (fresher,), ())))
+    assert a.members[c.node_id].alive and c.node_id in own_ids(a)
+    assert [e.kind for e in a.drain_events() if e.node_id == c.node_id] == ["joined"]
+    assert c.node_id not in a.graveyard
+    # ... and a higher incarnation (with a lower heartbeat) at b
+    reborn = last_known[b.node_id]._replace(
+        incarnation=last_known[b.node_id].incarnation + 1, heartbeat=0)
+    b.receive(now, wire(a, Snapshot(a.entry(), (reborn,), ())))
+    assert b.members[c.node_id].alive and c.node_id in own_ids(b)
+    assert b.members[c.node_id].entry() == reborn
+
+
+def _beat(entry: MemberEntry) -> Beat:
+    return Beat(entry.node_id[:BEAT_PREFIX], entry.incarnation, entry.heartbeat)
+
+
+def test_failed_member_revives_only_on_fresher_liveness() -> None:
+    cfg = CoreConfig(k=1)
+    a, b, c = (make_node(cfg) for _ in range(3))
+    net = Net(a, b, c)
+    converge(net, [a, b, c], 8.0)
+    net.stop(c)
+    net.run_until(net.now + cfg.t_fail + 2.0)
+    assert a.members[c.node_id].status is Status.FAILED
+    known = a.members[c.node_id].entry()
+    now = net.now
+    a.receive(now, wire(b, Gossip(b.entry(), 0, False, (known,), ())))
+    a.receive(now, wire(b, Gossip(b.entry(), 0, False, (), (), beats=(_beat(known),))))
+    assert a.members[c.node_id].status is Status.FAILED
+    assert a.drain_events() == []
+    fresher = known._replace(heartbeat=known.heartbeat + 1)
+    a.receive(now, wire(b, Gossip(b.entry(), 0, False, (), (), beats=(_beat(fresher),))))
+    assert a.members[c.node_id].alive
+    assert c.node_id in own_ids(a)
+    assert [e.kind for e in a.drain_events() if e.node_id == c.node_id] == ["revived"]
+
+
+def test_partition_longer_than_t_fail_heals() -> None:
+    # c is cut off from a and b (all keep running) for longer than t_fail, so both sides
+    # declare the other failed; once the network heals the group must become whole again
+    # without anyone restarting.
+    cfg = CoreConfig(k=1)
+    a, b, c = (make_node(cfg) for _ in range(3))
+    net = Net(a, b, c)
+    converge(net, [a, b, c], 10.0)
+    net.partition([a, b], [c])
+    net.run_until(net.now + cfg.t_fail + 3.0)
+    assert c.node_id not in own_ids(a)
+    assert own_ids(c) == set()
+    net.heal()
+    healed = net.now
+    net.run_until(healed + 2 * cfg.anti_entropy_interval)
+    everyone = {a.node_id, b.node_id, c.node_id}
+    for n in (a, b, c):
+        assert own_ids(n) == everyone - {n.node_id}, "the group did not re-merge after the heal"
+
+
+# --- leave -----------------------------------------------------------------------------------
+
+
+def test_leave_marks_failed_at_once() -> None:
+    cfg = CoreConfig(k=1)
+    a, b, c = (make_node(cfg) for _ in range(3))
+    net = Net(a, b, c)
+    converge(net, [a, b, c], 8.0)
+    outs = c.leave_messages()
+    assert sorted(o.dest for o in outs) == sorted([a.address, b.address])
+    assert all(isinstance(o.message, Leave) for o in outs)
+    net.stop(c)
+    net.post(c, outs)
+    left_at = net.now
+    net.flush()
+    for x in (a, b):
+        assert [e.kind for e in net.of_kind(x, "left", c)] == ["left"]
+        assert x.members[c.node_id].status is Status.FAILED
+        assert c.node_id not in own_ids(x)
+        assert not net.of_kind(x, "failed", c)
+    net.run_until(left_at + cfg.t_cleanup - cfg.t_fail + 2.0)
+    for x in (a, b):
+        assert net.of_kind(x, "removed", c)
+        assert c.node_id not in x.members
+        assert not net.of_kind(x, "failed", c)
+        assert not net.of_kind(x, "revived", c)
+        for _, out in net.sent_by(x, since=left_at):
+            assert not _mentions(out.message, c)
+            if out.dest == c.address:
+                _assert_departed_probe(out.message)
+
+
+def _assert_departed_probe(message: object) -> None:
+    """The only traffic to a forgotten member: an ack-requesting probe carrying no tuples or
+    beats (it is how the two sides of a healed partition find each other again)."""
+    assert isinstance(message, Gossip)
+    assert message.want_ack and not message.tuples and not message.beats
+
+
+def test_gossip_in_flight_with_the_leaves_liveness_does_not_undo_a_leave() -> None:
+    cfg = CoreConfig(k=1)
+    a, b, c = (make_node(cfg) for _ in range(3))
+    net = Net(a, b, c)
+    converge(net, [a, b, c], 8.0)
+    net.stop(c)
+    c.heartbeat += 1  # c's heartbeat rose just before it left; no gossip has carried it yet
+    now = net.now
+    leave = c.leave_messages()[0].message
+    a.receive(now, wire(c, leave))
+    assert a.members[c.node_id].status is Status.FAILED
+    # c's last gossip, sent before the Leave but delivered after it, and b relaying that
+    # heartbeat, carry the very liveness of the Leave: nothing newer than the Leave itself
+    a.receive(now, wire(c, Gossip(c.entry(), 0, False, (), ())))
+    a.receive(now, wire(b, Gossip(b.entry(), 0, False, (), (), beats=(_beat(c.entry()),))))
+    assert a.members[c.node_id].status is Status.FAILED
+    assert [e.kind for e in a.drain_events() if e.node_id == c.node_id] == ["left"]
+
+
+def test_stale_leave_from_an_older_incarnation_is_ignored() -> None:
+    cfg = CoreConfig(k=1)
+    a = make_node(cfg)
+    c = make_node(cfg, incarnation=2)
+    a.receive(0.0, wire(c, Gossip(c.entry(), 0, False, (), ())))
+    old_life = c.entry()._replace(incarnation=1, heartbeat=50)
+    a.receive(0.5, wire(c, Leave(old_life)))
+    assert a.members[c.node_id].alive
+    assert [e.kind for e in a.drain_events()] == ["joined"]
+
+
+def test_node_moves_to_higher_incarnation_when_others_remember_a_later_life() -> None:
+    cfg = CoreConfig(k=1)
+    a = make_node(cfg, incarnation=1)
+    b = make_node(cfg)
+    remembered = a.entry()._replace(incarnation=5, heartbeat=9)
+    a.receive(0.0, wire(b, Gossip(b.entry(), 0, False, (remembered,), ())))
+    assert a.incarnation == 6 and a.heartbeat == 0
+    assert a.entry().liveness > remembered.liveness
+    assert a.node_id not in a.members
+
+
+# --- gossip size bound and rotation ----------------------------------------------------------
+
+
+def _big_group_node(cfg: CoreConfig, n_members: int, n_tuples: int, name_len: int = 20,
+                    ) -> tuple[KelipsNode, list[MemberEntry]]:
+    node = make_node(cfg)
+    entries = [fake_entry(i) for i in range(n_members)]
+    node.receive(0.0, node.envelope(Snapshot(entries[0], tuple(entries[1:]), ())))
+    assert len(node.own_alive()) == n_members
+    ids = [e.node_id for e in entries]
+    for i in range(n_tuples):
+        name = f"/data/d{i % 7}/" + f"f{i:04d}".rjust(name_len, "x")
+        node.record_write(0.0, tuple_for(name, [node.node_id, *ids[i % 50:i % 50 + 2]]))
+    node.drain_events()
+    return node, entries
+
+
+def _rounds(node: KelipsNode, n: int,
+            before_tick: Callable[[float], None] | None = None) -> list[list[Gossip]]:
+    rounds: list[list[Gossip]] = []
+    while len(rounds) < n:
+        now = node.next_deadline()
+        if before_tick is not None:
+            before_tick(now)
+        gossip = [o.message for o in node.tick(now) if isinstance(o.message, Gossip)]
+        if gossip:
+            rounds.append(gossip)
+    return rounds
+
+
+@pytest.mark.parametrize(("max_datagram", "name_len"), [(1200, 20), (1200, 150), (512, 60)])
+def test_gossip_fits_the_datagram_and_rotates_over_the_group(max_datagram: int,
+                                                           name_len: int) -> None:
+    cfg = CoreConfig(k=1, max_datagram=max_datagram, t_fail=10_000.0)
+    node, entries = _big_group_node(cfg, 300, 200, name_len)
+    by_prefix = {e.node_id[:BEAT_PREFIX]: e.node_id for e in entries}
+    everyone = {e.node_id for e in entries}
+    n = len(everyone)
+    rounds = _rounds(node, 2 * n)
+    for window in (rounds[:n], rounds[n:]):
+        seen: set[NodeId] = set()
+        for messages in window:
+            for msg in messages:
+                size = len(codec.encode(node.envelope(msg)))
+                assert size == codec.message_size(msg)
+                assert size + MAC_SIZE <= cfg.max_datagram
+                seen.update(e.node_id for e in msg.members)
+                seen.update(by_prefix[b.prefix] for b in msg.beats)
+        assert seen == everyone, f"{len(everyone - seen)} members never sent in {n} rounds"
+
+
+@pytest.mark.parametrize(("max_datagram", "name_len"), [(1200, 20), (1200, 150), (512, 60)])
+def test_every_written_tuple_is_gossiped_in_a_large_group(max_datagram: int,
+                                                         name_len: int) -> None:
+    # 200 fresh writes (3 holders, paths of name_len + 9 bytes) in a 300-member group: each
+    # change must leave in some gossip message, not wait for anti-entropy.
+    cfg = CoreConfig(k=1, max_datagram=max_datagram, t_fail=10_000.0)
+    node, _ = _big_group_node(cfg, 300, 200, name_len)
+    sent: set[str] = set()
+    for messages in _rounds(node, 600):
+        for msg in messages:
+            assert len(codec.encode(node.envelope(msg))) + MAC_SIZE <= cfg.max_datagram
+            sent.update(t.name for t in msg.tuples)
+    missing = set(node.tuples.names()) - sent
+    assert not missing, f"{len(missing)} of {len(node.tuples)} written tuples never gossiped"
+
+
+def test_rotation_survives_a_group_whose_heartbeats_all_keep_rising() -> None:
+    cfg = CoreConfig(k=1, t_fail=10_000.0)
+    node, entries = _big_group_node(cfg, 300, 0)
+    by_prefix = {e.node_id[:BEAT_PREFIX]: e.node_id for e in entries}
+    state = {"hb": 1}
+
+    def bump(now: float) -> None:
+        state["hb"] += 1
+        fresh = tuple(e._replace(heartbeat=state["hb"]) for e in entries)
+        node.receive(now, node.envelope(Snapshot(fresh[0], fresh[1:], ())))
+
+    rounds = _rounds(node, len(entries), bump)
+    seen: set[NodeId] = set()
+    for messages in rounds:
+        for msg in messages:
+            assert len(codec.encode(node.envelope(msg))) + MAC_SIZE <= cfg.max_datagram
+            seen.update(e.node_id for e in msg.members)
+            seen.update(by_prefix[b.prefix] for b in msg.beats)
+    assert seen == {e.node_id for e in entries}
+
+
+def test_oversized_tuple_does_not_starve_other_tuples_of_gossip() -> None:
+    # A tuple too big for the tuple share of a datagram (long path) is written first; the
+    # changes written after it must still be gossiped in a large group.
+    cfg = CoreConfig(k=1, t_fail=10_000.0)
+    node, _ = _big_group_node(cfg, 100, 0)
+    node.record_write(0.0, tuple_for("/" + "deep/" * 120 + "file", [node.node_id]))
+    small = [f"/small-{i}" for i in range(20)]
+    for name in small:
+        node.record_write(0.0, tuple_for(name, [node.node_id]))
+    sent: set[str] = set()
+    for messages in _rounds(node, 100):
+        for msg in messages:
+            assert len(codec.encode(node.envelope(msg))) + MAC_SIZE <= cfg.max_datagram
+            sent.update(t.name for t in msg.tuples)
+    assert set(small) <= sent, f"{len(set(small) - sent)} of {len(small)} tuples never gossiped"
+
+
+# --- receive applies exactly what the message says -------------------------------------------
+
+
+def test_receive_changes_only_what_the_message_carries() -> None:
+    cfg = CoreConfig(k=2, contacts_per_group=2)
+    a = make_node(cfg, group=0)
+    b = make_node(cfg, group=0)
+    other = make_node(cfg, group=0)
+    x = make_node(cfg, group=1)
+    for peer in (b, other, x):
+        a.receive(0.0, wire(peer, Gossip(peer.entry(), 0, False, (), ())))
+    own_name, foreign_name = find_name(2, 0), find_name(2, 1)
+    a.record_write(0.0, tuple_for(find_name(2, 0, "/kept"), [a.node_id]))
+    a.drain_events()
+    before = _full_state(a)
+
+    # a corrupt datagram never reaches receive: decoding fails first and nothing changes
+    good = codec.encode(b.envelope(Gossip(b.entry(), 0, False, (), ())))
+    for bad in (good[:-1], good + b"\x00", b"\x02" + good[1:]):
+        with pytest.raises(codec.DecodeError):
+            a.receive(1.0, codec.decode(bad))
+    assert _full_state(a) == before
+
+    b.heartbeat += 3
+    d = fake_entry(1, k=2, group=0)
+    stale_x = x.entry()._replace(heartbeat=0, host="10.99.99.99")
+    own_t = tuple_for(own_name, [b.node_id])
+    foreign_t = tuple_for(foreign_name, [x.node_id])
+    out = a.receive(2.0, wire(b, Gossip(b.entry(), 2000, False, (d, stale_x), (own_t, foreign_t))))
+    assert out == []
+    after = _members_state(a)
+    old = before[0]
+    assert isinstance(old, dict)
+    assert after[b.node_id][0] == b.entry() and after[b.node_id][2] == 2.0
+    assert after[d.node_id][0] == d and after[d.node_id][4] is True
+    assert after[x.node_id] == old[x.node_id]
+    assert after[other.node_id] == old[other.node_id]
+    assert set(after) == set(old) | {d.node_id}
+    assert a.tuples.get(own_name) == own_t
+    assert a.tuples.get(foreign_name) is None
+    assert len(a.tuples) == 2
+    assert a.contacts == before[1]
+    assert [e.kind for e in a.drain_events()] == ["joined"]
+
+
+def test_gossip_with_want_ack_and_pull_gets_answers() -> None:
+    cfg = CoreConfig(k=1)
+    a, b = make_node(cfg), make_node(cfg)
+    a.receive(0.0, wire(b, Gossip(b.entry(), 0, False, (), ())))
+    out = a.receive(1.0, wire(b, Gossip(b.entry(), 1234, True, (), (), pull=True)))
+    kinds = sorted(type(o.message).__name__ for o in out)
+    assert kinds == ["Ack", "Gossip"]
+    assert all(o.dest == b.address for o in out)
+    ack = next(o.message for o in out if isinstance(o.message, Ack))
+    assert ack.echo_ts_ms == 1234 and ack.sender == a.entry()
+
+
+# --- snapshots -------------------------------------------------------------------------------
+
+
+def test_snapshot_exchange_converges_two_nodes() -> None:
+    k = 3
+    cfg = CoreConfig(k=k, t_fail=10_000.0)
+    a = make_node(cfg, group=0)
+    b = make_node(cfg, group=0)
+    shared = [fake_entry(i, k, 0) for i in range(3)]
+    only_a = [fake_entry(10 + i, k, 0) for i in range(4)] + [fake_entry(20, k, 1)]
+    only_b = [fake_entry(30 + i, k, 0) for i in range(5)] + [fake_entry(40, k, 2)]
+    names = [find_name(k, 0, f"/n{i}") for i in range(8)]
+    feeder = fake_entry(99, k, 1)
+    for node, extra, tuples in (
+        (a, only_a, [tuple_for(n, [a.node_id], clock=100 + i) for i, n in enumerate(names[:5])]),
+        (b, only_b, [tuple_for(n, [b.node_id], clock=200 - i) for i, n in enumerate(names[3:])]),
+    ):
+        node.receive(0.0, node.envelope(Snapshot(feeder, tuple(shared + extra), tuple(tuples))))
+    snap = a.snapshot()
+    request = SyncRequest(a.entry(), snap.members, snap.tuples)
+    replies = b.receive(1.0, wire(a, request))
+    assert len(replies) == 1 and replies[0].dest == a.address
+    assert isinstance(replies[0].message, Snapshot)
+    assert a.receive(1.0, wire(b, replies[0].message)) == []
+    group_a = own_ids(a) | {a.node_id}
+    group_b = own_ids(b) | {b.node_id}
+    assert group_a == group_b
+    assert group_a == {a.node_id, b.node_id} | {e.node_id for e in shared + only_a[:4] + only_b[:5]}
+    assert sorted(a.tuples, key=lambda t: t.name) == sorted(b.tuples, key=lambda t: t.name)
+    assert set(a.tuples.names()) == set(names)
+    for t in a.tuples:  # overlapping names: the higher version wins on both
+        i = names.index(t.name)
+        assert t.version.clock == max([100 + i] * (i < 5) + [200 - (i - 3)] * (i >= 3))
+
+
+def test_snapshot_for_a_foreign_node_carries_no_tuples() -> None:
+    cfg = CoreConfig(k=2)
+    a = make_node(cfg, group=0)
+    a.record_write(0.0, tuple_for(find_name(2, 0), [a.node_id]))
+    assert len(a.snapshot(find_id(2, 0)).tuples) == 1
+    assert a.snapshot(find_id(2, 1)).tuples == ()
+
+
+def test_anti_entropy_runs_periodically() -> None:
+    cfg = CoreConfig(k=1, anti_entropy_interval=3.0)
+    a, b = make_node(cfg), make_node(cfg)
+    net = Net(a, b)
+    converge(net, [a, b], 20.0)
+    syncs = [(t, o) for t, o in net.sent_by(a, since=1.0) if isinstance(o.message, SyncRequest)]
+    assert 3 <= len(syncs) <= 10
+    assert all(o.dest == b.address for _, o in syncs)
+    assert any(isinstance(o.message, Snapshot) and o.dest == a.address for _, o in net.sent_by(b))
+
+
+# --- lookups, placement, repair --------------------------------------------------------------
+
+
+def test_plan_lookup_local_and_foreign() -> None:
+    k = 4
+    cfg = CoreConfig(k=k, contacts_per_group=3)
+    a = make_node(cfg, group=0)
+    own_name = find_name(k, 0)
+    t = tuple_for(own_name, [a.node_id])
+    a.record_write(0.0, t)
+    plan = a.plan_lookup(own_name)
+    assert plan.local and plan.group == 0 and plan.entry == t and plan.ask == ()
+    missing = a.plan_lookup(find_name(k, 0, "/missing"))
+    assert missing.local and missing.entry is None
+
+    contacts = [fake_entry(i, k, 2) for i in range(3)]
+    a.receive(0.0, a.envelope(Snapshot(contacts[0], tuple(contacts[1:]), ())))
+    assert a.contacts[2] == [e.node_id for e in contacts]
+    a.record_rtt(contacts[0].node_id, 0.050)
+    a.record_rtt(contacts[1].node_id, 0.010)
+    a.record_rtt(contacts[2].node_id, 0.030)
+    foreign = find_name(k, 2)
+    plan = a.plan_lookup(foreign)
+    assert not plan.local and plan.group == 2 and plan.entry is None
+    assert [e.node_id for e in plan.ask] == [contacts[i].node_id for i in (1, 2, 0)]
+    assert a.plan_insert(foreign) == plan
+    # a contact that left is no longer asked
+    a.receive(1.0, a.envelope(Leave(contacts[1])))
+    assert [e.node_id for e in a.plan_lookup(foreign).ask] == \
+        [contacts[i].node_id for i in (2, 0)]
+    assert a.plan_lookup(find_name(k, 3)).ask == ()  # no contacts there
+
+
+def test_record_rtt_ignores_nonsense() -> None:
+    cfg = CoreConfig(k=1)
+    a, b = make_node(cfg), make_node(cfg)
+    a.receive(0.0, wire(b, Gossip(b.entry(), 0, False, (), ())))
+    a.record_rtt(b.node_id, -1.0)
+    a.record_rtt(b.node_id, 120.0)
+    a.record_rtt(b"\x00" * 20, 0.1)
+    assert a.members[b.node_id].rtt is None
+
+
+def test_placement_picks_r_distinct_live_members() -> None:
+    cfg = CoreConfig(k=1, replication=3)
+    a = make_node(cfg)
+    others = [fake_entry(i) for i in range(6)]
+    a.receive(0.0, a.envelope(Snapshot(others[0], tuple(others[1:]), ())))
+    a.receive(0.0, a.envelope(Leave(others[5])))
+    live = {a.node_id} | {e.node_id for e in others[:5]}
+    for i in range(40):
+        name = f"/p/{i}"
+        chosen = a.placement(name)
+        ids = [e.node_id for e in chosen]
+        assert len(ids) == 3 == len(set(ids))
+        assert set(ids) <= live
+        assert ids == placement.choose(name, live, 3)
+        assert a.placement(name) == chosen  # deterministic
+        if a.node_id in ids:
+            assert a.entry() in chosen
+        excluded = a.placement(name, frozenset({ids[0]}))
+        assert ids[0] not in {e.node_id for e in excluded} and len(excluded) == 3
+    assert any(a.node_id in {e.node_id for e in a.placement(f"/p/{i}")} for i in range(40))
+
+    small = make_node(CoreConfig(k=1, replication=3))
+    only = fake_entry(50)
+    small.receive(0.0, small.envelope(Snapshot(only, (), ())))
+    assert {e.node_id for e in small.placement("/x")} == {small.node_id, only.node_id}
+
+
+def test_repair_is_driven_by_the_lowest_live_holder_only() -> None:
+    cfg = CoreConfig(k=1, replication=3, t_fail=10_000.0)
+    nodes = sorted((make_node(cfg) for _ in range(6)), key=lambda n: n.node_id)
+    for n in nodes:
+        feeder = nodes[1] if n is nodes[0] else nodes[0]
+        others = tuple(m.entry() for m in nodes if m is not n and m is not feeder)
+        n.receive(0.0, wire(feeder, Snapshot(feeder.entry(), others, ())))
+        assert len(n.own_alive()) == 5
+    holders = [nodes[0], nodes[2], nodes[4]]
+    t = tuple_for("/to/repair", [h.node_id for h in holders])
+    for n in nodes:
+        n.record_write(0.0, t)
+        assert n.repair_tasks(0.0) == []  # fully replicated
+    dead = nodes[0]  # the lowest id of all fails
+    live_nodes = nodes[1:]
+    for n in live_nodes:
+        n.receive(1.0, wire(dead, Leave(dead.entry())))
+    tasks = {n.node_id: n.repair_tasks(1.0) for n in live_nodes}
+    driver = nodes[2]  # lowest id among the live holders
+    assert all(v == [] for nid, v in tasks.items() if nid != driver.node_id)
+    assert len(tasks[driver.node_id]) == 1
+    task = tasks[driver.node_id][0]
+    assert task.entry == t
+    holder_ids = {h.node_id for h in holders}
+    candidates = {n.node_id for n in live_nodes} - holder_ids
+    target_ids = [e.node_id for e in task.targets]
+    assert len(target_ids) == 1 and set(target_ids) <= candidates
+    assert target_ids == placement.rank(t.name, candidates)[:1]
+    assert driver.repair_tasks(1.5) == []  # not planned twice while in progress
+
+    updated = driver.repair_done(2.0, task.entry, tuple(target_ids))
+    assert updated.holder_seq == t.holder_seq + 1
+    assert updated.version == t.version
+    assert set(updated.holders) == {nodes[2].node_id, nodes[4].node_id, *target_ids}
+    assert list(updated.holders) == sorted(updated.holders)
+    assert driver.tuples.get(t.name) == updated
+    assert driver.repair_tasks(2.0) == []
+    for n in live_nodes:
+        n.record_write(2.0, updated)
+        assert n.repair_tasks(2.0) == []
+
+
+def test_answer_lookup_lists_live_holders_self_first() -> None:
+    cfg = CoreConfig(k=1)
+    a = make_node(cfg)
+    others = [fake_entry(60 + i) for i in range(3)]
+    a.receive(0.0, a.envelope(Snapshot(others[0], tuple(others[1:]), ())))
+    a.record_rtt(others[1].node_id, 0.001)
+    a.receive(0.0, a.envelope(Leave(others[2])))
+    t = tuple_for("/ans", [a.node_id, *(e.node_id for e in others)])
+    a.record_write(0.0, t)
+    ans = a.answer_lookup("/ans")
+    assert ans.entry == t
+    assert [e.node_id for e in ans.holders] == \
+        [a.node_id, others[1].node_id, others[0].node_id]
+    unknown = a.answer_lookup("/nothing")
+    assert unknown.entry is None and unknown.holders == ()
+    assert list(unknown.candidates) == a.placement("/nothing")
+
+
+# --- contacts --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("probe_misses", [2, 3])
+def test_unresponsive_contact_is_dropped_not_failed(probe_misses: int) -> None:
+    cfg = CoreConfig(k=2, probe_misses=probe_misses)
+    a = make_node(cfg, group=0)
+    x = make_node(cfg, group=1)
+    net = Net(a)  # x is not on the network: nothing sent to it arrives
+    a.receive(0.0, wire(x, Gossip(x.entry(), 0, False, (), ())))
+    assert a.contacts[1] == [x.node_id]
+    net.run_until(6.0)  # drops within 5.5 s; the grave (graveyard_ttl 8 s) is still there
+    to_x = [t for t, o in net.sent_by(a) if o.dest == x.address]
+    dropped = net.of_kind(a, "contact_dropped")
+    assert [e.node_id for e in dropped] == [x.node_id]
+    assert not net.of_kind(a, "failed")
+    assert len(to_x) >= probe_misses
+    assert dropped[0].at - to_x[0] >= probe_misses * cfg.probe_timeout
+    assert dropped[0].at - to_x[0] <= probe_misses * (cfg.probe_timeout + cfg.gossip_interval) \
+        + cfg.gossip_interval
+    assert a.contacts.get(1) == []
+    assert x.node_id not in a.members
+    assert x.node_id in a.graveyard
+    # stale news of x cannot make it a contact again; a fresher heartbeat can
+    a.receive(net.now, wire(x, Gossip(x.entry(), 0, False, (), ())))
+    assert x.node_id not in a.members
+    x.heartbeat += 1
+    a.receive(net.now, wire(x, Gossip(x.entry(), 0, False, (), ())))
+    assert a.contacts[1] == [x.node_id]
+
+
+def test_report_unreachable_drops_a_contact_but_not_a_group_member() -> None:
+    cfg = CoreConfig(k=2)
+    a = make_node(cfg, group=0)
+    x = make_node(cfg, group=1)
+    b = make_node(cfg, group=0)
+    for peer in (x, b):
+        a.receive(0.0, wire(peer, Gossip(peer.entry(), 0, False, (), ())))
+    a.drain_events()
+    a.report_unreachable(1.0, x.node_id)
+    a.report_unreachable(1.0, b.node_id)
+    assert [e.kind for e in a.drain_events()] == ["contact_dropped"]
+    assert a.contacts[1] == []
+    assert a.members[b.node_id].alive

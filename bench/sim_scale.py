@@ -48,7 +48,7 @@ def fd(duration: float, seed: int, nodes: int) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]]) -> str:
     base = rows[0]["bytes_per_node_per_s"]
     out = ["| N | k | lookups | success | hops p50/p99 | detect p50/p99 (s) | false pos. | "
-           "B/node/s | vs N=%d | state max/mean (bound) |" % rows[0]["nodes"],
+           f"B/node/s | vs N={rows[0]['nodes']} | state max/mean (bound) |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(

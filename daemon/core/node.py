@@ -175,6 +175,10 @@ class KelipsNode:
     def envelope(self, message: Message) -> Envelope:
         return Envelope(self.tag, self.config.k, message)
 
+    @property
+    def has_events(self) -> bool:
+        return bool(self._events)
+
     def drain_events(self) -> list[Event]:
         events, self._events = self._events, []
         return events

@@ -521,7 +521,7 @@ class Simulation:
                 outs = node.receive(at, Envelope(tag, k, b))
                 if outs:
                     self.send(a, outs)
-                if node._events:
+                if node.has_events:
                     self._after(a)
             elif kind == _TICK:
                 node = a.node

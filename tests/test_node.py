@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 import pytest
 
 from daemon.core import codec, placement
-from daemon.core.config import MAC_SIZE, CoreConfig
+from daemon.core.config import AUTH_TRAILER, CoreConfig
 from daemon.core.ids import NodeId, group_of_name, group_of_node, new_node_id
 from daemon.core.members import Status
 from daemon.core.messages import (
@@ -607,7 +607,7 @@ def test_gossip_fits_the_datagram_and_rotates_over_the_group(max_datagram: int,
             for msg in messages:
                 size = len(codec.encode(node.envelope(msg)))
                 assert size == codec.message_size(msg)
-                assert size + MAC_SIZE <= cfg.max_datagram
+                assert size + AUTH_TRAILER <= cfg.max_datagram
                 seen.update(e.node_id for e in msg.members)
                 seen.update(by_prefix[b.prefix] for b in msg.beats)
         assert seen == everyone, f"{len(everyone - seen)} members never sent in {n} rounds"
@@ -623,7 +623,7 @@ def test_every_written_tuple_is_gossiped_in_a_large_group(max_datagram: int,
     sent: set[str] = set()
     for messages in _rounds(node, 600):
         for msg in messages:
-            assert len(codec.encode(node.envelope(msg))) + MAC_SIZE <= cfg.max_datagram
+            assert len(codec.encode(node.envelope(msg))) + AUTH_TRAILER <= cfg.max_datagram
             sent.update(t.name for t in msg.tuples)
     missing = set(node.tuples.names()) - sent
     assert not missing, f"{len(missing)} of {len(node.tuples)} written tuples never gossiped"
@@ -644,7 +644,7 @@ def test_rotation_survives_a_group_whose_heartbeats_all_keep_rising() -> None:
     seen: set[NodeId] = set()
     for messages in rounds:
         for msg in messages:
-            assert len(codec.encode(node.envelope(msg))) + MAC_SIZE <= cfg.max_datagram
+            assert len(codec.encode(node.envelope(msg))) + AUTH_TRAILER <= cfg.max_datagram
             seen.update(e.node_id for e in msg.members)
             seen.update(by_prefix[b.prefix] for b in msg.beats)
     assert seen == {e.node_id for e in entries}
@@ -662,7 +662,7 @@ def test_oversized_tuple_does_not_starve_other_tuples_of_gossip() -> None:
     sent: set[str] = set()
     for messages in _rounds(node, 100):
         for msg in messages:
-            assert len(codec.encode(node.envelope(msg))) + MAC_SIZE <= cfg.max_datagram
+            assert len(codec.encode(node.envelope(msg))) + AUTH_TRAILER <= cfg.max_datagram
             sent.update(t.name for t in msg.tuples)
     assert set(small) <= sent, f"{len(set(small) - sent)} of {len(small)} tuples never gossiped"
 

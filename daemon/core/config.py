@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .ids import ConfigError, validate_k
 
-MAC_SIZE = 32  # HMAC-SHA256 tag appended to every datagram by the transport
+AUTH_TRAILER = 48  # appended to every datagram: 8-byte time, 8-byte nonce, HMAC-SHA256
 
 
 @dataclass(frozen=True)

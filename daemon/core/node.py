@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from . import codec, placement
-from .config import MAC_SIZE, CoreConfig
+from .config import AUTH_TRAILER, CoreConfig
 from .ids import NodeId, cluster_tag, group_of_name, group_of_node
 from .members import Graveyard, Member, Status
 from .messages import (
@@ -158,7 +158,7 @@ class KelipsNode:
         # both sides have failed each other, and without this nothing would ever cross again.
         self._departed: OrderedDict[NodeId, tuple[MemberEntry, float]] = OrderedDict()
         self._rounds = 0
-        budget = config.max_datagram - MAC_SIZE - codec.GOSSIP_OVERHEAD
+        budget = config.max_datagram - AUTH_TRAILER - codec.GOSSIP_OVERHEAD
         if budget < codec.MEMBER_SIZE * 4:
             raise ValueError("max_datagram leaves no room for member entries")
         self._budget = budget

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.core import codec
-from daemon.core.config import MAC_SIZE, CoreConfig, groups_for
+from daemon.core.config import AUTH_TRAILER, CoreConfig, groups_for
 from daemon.core.ids import NodeId, group_of_node, new_node_id
 from daemon.core.messages import (
     Ack,
@@ -191,7 +191,7 @@ class Simulation:
         measuring = self.now >= self.measure_from
         for dest, message in outs:
             target = self.by_addr.get(dest)
-            size = codec.message_size(message) + MAC_SIZE
+            size = codec.message_size(message) + AUTH_TRAILER
             if isinstance(message, (Gossip, Ack, Leave)):
                 delay = None if target is None else self.net.datagram_delay(src.slot, target.slot)
             else:

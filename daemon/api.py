@@ -1,0 +1,358 @@
+"""The node's HTTP endpoints (served by hypercorn's trio worker on the node's port).
+
+Node-to-node: /v1/sync (join, anti-entropy), /v1/lookup, /v1/placement, /v1/list,
+/v1/replica/NAME (store, read, delete a copy), /v1/tuple (publish tuples).
+Clients (the CLI, the mount): /v1/files/NAME (put, get, delete), /v1/files?prefix= (list),
+/v1/stat/NAME, /v1/status. /metrics is the Prometheus text format.
+
+Every request except /metrics must be signed with the cluster key; anything unsigned, wrongly
+signed, replayed, oversized or malformed is refused with a 4xx, counted, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from daemon.asgi import HTTPError, Request, Response, Router
+from daemon.core import codec
+from daemon.core.messages import Snapshot, SyncRequest, Version
+from daemon.dataplane import DataError
+from daemon.names import NameError_, validate_name, validate_prefix
+from daemon.peers import CONTENT_SHA_HEADER, EMPTY_SHA256
+from daemon.security import AuthError
+from daemon.store import ChecksumMismatch, StaleVersion, StoreError, StoreFull
+from daemon.wire import entry_to_json, tuple_from_json, tuple_to_json
+
+if TYPE_CHECKING:
+    from daemon.runtime import NodeRuntime
+
+log = logging.getLogger("kelipsfs.http")
+
+META_HEADERS = ("x-kelips-size", "x-kelips-mode", "x-kelips-mtime-ns", "x-kelips-checksum",
+                "x-kelips-clock")
+
+
+async def serve_http(app: Router, listen: tuple[str, int], *,
+                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    config = Config()
+    config.bind = [f"{listen[0]}:{listen[1]}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = 30
+    config.h11_max_incomplete_size = 64 * 1024
+    config.graceful_timeout = 1.0
+    await serve(app, config, task_status=task_status)  # type: ignore[arg-type]
+
+
+def build_app(rt: NodeRuntime) -> Router:
+    api = _Api(rt)
+    router = Router(on_error=lambda req, exc: log.exception("%s %s failed", req.method, req.path,
+                                                            exc_info=exc))
+    router.add("POST", "/v1/sync", api.sync)
+    router.add("GET", "/v1/lookup", api.lookup)
+    router.add("GET", "/v1/placement", api.placement)
+    router.add("GET", "/v1/list", api.list_group)
+    router.add("POST", "/v1/tuple", api.tuples)
+    router.add("PUT", "/v1/replica/", api.put_replica)
+    router.add("GET", "/v1/replica/", api.get_replica)
+    router.add("DELETE", "/v1/replica/", api.delete_replica)
+    router.add("PUT", "/v1/files/", api.put_file)
+    router.add("GET", "/v1/files/", api.get_file)
+    router.add("DELETE", "/v1/files/", api.delete_file)
+    router.add("GET", "/v1/files", api.list_files)
+    router.add("GET", "/v1/stat/", api.stat)
+    router.add("GET", "/v1/status", api.status)
+    router.add("GET", "/metrics", api.metrics)
+    return router
+
+
+class _Api:
+    def __init__(self, rt: NodeRuntime) -> None:
+        self.rt = rt
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _verify(self, req: Request, body_sha: bytes) -> None:
+        try:
+            self.rt.auth.verify_request(req.method, req.target, req.headers, body_sha,
+                                        self.rt.wall())
+        except AuthError as exc:
+            self.rt.metrics.inc("kelips_rejected_packets_total", reason="http_auth")
+            raise HTTPError(401, f"request not authenticated: {exc}") from exc
+
+    async def _small_body(self, req: Request) -> bytes:
+        body = await req.body(self.rt.settings.max_request_bytes)
+        self._verify(req, hashlib.sha256(body).digest() if body else EMPTY_SHA256)
+        return body
+
+    async def _json(self, req: Request) -> Any:
+        import json
+        body = await self._small_body(req)
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            raise HTTPError(400, "body is not JSON") from exc
+
+    def _name(self, req: Request, prefix: str) -> str:
+        try:
+            return validate_name(req.path[len(prefix):])
+        except NameError_ as exc:
+            raise HTTPError(400, str(exc)) from exc
+
+    def _declared_sha(self, req: Request) -> bytes:
+        raw = req.headers.get(CONTENT_SHA_HEADER, "")
+        try:
+            sha = bytes.fromhex(raw)
+        except ValueError:
+            sha = b""
+        if len(sha) != 32:
+            raise HTTPError(400, f"missing or malformed {CONTENT_SHA_HEADER} header")
+        return sha
+
+    def _version(self, req: Request) -> Version:
+        try:
+            writer = bytes.fromhex(req.arg("writer"))
+        except ValueError as exc:
+            raise HTTPError(400, "writer must be hex") from exc
+        if len(writer) != 20:
+            raise HTTPError(400, "writer must be a 20-byte node id")
+        return Version(req.int_arg("clock"), writer)
+
+    # --- node to node -----------------------------------------------------------------------
+
+    async def sync(self, req: Request) -> Response:
+        body = await self._small_body(req)
+        try:
+            envelope = codec.decode(body)
+        except codec.DecodeError as exc:
+            self.rt.metrics.inc("kelips_rejected_packets_total", reason="malformed")
+            raise HTTPError(400, f"malformed sync request: {exc}") from exc
+        if not isinstance(envelope.message, SyncRequest):
+            raise HTTPError(400, "expected a sync request")
+        outs = self.rt.node.receive(self.rt.now(), envelope)
+        reply = next((o.message for o in outs
+                      if o.dest == envelope.message.sender.address), None)
+        await self.rt.dispatch([o for o in outs if o.message is not reply])
+        if reply is None:
+            reply = self.rt.node.snapshot(envelope.message.sender.node_id)
+        data = codec.encode(self.rt.node.envelope(reply))
+        return Response(200, data, {"content-type": "application/octet-stream"})
+
+    async def lookup(self, req: Request) -> Response:
+        await self._small_body(req)
+        name = validate_or_400(req.arg("name"))
+        node = self.rt.node
+        if node.group_of(name) != node.group:
+            raise HTTPError(421, f"{name} is not in this node's group")
+        answer = node.answer_lookup(name)
+        if req.query.get("local"):
+            answer = type(answer)(answer.entry, answer.holders, ())
+        return Response.json({
+            "tuple": tuple_to_json(answer.entry) if answer.entry is not None else None,
+            "holders": [entry_to_json(e) for e in answer.holders],
+            "candidates": [entry_to_json(e) for e in answer.candidates]})
+
+    async def placement(self, req: Request) -> Response:
+        await self._small_body(req)
+        name = validate_or_400(req.arg("name"))
+        node = self.rt.node
+        if node.group_of(name) != node.group:
+            raise HTTPError(421, f"{name} is not in this node's group")
+        return Response.json({"holders": [entry_to_json(e) for e in node.placement(name)]})
+
+    async def list_group(self, req: Request) -> Response:
+        await self._small_body(req)
+        prefix = prefix_or_400(req.query.get("prefix", ""))
+        return Response.json({"objects": self.rt.dataplane.local_listing(prefix)})
+
+    async def tuples(self, req: Request) -> Response:
+        doc = await self._json(req)
+        try:
+            entries = [tuple_from_json(t) for t in doc["tuples"]]
+            for t in entries:
+                validate_name(t.name)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HTTPError(400, f"malformed tuples: {exc}") from exc
+        now = self.rt.now()
+        for t in entries:
+            self.rt.node.record_write(now, t)
+        return Response.json({"ok": True})
+
+    async def put_replica(self, req: Request) -> Response:
+        name = self._name(req, "/v1/replica/")
+        sha = self._declared_sha(req)
+        self._verify(req, sha)
+        version = self._version(req)
+        size = req.int_arg("size")
+        if size < 0 or size > self.rt.settings.max_object_bytes:
+            raise HTTPError(413, f"object of {size} bytes over the limit")
+        try:
+            obj = await self.rt.store.put(name, version, req.int_arg("mode", 0o644),
+                                          req.int_arg("mtime_ns", 0), req.stream(),
+                                          expected_checksum=sha, expected_size=size)
+        except StaleVersion as exc:
+            raise HTTPError(409, str(exc)) from exc
+        except StoreFull as exc:
+            raise HTTPError(507, str(exc)) from exc
+        except ChecksumMismatch as exc:
+            raise HTTPError(422, str(exc)) from exc
+        except StoreError as exc:
+            raise HTTPError(500, str(exc)) from exc
+        return Response.json({"stored": obj.size})
+
+    async def get_replica(self, req: Request) -> Response:
+        name = self._name(req, "/v1/replica/")
+        self._verify(req, EMPTY_SHA256)
+        obj = self.rt.store.get(name)
+        min_clock = req.int_arg("min_clock", 0)
+        if obj is None or obj.tombstone or obj.version.clock < min_clock:
+            raise HTTPError(404, f"{name}: not held here")
+        offset = req.int_arg("offset", 0)
+        if not 0 <= offset <= obj.size:
+            raise HTTPError(416, "offset outside the object")
+        headers = _meta_headers(obj.size, obj.mode, obj.mtime_ns, obj.checksum,
+                                obj.version.clock)
+        headers["content-length"] = str(obj.size - offset)
+        return Response(200, headers=headers,
+                        stream=self.rt.store.read_chunks(obj, offset=offset))
+
+    async def delete_replica(self, req: Request) -> Response:
+        name = self._name(req, "/v1/replica/")
+        self._verify(req, EMPTY_SHA256)
+        try:
+            await self.rt.store.delete(name, self._version(req))
+        except StaleVersion as exc:
+            raise HTTPError(409, str(exc)) from exc
+        except StoreError as exc:
+            raise HTTPError(500, str(exc)) from exc
+        return Response.json({"deleted": True})
+
+    # --- clients ---------------------------------------------------------------------------
+
+    async def put_file(self, req: Request) -> Response:
+        name = self._name(req, "/v1/files/")
+        sha = self._declared_sha(req)
+        self._verify(req, sha)
+        size = req.int_arg("size")
+        if size < 0 or size > self.rt.settings.max_object_bytes:
+            raise HTTPError(413, f"object of {size} bytes over the limit")
+        spool_dir = self.rt.settings.data_dir / "spool"
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        fd, raw_path = tempfile.mkstemp(dir=spool_dir, prefix="put-")
+        os.close(fd)
+        path = Path(raw_path)
+        try:
+            got_sha, got_size = await _spool(req.stream(), path)
+            if got_sha != sha or got_size != size:
+                raise HTTPError(422, "body does not match its declared size and SHA-256")
+            entry = await self.rt.dataplane.insert(name, path, size, sha,
+                                                   req.int_arg("mode", 0o644),
+                                                   req.int_arg("mtime_ns", 0))
+        except DataError as exc:
+            raise HTTPError(exc.status, exc.message) from exc
+        except OSError as exc:
+            raise HTTPError(507 if exc.errno == 28 else 500, f"spool failed: {exc}") from exc
+        finally:
+            path.unlink(missing_ok=True)
+        return Response.json({"tuple": tuple_to_json(entry)})
+
+    async def get_file(self, req: Request) -> Response:
+        name = self._name(req, "/v1/files/")
+        self._verify(req, EMPTY_SHA256)
+        try:
+            entry, stream = await self.rt.dataplane.open_read(name)
+        except DataError as exc:
+            raise HTTPError(exc.status, exc.message) from exc
+        headers = _meta_headers(entry.size, entry.mode, entry.mtime_ns, entry.checksum,
+                                entry.version.clock)
+        headers["content-length"] = str(entry.size)
+        return Response(200, headers=headers, stream=stream)
+
+    async def delete_file(self, req: Request) -> Response:
+        name = self._name(req, "/v1/files/")
+        self._verify(req, EMPTY_SHA256)
+        try:
+            await self.rt.dataplane.delete(name)
+        except DataError as exc:
+            raise HTTPError(exc.status, exc.message) from exc
+        return Response.json({"deleted": name})
+
+    async def list_files(self, req: Request) -> Response:
+        self._verify(req, EMPTY_SHA256)
+        prefix = prefix_or_400(req.query.get("prefix", ""))
+        objects, missing = await self.rt.dataplane.listing(prefix)
+        return Response.json({"objects": objects, "unreachable_groups": missing})
+
+    async def stat(self, req: Request) -> Response:
+        name = self._name(req, "/v1/stat/")
+        self._verify(req, EMPTY_SHA256)
+        try:
+            found = await self.rt.dataplane.locate(name)
+        except DataError as exc:
+            raise HTTPError(exc.status, exc.message) from exc
+        if found.entry is None or found.entry.tombstone:
+            raise HTTPError(404, f"{name}: no such object")
+        return Response.json({"tuple": tuple_to_json(found.entry), "group":
+                              self.rt.node.group_of(name), "hops": found.hops,
+                              "holders": [entry_to_json(h) for h in found.holders]})
+
+    async def status(self, req: Request) -> Response:
+        self._verify(req, EMPTY_SHA256)
+        return Response.json(self.rt.status())
+
+    async def metrics(self, req: Request) -> Response:
+        return Response.text(self.rt.metrics.render(), content_type="text/plain; version=0.0.4")
+
+
+def validate_or_400(name: str) -> str:
+    try:
+        return validate_name(name)
+    except NameError_ as exc:
+        raise HTTPError(400, str(exc)) from exc
+
+
+def prefix_or_400(prefix: str) -> str:
+    try:
+        return validate_prefix(prefix)
+    except NameError_ as exc:
+        raise HTTPError(400, str(exc)) from exc
+
+
+def _meta_headers(size: int, mode: int, mtime_ns: int, checksum: bytes, clock: int
+                  ) -> dict[str, str]:
+    return {"content-type": "application/octet-stream", "x-kelips-size": str(size),
+            "x-kelips-mode": str(mode), "x-kelips-mtime-ns": str(mtime_ns),
+            "x-kelips-checksum": checksum.hex(), "x-kelips-clock": str(clock)}
+
+
+async def _spool(chunks: AsyncIterator[bytes], path: Path) -> tuple[bytes, int]:
+    """Write a request body to a local file, hashing it on the way (1 MiB writes)."""
+    sha = hashlib.sha256()
+    size = 0
+    async with await trio.open_file(path, "wb") as fh:
+        pending: list[bytes] = []
+        pending_size = 0
+        async for chunk in chunks:
+            sha.update(chunk)
+            size += len(chunk)
+            pending.append(chunk)
+            pending_size += len(chunk)
+            if pending_size >= 1 << 20:
+                await fh.write(b"".join(pending))
+                pending, pending_size = [], 0
+        if pending:
+            await fh.write(b"".join(pending))
+    return sha.digest(), size
+
+
+__all__ = ["Snapshot", "build_app", "serve_http"]

@@ -1,0 +1,391 @@
+"""The data path of a node: insert, locate, fetch, delete, list, repair.
+
+Placement, lookup planning and repair decisions come from the core (``KelipsNode``); this module
+moves bytes between stores over signed HTTP and reports what happened back to the core.
+An insert is acknowledged only when ``write_quorum`` holders (default: at least one, every
+reachable one tried) have the bytes fsynced; the tuple naming them is then published, so a
+tuple never names a holder that does not have the version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from daemon.core.messages import MemberEntry, TupleEntry, Version
+from daemon.peers import PeerError
+from daemon.store import StaleVersion, StoredObject
+from daemon.wire import entry_from_json, tuple_from_json, tuple_to_json
+
+if TYPE_CHECKING:
+    from daemon.runtime import NodeRuntime
+
+log = logging.getLogger("kelipsfs.data")
+
+REPAIR_PERIOD = 1.0
+
+
+class DataError(Exception):
+    """A data-path failure with an HTTP status and a message for the user."""
+
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(DataError):
+    status = 404
+
+
+class Unavailable(DataError):
+    status = 503
+
+
+class InsertFailed(DataError):
+    status = 503
+
+
+class Located:
+    """Where a name lives: its tuple (None: no such object) and live holders, nearest first."""
+
+    def __init__(self, entry: TupleEntry | None, holders: list[MemberEntry], hops: int) -> None:
+        self.entry = entry
+        self.holders = holders
+        self.hops = hops
+
+
+class DataPlane:
+    def __init__(self, runtime: NodeRuntime) -> None:
+        self.rt = runtime
+        self._repair_wake = trio.Event()
+
+    @property
+    def node(self) -> Any:
+        return self.rt.node
+
+    @property
+    def peers(self) -> Any:
+        return self.rt.peers
+
+    # --- startup ------------------------------------------------------------------------------
+
+    def publish_local_objects(self) -> None:
+        """A restarted holder re-announces what it holds; the group's higher versions win."""
+        now = self.rt.now()
+        for obj in self.rt.store.objects():
+            if self.node.group_of(obj.name) != self.node.group:
+                continue
+            self.node.record_write(now, self._tuple_for(obj, (self.node.node_id,), 0))
+
+    @staticmethod
+    def _tuple_for(obj: StoredObject, holders: tuple[bytes, ...], seq: int) -> TupleEntry:
+        return TupleEntry(obj.name, obj.version, seq, obj.size, obj.mode, obj.mtime_ns,
+                          obj.checksum, tuple(sorted(holders)), obj.tombstone)
+
+    # --- placement and lookup -----------------------------------------------------------------
+
+    async def _ask_contacts(self, name: str, path: str, query: dict[str, object]
+                            ) -> tuple[Any, int]:
+        """Ask the target group's contacts in RTT order; (answer, hops)."""
+        plan = self.node.plan_lookup(name)
+        if not plan.ask:
+            raise Unavailable(f"no live member of group {plan.group} is known yet; the cluster "
+                              f"may still be forming (k={self.node.config.k})")
+        hops = 0
+        last = ""
+        for contact in plan.ask:
+            hops += 1
+            try:
+                doc, rtt = await self.peers.call_json("GET", contact.address, path, query)
+            except PeerError as exc:
+                last = str(exc)
+                if exc.status is None:
+                    self.node.report_unreachable(self.rt.now(), contact.node_id)
+                continue
+            self.node.record_rtt(contact.node_id, rtt)
+            return doc, hops
+        raise Unavailable(f"no contact of group {plan.group} answered: {last}")
+
+    async def placement(self, name: str) -> tuple[list[MemberEntry], int]:
+        plan = self.node.plan_insert(name)
+        if plan.local:
+            return self.node.placement(name), 0
+        doc, hops = await self._ask_contacts(name, "/v1/placement", {"name": name})
+        return [entry_from_json(e) for e in doc["holders"]], hops
+
+    async def locate(self, name: str) -> Located:
+        plan = self.node.plan_lookup(name)
+        self.rt.metrics.inc("kelips_lookups_total", result="started")
+        if plan.local:
+            entry = plan.entry
+            holders = self.node.live_holders(entry) if entry is not None else []
+            return Located(entry, holders, 0)
+        doc, hops = await self._ask_contacts(name, "/v1/lookup", {"name": name})
+        entry = tuple_from_json(doc["tuple"]) if doc.get("tuple") else None
+        holders = self.node.fetch_order(tuple(entry_from_json(e) for e in doc["holders"]))
+        if entry is None:
+            # The contact has not heard of the name yet (tuples spread by gossip): ask the
+            # members a write would have chosen, which hold it if it was just written.
+            for candidate in (entry_from_json(e) for e in doc.get("candidates", [])):
+                hops += 1
+                try:
+                    local, _ = await self.peers.call_json("GET", candidate.address, "/v1/lookup",
+                                                          {"name": name, "local": 1})
+                except PeerError:
+                    continue
+                if local.get("tuple"):
+                    entry = tuple_from_json(local["tuple"])
+                    holders = self.node.fetch_order(
+                        tuple(entry_from_json(e) for e in local["holders"]))
+                    break
+        self.rt.metrics.inc("kelips_lookup_hops_total", hops)
+        return Located(entry, holders, hops)
+
+    async def stat(self, name: str) -> TupleEntry:
+        found = await self.locate(name)
+        if found.entry is None or found.entry.tombstone:
+            raise NotFound(f"{name}: no such object")
+        return found.entry
+
+    # --- insert ------------------------------------------------------------------------------
+
+    async def insert(self, name: str, source: Path, size: int, checksum: bytes, mode: int,
+                     mtime_ns: int) -> TupleEntry:
+        """Store ``source`` under ``name`` on the name's holders; returns the published tuple."""
+        holders, _ = await self.placement(name)
+        if not holders:
+            raise InsertFailed(f"{name}: no holder available in its group")
+        version = self.node.new_version(int(self.rt.wall() * 1000))
+        stored: list[MemberEntry] = []
+        errors: list[str] = []
+
+        async def store_on(holder: MemberEntry) -> None:
+            try:
+                if holder.node_id == self.node.node_id:
+                    await self.rt.store.put_file(name, version, mode, mtime_ns, source)
+                else:
+                    await self.peers.put_file(holder.address, "/v1/replica/" + name,
+                                              _version_query(version, mode, mtime_ns, size),
+                                              source, checksum)
+                stored.append(holder)
+            except (PeerError, OSError) as exc:
+                errors.append(f"{holder.host}:{holder.port}: {exc}")
+            except StaleVersion as exc:
+                errors.append(f"{holder.host}:{holder.port}: {exc}")
+            except Exception as exc:  # a store error on the local disk (full, ...)
+                errors.append(f"local store: {exc}")
+
+        async with trio.open_nursery() as nursery:
+            for holder in holders:
+                nursery.start_soon(store_on, holder)
+        quorum = self.rt.settings.write_quorum or 1
+        if len(stored) < quorum:
+            self.rt.metrics.inc("kelips_puts_total", result="failed")
+            raise InsertFailed(f"{name}: stored on {len(stored)} of {len(holders)} holders, "
+                               f"{quorum} required: {'; '.join(errors) or 'no holder'}")
+        entry = TupleEntry(name, version, 1, size, mode, mtime_ns, checksum,
+                           tuple(sorted(h.node_id for h in stored)), False)
+        await self.publish(entry, stored)
+        self.rt.metrics.inc("kelips_puts_total", result="ok")
+        return entry
+
+    async def publish(self, entry: TupleEntry, holders: list[MemberEntry]) -> None:
+        """Give the tuple to its holders (and to our own core when the group is ours)."""
+        now = self.rt.now()
+        if self.node.group_of(entry.name) == self.node.group:
+            self.node.record_write(now, entry)
+
+        async def tell(holder: MemberEntry) -> None:
+            try:
+                await self.peers.call_json("POST", holder.address, "/v1/tuple",
+                                           doc={"tuples": [tuple_to_json(entry)]})
+            except PeerError as exc:
+                log.warning("could not publish %s to %s:%d: %s", entry.name, holder.host,
+                            holder.port, exc)
+
+        async with trio.open_nursery() as nursery:
+            for holder in holders:
+                if holder.node_id != self.node.node_id:
+                    nursery.start_soon(tell, holder)
+
+    # --- read --------------------------------------------------------------------------------
+
+    async def open_read(self, name: str) -> tuple[TupleEntry, AsyncIterator[bytes]]:
+        """The current tuple and a stream of its verified bytes, falling back across holders
+        (resuming at the offset reached) when one fails mid-transfer."""
+        found = await self.locate(name)
+        entry = found.entry
+        if entry is None or entry.tombstone:
+            self.rt.metrics.inc("kelips_lookups_total", result="not_found")
+            raise NotFound(f"{name}: no such object")
+        if not found.holders:
+            raise Unavailable(f"{name}: no live holder")
+        self.rt.metrics.inc("kelips_lookups_total", result="ok")
+        return entry, self._stream(entry, found.holders)
+
+    async def _stream(self, entry: TupleEntry, holders: list[MemberEntry]
+                      ) -> AsyncIterator[bytes]:
+        sha = hashlib.sha256()
+        sent = 0
+        errors: list[str] = []
+        for holder in holders:
+            try:
+                async for chunk in self._from_holder(entry, holder, sent):
+                    sha.update(chunk)
+                    sent += len(chunk)
+                    yield chunk
+            except (PeerError, NotFound, OSError) as exc:
+                errors.append(f"{holder.host}:{holder.port}: {exc}")
+                continue
+            if sent != entry.size or sha.digest() != entry.checksum:
+                raise DataError(f"{entry.name}: content does not match its checksum")
+            return
+        raise Unavailable(f"{entry.name}: every holder failed: {'; '.join(errors)}")
+
+    async def _from_holder(self, entry: TupleEntry, holder: MemberEntry, offset: int
+                           ) -> AsyncIterator[bytes]:
+        if holder.node_id == self.node.node_id:
+            obj = self.rt.store.get(entry.name)
+            if obj is None or obj.tombstone or obj.version < entry.version:
+                raise NotFound("local copy missing or older")
+            async for chunk in self.rt.store.read_chunks(obj, offset=offset):
+                yield chunk
+            return
+        query = {"min_clock": entry.version.clock, "writer": entry.version.writer.hex(),
+                 "offset": offset}
+        async with self.peers.stream("GET", holder.address, "/v1/replica/" + entry.name,
+                                     query) as response:
+            if response.status_code == 404:
+                raise NotFound("holder has no such version")
+            if response.status_code != 200:
+                raise PeerError(f"status {response.status_code}", response.status_code)
+            try:
+                async for chunk in response.aiter_bytes():
+                    yield chunk
+            except Exception as exc:  # httpx stream errors: fall back to the next holder
+                raise PeerError(f"transfer broke: {type(exc).__name__}") from exc
+
+    # --- delete ------------------------------------------------------------------------------
+
+    async def delete(self, name: str) -> TupleEntry:
+        found = await self.locate(name)
+        entry = found.entry
+        if entry is None or entry.tombstone:
+            raise NotFound(f"{name}: no such object")
+        version = self.node.new_version(int(self.rt.wall() * 1000))
+        placed, _ = await self.placement(name)
+        targets = {h.node_id: h for h in [*found.holders, *placed]}
+        tombstone = TupleEntry(name, version, 1, 0, entry.mode, time.time_ns(), b"",
+                               tuple(sorted(targets)), True)
+        done: list[MemberEntry] = []
+
+        async def drop_on(holder: MemberEntry) -> None:
+            try:
+                if holder.node_id == self.node.node_id:
+                    await self.rt.store.delete(name, version)
+                else:
+                    await self.peers.call("DELETE", holder.address, "/v1/replica/" + name,
+                                          {"clock": version.clock,
+                                           "writer": version.writer.hex()})
+                done.append(holder)
+            except (PeerError, OSError, StaleVersion) as exc:
+                log.warning("delete of %s on %s:%d failed: %s", name, holder.host,
+                            holder.port, exc)
+
+        async with trio.open_nursery() as nursery:
+            for holder in targets.values():
+                nursery.start_soon(drop_on, holder)
+        if not done:
+            raise Unavailable(f"{name}: no holder reachable to delete it")
+        await self.publish(tombstone, done)
+        return tombstone
+
+    # --- list --------------------------------------------------------------------------------
+
+    def local_listing(self, prefix: str) -> list[dict[str, Any]]:
+        return [_listing(t) for t in self.node.tuples
+                if not t.tombstone and t.name.startswith(prefix)]
+
+    async def listing(self, prefix: str) -> tuple[list[dict[str, Any]], list[int]]:
+        """Names under a prefix from every group: one contact per group, in parallel."""
+        merged: dict[str, dict[str, Any]] = {t["name"]: t for t in self.local_listing(prefix)}
+        missing: list[int] = []
+        k = self.node.config.k
+
+        async def ask(group: int) -> None:
+            contacts = sorted(self.node.live_contacts(group),
+                              key=lambda m: m.rtt if m.rtt is not None else 1e9)
+            for contact in contacts:
+                try:
+                    doc, _ = await self.peers.call_json("GET", contact.address, "/v1/list",
+                                                        {"prefix": prefix})
+                except PeerError:
+                    continue
+                for item in doc["objects"]:
+                    old = merged.get(item["name"])
+                    if old is None or item["clock"] > old["clock"]:
+                        merged[item["name"]] = item
+                return
+            if contacts or self.node.contacts.get(group):
+                missing.append(group)
+
+        async with trio.open_nursery() as nursery:
+            for group in range(k):
+                if group != self.node.group:
+                    nursery.start_soon(ask, group)
+        return sorted(merged.values(), key=lambda d: d["name"]), sorted(missing)
+
+    # --- repair ------------------------------------------------------------------------------
+
+    def wake_repair(self) -> None:
+        self._repair_wake.set()
+
+    async def repair_loop(self) -> None:
+        while True:
+            with trio.move_on_after(REPAIR_PERIOD):
+                await self._repair_wake.wait()
+            self._repair_wake = trio.Event()
+            for task in self.node.repair_tasks(self.rt.now()):
+                await self._repair(task.entry, list(task.targets))
+
+    async def _repair(self, entry: TupleEntry, targets: list[MemberEntry]) -> None:
+        obj = self.rt.store.get(entry.name)
+        if obj is None or obj.tombstone or obj.version != entry.version or obj.path is None:
+            return
+        added: list[bytes] = []
+        for target in targets:
+            try:
+                await self.peers.put_file(target.address, "/v1/replica/" + entry.name,
+                                          _version_query(entry.version, entry.mode,
+                                                         entry.mtime_ns, entry.size),
+                                          obj.path, entry.checksum)
+                added.append(target.node_id)
+            except PeerError as exc:
+                log.warning("repair copy of %s to %s:%d failed: %s", entry.name, target.host,
+                            target.port, exc)
+        if not added:
+            return
+        updated = self.node.repair_done(self.rt.now(), entry, tuple(added))
+        self.rt.metrics.inc("kelips_repairs_total", len(added))
+        log.info("repaired %s: %d new cop%s", entry.name, len(added),
+                 "y" if len(added) == 1 else "ies")
+        holders = [m.entry() for m in self.node.own_alive() if m.node_id in updated.holders]
+        await self.publish(updated, holders)
+
+
+def _version_query(version: Version, mode: int, mtime_ns: int, size: int) -> dict[str, object]:
+    return {"clock": version.clock, "writer": version.writer.hex(), "mode": mode,
+            "mtime_ns": mtime_ns, "size": size}
+
+
+def _listing(t: TupleEntry) -> dict[str, Any]:
+    return {"name": t.name, "size": t.size, "mode": t.mode, "mtime_ns": t.mtime_ns,
+            "clock": t.version.clock}

@@ -1,0 +1,152 @@
+"""Signed HTTP calls from one node to another (and from the CLI to a node).
+
+One pooled ``httpx.AsyncClient`` per process, a timeout on every call, every request signed
+with the cluster key over (method, target, time, nonce, body SHA-256). Failures to reach a peer
+become ``PeerError`` so callers can fall back to the next contact or holder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import httpx
+
+from daemon.security import Authenticator
+
+Address = tuple[str, int]
+EMPTY_SHA256 = hashlib.sha256(b"").digest()
+CONTENT_SHA_HEADER = "x-kelips-content-sha256"
+
+
+class PeerError(Exception):
+    """The peer could not be reached, timed out, or answered with an error status."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def target_for(path: str, query: Mapping[str, object] | None = None) -> str:
+    """The exact request target that is sent and signed: quoted path plus sorted query."""
+    target = quote(path, safe="/")
+    if query:
+        target += "?" + urlencode(sorted((k, str(v)) for k, v in query.items()), quote_via=quote)
+    return target
+
+
+class PeerClient:
+    """Signed, pooled, time-limited HTTP calls to other nodes."""
+
+    def __init__(self, auth: Authenticator, timeout: float,
+                 wall: Callable[[], float] = time.time) -> None:
+        self._auth = auth
+        self._wall = wall
+        self._timeout = timeout
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout), limits=httpx.Limits(max_connections=256,
+                                                                max_keepalive_connections=64))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _headers(self, method: str, target: str, body_sha: bytes,
+                 extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        headers = self._auth.sign_request(method, target, body_sha, self._wall())
+        if extra:
+            headers.update(extra)
+        return headers
+
+    async def call(self, method: str, addr: Address, path: str,
+                   query: Mapping[str, object] | None = None, body: bytes = b"",
+                   ok: tuple[int, ...] = (200,)) -> tuple[httpx.Response, float]:
+        """A request with a small body; returns the (fully read) response and its RTT."""
+        target = target_for(path, query)
+        sha = hashlib.sha256(body).digest() if body else EMPTY_SHA256
+        headers = self._headers(method, target, sha)
+        url = f"http://{addr[0]}:{addr[1]}{target}"
+        started = time.perf_counter()
+        try:
+            response = await self._client.request(method, url, content=body or None,
+                                                  headers=headers)
+        except httpx.HTTPError as exc:
+            raise PeerError(f"{addr[0]}:{addr[1]} unreachable: {type(exc).__name__}") from exc
+        rtt = time.perf_counter() - started
+        if response.status_code not in ok:
+            raise PeerError(f"{addr[0]}:{addr[1]} answered {response.status_code}: "
+                            f"{_error_text(response)}", response.status_code)
+        return response, rtt
+
+    async def call_json(self, method: str, addr: Address, path: str,
+                        query: Mapping[str, object] | None = None, doc: Any = None
+                        ) -> tuple[Any, float]:
+        import json
+        body = json.dumps(doc).encode() if doc is not None else b""
+        response, rtt = await self.call(method, addr, path, query, body)
+        try:
+            return response.json(), rtt
+        except ValueError as exc:
+            raise PeerError(f"{addr[0]}:{addr[1]} sent malformed JSON") from exc
+
+    async def put_file(self, addr: Address, path: str, query: Mapping[str, object],
+                       source: Path, content_sha256: bytes, chunk: int = 1 << 20
+                       ) -> httpx.Response:
+        """Stream a local file as the request body; the signature covers its SHA-256."""
+        target = target_for(path, query)
+        headers = self._headers("PUT", target, content_sha256,
+                                {CONTENT_SHA_HEADER: content_sha256.hex()})
+        url = f"http://{addr[0]}:{addr[1]}{target}"
+
+        async def body() -> AsyncIterator[bytes]:
+            import trio
+            async with await trio.open_file(source, "rb") as fh:
+                while True:
+                    data = await fh.read(chunk)
+                    if not data:
+                        return
+                    yield data
+
+        try:
+            response = await self._client.put(url, content=body(), headers=headers)
+        except httpx.HTTPError as exc:
+            raise PeerError(f"{addr[0]}:{addr[1]} unreachable: {type(exc).__name__}") from exc
+        if response.status_code != 200:
+            raise PeerError(f"{addr[0]}:{addr[1]} refused the object: "
+                            f"{_error_text(response)}", response.status_code)
+        return response
+
+    @asynccontextmanager
+    async def stream(self, method: str, addr: Address, path: str,
+                     query: Mapping[str, object] | None = None,
+                     body: AsyncIterator[bytes] | None = None,
+                     content_sha256: bytes | None = None) -> AsyncIterator[httpx.Response]:
+        """A request whose response body is streamed (object reads, client uploads)."""
+        target = target_for(path, query)
+        sha = content_sha256 if content_sha256 is not None else EMPTY_SHA256
+        extra = {CONTENT_SHA_HEADER: sha.hex()} if content_sha256 is not None else None
+        headers = self._headers(method, target, sha, extra)
+        url = f"http://{addr[0]}:{addr[1]}{target}"
+        request = self._client.build_request(method, url, headers=headers, content=body)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise PeerError(f"{addr[0]}:{addr[1]} unreachable: {type(exc).__name__}") from exc
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        doc = response.json()
+        if isinstance(doc, dict) and "error" in doc:
+            return str(doc["error"])
+    except ValueError:
+        pass
+    return response.text[:200]

@@ -1,0 +1,368 @@
+"""The trio driver of the protocol core: one process, one port (UDP gossip + HTTP).
+
+It owns the sockets, the timers and the clock, and feeds the sans-I/O ``KelipsNode``:
+datagrams in -> ``receive``; ``tick`` at ``next_deadline``; whatever the core returns goes out
+as a signed datagram or a signed HTTP call. The data path (inserts, lookups, repair) lives in
+``daemon.dataplane``, the HTTP endpoints in ``daemon.api``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from daemon.core import codec
+from daemon.core.messages import (
+    DATAGRAM_TYPES,
+    Envelope,
+    MemberEntry,
+    Outgoing,
+    Refusal,
+    Snapshot,
+    SyncRequest,
+)
+from daemon.core.node import Event, KelipsNode
+from daemon.identity import Identity, load_identity
+from daemon.metrics import Metrics
+from daemon.peers import PeerClient, PeerError
+from daemon.security import Authenticator, AuthError, load_key, open_cluster_key
+from daemon.settings import NodeSettings
+from daemon.store import ObjectStore
+from daemon.wire import entry_from_json, entry_to_json
+
+log = logging.getLogger("kelipsfs.node")
+
+JOIN_ATTEMPTS = 10
+MAX_UDP = 65535
+
+
+class JoinRefused(Exception):
+    """A live member refused this node (another k or cluster): the reason says which."""
+
+
+class JoinFailed(Exception):
+    """No seed could be reached."""
+
+
+class _RateLimitedLog:
+    """Log a class of events at most once per interval, counting what was suppressed."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warn(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) >= self._interval:
+            extra = self._suppressed.pop(key, 0)
+            log.warning("%s%s", message, f" (+{extra} similar suppressed)" if extra else "")
+            self._last[key] = now
+        else:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+
+
+class NodeRuntime:
+    """A running kelipsfs node. ``run()`` until ``shutdown()``; leaves its group cleanly."""
+
+    def __init__(self, settings: NodeSettings, wall: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.wall = wall
+        self.metrics = Metrics()
+        self.rng = random.Random(int.from_bytes(os.urandom(8), "big"))
+        self.identity: Identity | None = None
+        self._node: KelipsNode | None = None
+        self._store: ObjectStore | None = None
+        self._sock: trio.socket.SocketType | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stop = trio.Event()
+        self.ready = trio.Event()
+        self.join_error: str | None = None
+        self._ratelog = _RateLimitedLog()
+        key = (load_key(settings.cluster_key_file) if settings.cluster_key_file is not None
+               else open_cluster_key(settings.core.cluster_id))
+        self.auth = Authenticator(key, settings.auth_window)
+        self.peers: PeerClient | None = None
+        self.dataplane: Any = None
+        self.started_at = time.time()
+
+    # --- accessors ----------------------------------------------------------------------------
+
+    @property
+    def node(self) -> KelipsNode:
+        assert self._node is not None, "node not started"
+        return self._node
+
+    @property
+    def store(self) -> ObjectStore:
+        assert self._store is not None, "node not started"
+        return self._store
+
+    def now(self) -> float:
+        return trio.current_time()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from daemon.api import build_app, serve_http
+        from daemon.dataplane import DataPlane
+
+        s = self.settings
+        self.identity = load_identity(s.data_dir, self.rng)
+        self._store = await trio.to_thread.run_sync(ObjectStore, s.data_dir / "store")
+        host, port = s.listen
+        self._node = KelipsNode(s.core, self.identity.node_id, (host, port),
+                                self.identity.incarnation, self.rng, self.now())
+        self.peers = PeerClient(self.auth, s.http_timeout, self.wall)
+        self.dataplane = DataPlane(self)
+        self._register_gauges()
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            await sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot bind UDP {host}:{port}: {exc.strerror}") from exc
+        self._sock = sock
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(serve_http, build_app(self), s.listen)
+                self.dataplane.publish_local_objects()
+                nursery.start_soon(self._udp_loop)
+                nursery.start_soon(self._timer_loop)
+                nursery.start_soon(self.dataplane.repair_loop)
+                if s.bootstrap is not None:
+                    nursery.start_soon(self._bootstrap_loop)
+                await self._join()
+                self.ready.set()
+                log.info("node %s up on %s:%d (group %d of k=%d, incarnation %d)",
+                         self.node.node_id.hex()[:10], host, port, self.node.group, s.core.k,
+                         self.identity.incarnation)
+                task_status.started()
+                await self._stop.wait()
+                await self._leave()
+                nursery.cancel_scope.cancel()
+        finally:
+            sock.close()
+            with trio.CancelScope(shield=True):
+                await self.peers.aclose()
+
+    async def _leave(self) -> None:
+        """Tell the group we go, so nobody waits t_fail to notice."""
+        for out in self.node.leave_messages():
+            await self._send_datagram(out)
+        log.info("left the cluster")
+
+    # --- datagrams ----------------------------------------------------------------------------
+
+    async def _udp_loop(self) -> None:
+        assert self._sock is not None
+        limit = self.settings.core.max_datagram
+        while True:
+            data, _addr = await self._sock.recvfrom(MAX_UDP)
+            self.metrics.inc("kelips_gossip_bytes_in_total", len(data))
+            if len(data) > limit:
+                self._reject("oversized", f"dropped a {len(data)}-byte datagram (limit {limit})")
+                continue
+            try:
+                payload = self.auth.open(data, self.wall())
+            except AuthError as exc:
+                self._reject("auth", f"dropped an unauthenticated datagram: {exc}")
+                continue
+            try:
+                envelope = codec.decode(payload)
+            except codec.DecodeError as exc:
+                self._reject("malformed", f"dropped a malformed datagram: {exc}")
+                continue
+            if not isinstance(envelope.message, DATAGRAM_TYPES):
+                self._reject("malformed", "dropped a stream message sent as a datagram")
+                continue
+            before = self.node.dropped
+            await self.dispatch(self.node.receive(self.now(), envelope))
+            if self.node.dropped > before:
+                self._reject("foreign", "dropped a datagram of another cluster or k")
+            self._drain_events()
+
+    def _reject(self, reason: str, message: str) -> None:
+        self.metrics.inc("kelips_rejected_packets_total", reason=reason)
+        self._ratelog.warn(reason, message)
+
+    async def _timer_loop(self) -> None:
+        while True:
+            now = self.now()
+            await self.dispatch(self.node.tick(now))
+            self._drain_events()
+            await trio.sleep_until(max(self.node.next_deadline(), now + 0.005))
+
+    async def dispatch(self, outs: list[Outgoing]) -> None:
+        for out in outs:
+            if isinstance(out.message, DATAGRAM_TYPES):
+                await self._send_datagram(out)
+            elif isinstance(out.message, SyncRequest) and self._nursery is not None:
+                self._nursery.start_soon(self._sync_with, out.dest, out.message)
+
+    async def _send_datagram(self, out: Outgoing) -> None:
+        assert self._sock is not None
+        data = self.auth.seal(codec.encode(self.node.envelope(out.message)), self.wall())
+        try:
+            await self._sock.sendto(data, out.dest)
+        except OSError as exc:
+            self._ratelog.warn("send", f"gossip to {out.dest[0]}:{out.dest[1]} failed: {exc}")
+            return
+        self.metrics.inc("kelips_gossip_bytes_out_total", len(data))
+
+    async def _sync_with(self, dest: tuple[str, int], message: SyncRequest) -> None:
+        """Push-pull over HTTP (join, anti-entropy): the reply goes back into the core."""
+        try:
+            reply = await self.exchange(dest, message)
+        except PeerError as exc:
+            log.debug("sync with %s:%d failed: %s", dest[0], dest[1], exc)
+            return
+        await self.dispatch(self.node.receive(self.now(), reply))
+        self._drain_events()
+
+    async def exchange(self, dest: tuple[str, int], message: SyncRequest) -> Envelope:
+        assert self.peers is not None
+        body = codec.encode(self.node.envelope(message))
+        response, rtt = await self.peers.call("POST", dest, "/v1/sync", body=body)
+        try:
+            reply = codec.decode(response.content)
+        except codec.DecodeError as exc:
+            raise PeerError(f"{dest[0]}:{dest[1]} sent a malformed snapshot: {exc}") from exc
+        if not isinstance(reply.message, (Snapshot, Refusal)):
+            raise PeerError(f"{dest[0]}:{dest[1]} answered a sync with {type(reply.message)}")
+        if isinstance(reply.message, Snapshot):
+            self.node.record_rtt(reply.message.sender.node_id, rtt)
+        return reply
+
+    def _drain_events(self) -> None:
+        for event in self.node.drain_events():
+            self._on_event(event)
+
+    def _on_event(self, event: Event) -> None:
+        short = event.node_id.hex()[:10]
+        if event.kind in ("failed", "left"):
+            log.info("member %s %s", short, event.kind)
+            if self.dataplane is not None:
+                self.dataplane.wake_repair()
+        elif event.kind == "joined":
+            log.info("member %s joined", short)
+        elif event.kind == "revived":
+            log.info("member %s is alive again", short)
+        elif event.kind == "refused":
+            self.join_error = event.detail
+            log.error("%s", event.detail)
+
+    # --- join and bootstrap -------------------------------------------------------------------
+
+    async def _join(self) -> None:
+        seeds = list(self.settings.join)
+        if self.settings.bootstrap is not None:
+            seeds.extend(await self._ask_bootstrap())
+        seeds = [seed for seed in dict.fromkeys(seeds) if seed != self.node.address]
+        if not seeds:
+            if self.settings.join:
+                raise JoinFailed("no seed to join through")
+            self.node.synced = True
+            log.info("starting a new cluster")
+            return
+        last_error = "no answer"
+        for attempt in range(JOIN_ATTEMPTS):
+            for seed in seeds:
+                try:
+                    reply = await self.exchange(seed, self.node.join_request())
+                except PeerError as exc:
+                    last_error = str(exc)
+                    continue
+                if isinstance(reply.message, Refusal):
+                    raise JoinRefused(reply.message.reason)
+                await self.dispatch(self.node.receive(self.now(), reply))
+                self._drain_events()
+                if self.join_error is not None:
+                    raise JoinRefused(self.join_error)
+                log.info("joined through %s:%d", seed[0], seed[1])
+                return
+            await trio.sleep(min(1.0 + attempt, 5.0))
+        raise JoinFailed(f"could not reach any of {', '.join(f'{h}:{p}' for h, p in seeds)}: "
+                         f"{last_error}")
+
+    async def _ask_bootstrap(self) -> list[tuple[str, int]]:
+        """Register with the introducer and return the live members it knows."""
+        assert self.peers is not None and self.settings.bootstrap is not None
+        try:
+            doc, _ = await self.peers.call_json("POST", self.settings.bootstrap, "/v1/register",
+                                                doc={"entry": entry_to_json(self.node.entry()),
+                                                     "k": self.settings.core.k,
+                                                     "cluster_id": self.settings.core.cluster_id})
+            members = [entry_from_json(e) for e in doc.get("members", [])]
+        except (PeerError, ValueError, TypeError, KeyError) as exc:
+            self._ratelog.warn("bootstrap", f"bootstrap service unavailable: {exc}")
+            return []
+        return [m.address for m in members if m.node_id != self.node.node_id]
+
+    async def _bootstrap_loop(self) -> None:
+        while True:
+            await trio.sleep(self.settings.bootstrap_refresh)
+            await self._ask_bootstrap()
+
+    # --- observability ------------------------------------------------------------------------
+
+    def _register_gauges(self) -> None:
+        def members() -> dict[tuple[tuple[str, str], ...], float]:
+            own = [m for m in self.node.members.values() if m.own]
+            alive = sum(1 for m in own if m.alive) + 1
+            return {(("state", "alive"),): alive, (("state", "failed"),): len(own) + 1 - alive}
+
+        def contacts() -> dict[tuple[tuple[str, str], ...], float]:
+            return {(): sum(1 for m in self.node.members.values() if not m.own)}
+
+        def objects() -> dict[tuple[tuple[str, str], ...], float]:
+            return {(): self.store.usage()[0]}
+
+        self.metrics.gauge("kelips_members", members)
+        self.metrics.gauge("kelips_contacts", contacts)
+        self.metrics.gauge("kelips_objects", objects)
+
+    def status(self) -> dict[str, Any]:
+        """The membership table and the node's view, as `kelipsfs status` shows it."""
+        node = self.node
+        now = self.now()
+        held: dict[bytes, int] = {}
+        for t in node.tuples:
+            if not t.tombstone:
+                for h in t.holders:
+                    held[h] = held.get(h, 0) + 1
+        objects, used, free = self.store.usage()
+        rows = [{"id": node.node_id.hex(), "address": f"{node.host}:{node.port}",
+                 "group": node.group, "state": "alive", "heartbeat": node.heartbeat,
+                 "incarnation": node.incarnation, "last_heard_s": 0.0, "rtt_ms": 0.0,
+                 "objects": objects, "self": True, "role": "self"}]
+        for m in sorted(node.members.values(), key=lambda m: (not m.own, m.group, m.node_id)):
+            rows.append({"id": m.node_id.hex(), "address": f"{m.host}:{m.port}",
+                         "group": m.group, "state": m.status.value, "heartbeat": m.heartbeat,
+                         "incarnation": m.incarnation,
+                         "last_heard_s": round(now - m.last_heard, 2),
+                         "rtt_ms": None if m.rtt is None else round(m.rtt * 1000, 2),
+                         "objects": held.get(m.node_id, 0), "self": False,
+                         "role": "member" if m.own else "contact"})
+        return {"node_id": node.node_id.hex(), "address": f"{node.host}:{node.port}",
+                "group": node.group, "k": self.settings.core.k,
+                "cluster_id": self.settings.core.cluster_id,
+                "n_estimate": node.estimated_size(), "synced": node.synced,
+                "contacts_per_group": {str(g): len(ids) for g, ids in
+                                       sorted(node.contacts.items())},
+                "tuples": len(node.tuples), "stored_bytes": used, "free_bytes": free,
+                "members": rows}
+
+    def self_entry(self) -> MemberEntry:
+        return self.node.entry()

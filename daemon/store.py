@@ -1,0 +1,758 @@
+"""The on-disk object store of one node: versioned objects that survive kill -9 and a full disk.
+
+Every object version a node holds lives here, under ``root``::
+
+    root/tmp/                                        in-flight writes; emptied at every start
+    root/objects/<kk>/<key>-<clock>-<writer>.data    the content (absent for a tombstone)
+    root/objects/<kk>/<key>-<clock>-<writer>.meta    JSON metadata; its presence commits it
+
+``key`` is the hex SHA-1 of the UTF-8 name and ``kk`` its first two digits (256 fan-out
+directories so none grows huge); ``clock`` is the version's clock as 16 hex digits and
+``writer`` the writer id in hex. The user's name is never a path: names may contain '/', be
+4 KiB long or hold any character; it only lives inside the metadata.
+
+Commit order of a put (what makes kill -9 at any instant safe):
+
+1. the content is streamed into ``tmp/<random>.part`` while SHA-256 and size are computed, then
+   fsynced and checked against what the sender announced;
+2. the temp file is renamed to ``<stem>.data`` (invisible: no metadata names it yet);
+3. the metadata is written to ``tmp/``, fsynced and renamed to ``<stem>.meta``;
+4. the fan-out directory is fsynced: the version is now committed and ``put`` may return;
+5. only then are the files of the previous version removed (metadata first, then content).
+
+A crash before 4 leaves the old version untouched (plus debris); a crash after 4 leaves the new
+one committed, possibly next to the old. Recovery at start deletes the debris: everything in
+``tmp/``, content without metadata, metadata whose content is missing or has the wrong size,
+and all but the newest committed version of each name.
+
+The daemon is trio-based and its event loop also runs gossip, so every async method does its
+blocking file I/O (open, write, fsync, rename, unlink, read) in ``trio.to_thread.run_sync``,
+in batches of about 1 MiB so thread hops stay cheap; an object is never held in memory whole.
+The small synchronous methods (``get``, ``names``, ``objects``, ``usage``, ``open_content``)
+touch only the in-memory index, one statvfs or one open; the constructor runs recovery and
+blocks, so the daemon builds the store in a worker thread.
+
+Only the trio thread changes the index. Commits and deletions of one name are serialized by a
+per-name lock; streaming the content happens outside it, so slow senders of different versions
+do not wait on each other, and the version check is repeated under the lock before committing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+import trio
+
+from daemon.core.ids import NODE_ID_BYTES
+from daemon.core.messages import Version
+
+log = logging.getLogger("kelipsfs.store")
+
+#: Bytes gathered from the sender before one write+hash batch is handed to a worker thread.
+WRITE_BATCH = 1 << 20
+#: Largest clock a version may carry (it is written as 16 hex digits in file names).
+MAX_CLOCK = (1 << 64) - 1
+#: SHA-256 of no bytes: the checksum a tombstone reports.
+EMPTY_SHA256 = hashlib.sha256().digest()
+META_FORMAT = 1
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_FILE_RE = re.compile(r"([0-9a-f]{40})-([0-9a-f]{16})-([0-9a-f]{40})\.(data|meta)")
+_FANOUT_RE = re.compile(r"[0-9a-f]{2}")
+_T = TypeVar("_T")
+
+
+class StoreError(Exception):
+    """The store could not do what was asked; the message names the object and the cause."""
+
+
+class StoreFull(StoreError):
+    """The filesystem ran out of space (ENOSPC) or quota (EDQUOT) while writing.
+
+    Nothing partial is left visible and any older version of the object is untouched.
+    """
+
+
+class ChecksumMismatch(StoreError):
+    """Bytes received (or read back) do not match the expected SHA-256 or size."""
+
+
+class StaleVersion(StoreError):
+    """The store already holds a newer version of the name than the one offered."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """One committed version of a name, as its metadata file records it."""
+
+    name: str
+    version: Version
+    size: int
+    checksum: bytes  # SHA-256 of the content (of no bytes for a tombstone)
+    mode: int
+    mtime_ns: int
+    tombstone: bool
+    path: Path | None  # the content file; None for a tombstone
+
+
+@dataclass
+class _NameLock:
+    """A per-name commit lock plus how many tasks use it, so idle locks can be forgotten."""
+
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    users: int = 0
+
+
+@dataclass
+class _Recovered:
+    """What recovery found and removed (logged once at start)."""
+
+    temp: int = 0
+    orphan_content: int = 0
+    broken_meta: int = 0
+    superseded: int = 0
+    unknown: int = 0
+
+
+def _show(name: str) -> str:
+    """A name for messages: repr (so odd characters stay visible), cut so 4 KiB does not flood."""
+    text = repr(name)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _show_version(version: Version) -> str:
+    return f"{version.clock}@{version.writer.hex()[:12]}"
+
+
+def _name_key(name: str) -> str:
+    """SHA-1 hex of the name: the only form of the name that appears in file names.
+
+    ``surrogatepass`` lets any Python str (even one with lone surrogates) hash deterministically.
+    """
+    return hashlib.sha1(name.encode("utf-8", "surrogatepass"), usedforsecurity=False).hexdigest()
+
+
+def _stem(key: str, version: Version) -> str:
+    return f"{key}-{version.clock:016x}-{version.writer.hex()}"
+
+
+def _check_name(name: str) -> None:
+    """Any str is a valid store name (naming rules are the daemon's); anything else is not."""
+    if not isinstance(name, str):
+        raise TypeError(f"an object name is a str, got {type(name).__name__}")
+
+
+def _check_version(version: Version) -> Version:
+    """A well-formed Version (clock fits 64 bits, writer is a node id) or ValueError."""
+    clock, writer = version
+    if isinstance(clock, bool) or not isinstance(clock, int) or not 0 <= clock <= MAX_CLOCK:
+        raise ValueError(f"a version clock is an integer in [0, 2**64), got {clock!r}")
+    if not isinstance(writer, bytes) or len(writer) != NODE_ID_BYTES:
+        raise ValueError(f"a version writer is a {NODE_ID_BYTES}-byte node id, got {writer!r}")
+    return Version(clock, writer)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames and creations in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> bool:
+    """Remove a file if it exists; a failure is logged (recovery retries), never raised."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc.strerror or exc)
+        return False
+    return True
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:  # never seen on Linux, but a zero write must not spin forever
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
+
+def _open_read(path: Path) -> BinaryIO:
+    return open(path, "rb")  # the caller owns and closes it
+
+
+def _read_hashed(f: BinaryIO, size: int, hasher: Any) -> bytes:
+    """Read up to ``size`` bytes and feed them to ``hasher`` (in a worker thread)."""
+    block = f.read(size)
+    hasher.update(block)
+    return block
+
+
+async def _in_thread(fn: Callable[[], _T]) -> _T:
+    """Run blocking I/O in a worker thread; not abandoned on cancel, so results are never lost."""
+    return await trio.to_thread.run_sync(fn)
+
+
+async def _shielded(fn: Callable[[], object]) -> None:
+    """Clean-up I/O in a worker thread that must run even while the caller is being cancelled."""
+    with trio.CancelScope(shield=True):
+        await trio.to_thread.run_sync(fn)
+
+
+class _TempFile:
+    """A temp file in ``root/tmp`` being filled; every method blocks (call from a thread)."""
+
+    def __init__(self, tmp_dir: Path) -> None:
+        self.path = tmp_dir / f"{secrets.token_hex(16)}.part"
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.hasher = hashlib.sha256()
+        self.size = 0
+
+    def write(self, blocks: list[bytes]) -> None:
+        data = blocks[0] if len(blocks) == 1 else b"".join(blocks)
+        self.hasher.update(data)
+        _write_all(self.fd, data)
+        self.size += len(data)
+
+    def finish(self) -> None:
+        """fsync and close: after this the bytes are on disk, whatever happens to the process."""
+        os.fsync(self.fd)
+        fd, self.fd = self.fd, -1
+        os.close(fd)
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        _unlink_quietly(self.path)
+
+
+class ObjectStore:
+    """Versioned objects on local disk, newest version per name, crash- and ENOSPC-safe.
+
+    Versions only move forward: a put or delete of a version lower than the one held raises
+    StaleVersion, and one of exactly the held version returns what is held (a version names a
+    single write, so whatever is held under it *is* that write).
+    """
+
+    def __init__(self, root: Path) -> None:
+        """Open (creating if needed) the store at ``root`` and recover from any crash.
+
+        Blocks on disk I/O (a directory scan and some unlinks): from trio, construct it with
+        ``await trio.to_thread.run_sync(ObjectStore, root)``.
+        """
+        self.root = Path(root)
+        self._objects = self.root / "objects"
+        self._tmp = self.root / "tmp"
+        self._index: dict[str, StoredObject] = {}
+        self._live = 0
+        self._bytes = 0
+        self._locks: dict[str, _NameLock] = {}
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            created = not (self._objects.is_dir() and self._tmp.is_dir())
+            self._objects.mkdir(mode=0o700, exist_ok=True)
+            self._tmp.mkdir(mode=0o700, exist_ok=True)
+            if created:  # the fan-out directories are made durable by their first commit
+                _fsync_dir(self.root)
+            self._recover()
+        except OSError as exc:
+            raise StoreError(f"cannot open the object store at {self.root}: "
+                             f"{exc.strerror or exc} ({exc.filename or self.root})") from exc
+
+    # --- queries (in-memory index; no disk I/O except usage's statvfs) ---------------------
+
+    def get(self, name: str) -> StoredObject | None:
+        """The newest version held of ``name`` (a tombstone if deleted), or None."""
+        return self._index.get(name)
+
+    def objects(self) -> list[StoredObject]:
+        """The newest held version of every name, tombstones included, sorted by name."""
+        return [self._index[name] for name in sorted(self._index)]
+
+    def names(self, prefix: str = "") -> list[str]:
+        """Sorted names of live (non-tombstone) objects starting with ``prefix``."""
+        return sorted(name for name, obj in self._index.items()
+                      if not obj.tombstone and name.startswith(prefix))
+
+    def usage(self) -> tuple[int, int, int]:
+        """(live objects, content bytes they hold, bytes free to this process on the filesystem).
+
+        Tombstones count as neither objects nor bytes; free space is statvfs ``f_bavail``.
+        """
+        st = os.statvfs(self.root)
+        return self._live, self._bytes, st.f_bavail * st.f_frsize
+
+    def files_for(self, name: str, version: Version) -> tuple[Path, Path]:
+        """Where the (content, metadata) files of a version of ``name`` live (tools, tests)."""
+        key = _name_key(name)
+        stem = _stem(key, _check_version(version))
+        directory = self._objects / key[:2]
+        return directory / f"{stem}.data", directory / f"{stem}.meta"
+
+    # --- reads --------------------------------------------------------------------------------
+
+    def open_content(self, obj: StoredObject) -> BinaryIO:
+        """Open the content of ``obj`` for reading; the caller closes it.
+
+        Blocks for one open() (call it from a thread in async code, as ``read_chunks`` does).
+        An open file stays readable even if a newer version replaces ``obj`` meanwhile; opening
+        after that raises StoreError, and so does opening a tombstone.
+        """
+        if obj.tombstone or obj.path is None:
+            raise StoreError(f"{_show(obj.name)} is deleted (tombstone of version "
+                             f"{_show_version(obj.version)}): it has no content")
+        try:
+            return _open_read(obj.path)
+        except FileNotFoundError:
+            raise StoreError(f"version {_show_version(obj.version)} of {_show(obj.name)} is no "
+                             "longer stored (replaced by a newer version or dropped)") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read {_show(obj.name)}: {exc.strerror or exc}") from exc
+
+    async def read_chunks(self, obj: StoredObject, chunk_size: int = 1 << 20, *,
+                          offset: int = 0, verify: bool = True) -> AsyncIterator[bytes]:
+        """Stream the content of ``obj`` from ``offset`` in chunks of at most ``chunk_size``.
+
+        Exactly ``obj.size - offset`` bytes are read (a resumed transfer passes the offset it
+        already has). With ``verify`` (the default) and a read from offset 0, the SHA-256 is
+        checked as the bytes go by and ChecksumMismatch is raised after the last chunk if the
+        file was damaged on disk, so the consumer can abort what it forwarded; a partial read
+        cannot be hashed without re-reading the skipped prefix, so it only checks the length.
+        """
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        if not 0 <= offset <= obj.size:
+            raise ValueError(f"offset must be within 0..{obj.size}, got {offset}")
+        f = await _in_thread(functools.partial(self.open_content, obj))
+        try:
+            if offset:
+                await _in_thread(functools.partial(f.seek, offset))
+            hasher = hashlib.sha256()
+            remaining = obj.size - offset
+            while remaining > 0:
+                want = min(chunk_size, remaining)
+                try:
+                    block = await _in_thread(functools.partial(_read_hashed, f, want, hasher))
+                except OSError as exc:
+                    raise StoreError(f"cannot read {_show(obj.name)}: "
+                                     f"{exc.strerror or exc}") from exc
+                if not block:
+                    raise ChecksumMismatch(
+                        f"stored content of {_show(obj.name)} (version "
+                        f"{_show_version(obj.version)}) is truncated: "
+                        f"{obj.size - remaining} of {obj.size} bytes on disk")
+                remaining -= len(block)
+                yield block
+            if verify and offset == 0 and hasher.digest() != obj.checksum:
+                raise ChecksumMismatch(
+                    f"stored content of {_show(obj.name)} (version {_show_version(obj.version)}) "
+                    "is corrupt: its SHA-256 no longer matches the one recorded at write time")
+        finally:
+            await _shielded(f.close)
+
+    # --- writes -------------------------------------------------------------------------------
+
+    async def put(self, name: str, version: Version, mode: int, mtime_ns: int,
+                  chunks: AsyncIterable[bytes], expected_checksum: bytes | None = None,
+                  expected_size: int | None = None) -> StoredObject:
+        """Store ``version`` of ``name`` with the content streamed from ``chunks``.
+
+        The content goes to a temp file (never whole in memory), is fsynced and checked against
+        ``expected_checksum`` (SHA-256) and ``expected_size``, then committed atomically (see
+        the module docstring) and older versions of the name are removed.
+
+        Raises StaleVersion if a newer version is held, ChecksumMismatch if the bytes do not
+        match (a sender exceeding ``expected_size`` is cut off at once), StoreFull on ENOSPC /
+        EDQUOT (also up front when ``expected_size`` exceeds the free space), StoreError on
+        other I/O errors; in every failure the temp file is removed and what was held before
+        is untouched. Errors raised by ``chunks`` itself propagate unchanged, with the same
+        clean-up. If this exact version is already held, it is returned *without reading
+        ``chunks``*: no bytes are pulled for data already on disk, and the caller, who owns
+        the stream, closes it. That also holds when StaleVersion is raised before streaming.
+        """
+        _check_name(name)
+        version = _check_version(version)
+        if expected_checksum is not None and len(expected_checksum) != len(EMPTY_SHA256):
+            raise ValueError(f"expected_checksum must be a 32-byte SHA-256 digest, "
+                             f"got {len(expected_checksum)} bytes")
+        if expected_size is not None and expected_size < 0:
+            raise ValueError(f"expected_size must not be negative, got {expected_size}")
+        held = self._held(name, version, expected_checksum)
+        if held is not None:
+            return held
+        if expected_size is not None:
+            await self._check_room(name, expected_size)
+
+        try:
+            temp = await _in_thread(functools.partial(_TempFile, self._tmp))
+        except OSError as exc:
+            raise self._io_error(exc, f"cannot start writing {_show(name)}") from exc
+        committed = False
+        try:
+            await self._fill(temp, name, chunks, expected_size)
+            if expected_size is not None and temp.size != expected_size:
+                raise ChecksumMismatch(f"{_show(name)}: received {temp.size} bytes but "
+                                       f"{expected_size} were announced; the data was discarded")
+            checksum = temp.hasher.digest()
+            if expected_checksum is not None and checksum != expected_checksum:
+                raise ChecksumMismatch(
+                    f"{_show(name)}: the received content has SHA-256 {checksum.hex()[:16]}..., "
+                    f"not the expected {expected_checksum.hex()[:16]}...; the data was discarded")
+            async with self._name_lock(name):
+                held = self._held(name, version, expected_checksum)
+                if held is not None:  # the same version was committed while we streamed
+                    return held
+                previous = self._index.get(name)
+                commit = functools.partial(self._commit, name, version, mode, mtime_ns,
+                                           temp.size, checksum, temp.path, previous)
+                try:
+                    obj = await _in_thread(commit)
+                except OSError as exc:
+                    raise self._io_error(exc, f"cannot commit {_show(name)}") from exc
+                committed = True  # no checkpoint between the commit and the index update
+                self._install(obj)
+                return obj
+        finally:
+            if not committed:
+                await _shielded(temp.discard)
+
+    async def put_file(self, name: str, version: Version, mode: int, mtime_ns: int,
+                       source: Path) -> StoredObject:
+        """Store ``version`` of ``name`` with a copy of the local file ``source``.
+
+        Same rules as ``put`` (the copy streams in 1 MiB blocks); if ``source`` cannot be read
+        a StoreError naming it is raised and nothing is stored.
+        """
+        async def blocks() -> AsyncGenerator[bytes, None]:
+            try:
+                f = await _in_thread(functools.partial(_open_read, source))
+            except OSError as exc:
+                raise StoreError(f"cannot read {source}: {exc.strerror or exc}") from exc
+            try:
+                while True:
+                    try:
+                        block = await _in_thread(functools.partial(f.read, WRITE_BATCH))
+                    except OSError as exc:
+                        raise StoreError(f"cannot read {source}: {exc.strerror or exc}") from exc
+                    if not block:
+                        return
+                    yield block
+            finally:
+                await _shielded(f.close)
+
+        async with contextlib.aclosing(blocks()) as stream:
+            return await self.put(name, version, mode, mtime_ns, stream)
+
+    async def delete(self, name: str, version: Version, *, mtime_ns: int = 0) -> StoredObject:
+        """Commit a tombstone for ``name`` at ``version`` and remove older versions' content.
+
+        A tombstone is a version like any other (metadata only, size 0), so a stale put cannot
+        resurrect the name; ``drop`` forgets it once it has expired. StaleVersion if a newer
+        version is held; if exactly ``version`` is held, that is returned unchanged.
+        """
+        _check_name(name)
+        version = _check_version(version)
+        async with self._name_lock(name):
+            held = self._held(name, version, None)
+            if held is not None:
+                return held
+            previous = self._index.get(name)
+            commit = functools.partial(self._commit, name, version, 0, mtime_ns, 0,
+                                       EMPTY_SHA256, None, previous)
+            try:
+                obj = await _in_thread(commit)
+            except OSError as exc:
+                raise self._io_error(exc, f"cannot record the deletion of {_show(name)}") from exc
+            self._install(obj)
+            return obj
+
+    async def drop(self, name: str, *, version: Version | None = None) -> None:
+        """Forget ``name`` entirely (tombstone expiry): its files go, durably.
+
+        With ``version``, only that exact version is dropped, so a newer write that arrived
+        after the caller decided to drop survives. Dropping an unknown name does nothing.
+        """
+        async with self._name_lock(name):
+            held = self._index.get(name)
+            if held is None or (version is not None and held.version != version):
+                return
+            try:
+                await _in_thread(functools.partial(self._remove_version, held, durable=True))
+            except OSError as exc:
+                raise self._io_error(exc, f"cannot drop {_show(name)}") from exc
+            self._uninstall(name)
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _held(self, name: str, version: Version,
+              expected_checksum: bytes | None) -> StoredObject | None:
+        """The held object if it *is* ``version``; None if ``version`` is newer; else raise."""
+        held = self._index.get(name)
+        if held is None or held.version < version:
+            return None
+        if held.version > version:
+            raise StaleVersion(f"{_show(name)}: version {_show_version(version)} is older than "
+                               f"the version {_show_version(held.version)} already stored")
+        if (expected_checksum is not None and not held.tombstone
+                and held.checksum != expected_checksum):
+            raise ChecksumMismatch(
+                f"{_show(name)}: version {_show_version(version)} is already stored with "
+                f"SHA-256 {held.checksum.hex()[:16]}..., not {expected_checksum.hex()[:16]}...")
+        return held
+
+    async def _check_room(self, name: str, size: int) -> None:
+        """Refuse at once a write that cannot fit, instead of after streaming it all."""
+        try:
+            st = await _in_thread(functools.partial(os.statvfs, self.root))
+        except OSError:
+            return  # the write itself will tell
+        free = st.f_bavail * st.f_frsize
+        if size > free:
+            raise StoreFull(f"not enough space to store {_show(name)} in {self.root}: it needs "
+                            f"{size} bytes and only {free} are free; nothing was written")
+
+    async def _fill(self, temp: _TempFile, name: str, chunks: AsyncIterable[bytes],
+                    expected_size: int | None) -> None:
+        """Stream ``chunks`` into ``temp`` in ~WRITE_BATCH thread hops, then fsync it."""
+        pending: list[bytes] = []
+        pending_bytes = 0
+        received = 0
+
+        async def flush() -> None:
+            nonlocal pending, pending_bytes
+            blocks, pending, pending_bytes = pending, [], 0
+            try:
+                await _in_thread(functools.partial(temp.write, blocks))
+            except OSError as exc:
+                raise self._io_error(exc, f"cannot store {_show(name)} (after writing "
+                                          f"{temp.size} bytes)") from exc
+
+        async for item in chunks:
+            raw: object = item
+            if type(raw) is bytes:
+                chunk = raw
+            elif isinstance(raw, bytes | bytearray | memoryview):
+                chunk = bytes(raw)  # a copy: the sender may reuse its buffer once resumed
+            else:
+                raise TypeError(f"content chunks must be bytes, got {type(raw).__name__}")
+            if not chunk:
+                continue
+            received += len(chunk)
+            if expected_size is not None and received > expected_size:
+                raise ChecksumMismatch(f"{_show(name)}: the sender sent more than the "
+                                       f"{expected_size} bytes announced; the data was discarded")
+            pending.append(chunk)
+            pending_bytes += len(chunk)
+            if pending_bytes >= WRITE_BATCH:
+                await flush()
+        if pending:
+            await flush()
+        try:
+            await _in_thread(temp.finish)
+        except OSError as exc:
+            raise self._io_error(exc, f"cannot store {_show(name)} ({temp.size} bytes)") from exc
+
+    def _io_error(self, exc: OSError, what: str) -> StoreError:
+        """StoreFull for a full disk or quota, StoreError naming the cause for anything else."""
+        reason = exc.strerror or str(exc)
+        if exc.errno in _FULL_ERRNOS:
+            return StoreFull(f"{what}: the filesystem of {self.root} is full ({reason}); "
+                             "the write was abandoned and any older version is untouched")
+        return StoreError(f"{what}: {reason}")
+
+    @contextlib.asynccontextmanager
+    async def _name_lock(self, name: str) -> AsyncIterator[None]:
+        entry = self._locks.get(name)
+        if entry is None:
+            entry = self._locks[name] = _NameLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[name]
+
+    def _install(self, obj: StoredObject) -> None:
+        self._uninstall(obj.name)
+        self._index[obj.name] = obj
+        if not obj.tombstone:
+            self._live += 1
+            self._bytes += obj.size
+
+    def _uninstall(self, name: str) -> None:
+        old = self._index.pop(name, None)
+        if old is not None and not old.tombstone:
+            self._live -= 1
+            self._bytes -= old.size
+
+    def _commit(self, name: str, version: Version, mode: int, mtime_ns: int, size: int,
+                checksum: bytes, content: Path | None,
+                previous: StoredObject | None) -> StoredObject:
+        """Steps 2-5 of the commit order (worker thread). ``content`` None means a tombstone.
+
+        On failure everything this call made visible is removed again before raising.
+        """
+        data_path, meta_path = self.files_for(name, version)
+        directory = data_path.parent
+        if not directory.is_dir():
+            directory.mkdir(mode=0o700, exist_ok=True)
+            _fsync_dir(self._objects)
+        doc = {"format": META_FORMAT, "name": name, "clock": version.clock,
+               "writer": version.writer.hex(), "size": size, "checksum": checksum.hex(),
+               "mode": mode, "mtime_ns": mtime_ns, "tombstone": content is None}
+        try:
+            if content is not None:
+                os.replace(content, data_path)
+            self._write_meta(meta_path, doc)
+            _fsync_dir(directory)
+        except BaseException:
+            _unlink_quietly(meta_path)
+            if content is not None:
+                _unlink_quietly(data_path)
+            raise
+        if previous is not None and previous.version != version:
+            try:
+                self._remove_version(previous, durable=False)
+            except OSError as exc:  # the new version is committed anyway; recovery retries
+                log.warning("could not remove superseded version %s of %s: %s",
+                            _show_version(previous.version), _show(name), exc.strerror or exc)
+        return StoredObject(name, version, size, checksum, mode, mtime_ns, content is None,
+                            None if content is None else data_path)
+
+    def _write_meta(self, meta_path: Path, doc: dict[str, Any]) -> None:
+        """Write the metadata to tmp/, fsync it, rename it into place (worker thread)."""
+        payload = json.dumps(doc, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+        temp = self._tmp / f"{secrets.token_hex(16)}.meta"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                _write_all(fd, payload)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, meta_path)
+        except BaseException:
+            _unlink_quietly(temp)
+            raise
+
+    def _remove_version(self, obj: StoredObject, *, durable: bool) -> None:
+        """Remove a version's files, metadata first so a crash never leaves meta without data.
+
+        Raises OSError only if the metadata could not be removed (the version is then still
+        committed); a content file left behind is an orphan that recovery deletes.
+        """
+        data_path, meta_path = self.files_for(obj.name, obj.version)
+        meta_path.unlink(missing_ok=True)
+        _unlink_quietly(data_path)
+        if durable:
+            _fsync_dir(meta_path.parent)
+
+    # --- recovery -----------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Bring the directory back to "newest committed version per name, nothing else"."""
+        stats = _Recovered()
+        for entry in os.scandir(self._tmp):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                _unlink_quietly(Path(entry.path))
+            stats.temp += 1
+
+        contents: dict[str, Path] = {}
+        metas: dict[str, Path] = {}
+        for sub in os.scandir(self._objects):
+            if not (sub.is_dir(follow_symlinks=False) and _FANOUT_RE.fullmatch(sub.name)):
+                stats.unknown += 1
+                continue
+            for entry in os.scandir(sub.path):
+                match = _FILE_RE.fullmatch(entry.name)
+                if match is None or not match.group(1).startswith(sub.name):
+                    stats.unknown += 1
+                    continue
+                stem = entry.name.rpartition(".")[0]
+                kind = metas if match.group(4) == "meta" else contents
+                kind[stem] = Path(entry.path)
+
+        by_name: dict[str, list[tuple[str, StoredObject]]] = {}
+        for stem, meta_path in metas.items():
+            obj = self._load_meta(meta_path, stem)
+            if obj is not None and not obj.tombstone:
+                content = contents.get(stem)
+                try:
+                    if content is None or content.stat().st_size != obj.size:
+                        obj = None
+                except OSError:
+                    obj = None
+            if obj is None:
+                _unlink_quietly(meta_path)
+                stats.broken_meta += 1
+                continue
+            by_name.setdefault(obj.name, []).append((stem, obj))
+
+        keep: set[str] = set()
+        for versions in by_name.values():
+            versions.sort(key=lambda item: item[1].version)
+            stem, newest = versions[-1]
+            for old_stem, _old in versions[:-1]:
+                _unlink_quietly(metas[old_stem])
+                stats.superseded += 1
+            if not newest.tombstone:
+                keep.add(stem)
+            self._install(newest)
+        for stem, content in contents.items():
+            if stem not in keep:
+                _unlink_quietly(content)
+                stats.orphan_content += 1
+
+        if stats.temp or stats.orphan_content or stats.broken_meta or stats.superseded:
+            log.info("store %s recovered: removed %d temp files, %d content files without "
+                     "metadata or superseded, %d incomplete metadata, %d superseded versions",
+                     self.root, stats.temp, stats.orphan_content, stats.broken_meta,
+                     stats.superseded)
+        if stats.unknown:
+            log.warning("store %s: ignored %d unknown entries under %s", self.root,
+                        stats.unknown, self._objects)
+
+    def _load_meta(self, meta_path: Path, stem: str) -> StoredObject | None:
+        """Parse and cross-check one metadata file; None if it is not a valid commit record."""
+        try:
+            doc = json.loads(meta_path.read_bytes())
+            if not isinstance(doc, dict) or doc.get("format") != META_FORMAT:
+                return None
+            name, clock, writer = doc["name"], doc["clock"], bytes.fromhex(doc["writer"])
+            size, checksum = doc["size"], bytes.fromhex(doc["checksum"])
+            mode, mtime_ns, tombstone = doc["mode"], doc["mtime_ns"], doc["tombstone"]
+            if not (isinstance(name, str) and isinstance(size, int) and size >= 0
+                    and isinstance(mode, int) and isinstance(mtime_ns, int)
+                    and isinstance(tombstone, bool) and len(checksum) == len(EMPTY_SHA256)):
+                return None
+            version = _check_version(Version(clock, writer))
+        except (OSError, ValueError, KeyError, TypeError):  # JSONDecodeError is a ValueError
+            return None
+        key = _name_key(name)
+        if _stem(key, version) != stem:
+            return None
+        data_path = meta_path.with_name(f"{stem}.data")
+        return StoredObject(name, version, size, checksum, mode, mtime_ns, tombstone,
+                            None if tombstone else data_path)

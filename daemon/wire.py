@@ -1,0 +1,31 @@
+"""JSON forms of member entries and tuples for the HTTP API (lookups, listings, status)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from daemon.core.messages import MemberEntry, TupleEntry, Version
+
+
+def entry_to_json(entry: MemberEntry) -> list[Any]:
+    return [entry.node_id.hex(), entry.host, entry.port, entry.incarnation, entry.heartbeat]
+
+
+def entry_from_json(doc: Any) -> MemberEntry:
+    node_id, host, port, incarnation, heartbeat = doc
+    return MemberEntry(bytes.fromhex(node_id), str(host), int(port), int(incarnation),
+                       int(heartbeat))
+
+
+def tuple_to_json(t: TupleEntry) -> dict[str, Any]:
+    return {"name": t.name, "clock": t.version.clock, "writer": t.version.writer.hex(),
+            "holder_seq": t.holder_seq, "size": t.size, "mode": t.mode, "mtime_ns": t.mtime_ns,
+            "checksum": t.checksum.hex(), "holders": [h.hex() for h in t.holders],
+            "tombstone": t.tombstone}
+
+
+def tuple_from_json(doc: Any) -> TupleEntry:
+    return TupleEntry(str(doc["name"]), Version(int(doc["clock"]), bytes.fromhex(doc["writer"])),
+                      int(doc["holder_seq"]), int(doc["size"]), int(doc["mode"]),
+                      int(doc["mtime_ns"]), bytes.fromhex(doc["checksum"]),
+                      tuple(bytes.fromhex(h) for h in doc["holders"]), bool(doc["tombstone"]))

@@ -1,0 +1,218 @@
+"""Scriptable access to a node over its signed HTTP API (what `kelipsfs put/get/ls/rm` use).
+
+Which node and which key: ``--node`` and ``--cluster-key-file`` when given, else the local
+node's ``endpoint.json`` in the data dir (written by the node at start), else 127.0.0.1:7400
+with the open key of the default cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import trio
+
+from daemon.names import NameError_, validate_name
+from daemon.peers import PeerClient, PeerError
+from daemon.security import Authenticator, load_key, open_cluster_key
+from daemon.settings import DEFAULT_PORT, default_data_dir, parse_address
+
+ENDPOINT_FILE = "endpoint.json"
+PROGRESS_MIN = 8 << 20
+
+
+class ClientError(Exception):
+    """Something the user should read: the node's refusal or why it could not be reached."""
+
+
+@dataclass(frozen=True)
+class Target:
+    address: tuple[str, int]
+    key: bytes
+
+
+def write_endpoint(data_dir: Path, address: tuple[str, int], cluster_id: str,
+                   key_file: Path | None) -> None:
+    """Called by a node at start so local commands find it without flags."""
+    doc = {"address": f"{address[0]}:{address[1]}", "cluster_id": cluster_id,
+           "cluster_key_file": str(key_file.resolve()) if key_file else None, "pid": os.getpid()}
+    tmp = data_dir / (ENDPOINT_FILE + ".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, data_dir / ENDPOINT_FILE)
+
+
+def resolve_target(node: str | None, key_file: str | None, cluster_id: str | None,
+                   data_dir: str | None) -> Target:
+    doc: dict[str, Any] = {}
+    endpoint = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    path = endpoint / ENDPOINT_FILE
+    if path.exists():
+        try:
+            doc = json.loads(path.read_text())
+        except ValueError:
+            doc = {}
+    if node is not None:
+        address = parse_address(node, key="--node")
+    elif doc.get("address"):
+        address = parse_address(str(doc["address"]), key="endpoint")
+    else:
+        address = ("127.0.0.1", DEFAULT_PORT)
+    chosen_key = key_file or doc.get("cluster_key_file")
+    if chosen_key:
+        key = load_key(Path(chosen_key))
+    else:
+        key = open_cluster_key(cluster_id or doc.get("cluster_id") or "kelipsfs")
+    return Target(address, key)
+
+
+def checked_name(name: str) -> str:
+    """Validate a name before it is sent (the node checks again): a clear error, no request."""
+    try:
+        return validate_name(name)
+    except NameError_ as exc:
+        raise ClientError(str(exc)) from exc
+
+
+class Client:
+    def __init__(self, target: Target, timeout: float = 60.0) -> None:
+        self.target = target
+        self.peers = PeerClient(Authenticator(target.key), timeout)
+
+    async def aclose(self) -> None:
+        await self.peers.aclose()
+
+    async def _json(self, method: str, path: str, query: dict[str, object] | None = None
+                    ) -> Any:
+        try:
+            doc, _ = await self.peers.call_json(method, self.target.address, path, query)
+        except PeerError as exc:
+            raise ClientError(str(exc)) from exc
+        return doc
+
+    async def status(self) -> Any:
+        return await self._json("GET", "/v1/status")
+
+    async def listing(self, prefix: str) -> Any:
+        return await self._json("GET", "/v1/files", {"prefix": prefix})
+
+    async def stat(self, name: str) -> Any:
+        return await self._json("GET", "/v1/stat/" + checked_name(name))
+
+    async def remove(self, name: str) -> Any:
+        return await self._json("DELETE", "/v1/files/" + checked_name(name))
+
+    async def put(self, local: Path, name: str, progress: bool) -> Any:
+        name = checked_name(name)
+        st = local.stat()
+        sha = await trio.to_thread.run_sync(_sha256_file, local)
+        query = {"size": st.st_size, "mode": st.st_mode & 0o7777, "mtime_ns": st.st_mtime_ns}
+        meter = _Progress(st.st_size, "put") if progress and st.st_size >= PROGRESS_MIN else None
+
+        async def body() -> AsyncIterator[bytes]:
+            async with await trio.open_file(local, "rb") as fh:
+                while True:
+                    chunk = await fh.read(1 << 20)
+                    if not chunk:
+                        return
+                    if meter:
+                        meter.add(len(chunk))
+                    yield chunk
+
+        try:
+            async with self.peers.stream("PUT", self.target.address, "/v1/files/" + name,
+                                         query, body=body(), content_sha256=sha) as response:
+                data = await response.aread()
+        except PeerError as exc:
+            raise ClientError(str(exc)) from exc
+        finally:
+            if meter:
+                meter.done()
+        if response.status_code != 200:
+            raise ClientError(_error(data, response.status_code))
+        return json.loads(data)
+
+    async def get(self, name: str, out: BinaryIO, progress: bool) -> int:
+        """Stream an object to ``out``, verifying size and SHA-256 at the end."""
+        name = checked_name(name)
+        sha = hashlib.sha256()
+        size = 0
+        try:
+            async with self.peers.stream("GET", self.target.address,
+                                         "/v1/files/" + name) as response:
+                if response.status_code != 200:
+                    raise ClientError(_error(await response.aread(), response.status_code))
+                expected = int(response.headers.get("x-kelips-size", "-1"))
+                checksum = response.headers.get("x-kelips-checksum", "")
+                meter = _Progress(expected, "get") if progress and expected >= PROGRESS_MIN \
+                    else None
+                async for chunk in response.aiter_bytes(1 << 20):
+                    sha.update(chunk)
+                    size += len(chunk)
+                    await trio.to_thread.run_sync(out.write, chunk)
+                    if meter:
+                        meter.add(len(chunk))
+                if meter:
+                    meter.done()
+        except PeerError as exc:
+            raise ClientError(str(exc)) from exc
+        except Exception as exc:
+            if isinstance(exc, ClientError):
+                raise
+            raise ClientError(f"transfer failed: {type(exc).__name__}: {exc}") from exc
+        if size != expected or sha.hexdigest() != checksum:
+            raise ClientError(f"{name}: received {size} bytes that do not match the object "
+                              "(size or checksum); output discarded")
+        return size
+
+
+def _sha256_file(path: Path) -> bytes:
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            sha.update(chunk)
+    return sha.digest()
+
+
+def _error(data: bytes, status: int) -> str:
+    try:
+        doc = json.loads(data)
+        if isinstance(doc, dict) and "error" in doc:
+            return f"{doc['error']} (HTTP {status})"
+    except ValueError:
+        pass
+    return f"HTTP {status}"
+
+
+class _Progress:
+    """A one-line progress bar on stderr for large transfers on a terminal."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total = max(total, 1)
+        self.label = label
+        self.seen = 0
+        self.started = time.monotonic()
+        self.last = 0.0
+
+    def add(self, n: int) -> None:
+        self.seen += n
+        now = time.monotonic()
+        if now - self.last < 0.2 and self.seen < self.total:
+            return
+        self.last = now
+        rate = self.seen / max(now - self.started, 1e-6) / (1 << 20)
+        width = 30
+        filled = int(width * self.seen / self.total)
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                         f"{self.seen / self.total:6.1%} {rate:7.1f} MiB/s")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        sys.stderr.write("\n")
+        sys.stderr.flush()

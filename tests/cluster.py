@@ -1,0 +1,159 @@
+"""A test harness: real `kelipsfs node` processes on distinct loopback addresses.
+
+Every process is started in its own session and killed (SIGKILL after a bounded SIGTERM wait)
+when the harness closes, whatever the test did. Addresses are 127.0.0.x, never anything that
+could leave the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+READY_TIMEOUT = 30.0
+CLI_TIMEOUT = 120.0
+
+
+@dataclass
+class NodeProc:
+    index: int
+    address: str
+    data_dir: Path
+    proc: subprocess.Popen[str] | None = None
+    log: Path | None = None
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Cluster:
+    """Start, stop, kill and talk to nodes; close() always cleans up."""
+
+    def __init__(self, root: Path, settings: list[str] | None = None,
+                 key_file: Path | None = None) -> None:
+        self.root = root
+        self.port = random.randint(20000, 40000)
+        self.settings = settings or []
+        self.key_file = key_file
+        self.nodes: list[NodeProc] = []
+        self.extra_procs: list[subprocess.Popen[str]] = []
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def new_node(self, join: list[NodeProc] | None = None, bootstrap: str | None = None,
+                 extra: list[str] | None = None, wait: bool = True) -> NodeProc:
+        index = len(self.nodes)
+        node = NodeProc(index, f"127.0.0.{10 + index}:{self.port}",
+                        self.root / f"node{index}", extra=list(extra or []))
+        self.nodes.append(node)
+        args = ["--listen", node.address]
+        for other in join or []:
+            args += ["--join", other.address]
+        if bootstrap:
+            args += ["--bootstrap", bootstrap]
+        node.extra = args + node.extra
+        self.start(node, wait)
+        return node
+
+    def start(self, node: NodeProc, wait: bool = True) -> None:
+        node.data_dir.mkdir(parents=True, exist_ok=True)
+        node.log = node.data_dir / f"node-{int(time.time() * 1000)}.log"
+        cmd = [sys.executable, "-m", "kelipsfs.cli", "node", "--data-dir", str(node.data_dir),
+               *node.extra]
+        for setting in self.settings:
+            cmd += ["--set", setting]
+        if self.key_file is not None:
+            cmd += ["--cluster-key-file", str(self.key_file)]
+        with open(node.log, "w") as log:
+            node.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True,
+                                         start_new_session=True)
+        if wait:
+            self.wait_ready(node)
+
+    def wait_ready(self, node: NodeProc) -> None:
+        """Ready = the node wrote its endpoint file with its own pid (after joining)."""
+        assert node.proc is not None
+        deadline = time.monotonic() + READY_TIMEOUT
+        endpoint = node.data_dir / "endpoint.json"
+        while time.monotonic() < deadline:
+            try:
+                if json.loads(endpoint.read_text()).get("pid") == node.proc.pid:
+                    return
+            except (OSError, ValueError):
+                pass
+            if node.proc.poll() is not None:
+                raise RuntimeError(f"node {node.index} exited {node.proc.returncode}:\n"
+                                   f"{self.log_text(node)}")
+            time.sleep(0.05)
+        raise TimeoutError(f"node {node.index} not ready in {READY_TIMEOUT}s:\n"
+                           f"{self.log_text(node)}")
+
+    def log_text(self, node: NodeProc) -> str:
+        return node.log.read_text()[-4000:] if node.log and node.log.exists() else ""
+
+    def kill(self, node: NodeProc, sig: int = signal.SIGKILL) -> None:
+        if node.proc is not None and node.proc.poll() is None:
+            os.killpg(node.proc.pid, sig)
+            try:
+                node.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.proc.pid, signal.SIGKILL)
+                node.proc.wait(timeout=10)
+
+    def stop(self, node: NodeProc) -> int:
+        self.kill(node, signal.SIGTERM)
+        assert node.proc is not None
+        return node.proc.returncode
+
+    def close(self) -> None:
+        for proc in self.extra_procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                os.killpg(node.proc.pid, signal.SIGKILL)
+                node.proc.wait(timeout=10)
+
+    def cli(self, node: NodeProc, *args: str, check: bool = True,
+            input_bytes: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        cmd = [sys.executable, "-m", "kelipsfs.cli", *args, "--node", node.address]
+        if self.key_file is not None:
+            cmd += ["--cluster-key-file", str(self.key_file)]
+        result = subprocess.run(cmd, capture_output=True, timeout=CLI_TIMEOUT,
+                                input=input_bytes, cwd=self.root)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({result.returncode}): "
+                                 f"{result.stderr.decode(errors='replace')}")
+        return result
+
+    def status(self, node: NodeProc) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(self.cli(node, "status", "--json").stdout)
+        return doc
+
+    def wait_for(self, predicate: Any, timeout: float, what: str, step: float = 0.5) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                if predicate():
+                    return
+            except (AssertionError, ValueError, KeyError) as exc:
+                last = exc
+            time.sleep(step)
+        raise TimeoutError(f"timed out after {timeout}s waiting for {what}"
+                           + (f" (last error: {last})" if last else ""))

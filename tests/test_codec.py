@@ -57,7 +57,7 @@ MESSAGES: dict[str, Message] = {
         (member(2), member(3, inc=U32, hb=U32)),
         (tuple_entry("/a/b.txt"), tuple_entry("/été/ü.bin", holders=0, tombstone=True)),
         pull=True,
-        beats=(Beat(nid(4)[:BEAT_PREFIX], 1, 9), Beat(b"\xff" * BEAT_PREFIX, U32, 0)),
+        beats=(Beat(nid(4)[:BEAT_PREFIX], 1, 9), Beat(b"\xff" * BEAT_PREFIX, 0xFFFF, U32)),
     ),
     "gossip-pull-only": Gossip(SENDER, 123, False, (), (), pull=True),
     "gossip-ack-only": Gossip(SENDER, 456, True, (member(5),), ()),
@@ -118,7 +118,7 @@ def test_gossip_ts_is_carried_modulo_2_32() -> None:
 
 def test_size_helpers_agree_with_encoding() -> None:
     t = tuple_entry("/some/name")
-    msg = Gossip(SENDER, 0, False, (member(2),), (t,), beats=(Beat(b"\x00" * 8, 1, 1),))
+    msg = Gossip(SENDER, 0, False, (member(2),), (t,), beats=(Beat(b"\x00" * BEAT_PREFIX, 1, 1),))
     assert codec.tuple_size(t) == len(codec.encode(env(Gossip(SENDER, 0, False, (), (t,))))) \
         - codec.GOSSIP_OVERHEAD
     assert codec.gossip_size(1, 1, codec.tuple_size(t)) == len(codec.encode(env(msg)))
@@ -311,7 +311,8 @@ tuple_entries = st.builds(
     st.lists(ids, max_size=5).map(tuple),
     st.booleans(),
 )
-beats = st.builds(Beat, st.binary(min_size=BEAT_PREFIX, max_size=BEAT_PREFIX), u32, u32)
+beats = st.builds(Beat, st.binary(min_size=BEAT_PREFIX, max_size=BEAT_PREFIX),
+                  st.integers(0, 0xFFFF), u32)
 
 
 def _tuples_of(strategy: st.SearchStrategy, n: int) -> st.SearchStrategy:

@@ -42,7 +42,7 @@ _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _GOSSIP_FIXED = struct.Struct(">IB")
-_BEAT = struct.Struct(f">{BEAT_PREFIX}sII")
+_BEAT = struct.Struct(f">{BEAT_PREFIX}sHI")
 
 HEADER_SIZE = _HEADER.size
 MEMBER_SIZE = _MEMBER.size

@@ -80,7 +80,7 @@ class Member:
         return True
 
     def beat(self) -> Beat:
-        return Beat(self.node_id[:BEAT_PREFIX], self.incarnation, self.heartbeat)
+        return Beat(self.node_id[:BEAT_PREFIX], self.incarnation & 0xFFFF, self.heartbeat)
 
     def observe_rtt(self, sample: float) -> None:
         """Exponentially weighted RTT, robust to one slow sample."""

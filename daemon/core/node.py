@@ -153,6 +153,7 @@ class KelipsNode:
         self._repair_dirty = False
         self._last_group_gossip = now  # when gossip from the own group last arrived
         self._by_prefix: dict[bytes, Member] = {}  # beat prefix -> own-group member
+        self._ambiguous: set[bytes] = set()  # prefixes shared by two members (rare)
         self._fresh: OrderedDict[NodeId, int] = OrderedDict()  # new members: full-entry sends left
         # Members forgotten lately, probed now and then: after a partition longer than t_fail
         # both sides have failed each other, and without this nothing would ever cross again.
@@ -266,7 +267,15 @@ class KelipsNode:
     def _add_member(self, member: Member, rumor: bool = True) -> None:
         self.members[member.node_id] = member
         if member.own:
-            self._by_prefix[member.node_id[:BEAT_PREFIX]] = member
+            prefix = member.node_id[:BEAT_PREFIX]
+            other = self._by_prefix.get(prefix)
+            if (other is not None and other is not member) or prefix in self._ambiguous:
+                # Two members share a beat prefix: beats for it mean nothing; both travel
+                # as full entries instead (see _build_own_message).
+                self._ambiguous.add(prefix)
+                self._by_prefix.pop(prefix, None)
+            else:
+                self._by_prefix[prefix] = member
             if rumor:
                 self._fresh[member.node_id] = _FRESH_SENDS
 
@@ -414,6 +423,11 @@ class KelipsNode:
             if m is not None and m.alive:
                 full.append(m.entry())
         own_full = self._fresh_entries(_FRESH_PER_MESSAGE)
+        if self._ambiguous:
+            taken = {e.node_id for e in own_full}
+            own_full.extend(m.entry() for m in self.own_alive()
+                            if m.node_id[:BEAT_PREFIX] in self._ambiguous
+                            and m.node_id not in taken)
         full.extend(own_full)
         budget -= codec.MEMBER_SIZE * len(full)
         hot_reserve = 0
@@ -572,7 +586,8 @@ class KelipsNode:
         by_prefix = self._by_prefix
         for beat in msg.beats:
             m = by_prefix.get(beat.prefix)
-            if m is not None and m.absorb_beat(beat.incarnation, beat.heartbeat, now):
+            if m is not None and (m.incarnation & 0xFFFF) == beat.incarnation \
+                    and m.absorb_beat(m.incarnation, beat.heartbeat, now):
                 self._heard(m, now)
         for t in msg.tuples:
             self.merge_tuple(now, t)
@@ -633,8 +648,11 @@ class KelipsNode:
         nid = entry.node_id
         m = self.members.get(nid)
         if m is not None:
+            incarnation = m.incarnation
             if m.absorb(entry, now):
                 self._heard(m, now)
+                if m.own and m.incarnation != incarnation:
+                    self._fresh[nid] = _FRESH_SENDS  # a new life: beats cannot carry it
             return
         if nid == self.node_id:
             if (entry.incarnation, entry.heartbeat) > (self.incarnation, self.heartbeat):

@@ -270,12 +270,11 @@ class _Api:
         name = self._name(req, "/v1/files/")
         self._verify(req, EMPTY_SHA256)
         try:
-            entry, stream = await self.rt.dataplane.open_read(name)
+            meta, stream = await self.rt.dataplane.open_read(name)
         except DataError as exc:
             raise HTTPError(exc.status, exc.message) from exc
-        headers = _meta_headers(entry.size, entry.mode, entry.mtime_ns, entry.checksum,
-                                entry.version.clock)
-        headers["content-length"] = str(entry.size)
+        headers = _meta_headers(meta.size, meta.mode, meta.mtime_ns, meta.checksum, meta.clock)
+        headers["content-length"] = str(meta.size)
         return Response(200, headers=headers, stream=stream)
 
     async def delete_file(self, req: Request) -> Response:

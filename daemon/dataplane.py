@@ -13,8 +13,9 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 
@@ -126,28 +127,42 @@ class DataPlane:
         self.rt.metrics.inc("kelips_lookups_total", result="started")
         if plan.local:
             entry = plan.entry
-            holders = self.node.live_holders(entry) if entry is not None else []
-            return Located(entry, holders, 0)
+            if entry is not None:
+                return Located(entry, self.node.live_holders(entry), 0)
+            # Not heard of yet here: a write that just happened elsewhere told its holders
+            # first, and they are the members placement names.
+            candidates = [e for e in self.node.placement(name) if e.node_id != self.node.node_id]
+            entry, holders, hops = await self._ask_candidates(name, candidates)
+            return Located(entry, holders, hops)
         doc, hops = await self._ask_contacts(name, "/v1/lookup", {"name": name})
         entry = tuple_from_json(doc["tuple"]) if doc.get("tuple") else None
         holders = self.node.fetch_order(tuple(entry_from_json(e) for e in doc["holders"]))
         if entry is None:
             # The contact has not heard of the name yet (tuples spread by gossip): ask the
             # members a write would have chosen, which hold it if it was just written.
-            for candidate in (entry_from_json(e) for e in doc.get("candidates", [])):
-                hops += 1
-                try:
-                    local, _ = await self.peers.call_json("GET", candidate.address, "/v1/lookup",
-                                                          {"name": name, "local": 1})
-                except PeerError:
-                    continue
-                if local.get("tuple"):
-                    entry = tuple_from_json(local["tuple"])
-                    holders = self.node.fetch_order(
-                        tuple(entry_from_json(e) for e in local["holders"]))
-                    break
+            entry, holders, more = await self._ask_candidates(
+                name, [entry_from_json(e) for e in doc.get("candidates", [])])
+            hops += more
         self.rt.metrics.inc("kelips_lookup_hops_total", hops)
         return Located(entry, holders, hops)
+
+    async def _ask_candidates(self, name: str, candidates: list[MemberEntry]
+                              ) -> tuple[TupleEntry | None, list[MemberEntry], int]:
+        hops = 0
+        for candidate in candidates:
+            hops += 1
+            try:
+                local, _ = await self.peers.call_json("GET", candidate.address, "/v1/lookup",
+                                                      {"name": name, "local": 1})
+            except PeerError:
+                continue
+            if local.get("tuple"):
+                entry = tuple_from_json(local["tuple"])
+                self.node.merge_tuple(self.rt.now(), entry)
+                holders = self.node.fetch_order(
+                    tuple(entry_from_json(e) for e in local["holders"]))
+                return entry, holders, hops
+        return None, [], hops
 
     async def stat(self, name: str) -> TupleEntry:
         found = await self.locate(name)
@@ -218,60 +233,102 @@ class DataPlane:
 
     # --- read --------------------------------------------------------------------------------
 
-    async def open_read(self, name: str) -> tuple[TupleEntry, AsyncIterator[bytes]]:
-        """The current tuple and a stream of its verified bytes, falling back across holders
-        (resuming at the offset reached) when one fails mid-transfer."""
+    async def open_read(self, name: str) -> tuple[ObjectMeta, AsyncIterator[bytes]]:
+        """Metadata and a stream of verified bytes of the newest version a holder has.
+
+        The holder's own version wins over the tuple used to find it (a just-overwritten
+        object is never served stale); if a holder fails mid-transfer the next one holding
+        the same version resumes at the offset reached.
+        """
         found = await self.locate(name)
         entry = found.entry
         if entry is None or entry.tombstone:
             self.rt.metrics.inc("kelips_lookups_total", result="not_found")
             raise NotFound(f"{name}: no such object")
-        if not found.holders:
-            raise Unavailable(f"{name}: no live holder")
-        self.rt.metrics.inc("kelips_lookups_total", result="ok")
-        return entry, self._stream(entry, found.holders)
+        errors: list[str] = []
+        for i, holder in enumerate(found.holders):
+            stack = AsyncExitStack()
+            try:
+                meta, chunks = await self._open_holder(stack, entry, holder, 0, None)
+            except (PeerError, NotFound, OSError) as exc:
+                await stack.aclose()
+                errors.append(f"{holder.host}:{holder.port}: {exc}")
+                continue
+            if meta.tombstone:
+                await stack.aclose()
+                raise NotFound(f"{name}: no such object")
+            self.rt.metrics.inc("kelips_lookups_total", result="ok")
+            return meta, self._stream(entry, meta, stack, chunks, found.holders[i + 1:])
+        raise Unavailable(f"{name}: no live holder answered: {'; '.join(errors) or 'none known'}")
 
-    async def _stream(self, entry: TupleEntry, holders: list[MemberEntry]
+    async def _stream(self, entry: TupleEntry, meta: ObjectMeta, stack: AsyncExitStack,
+                      chunks: AsyncIterator[bytes], others: list[MemberEntry]
                       ) -> AsyncIterator[bytes]:
         sha = hashlib.sha256()
         sent = 0
         errors: list[str] = []
-        for holder in holders:
-            try:
-                async for chunk in self._from_holder(entry, holder, sent):
-                    sha.update(chunk)
-                    sent += len(chunk)
-                    yield chunk
-            except (PeerError, NotFound, OSError) as exc:
-                errors.append(f"{holder.host}:{holder.port}: {exc}")
-                continue
-            if sent != entry.size or sha.digest() != entry.checksum:
+        try:
+            while True:
+                try:
+                    async for chunk in chunks:
+                        sha.update(chunk)
+                        sent += len(chunk)
+                        yield chunk
+                    break
+                except (PeerError, OSError) as exc:
+                    errors.append(str(exc))
+                await stack.aclose()
+                stack = AsyncExitStack()
+                while others:
+                    holder = others.pop(0)
+                    try:
+                        _, chunks = await self._open_holder(stack, entry, holder, sent, meta)
+                        break
+                    except (PeerError, NotFound, OSError) as exc:
+                        await stack.aclose()
+                        stack = AsyncExitStack()
+                        errors.append(f"{holder.host}:{holder.port}: {exc}")
+                else:
+                    raise Unavailable(f"{entry.name}: transfer failed on every holder: "
+                                      f"{'; '.join(errors)}")
+            if sent != meta.size or sha.digest() != meta.checksum:
                 raise DataError(f"{entry.name}: content does not match its checksum")
-            return
-        raise Unavailable(f"{entry.name}: every holder failed: {'; '.join(errors)}")
+        finally:
+            await stack.aclose()
 
-    async def _from_holder(self, entry: TupleEntry, holder: MemberEntry, offset: int
-                           ) -> AsyncIterator[bytes]:
+    async def _open_holder(self, stack: AsyncExitStack, entry: TupleEntry, holder: MemberEntry,
+                           offset: int, same_as: ObjectMeta | None
+                           ) -> tuple[ObjectMeta, AsyncIterator[bytes]]:
+        """Open a holder's copy (at least ``entry``'s version; exactly ``same_as`` if given)."""
+        min_clock = same_as.clock if same_as is not None else entry.version.clock
         if holder.node_id == self.node.node_id:
             obj = self.rt.store.get(entry.name)
-            if obj is None or obj.tombstone or obj.version < entry.version:
+            if obj is None or obj.version.clock < min_clock:
                 raise NotFound("local copy missing or older")
-            async for chunk in self.rt.store.read_chunks(obj, offset=offset):
-                yield chunk
-            return
-        query = {"min_clock": entry.version.clock, "writer": entry.version.writer.hex(),
-                 "offset": offset}
-        async with self.peers.stream("GET", holder.address, "/v1/replica/" + entry.name,
-                                     query) as response:
-            if response.status_code == 404:
-                raise NotFound("holder has no such version")
-            if response.status_code != 200:
-                raise PeerError(f"status {response.status_code}", response.status_code)
-            try:
-                async for chunk in response.aiter_bytes():
-                    yield chunk
-            except Exception as exc:  # httpx stream errors: fall back to the next holder
-                raise PeerError(f"transfer broke: {type(exc).__name__}") from exc
+            meta = ObjectMeta(obj.size, obj.checksum, obj.mode, obj.mtime_ns, obj.version.clock,
+                              obj.tombstone)
+            if same_as is not None and meta != same_as:
+                raise NotFound("local copy is another version")
+            if obj.tombstone:
+                return meta, _empty()
+            return meta, self.rt.store.read_chunks(obj, offset=offset)
+        query = {"min_clock": min_clock, "offset": offset}
+        response = await stack.enter_async_context(
+            self.peers.stream("GET", holder.address, "/v1/replica/" + entry.name, query))
+        if response.status_code == 404:
+            raise NotFound("holder has no such version")
+        if response.status_code != 200:
+            raise PeerError(f"status {response.status_code}", response.status_code)
+        try:
+            h = response.headers
+            meta = ObjectMeta(int(h["x-kelips-size"]), bytes.fromhex(h["x-kelips-checksum"]),
+                              int(h["x-kelips-mode"]), int(h["x-kelips-mtime-ns"]),
+                              int(h["x-kelips-clock"]), False)
+        except (KeyError, ValueError) as exc:
+            raise PeerError(f"holder sent bad metadata: {exc}") from exc
+        if same_as is not None and meta != same_as:
+            raise NotFound("holder has another version")
+        return meta, _guarded(response.aiter_bytes())
 
     # --- delete ------------------------------------------------------------------------------
 
@@ -379,6 +436,34 @@ class DataPlane:
                  "y" if len(added) == 1 else "ies")
         holders = [m.entry() for m in self.node.own_alive() if m.node_id in updated.holders]
         await self.publish(updated, holders)
+
+
+class ObjectMeta(NamedTuple):
+    """What a holder says about the copy it serves (HTTP headers or the local store)."""
+
+    size: int
+    checksum: bytes
+    mode: int
+    mtime_ns: int
+    clock: int
+    tombstone: bool
+
+
+async def _empty() -> AsyncIterator[bytes]:
+    empty: tuple[bytes, ...] = ()
+    for chunk in empty:
+        yield chunk
+
+
+async def _guarded(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """httpx stream errors become PeerError, so the reader falls back to the next holder."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception as exc:
+        if isinstance(exc, PeerError):
+            raise
+        raise PeerError(f"transfer broke: {type(exc).__name__}") from exc
 
 
 def _version_query(version: Version, mode: int, mtime_ns: int, size: int) -> dict[str, object]:

@@ -1,0 +1,138 @@
+"""Real nodes: read-after-write everywhere, metrics, hostile input, full disks."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import Cluster, NodeProc
+from tests.test_cluster import FAST, _file, _get
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    with Cluster(tmp_path, settings=["k=1", *FAST]) as c:
+        yield c
+
+
+def _five(c: Cluster) -> list[NodeProc]:
+    nodes = [c.new_node()]
+    for _ in range(4):
+        nodes.append(c.new_node(join=[nodes[0]]))
+    c.wait_for(lambda: all(len(c.status(n)["members"]) == 5 for n in nodes), 20, "5 members")
+    return nodes
+
+
+def _metrics(node: NodeProc) -> str:
+    host, port = node.address.split(":")
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def _metric(text: str, prefix: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(prefix))
+
+
+def test_read_after_write_and_overwrite_from_every_node(cluster: Cluster, tmp_path: Path) -> None:
+    nodes = _five(cluster)
+    for round_ in range(3):
+        src = _file(tmp_path, f"v{round_}", 10_000 + round_, seed=round_)
+        cluster.cli(nodes[round_], "put", str(src), "shared.bin")
+        for node in nodes:  # at once: no waiting for gossip
+            assert _get(cluster, node, "shared.bin") == src.read_bytes()
+
+
+def test_metrics_and_hostile_datagrams(cluster: Cluster) -> None:
+    a = cluster.new_node()
+    b = cluster.new_node(join=[a])
+    cluster.wait_for(lambda: len(cluster.status(a)["members"]) == 2, 20, "two members")
+    before = _metrics(a)
+    assert "kelips_members" in before and "kelips_gossip_bytes_out_total" in before
+    host, port = a.address.split(":")
+    rng = random.Random(7)
+    valid_looking = bytes([1, 1]) + b"\x00" * 200
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for i in range(3000):
+            kind = i % 3
+            if kind == 0:
+                data = rng.randbytes(rng.randrange(1, 1400))
+            elif kind == 1:
+                data = bytearray(valid_looking + rng.randbytes(48))
+                data[rng.randrange(len(data))] ^= 0xFF
+                data = bytes(data)
+            else:
+                data = rng.randbytes(8000)  # oversized
+            sock.sendto(data, (host, int(port)))
+            if i % 20 == 0:
+                time.sleep(0.002)  # paced: the kernel drops a burst beyond the socket buffer
+    cluster.wait_for(lambda: _metric(_metrics(a), "kelips_rejected_packets_total") >= 2000, 20,
+                     "rejected datagrams counted")
+    status = cluster.status(a)
+    assert len(status["members"]) == 2
+    assert all(m["state"] == "alive" for m in status["members"])
+    assert a.alive and b.alive
+
+
+def test_malformed_and_oversized_requests(cluster: Cluster) -> None:
+    a = cluster.new_node()
+    host, port = a.address.split(":")
+    base = f"http://{host}:{port}"
+    cases = [("POST", "/v1/sync", b"x" * (2 << 20)), ("POST", "/v1/sync", b"garbage"),
+             ("GET", "/v1/lookup?name=../x", b""), ("PUT", "/v1/replica/a", b"data"),
+             ("GET", "/v1/status", b""), ("DELETE", "/v1/files/a", b""),
+             ("GET", "/v1/nothing", b"")]
+    for method, path, body in cases:
+        request = urllib.request.Request(base + path, data=body or None, method=method)
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=10)
+        assert 400 <= info.value.code < 500, (method, path, info.value.code)
+    assert a.alive
+    assert len(cluster.status(a)["members"]) == 1
+
+
+def test_full_disk_gives_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], check=True)
+    try:
+        with Cluster(tmp_path, settings=["k=1", *FAST]) as c:
+            node = NodeProc(0, f"127.0.0.10:{c.port}", mnt / "node")
+            node.extra = ["--listen", node.address]
+            c.nodes.append(node)
+            c.start(node)
+            small = _file(tmp_path, "small.bin", 100_000)
+            c.cli(node, "put", str(small), "small.bin")
+            big = _file(tmp_path, "big.bin", 6 << 20)
+            result = c.cli(node, "put", str(big), "big.bin", check=False)
+            assert result.returncode != 0
+            err = result.stderr.decode()
+            assert "full" in err.lower() or "space" in err.lower(), err
+            assert c.cli(node, "ls").stdout.decode().split() == ["small.bin"]
+            assert _get(c, node, "small.bin") == small.read_bytes()
+            spool = mnt / "node" / "spool"
+            assert not spool.exists() or not os.listdir(spool)
+            c.stop(node)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_status_table_and_json(cluster: Cluster) -> None:
+    a = cluster.new_node()
+    b = cluster.new_node(join=[a])
+    cluster.wait_for(lambda: len(cluster.status(b)["members"]) == 2, 20, "two members")
+    table = cluster.cli(a, "status").stdout.decode()
+    assert "HEARTBEAT" in table and "alive" in table
+    doc = json.loads(cluster.cli(a, "status", "--json").stdout)
+    assert doc["k"] == 1 and doc["n_estimate"] == 2
+    rows = {row["role"] for row in doc["members"]}
+    assert rows == {"self", "member"}

@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -246,24 +242,12 @@ class _Api:
         size = req.int_arg("size")
         if size < 0 or size > self.rt.settings.max_object_bytes:
             raise HTTPError(413, f"object of {size} bytes over the limit")
-        spool_dir = self.rt.settings.data_dir / "spool"
-        spool_dir.mkdir(parents=True, exist_ok=True)
-        fd, raw_path = tempfile.mkstemp(dir=spool_dir, prefix="put-")
-        os.close(fd)
-        path = Path(raw_path)
         try:
-            got_sha, got_size = await _spool(req.stream(), path)
-            if got_sha != sha or got_size != size:
-                raise HTTPError(422, "body does not match its declared size and SHA-256")
-            entry = await self.rt.dataplane.insert(name, path, size, sha,
-                                                   req.int_arg("mode", 0o644),
-                                                   req.int_arg("mtime_ns", 0))
+            entry = await self.rt.dataplane.insert_stream(
+                name, req.stream(), size, sha, req.int_arg("mode", 0o644),
+                req.int_arg("mtime_ns", 0))
         except DataError as exc:
-            raise HTTPError(exc.status, exc.message) from exc
-        except OSError as exc:
-            raise HTTPError(507 if exc.errno == 28 else 500, f"spool failed: {exc}") from exc
-        finally:
-            path.unlink(missing_ok=True)
+            raise HTTPError(exc.status, _full_hint(exc.message)) from exc
         return Response.json({"tuple": tuple_to_json(entry)})
 
     async def get_file(self, req: Request) -> Response:
@@ -313,6 +297,13 @@ class _Api:
         return Response.text(self.rt.metrics.render(), content_type="text/plain; version=0.0.4")
 
 
+def _full_hint(message: str) -> str:
+    """A holder out of space answers 507: say so in words a user recognises."""
+    if "507" in message or "No space" in message or "full" in message.lower():
+        return f"{message} (a holder's disk is full)"
+    return message
+
+
 def validate_or_400(name: str) -> str:
     try:
         return validate_name(name)
@@ -332,26 +323,6 @@ def _meta_headers(size: int, mode: int, mtime_ns: int, checksum: bytes, clock: i
     return {"content-type": "application/octet-stream", "x-kelips-size": str(size),
             "x-kelips-mode": str(mode), "x-kelips-mtime-ns": str(mtime_ns),
             "x-kelips-checksum": checksum.hex(), "x-kelips-clock": str(clock)}
-
-
-async def _spool(chunks: AsyncIterator[bytes], path: Path) -> tuple[bytes, int]:
-    """Write a request body to a local file, hashing it on the way (1 MiB writes)."""
-    sha = hashlib.sha256()
-    size = 0
-    async with await trio.open_file(path, "wb") as fh:
-        pending: list[bytes] = []
-        pending_size = 0
-        async for chunk in chunks:
-            sha.update(chunk)
-            size += len(chunk)
-            pending.append(chunk)
-            pending_size += len(chunk)
-            if pending_size >= 1 << 20:
-                await fh.write(b"".join(pending))
-                pending, pending_size = [], 0
-        if pending:
-            await fh.write(b"".join(pending))
-    return sha.digest(), size
 
 
 __all__ = ["Snapshot", "build_app", "serve_http"]

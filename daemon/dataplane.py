@@ -201,6 +201,77 @@ class DataPlane:
         async with trio.open_nursery() as nursery:
             for holder in holders:
                 nursery.start_soon(store_on, holder)
+        return await self._acknowledge(name, version, holders, stored, errors, size, checksum,
+                                       mode, mtime_ns)
+
+    async def insert_stream(self, name: str, chunks: AsyncIterator[bytes], size: int,
+                            checksum: bytes, mode: int, mtime_ns: int) -> TupleEntry:
+        """Store a client's upload on the name's holders while it arrives: the body is teed
+        into every holder's upload (and the local store when this node is a holder), with
+        bounded buffers so the slowest holder sets the pace and nothing piles up in memory.
+        Each holder verifies size and SHA-256 before it commits, so a short or corrupt body
+        is stored nowhere."""
+        holders, _ = await self.placement(name)
+        if not holders:
+            raise InsertFailed(f"{name}: no holder available in its group")
+        version = self.node.new_version(int(self.rt.wall() * 1000))
+        stored: list[MemberEntry] = []
+        errors: list[str] = []
+        senders: list[trio.MemorySendChannel[bytes]] = []
+
+        async def store_on(holder: MemberEntry,
+                           receive: trio.MemoryReceiveChannel[bytes]) -> None:
+            async def body() -> AsyncIterator[bytes]:
+                async with receive:
+                    async for chunk in receive:
+                        yield chunk
+
+            try:
+                if holder.node_id == self.node.node_id:
+                    await self.rt.store.put(name, version, mode, mtime_ns, body(),
+                                            expected_checksum=checksum, expected_size=size)
+                else:
+                    async with self.peers.stream(
+                            "PUT", holder.address, "/v1/replica/" + name,
+                            _version_query(version, mode, mtime_ns, size), body=body(),
+                            content_sha256=checksum) as response:
+                        reply = await response.aread()
+                    if response.status_code != 200:
+                        raise PeerError(f"refused the object: {reply[:200]!r}",
+                                        response.status_code)
+                stored.append(holder)
+            except Exception as exc:  # any holder failure only removes that holder
+                errors.append(f"{holder.host}:{holder.port}: {exc}")
+            finally:
+                receive.close()
+
+        async def feed() -> None:
+            try:
+                async for chunk in chunks:
+                    for send in list(senders):
+                        try:
+                            await send.send(chunk)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            senders.remove(send)  # that holder gave up; the others go on
+                    if not senders:
+                        return
+            finally:
+                for send in senders:
+                    send.close()
+
+        async with trio.open_nursery() as nursery:
+            for holder in holders:
+                send, receive = trio.open_memory_channel[bytes](8)
+                senders.append(send)
+                nursery.start_soon(store_on, holder, receive)
+            await feed()
+        return await self._acknowledge(name, version, holders, stored, errors, size, checksum,
+                                       mode, mtime_ns)
+
+    async def _acknowledge(self, name: str, version: Version, holders: list[MemberEntry],
+                           stored: list[MemberEntry], errors: list[str], size: int,
+                           checksum: bytes, mode: int, mtime_ns: int) -> TupleEntry:
+        """Publish the tuple if the write quorum holds the bytes; else fail the insert."""
         quorum = self.rt.settings.write_quorum or 1
         if len(stored) < quorum:
             self.rt.metrics.inc("kelips_puts_total", result="failed")

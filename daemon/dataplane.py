@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kelipsfs.data")
 
 REPAIR_PERIOD = 1.0
+RECONCILE_PERIOD = 10.0
 
 
 class DataError(Exception):
@@ -477,12 +478,40 @@ class DataPlane:
         self._repair_wake.set()
 
     async def repair_loop(self) -> None:
+        next_reconcile = self.rt.now() + RECONCILE_PERIOD
         while True:
             with trio.move_on_after(REPAIR_PERIOD):
                 await self._repair_wake.wait()
             self._repair_wake = trio.Event()
             for task in self.node.repair_tasks(self.rt.now()):
                 await self._repair(task.entry, list(task.targets))
+            if self.rt.now() >= next_reconcile:
+                next_reconcile = self.rt.now() + RECONCILE_PERIOD
+                await self.reconcile()
+
+    async def reconcile(self) -> None:
+        """Drop local copies the group has moved past: an older version than the group's
+        tuple that no longer names this node (it came back with old data), and tombstones
+        whose tuple has expired."""
+        if not self.node.synced:
+            return
+        now_ns = time.time_ns()
+        ttl_ns = int(self.node.config.tombstone_ttl * 1e9)
+        for obj in self.rt.store.objects():
+            if self.node.group_of(obj.name) != self.node.group:
+                continue
+            current = self.node.tuples.get(obj.name)
+            if current is None:
+                if obj.tombstone and now_ns - obj.mtime_ns > ttl_ns:
+                    await self.rt.store.drop(obj.name, version=obj.version)
+                continue
+            if current.version > obj.version and self.node.node_id not in current.holders:
+                if current.tombstone:
+                    await self.rt.store.delete(obj.name, current.version,
+                                               mtime_ns=current.mtime_ns)
+                else:
+                    await self.rt.store.drop(obj.name, version=obj.version)
+                log.info("dropped stale copy of %s", obj.name)
 
     async def _repair(self, entry: TupleEntry, targets: list[MemberEntry]) -> None:
         obj = self.rt.store.get(entry.name)

@@ -75,6 +75,9 @@ _FANOUT_RE = re.compile(r"[0-9a-f]{2}")
 _T = TypeVar("_T")
 
 
+_SMALL_READ = 256 * 1024  # objects up to this size are read in one thread hop
+
+
 class StoreError(Exception):
     """The store could not do what was asked; the message names the object and the cause."""
 
@@ -341,6 +344,20 @@ class ObjectStore:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         if not 0 <= offset <= obj.size:
             raise ValueError(f"offset must be within 0..{obj.size}, got {offset}")
+        if obj.size - offset <= min(chunk_size, _SMALL_READ):
+            # Small objects (the common case for metadata-heavy work) in one thread hop.
+            block = await _in_thread(functools.partial(self._read_whole, obj, offset))
+            if len(block) != obj.size - offset:
+                raise ChecksumMismatch(
+                    f"stored content of {_show(obj.name)} (version "
+                    f"{_show_version(obj.version)}) is truncated on disk")
+            if verify and offset == 0 and hashlib.sha256(block).digest() != obj.checksum:
+                raise ChecksumMismatch(
+                    f"stored content of {_show(obj.name)} (version {_show_version(obj.version)}) "
+                    "is corrupt: its SHA-256 no longer matches the one recorded at write time")
+            if block:
+                yield block
+            return
         f = await _in_thread(functools.partial(self.open_content, obj))
         try:
             if offset:
@@ -367,6 +384,16 @@ class ObjectStore:
                     "is corrupt: its SHA-256 no longer matches the one recorded at write time")
         finally:
             await _shielded(f.close)
+
+    def _read_whole(self, obj: StoredObject, offset: int) -> bytes:
+        with self.open_content(obj) as fh:
+            if offset:
+                fh.seek(offset)
+            try:
+                return fh.read(obj.size - offset)
+            except OSError as exc:
+                raise StoreError(f"cannot read {_show(obj.name)}: "
+                                 f"{exc.strerror or exc}") from exc
 
     # --- writes -------------------------------------------------------------------------------
 

@@ -155,7 +155,10 @@ class Client:
                 async for chunk in response.aiter_bytes(1 << 20):
                     sha.update(chunk)
                     size += len(chunk)
-                    await trio.to_thread.run_sync(out.write, chunk)
+                    if len(chunk) >= 1 << 18:
+                        await trio.to_thread.run_sync(out.write, chunk)
+                    else:
+                        out.write(chunk)  # a small write: a thread hop would cost more
                     if meter:
                         meter.add(len(chunk))
                 if meter:

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import trio
 
 from daemon.core.messages import MemberEntry, TupleEntry, Version
-from daemon.peers import PeerError
+from daemon.core.node import KelipsNode
+from daemon.peers import PeerClient, PeerError
 from daemon.store import StaleVersion, StoredObject
 from daemon.wire import entry_from_json, tuple_from_json, tuple_to_json
 
@@ -70,11 +71,12 @@ class DataPlane:
         self._repair_wake = trio.Event()
 
     @property
-    def node(self) -> Any:
+    def node(self) -> KelipsNode:
         return self.rt.node
 
     @property
-    def peers(self) -> Any:
+    def peers(self) -> PeerClient:
+        assert self.rt.peers is not None, "node not started"
         return self.rt.peers
 
     # --- startup ------------------------------------------------------------------------------

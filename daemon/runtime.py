@@ -14,7 +14,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -36,6 +36,9 @@ from daemon.security import Authenticator, AuthError, load_key, open_cluster_key
 from daemon.settings import NodeSettings
 from daemon.store import ObjectStore
 from daemon.wire import entry_from_json, entry_to_json
+
+if TYPE_CHECKING:
+    from daemon.dataplane import DataPlane
 
 log = logging.getLogger("kelipsfs.node")
 
@@ -90,7 +93,7 @@ class NodeRuntime:
                else open_cluster_key(settings.core.cluster_id))
         self.auth = Authenticator(key, settings.auth_window)
         self.peers: PeerClient | None = None
-        self.dataplane: Any = None
+        self._dataplane: DataPlane | None = None
         self.started_at = time.time()
 
     # --- accessors ----------------------------------------------------------------------------
@@ -99,6 +102,11 @@ class NodeRuntime:
     def node(self) -> KelipsNode:
         assert self._node is not None, "node not started"
         return self._node
+
+    @property
+    def dataplane(self) -> DataPlane:
+        assert self._dataplane is not None, "node not started"
+        return self._dataplane
 
     @property
     def store(self) -> ObjectStore:
@@ -110,6 +118,10 @@ class NodeRuntime:
 
     def shutdown(self) -> None:
         self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        """Until shutdown() is called (a signal, an unmount, a test)."""
+        await self._stop.wait()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -124,7 +136,7 @@ class NodeRuntime:
         self._node = KelipsNode(s.core, self.identity.node_id, (host, port),
                                 self.identity.incarnation, self.rng, self.now())
         self.peers = PeerClient(self.auth, s.http_timeout, self.wall)
-        self.dataplane = DataPlane(self)
+        self._dataplane = dataplane = DataPlane(self)
         self._register_gauges()
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
@@ -137,10 +149,10 @@ class NodeRuntime:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(serve_http, build_app(self), s.listen)
-                self.dataplane.publish_local_objects()
+                dataplane.publish_local_objects()
                 nursery.start_soon(self._udp_loop)
                 nursery.start_soon(self._timer_loop)
-                nursery.start_soon(self.dataplane.repair_loop)
+                nursery.start_soon(dataplane.repair_loop)
                 if s.bootstrap is not None:
                     nursery.start_soon(self._bootstrap_loop)
                 await self._join()
@@ -253,8 +265,8 @@ class NodeRuntime:
         short = event.node_id.hex()[:10]
         if event.kind in ("failed", "left"):
             log.info("member %s %s", short, event.kind)
-            if self.dataplane is not None:
-                self.dataplane.wake_repair()
+            if self._dataplane is not None:
+                self._dataplane.wake_repair()
         elif event.kind == "joined":
             log.info("member %s joined", short)
         elif event.kind == "revived":

@@ -138,12 +138,8 @@ async def _run_node(settings: Any) -> None:
                            settings.cluster_key_file)
             print(f"kelipsfs node ready on {settings.listen[0]}:{settings.listen[1]}",
                   flush=True)
-            await runtime_done(runtime)
+            await runtime.wait_stopped()
             nursery.cancel_scope.cancel()
-
-
-async def runtime_done(runtime: Any) -> None:
-    await runtime._stop.wait()
 
 
 def cmd_bootstrap(argv: list[str]) -> int:

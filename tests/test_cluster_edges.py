@@ -87,7 +87,15 @@ def test_malformed_and_oversized_requests(cluster: Cluster) -> None:
     a = cluster.new_node()
     host, port = a.address.split(":")
     base = f"http://{host}:{port}"
-    cases = [("POST", "/v1/sync", b"x" * (2 << 20)), ("POST", "/v1/sync", b"garbage"),
+    oversized = urllib.request.Request(base + "/v1/sync", data=b"x" * (2 << 20), method="POST")
+    try:
+        urllib.request.urlopen(oversized, timeout=10)
+        raise AssertionError("a 2 MiB control request was accepted")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 413
+    except urllib.error.URLError as exc:  # refused before the body was read: pipe closed
+        assert isinstance(exc.reason, (BrokenPipeError, ConnectionResetError)), exc
+    cases = [("POST", "/v1/sync", b"garbage"),
              ("GET", "/v1/lookup?name=../x", b""), ("PUT", "/v1/replica/a", b"data"),
              ("GET", "/v1/status", b""), ("DELETE", "/v1/files/a", b""),
              ("GET", "/v1/nothing", b"")]

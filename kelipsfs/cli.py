@@ -17,6 +17,8 @@ USAGE = """usage: kelipsfs COMMAND [ARGS]
 
 commands:
   node       run a storage node in the foreground (kelipsfs node --help)
+  mount      run a node and mount the cluster:  kelipsfs mount MOUNTPOINT [--join HOST:PORT]
+  umount     unmount it (the node leaves):       kelipsfs umount MOUNTPOINT
   bootstrap  run the optional introducer service
   put        store a local file:        kelipsfs put LOCAL NAME
   get        fetch an object:           kelipsfs get NAME [LOCAL|-]
@@ -369,9 +371,20 @@ def cmd_config(argv: list[str]) -> int:
     return 0
 
 
+def cmd_mount(argv: list[str]) -> int:
+    from kelipsfs.mount_cli import cmd_mount as run
+    return run(argv)
+
+
+def cmd_umount(argv: list[str]) -> int:
+    from kelipsfs.mount_cli import cmd_umount as run
+    return run(argv)
+
+
 COMMANDS = {"node": cmd_node, "bootstrap": cmd_bootstrap, "put": cmd_put, "get": cmd_get,
             "ls": cmd_ls, "rm": cmd_rm, "stat": cmd_stat, "status": cmd_status,
-            "keygen": cmd_keygen, "config": cmd_config}
+            "keygen": cmd_keygen, "config": cmd_config, "mount": cmd_mount,
+            "umount": cmd_umount}
 
 
 if __name__ == "__main__":

@@ -430,12 +430,11 @@ class KelipsNode:
                             and m.node_id not in taken)
         full.extend(own_full)
         budget -= codec.MEMBER_SIZE * len(full)
+        # Room for changed tuples: what they need, up to tuple_share (more for one long name).
         hot_reserve = 0
-        first_hot = self.tuples.first_hot() if self.tuples.hot_count else None
-        if first_hot is not None:
-            # At least room for one hot tuple, however long its name: changes always move.
-            hot_reserve = min(budget, max(int(self._budget * cfg.tuple_share),
-                                          codec.tuple_size(first_hot)))
+        if self.tuples.hot_count:
+            hot_reserve = min(budget, self.tuples.hot_bytes(int(self._budget * cfg.tuple_share),
+                                                            codec.tuple_size))
         skip = {e.node_id for e in own_full}
         skip.add(self.node_id)
         beat_slots = max(0, (budget - hot_reserve) // codec.BEAT_SIZE)

@@ -70,13 +70,21 @@ class TupleStore:
     def hot_count(self) -> int:
         return len(self._hot)
 
-    def first_hot(self) -> TupleEntry | None:
-        """The hot tuple served next (its size decides the room reserved for tuples)."""
+    def hot_bytes(self, limit: int, size_of: Callable[[TupleEntry], int]) -> int:
+        """Encoded size of the hot tuples served next, counted up to ``limit``, and never less
+        than the first one's (so a long name still gets its room)."""
+        total = 0
         for name in self._hot:
             entry = self._tuples.get(name)
-            if entry is not None:
-                return entry
-        return None
+            if entry is None:
+                continue
+            size = size_of(entry)
+            if total and total + size > limit:
+                break
+            total += size
+            if total >= limit:
+                break
+        return total
 
     def merge(self, entry: TupleEntry, now: float) -> bool:
         """Keep ``entry`` if it orders above what is held; True when the state changed."""

@@ -1,0 +1,609 @@
+"""Real FUSE mounts: `kelipsfs mount` processes in the background, used with ordinary tools.
+
+Every mount is a separate process (the test process only does file operations on it, never from
+a trio thread). Each fixture unmounts (fusermount3 -u, then -uz) and kills its processes in
+teardown, whatever the test did. Nodes listen on 127.0.0.x loopback addresses only.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    not (Path("/dev/fuse").exists() and shutil.which("fusermount3") and os.geteuid() == 0),
+    reason="needs root, /dev/fuse and fusermount3 (apt-get install -y fuse3 libfuse2 attr)")
+
+KELIPSFS = [sys.executable, "-m", "kelipsfs.cli"]
+CLI_TIMEOUT = 120.0
+MiB = 1 << 20
+
+
+@dataclass
+class Mount:
+    mountpoint: Path
+    data_dir: Path
+    address: str
+    pid: int | None = None
+
+    def path(self, name: str) -> Path:
+        return self.mountpoint / name
+
+
+def _alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (our mounts are not our children)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _mounted(mountpoint: Path) -> bool:
+    """From /proc/mounts, so a dead mount ("transport endpoint is not connected") counts."""
+    with open("/proc/mounts") as fh:
+        return any(line.split()[1] == str(mountpoint) for line in fh)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except (OSError, AssertionError, ValueError, KeyError) as exc:
+            last = exc
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}"
+                       + (f" (last error: {last!r})" if last else ""))
+
+
+class Mounts:
+    """Start `kelipsfs mount` (background mode, as a user would) and always clean up."""
+
+    def __init__(self, root: Path, base: int) -> None:
+        self.root = root
+        self.base = base  # 127.0.0.<base + i>
+        self.port = random.randint(20000, 40000)
+        self.mounts: list[Mount] = []
+
+    def __enter__(self) -> Mounts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def new(self, *settings: str, join: Mount | None = None) -> Mount:
+        index = len(self.mounts)
+        mount = Mount(self.root / f"mnt{index}", self.root / f"data{index}",
+                      f"127.0.0.{self.base + index}:{self.port}")
+        mount.mountpoint.mkdir(parents=True)
+        self.mounts.append(mount)
+        self.start(mount, *settings, join=join)
+        return mount
+
+    def start(self, mount: Mount, *settings: str, join: Mount | None = None,
+              options: str | None = None) -> None:
+        args = ["mount", str(mount.mountpoint), "--data-dir", str(mount.data_dir),
+                "--listen", mount.address]
+        if options:
+            args += ["-o", options]
+        for setting in ("k=1", *settings):
+            args += ["--set", setting]
+        if join is not None:
+            args += ["--join", join.address]
+        result = run_cli(*args, check=False)
+        mount.pid = _endpoint_pid(mount.data_dir)
+        assert result.returncode == 0, f"mount failed: {result.stderr}\n{self.log(mount)}"
+        assert _mounted(mount.mountpoint)
+
+    def log(self, mount: Mount) -> str:
+        path = mount.data_dir / "mount.log"
+        return path.read_text()[-4000:] if path.exists() else ""
+
+    def kill(self, mount: Mount, sig: int = signal.SIGKILL) -> None:
+        if mount.pid is not None and _alive(mount.pid):
+            os.kill(mount.pid, sig)
+            wait_for(lambda: not _alive(mount.pid or 0), 20, f"pid {mount.pid} to exit")
+
+    def close(self) -> None:
+        for mount in self.mounts:
+            for flags in ("-u", "-uz"):
+                if _mounted(mount.mountpoint):
+                    subprocess.run(["fusermount3", flags, str(mount.mountpoint)],
+                                   capture_output=True, timeout=30, check=False)
+            if mount.pid is not None and _alive(mount.pid):
+                os.kill(mount.pid, signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while _alive(mount.pid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if _alive(mount.pid):
+                    os.kill(mount.pid, signal.SIGKILL)
+
+
+def _endpoint_pid(data_dir: Path) -> int | None:
+    try:
+        pid = json.loads((data_dir / "endpoint.json").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return pid if isinstance(pid, int) else None
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*KELIPSFS, *args], capture_output=True, text=True,
+                            timeout=CLI_TIMEOUT)
+    if check:
+        assert result.returncode == 0, f"kelipsfs {' '.join(args)}: {result.stderr}"
+    return result
+
+
+def run(*cmd: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
+                            timeout=CLI_TIMEOUT)
+    if check:
+        assert result.returncode == 0, f"{cmd}: {result.stderr}"
+    return result
+
+
+def random_file(path: Path, size: int) -> Path:
+    """Incompressible content in 1 MiB random blocks (so no two blocks are alike)."""
+    with open(path, "wb") as fh:
+        left = size
+        while left > 0:
+            fh.write(os.urandom(min(left, MiB)))
+            left -= MiB
+    return path
+
+
+def expect_errno(code: int, fn: Callable[..., object], *args: object) -> None:
+    with pytest.raises(OSError) as info:
+        fn(*args)
+    assert info.value.errno == code, f"{fn.__name__}{args}: {info.value}"
+
+
+def xattrs(path: Path) -> dict[str, str]:
+    """`getfattr -d -m -` (from the attr package) parsed into name -> value."""
+    out = run("getfattr", "-d", "-m", "-", "--absolute-names", path).stdout
+    found = {}
+    for line in out.splitlines():
+        name, sep, value = line.partition("=")
+        if sep:
+            found[name] = value.strip('"')
+    return found
+
+
+# --- one node ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mounts_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mount")
+
+
+@pytest.fixture(scope="module")
+def single(mounts_root: Path) -> Iterator[Mount]:
+    with Mounts(mounts_root / "single", base=60) as ms:
+        yield ms.new()
+
+
+@pytest.mark.slow
+def test_copy_in_and_out(single: Mount, tmp_path: Path) -> None:
+    (single.path("copy")).mkdir()
+    for size in (1024, 10 * MiB, 300 * MiB):
+        src = random_file(tmp_path / f"src-{size}", size)
+        inside = single.path(f"copy/f-{size}")
+        out = tmp_path / f"out-{size}"
+        run("cp", src, inside)
+        assert inside.stat().st_size == size
+        run("cp", inside, out)
+        run("cmp", src, out)
+        src.unlink()
+        out.unlink()
+    sizes = {p.name: p.stat().st_size for p in single.path("copy").iterdir()}
+    assert sizes == {"f-1024": 1024, f"f-{10 * MiB}": 10 * MiB, f"f-{300 * MiB}": 300 * MiB}
+    # nothing of the copies lingers in the mount's spool and cache
+    assert [p.name for p in (single.data_dir / "spool").iterdir()] == ["empty"]
+    assert list((single.data_dir / "cache").iterdir()) == []
+
+
+def test_many_small_files_listed(single: Mount) -> None:
+    d = single.path("many")
+    d.mkdir()
+    names = [f"file-{i:03d}.txt" for i in range(200)]
+    for i, name in enumerate(names):
+        (d / name).write_bytes(b"x" * i)
+    assert run("ls", d).stdout.split() == names
+    long = run("ls", "-l", d).stdout.splitlines()[1:]  # after "total N"
+    sizes = {cols[-1]: int(cols[4]) for cols in (line.split() for line in long)}
+    assert sizes == {name: i for i, name in enumerate(names)}
+    assert all(line.startswith("-rw-r--r--") for line in long)
+    listed = os.listdir(single.mountpoint)
+    assert len(listed) == len(set(listed)) and "many" in listed  # no duplicates
+    assert ".kelipsfs-dir" not in os.listdir(d) + listed  # markers are never shown
+
+
+def test_directories(single: Mount) -> None:
+    top = single.path("dirs")
+    top.mkdir()
+    sub = top / "sub"
+    sub.mkdir()
+    assert sub.is_dir() and os.listdir(sub) == []
+    assert os.stat(sub).st_nlink == 2
+    assert os.listdir(top) == ["sub"]  # an empty directory persists (its marker is hidden)
+    expect_errno(errno.EEXIST, os.mkdir, sub)
+    (sub / "f").write_text("data")
+    expect_errno(errno.ENOTEMPTY, os.rmdir, sub)
+    expect_errno(errno.ENOTDIR, os.rmdir, sub / "f")
+    expect_errno(errno.ENOENT, os.rmdir, top / "missing")
+    os.unlink(sub / "f")
+    os.rmdir(sub)
+    assert not sub.exists()
+    assert os.listdir(top) == []
+    (top / "a" / "b").mkdir(parents=True)
+    (top / "a" / "b" / "deep.txt").write_text("deep")
+    assert (top / "a" / "b" / "deep.txt").read_text() == "deep"
+    assert run("find", top).stdout.split() == [
+        str(top), str(top / "a"), str(top / "a" / "b"), str(top / "a" / "b" / "deep.txt")]
+
+
+def test_rename_file_and_directory(single: Mount) -> None:
+    top = single.path("mv")
+    top.mkdir()
+    (top / "one.txt").write_text("one")
+    run("mv", top / "one.txt", top / "two.txt")
+    assert not (top / "one.txt").exists()
+    assert (top / "two.txt").read_text() == "one"
+    (top / "other.txt").write_text("other")
+    run("mv", top / "other.txt", top / "two.txt")  # replaces the target
+    assert (top / "two.txt").read_text() == "other"
+    assert sorted(os.listdir(top)) == ["two.txt"]
+    (top / "d" / "inner").mkdir(parents=True)
+    (top / "d" / "x.txt").write_text("x")
+    (top / "d" / "inner" / "y.txt").write_text("y")
+    mtime = (top / "d" / "x.txt").stat().st_mtime_ns
+    run("mv", top / "d", top / "e")
+    assert not (top / "d").exists()
+    assert sorted(os.listdir(top / "e")) == ["inner", "x.txt"]
+    assert (top / "e" / "inner" / "y.txt").read_text() == "y"
+    assert (top / "e" / "x.txt").stat().st_mtime_ns == mtime  # a rename keeps the mtime
+    (top / "empty").mkdir()
+    run("mv", top / "empty", top / "empty2")
+    assert (top / "empty2").is_dir() and not (top / "empty").exists()
+    run("mv", top / "two.txt", top / "e" / "inner")  # into a directory
+    assert (top / "e" / "inner" / "two.txt").read_text() == "other"
+    expect_errno(errno.EINVAL, os.rename, top / "e", top / "e" / "inner" / "self")
+    (top / "full").mkdir()
+    (top / "full" / "f").write_text("f")
+    expect_errno(errno.ENOTEMPTY, os.rename, top / "e", top / "full")
+
+
+def test_rm_truncate_append_overwrite(single: Mount) -> None:
+    top = single.path("edit")
+    top.mkdir()
+    f = top / "f.txt"
+    f.write_text("0123456789")
+    run("truncate", "-s", "4", f)
+    assert f.read_text() == "0123"
+    run("truncate", "-s", "6", f)
+    assert f.read_bytes() == b"0123\0\0"
+    run("sh", "-c", f"echo appended >> {f}")
+    assert f.read_bytes() == b"0123\0\0appended\n"
+    run("sh", "-c", f"echo overwritten > {f}")
+    assert f.read_text() == "overwritten\n"
+    with open(f, "r+b") as fh:  # in-place write keeps the rest
+        fh.seek(4)
+        fh.write(b"WRITE")
+    assert f.read_text() == "overWRITEen\n"
+    with open(f, "r+b") as fh:
+        fh.truncate(2)
+    assert f.read_text() == "ov"
+    run("rm", f)
+    assert not f.exists()
+    expect_errno(errno.ENOENT, os.stat, f)
+    expect_errno(errno.ENOENT, os.unlink, f)
+    assert os.listdir(top) == []
+
+
+def test_o_excl_and_metadata(single: Mount) -> None:
+    top = single.path("meta")
+    top.mkdir()
+    f = top / "f"
+    f.write_text("x")
+    expect_errno(errno.EEXIST, os.open, f, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    fd = os.open(top / "g", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)
+    os.close(fd)
+    assert (top / "g").stat().st_mode & 0o7777 == 0o640
+    os.chmod(f, 0o600)
+    assert f.stat().st_mode == 0o100600
+    os.utime(f, ns=(1, 1_500_000_000_123_456_789))
+    assert f.stat().st_mtime_ns == 1_500_000_000_123_456_789
+    run("touch", "-m", "-d", "@1000000000", f)  # atime left alone: UTIME_OMIT
+    assert f.stat().st_mtime_ns == 1_000_000_000 * 10**9
+    run("touch", "-a", f)  # mtime UTIME_OMIT: unchanged
+    assert f.stat().st_mtime_ns == 1_000_000_000 * 10**9
+    before = time.time_ns()
+    run("touch", f)
+    assert f.stat().st_mtime_ns >= before - 10**9
+    assert f.read_text() == "x" and f.stat().st_mode == 0o100600
+    st = f.stat()
+    assert (st.st_uid, st.st_gid, st.st_nlink) == (os.getuid(), os.getgid(), 1)
+    vfs = os.statvfs(single.mountpoint)
+    assert vfs.f_bsize == 4096 and vfs.f_namemax == 255 and vfs.f_blocks > 0
+    assert run("df", single.mountpoint).returncode == 0
+
+
+def test_unlink_while_open(single: Mount) -> None:
+    top = single.path("unlinked")
+    top.mkdir()
+    f = top / "w.txt"
+    fd = os.open(f, os.O_CREAT | os.O_RDWR)
+    try:
+        os.write(fd, b"abc")
+        os.unlink(f)
+        assert not f.exists() and os.listdir(top) == []
+        os.write(fd, b"def")
+        assert os.fstat(fd).st_size == 6
+        os.lseek(fd, 0, os.SEEK_SET)
+        assert os.read(fd, 100) == b"abcdef"
+        os.ftruncate(fd, 2)
+        assert os.fstat(fd).st_size == 2
+    finally:
+        os.close(fd)
+    assert not f.exists() and os.listdir(top) == []  # closing does not bring it back
+    stored = top / "r.txt"
+    stored.write_text("stored")
+    with open(stored, "rb") as fh:
+        os.unlink(stored)
+        assert fh.read() == b"stored"
+        assert os.fstat(fh.fileno()).st_size == 6
+    assert os.listdir(top) == []
+
+
+def test_xattrs(single: Mount) -> None:
+    root = xattrs(single.mountpoint)
+    assert {"user.kelips.node_id", "user.kelips.group", "user.kelips.k",
+            "user.kelips.members", "user.kelips.contacts"} <= set(root)
+    assert root["user.kelips.k"] == "1" and root["user.kelips.group"] == "0"
+    assert re.fullmatch(r"[0-9a-f]{40}", root["user.kelips.node_id"])
+    members = os.getxattr(single.mountpoint, "user.kelips.members").decode().splitlines()
+    rows = [json.loads(line) for line in members]
+    assert rows[0]["address"] == single.address and rows[0]["state"] == "alive"
+    assert "heartbeat" in rows[0]
+    f = single.path("xattr.txt")
+    f.write_text("hello")
+    attrs = xattrs(f)
+    assert set(attrs) == {"user.kelips.group", "user.kelips.version", "user.kelips.holders",
+                          "user.kelips.checksum"}
+    assert attrs["user.kelips.checksum"] == (
+        "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824")
+    holders = json.loads(os.getxattr(f, "user.kelips.holders"))
+    assert [h["address"] for h in holders] == [single.address]
+    expect_errno(errno.ENODATA, os.getxattr, f, "user.kelips.nope")
+    expect_errno(errno.ENODATA, os.getxattr, f, "user.other")
+    expect_errno(errno.ENODATA, os.getxattr, f, "security.capability")
+    refused = run("setfattr", "-n", "user.kelips.group", "-v", "1", f, check=False)
+    assert refused.returncode != 0 and "Operation not permitted" in refused.stderr
+    refused = run("setfattr", "-n", "user.mine", "-v", "1", f, check=False)
+    assert refused.returncode != 0 and "not supported" in refused.stderr
+    expect_errno(errno.EPERM, os.removexattr, f, "user.kelips.group")
+    (single.path("xdir")).mkdir()
+    assert os.listxattr(single.path("xdir")) == []
+    f.write_text("changed")  # the version moves on with every write
+    assert xattrs(f)["user.kelips.version"] != attrs["user.kelips.version"]
+
+
+def test_bad_names(single: Mount) -> None:
+    long = "x" * 256
+    expect_errno(errno.ENAMETOOLONG, os.open, single.path(long), os.O_CREAT | os.O_WRONLY)
+    expect_errno(errno.ENAMETOOLONG, os.mkdir, single.path(long))
+    expect_errno(errno.ENAMETOOLONG, os.stat, single.path(long))
+    expect_errno(errno.ENAMETOOLONG, os.open, single.path("é" * 128), os.O_CREAT | os.O_WRONLY)
+    ok = "y" * 255
+    single.path(ok).write_text("fits")
+    assert single.path(ok).read_text() == "fits"
+    expect_errno(errno.EPERM, os.open, single.path(".kelipsfs-dir"), os.O_CREAT | os.O_WRONLY)
+    expect_errno(errno.EPERM, os.symlink, "target", single.path("link"))
+    assert long not in os.listdir(single.mountpoint)
+
+
+def test_start_failures(single: Mount, tmp_path: Path) -> None:
+    port = random.randint(20000, 40000)
+
+    def attempt(mountpoint: Path, *extra: str, listen: str = f"127.0.0.70:{port}",
+                data: str = "bad") -> str:
+        result = run_cli("mount", str(mountpoint), "--data-dir", str(tmp_path / data),
+                         "--listen", listen, "--set", "k=1", *extra, check=False)
+        assert result.returncode != 0
+        assert not _mounted(mountpoint)
+        return result.stderr
+
+    assert "does not exist" in attempt(tmp_path / "missing")
+    (tmp_path / "file").write_text("")
+    assert "not a directory" in attempt(tmp_path / "file")
+    assert "busy" in run_cli("mount", str(single.mountpoint), "--data-dir",
+                             str(tmp_path / "bad"), check=False).stderr
+    target = tmp_path / "mnt"
+    target.mkdir()
+    assert "Address already in use" in attempt(target, listen=single.address)
+    assert "in use" in attempt(target, data=str(single.data_dir))
+    assert "config key 'k'" in attempt(target, "--set", "k=0")
+    refused = attempt(target, "--set", "k=2", "--join", single.address)
+    assert "join refused" in refused and "k=1" in refused
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:  # UDP side taken
+        taken.bind(("127.0.0.71", port))
+        assert "cannot bind UDP" in attempt(target, listen=f"127.0.0.71:{port}")
+    leftovers = run("pgrep", "-f", f"mount {target}", check=False).stdout.split()
+    assert leftovers == []
+
+
+def test_full_store_fails_close(tmp_path: Path) -> None:
+    """A store that cannot take the file makes close() fail with ENOSPC, not lose data."""
+    data = tmp_path / "data"
+    data.mkdir()
+    if run("mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", data, check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with Mounts(tmp_path, base=80) as ms:
+            mount = Mount(tmp_path / "mnt", data, f"127.0.0.80:{ms.port}")
+            mount.mountpoint.mkdir()
+            ms.mounts.append(mount)
+            ms.start(mount)
+            small = mount.path("small.bin")
+            small.write_bytes(b"s" * 1000)
+            fh = open(mount.path("big.bin"), "wb")  # noqa: SIM115 - close() is the test
+            try:
+                fh.write(os.urandom(14 * MiB))  # fits the spool; the store copy would not
+            finally:
+                with pytest.raises(OSError) as info:
+                    fh.close()
+            assert info.value.errno == errno.ENOSPC
+            # the kernel releases the handle after close() returned: then the unstored copy goes
+            wait_for(lambda: not mount.path("big.bin").exists(), 10, "the failed file to go")
+            assert small.read_bytes() == b"s" * 1000  # the rest is untouched
+    finally:
+        run("umount", "-l", data, check=False)
+
+
+def test_read_only_remount(tmp_path: Path) -> None:
+    with Mounts(tmp_path, base=95) as ms:
+        mount = ms.new()
+        mount.path("d").mkdir()
+        mount.path("d/f.txt").write_text("kept")
+        run_cli("umount", str(mount.mountpoint))
+        ms.start(mount, "log_level=warning", options="ro")
+        assert mount.path("d/f.txt").read_text() == "kept"
+        expect_errno(errno.EROFS, os.open, mount.path("d/f.txt"), os.O_WRONLY)
+        expect_errno(errno.EROFS, os.mkdir, mount.path("e"))
+        expect_errno(errno.EROFS, os.unlink, mount.path("d/f.txt"))
+        with open("/proc/mounts") as fh:
+            line = next(line for line in fh if line.split()[1] == str(mount.mountpoint))
+        assert "ro" in line.split()[3].split(",")
+
+
+def test_umount_stops_the_node_and_data_persists(tmp_path: Path) -> None:
+    with Mounts(tmp_path, base=90) as ms:
+        mount = ms.new()
+        mount.path("keep").mkdir()
+        mount.path("keep/me.txt").write_text("persisted")
+        pid = mount.pid
+        assert pid is not None and _alive(pid)
+        run_cli("umount", str(mount.mountpoint))
+        assert not _mounted(mount.mountpoint)
+        assert not _alive(pid)  # umount waits for the node to leave and exit
+        assert "left the cluster" in ms.log(mount)
+        assert "not mounted" in run_cli("umount", str(mount.mountpoint), check=False).stderr
+        ms.start(mount)
+        assert mount.path("keep/me.txt").read_text() == "persisted"
+        assert os.listdir(mount.path("keep")) == ["me.txt"]
+        os.kill(mount.pid or 0, signal.SIGTERM)  # SIGTERM unmounts too
+        wait_for(lambda: not _mounted(mount.mountpoint) and not _alive(mount.pid or 0), 20,
+                 "SIGTERM to unmount and stop the node")
+
+
+# --- three nodes ---------------------------------------------------------------------------
+
+def _alive_members(mount: Mount) -> int:
+    lines = os.getxattr(mount.mountpoint, "user.kelips.members").decode().splitlines()
+    return sum(1 for line in lines if json.loads(line)["state"] == "alive")
+
+
+def test_reads_stream_from_remote_holders(tmp_path: Path) -> None:
+    """With one copy per object, about half the files live only on the other node: opening
+    them streams the verified bytes over HTTP into the mount's cache."""
+    with Mounts(tmp_path, base=110) as ms:
+        a = ms.new("replication=1")
+        b = ms.new("replication=1", join=a)
+        wait_for(lambda: _alive_members(a) == 2 and _alive_members(b) == 2, 30, "membership")
+        local = {}
+        for i in range(12):
+            local[i] = random_file(tmp_path / f"r{i}", 50_000 + i * 100_000)
+            run("cp", local[i], a.path(f"r{i}.bin"))
+        big = random_file(tmp_path / "big", 40 * MiB)
+        run("cp", big, b.path("big.bin"))
+        holders = {json.loads(os.getxattr(a.path(f"r{i}.bin"), "user.kelips.holders"))[0]
+                   ["address"] for i in local}
+        assert holders == {a.address, b.address}  # some objects are remote for each side
+        for m in (a, b):
+            for i, path in local.items():
+                run("cmp", path, m.path(f"r{i}.bin"))
+            run("cmp", big, m.path("big.bin"))
+            assert list((m.data_dir / "cache").iterdir()) == []
+
+
+def test_xattr_values_are_paged() -> None:
+    from kelipsfs.fuse_ops import XATTR_MAX, _paged
+    lines = b"".join(json.dumps({"id": f"{i:040x}", "heartbeat": i}).encode() + b"\n"
+                     for i in range(3000))
+    assert len(lines) > 2 * XATTR_MAX
+    pages = _paged({"user.kelips.members": lines, "user.kelips.k": b"1"})
+    names = sorted(n for n in pages if n.startswith("user.kelips.members"))
+    assert "user.kelips.members" not in pages and pages["user.kelips.k"] == b"1"
+    assert names == [f"user.kelips.members.{i}" for i in range(len(names))]
+    assert all(len(pages[n]) <= XATTR_MAX and pages[n].endswith(b"\n") for n in names)
+    assert b"".join(pages[f"user.kelips.members.{i}"] for i in range(len(names))) == lines
+
+
+@pytest.mark.slow
+def test_three_mounts_share_files(tmp_path: Path) -> None:
+    with Mounts(tmp_path, base=100) as ms:
+        a = ms.new("t_fail=2.0")
+        b = ms.new("t_fail=2.0", join=a)
+        c = ms.new("t_fail=2.0", join=a)
+        everyone = (a, b, c)
+        wait_for(lambda: all(_alive_members(m) == 3 for m in everyone), 30,
+                 "three-way membership")
+
+        src = random_file(tmp_path / "src.bin", 5 * MiB)
+        run("cp", src, a.path("shared.bin"))
+        a.path("docs").mkdir()
+        a.path("docs/note.txt").write_text("from A")
+        for m in everyone:
+            run("cmp", src, m.path("shared.bin"))
+            assert m.path("docs/note.txt").read_text() == "from A"
+            assert run("ls", m.mountpoint).stdout.split() == ["docs", "shared.bin"]
+            assert run("ls", m.path("docs")).stdout.split() == ["note.txt"]
+            holders = json.loads(os.getxattr(m.path("shared.bin"), "user.kelips.holders"))
+            assert len(holders) == 3  # r=3 and k=1: every node holds everything
+
+        with open(c.path("docs/note.txt")) as held:  # opened before the overwrite
+            b.path("docs/note.txt").write_text("B was here")  # close-to-open: next open sees it
+            for m in everyone:
+                assert m.path("docs/note.txt").read_text() == "B was here"
+                assert m.path("docs/note.txt").stat().st_size == len("B was here")
+            assert held.read() == "from A"  # an open file keeps the version it opened
+
+        run("rm", c.path("docs/note.txt"))
+        for m in everyone:
+            assert not m.path("docs/note.txt").exists()
+            assert run("ls", m.path("docs")).stdout.split() == []
+
+        files = {}
+        for i, writer in enumerate(everyone):
+            name = f"f{i}.bin"
+            files[name] = random_file(tmp_path / name, 100_000 * (i + 1))
+            run("cp", files[name], writer.path(name))
+
+        ms.kill(a)  # kill -9: auto_unmount removes A's mount, B and C keep everything
+        wait_for(lambda: not _mounted(a.mountpoint), 10, "A's mount to go away")
+        for m in (b, c):
+            run("cmp", src, m.path("shared.bin"))
+            for name, local in files.items():
+                run("cmp", local, m.path(name))
+        b.path("after.txt").write_text("written after A died")
+        assert c.path("after.txt").read_text() == "written after A died"
+        wait_for(lambda: all(_alive_members(m) == 2 for m in (b, c)), 30,
+                 "A to be declared failed")

@@ -29,7 +29,7 @@ import trio
 from kelipsfs.client import Client, resolve_target
 from tests.cluster import Cluster
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("KELIPSFS_BENCH_RESULTS", Path(__file__).parent / "results"))
 
 
 def _pct(values: list[float], p: float) -> float:

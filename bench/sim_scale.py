@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from daemon.sim.engine import SimConfig, run
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("KELIPSFS_BENCH_RESULTS", Path(__file__).parent / "results"))
 
 
 def scale(duration: float, seed: int, sizes: list[int]) -> list[dict[str, Any]]:

@@ -850,28 +850,35 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
         name = self._writable_name(path)
         return self._local_busy(name), name
 
-    def chmod(self, path: str | None, mode: int, fh: int | None = None) -> int:
+    def _set_meta(self, path: str | None, fh: int | None, mode: int | None,
+                  mtime_ns: int | None) -> int:
+        """chmod/utimens and their f- forms: an open local copy takes the change (published
+        with its content at close); otherwise the object is stored again with it."""
         local, name = self._meta_target(path, fh)
+        if local is None and name is not None:
+            with self._locked(name):
+                local = self._local_busy(name)
+                if local is None:
+                    kind = self._kind(name)
+                    if kind is None:
+                        raise _fail(errno.ENOENT)
+                    changed = isinstance(kind, TupleEntry) and (
+                        (mode is not None and kind.mode & 0o7777 != mode)
+                        or (mtime_ns is not None and kind.mtime_ns != mtime_ns))
+                    if changed:
+                        self._call(self._cluster.rewrite, name, mode, mtime_ns)
+                    return 0  # directories: fixed 0755 and no stored mtime (documented)
         if local is not None:
             with local.lock:
-                local.mode = mode & 0o7777
+                if mode is not None:
+                    local.mode = mode
+                if mtime_ns is not None:
+                    local.mtime_ns = mtime_ns
                 local.dirty = True
-            return 0
-        if name is None:
-            return 0
-        with self._locked(name):
-            local = self._local_busy(name)
-            if local is not None:
-                with local.lock:
-                    local.mode = mode & 0o7777
-                    local.dirty = True
-                return 0
-            kind = self._kind(name)
-            if kind is None:
-                raise _fail(errno.ENOENT)
-            if isinstance(kind, TupleEntry) and kind.mode & 0o7777 != mode & 0o7777:
-                self._call(self._cluster.rewrite, name, mode & 0o7777, None)
-        return 0  # directories: fixed 0755 (documented)
+        return 0
+
+    def chmod(self, path: str | None, mode: int, fh: int | None = None) -> int:
+        return self._set_meta(path, fh, mode & 0o7777, None)
 
     def chown(self, path: str | None, uid: int, gid: int) -> int:
         if uid not in (-1, self._uid) or gid not in (-1, self._gid):
@@ -880,32 +887,14 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
 
     def utimens(self, path: str | None, times: tuple[int, int] | None = None,
                 fh: int | None = None) -> int:
-        local, name = self._meta_target(path, fh)
         mtime = time.time_ns() if times is None else times[1]
         if mtime == UTIME_OMIT:
+            if self._readonly:
+                raise _fail(errno.EROFS)
             return 0  # atime is not stored
         if mtime == UTIME_NOW:
             mtime = time.time_ns()
-        if local is not None:
-            with local.lock:
-                local.mtime_ns = mtime
-                local.dirty = True
-            return 0
-        if name is None:
-            return 0
-        with self._locked(name):
-            local = self._local_busy(name)
-            if local is not None:
-                with local.lock:
-                    local.mtime_ns = mtime
-                    local.dirty = True
-                return 0
-            kind = self._kind(name)
-            if kind is None:
-                raise _fail(errno.ENOENT)
-            if isinstance(kind, TupleEntry) and kind.mtime_ns != mtime:
-                self._call(self._cluster.rewrite, name, None, mtime)
-        return 0
+        return self._set_meta(path, fh, None, mtime)
 
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
         if self._readonly:

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--gets", type=int, default=500)
     parser.add_argument("--objects", type=int, default=30)
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="kelipsfs-bench-"))
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "nodes": 5}
@@ -108,24 +110,28 @@ def main() -> None:
             _write(big, size)
             copies = root / "copies"
             copies.mkdir()
-            _drop_caches()
-            started = time.perf_counter()
-            subprocess.run(["cp", str(big), str(copies / "big.cp")], check=True)
-            subprocess.run(["sync"], check=True)
-            cp_s = time.perf_counter() - started
-            started = time.perf_counter()
-            c.cli(nodes[0], "put", str(big), "bench/big")
-            put_s = time.perf_counter() - started
+            cp_runs, put_runs, get_runs = [], [], []
             out = root / "big.out"
-            started = time.perf_counter()
-            c.cli(nodes[2], "get", "bench/big", str(out))
-            get_s = time.perf_counter() - started
-            assert out.stat().st_size == size
+            for attempt in range(args.repeat):  # medians: these machines are noisy
+                _drop_caches()
+                started = time.perf_counter()
+                subprocess.run(["cp", str(big), str(copies / "big.cp")], check=True)
+                subprocess.run(["sync"], check=True)
+                cp_runs.append(time.perf_counter() - started)
+                (copies / "big.cp").unlink()
+                started = time.perf_counter()
+                c.cli(nodes[0], "put", str(big), f"bench/big{attempt}")
+                put_runs.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                c.cli(nodes[2], "get", f"bench/big{attempt}", str(out))
+                get_runs.append(time.perf_counter() - started)
+                assert out.stat().st_size == size
+                out.unlink()
+            cp_s, put_s, get_s = (statistics.median(x) for x in (cp_runs, put_runs, get_runs))
             mib = size / (1 << 20)
             results["large"] = {"mib": mib, "cp_mib_s": mib / cp_s, "put_mib_s": mib / put_s,
                                 "get_mib_s": mib / get_s, "put_vs_cp": cp_s / put_s,
-                                "get_vs_cp": cp_s / get_s}
-            out.unlink()
+                                "get_vs_cp": cp_s / get_s, "repeats": args.repeat}
             shutil.rmtree(copies)
             # 3. repair time after kill -9
             for i in range(args.objects):

@@ -318,9 +318,18 @@ def cmd_stat(argv: list[str]) -> int:
 
 
 def cmd_status(argv: list[str]) -> int:
-    p = _client_parser("status", "Show the membership as the node sees it.")
+    p = _client_parser("status", "Show the membership as the node sees it (the node of "
+                                 "MOUNTPOINT when given).")
+    p.add_argument("mountpoint", nargs="?", help="a kelipsfs mount on this machine")
     p.add_argument("--json", action="store_true")
     ns = p.parse_args(argv)
+    if ns.mountpoint:
+        data_dir = _mount_data_dir(Path(ns.mountpoint))
+        if data_dir is None:
+            print(f"kelipsfs status: {ns.mountpoint} is not a kelipsfs mount of this machine",
+                  file=sys.stderr)
+            return 2
+        ns.data_dir = str(data_dir)
 
     async def work(client: Any) -> int:
         doc = await client.status()
@@ -328,6 +337,16 @@ def cmd_status(argv: list[str]) -> int:
         return 0
 
     return _run_client(ns, "status", work)
+
+
+def _mount_data_dir(mountpoint: Path) -> Path | None:
+    """The data dir of the node serving ``mountpoint`` (from the mount's registry record)."""
+    from kelipsfs.mount import registry_file
+    try:
+        doc = json.loads(registry_file(mountpoint.absolute()).read_text())
+        return Path(doc["data_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def format_status(doc: dict[str, Any]) -> str:

@@ -201,6 +201,16 @@ def single(mounts_root: Path) -> Iterator[Mount]:
 
 
 @pytest.mark.slow
+def test_status_of_a_mountpoint(single: Mount) -> None:
+    """`kelipsfs status MOUNTPOINT` shows the view of the node behind that mount."""
+    doc = json.loads(run_cli("status", str(single.mountpoint), "--json").stdout)
+    assert doc["node_id"] == xattrs(single.mountpoint)["user.kelips.node_id"]
+    table = run_cli("status", str(single.mountpoint)).stdout
+    assert "HEARTBEAT" in table and doc["node_id"][:10] in table
+    missing = run_cli("status", "/nonexistent-mount", check=False)
+    assert missing.returncode == 2 and "not a kelipsfs mount" in missing.stderr
+
+
 def test_copy_in_and_out(single: Mount, tmp_path: Path) -> None:
     (single.path("copy")).mkdir()
     for size in (1024, 10 * MiB, 300 * MiB):

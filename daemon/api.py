@@ -247,7 +247,7 @@ class _Api:
                 name, req.stream(), size, sha, req.int_arg("mode", 0o644),
                 req.int_arg("mtime_ns", 0))
         except DataError as exc:
-            raise HTTPError(exc.status, _full_hint(exc.message)) from exc
+            raise HTTPError(exc.status, exc.message) from exc
         return Response.json({"tuple": tuple_to_json(entry)})
 
     async def get_file(self, req: Request) -> Response:
@@ -295,13 +295,6 @@ class _Api:
 
     async def metrics(self, req: Request) -> Response:
         return Response.text(self.rt.metrics.render(), content_type="text/plain; version=0.0.4")
-
-
-def _full_hint(message: str) -> str:
-    """A holder out of space answers 507: say so in words a user recognises."""
-    if "507" in message or "No space" in message or "full" in message.lower():
-        return f"{message} (a holder's disk is full)"
-    return message
 
 
 def validate_or_400(name: str) -> str:

@@ -22,7 +22,7 @@ import trio
 from daemon.core.messages import MemberEntry, TupleEntry, Version
 from daemon.core.node import KelipsNode
 from daemon.peers import PeerClient, PeerError
-from daemon.store import StaleVersion, StoredObject
+from daemon.store import StaleVersion, StoredObject, StoreFull
 from daemon.wire import entry_from_json, tuple_from_json, tuple_to_json
 
 if TYPE_CHECKING:
@@ -54,7 +54,16 @@ class Unavailable(DataError):
 
 
 class InsertFailed(DataError):
+    """Fewer holders than the write quorum stored the bytes; ``full`` when a holder refused
+    for lack of space (the mount turns that into ENOSPC, the HTTP API into 507)."""
+
     status = 503
+
+    def __init__(self, message: str, full: bool = False) -> None:
+        super().__init__(f"{message} (a holder's disk is full)" if full else message)
+        self.full = full
+        if full:
+            self.status = 507
 
 
 class Located:
@@ -185,6 +194,7 @@ class DataPlane:
         version = self.node.new_version(int(self.rt.wall() * 1000))
         stored: list[MemberEntry] = []
         errors: list[str] = []
+        full: list[bool] = []
 
         async def store_on(holder: MemberEntry) -> None:
             try:
@@ -195,18 +205,15 @@ class DataPlane:
                                               _version_query(version, mode, mtime_ns, size),
                                               source, checksum)
                 stored.append(holder)
-            except (PeerError, OSError) as exc:
+            except Exception as exc:  # a peer or local store failure only removes that holder
                 errors.append(f"{holder.host}:{holder.port}: {exc}")
-            except StaleVersion as exc:
-                errors.append(f"{holder.host}:{holder.port}: {exc}")
-            except Exception as exc:  # a store error on the local disk (full, ...)
-                errors.append(f"local store: {exc}")
+                full.append(_out_of_space(exc))
 
         async with trio.open_nursery() as nursery:
             for holder in holders:
                 nursery.start_soon(store_on, holder)
-        return await self._acknowledge(name, version, holders, stored, errors, size, checksum,
-                                       mode, mtime_ns)
+        return await self._acknowledge(name, version, holders, stored, errors, any(full), size,
+                                       checksum, mode, mtime_ns)
 
     async def insert_stream(self, name: str, chunks: AsyncIterator[bytes], size: int,
                             checksum: bytes, mode: int, mtime_ns: int) -> TupleEntry:
@@ -221,6 +228,7 @@ class DataPlane:
         version = self.node.new_version(int(self.rt.wall() * 1000))
         stored: list[MemberEntry] = []
         errors: list[str] = []
+        full: list[bool] = []
         senders: list[trio.MemorySendChannel[bytes]] = []
 
         async def store_on(holder: MemberEntry,
@@ -246,6 +254,7 @@ class DataPlane:
                 stored.append(holder)
             except Exception as exc:  # any holder failure only removes that holder
                 errors.append(f"{holder.host}:{holder.port}: {exc}")
+                full.append(_out_of_space(exc))
             finally:
                 receive.close()
 
@@ -282,18 +291,18 @@ class DataPlane:
                 senders.append(send)
                 nursery.start_soon(store_on, holder, receive)
             await feed()
-        return await self._acknowledge(name, version, holders, stored, errors, size, checksum,
-                                       mode, mtime_ns)
+        return await self._acknowledge(name, version, holders, stored, errors, any(full), size,
+                                       checksum, mode, mtime_ns)
 
     async def _acknowledge(self, name: str, version: Version, holders: list[MemberEntry],
-                           stored: list[MemberEntry], errors: list[str], size: int,
+                           stored: list[MemberEntry], errors: list[str], full: bool, size: int,
                            checksum: bytes, mode: int, mtime_ns: int) -> TupleEntry:
         """Publish the tuple if the write quorum holds the bytes; else fail the insert."""
         quorum = self.rt.settings.write_quorum or 1
         if len(stored) < quorum:
             self.rt.metrics.inc("kelips_puts_total", result="failed")
             raise InsertFailed(f"{name}: stored on {len(stored)} of {len(holders)} holders, "
-                               f"{quorum} required: {'; '.join(errors) or 'no holder'}")
+                               f"{quorum} required: {'; '.join(errors) or 'no holder'}", full)
         entry = TupleEntry(name, version, 1, size, mode, mtime_ns, checksum,
                            tuple(sorted(h.node_id for h in stored)), False)
         await self.publish(entry, stored)
@@ -580,6 +589,11 @@ async def _guarded(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         if isinstance(exc, PeerError):
             raise
         raise PeerError(f"transfer broke: {type(exc).__name__}") from exc
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """A holder refused for lack of space: our own store, or a peer answering 507."""
+    return isinstance(exc, StoreFull) or (isinstance(exc, PeerError) and exc.status == 507)
 
 
 def _version_query(version: Version, mode: int, mtime_ns: int, size: int) -> dict[str, object]:

@@ -120,12 +120,6 @@ def _fail(code: int) -> mfusepy.FuseOSError:
     return mfusepy.FuseOSError(code)
 
 
-def _is_full(message: str) -> bool:
-    """Whether an insert failed because a holder's disk is full (507 / StoreFull / ENOSPC)."""
-    text = message.lower()
-    return "507" in text or "full" in text or "no space" in text or "not enough space" in text
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -493,9 +487,8 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
         if isinstance(exc, NotFound):
             return _fail(errno.ENOENT)
         if isinstance(exc, InsertFailed):
-            full = _is_full(exc.message)
             log.warning("insert failed: %s", exc.message)
-            return _fail(errno.ENOSPC if full else errno.EIO)
+            return _fail(errno.ENOSPC if exc.full else errno.EIO)
         if isinstance(exc, DataError):
             log.warning("cluster error: %s", exc.message)
             return _fail(errno.EIO)

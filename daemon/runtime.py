@@ -22,7 +22,6 @@ from daemon.core import codec
 from daemon.core.messages import (
     DATAGRAM_TYPES,
     Envelope,
-    MemberEntry,
     Outgoing,
     Refusal,
     Snapshot,
@@ -375,6 +374,3 @@ class NodeRuntime:
                                        sorted(node.contacts.items())},
                 "tuples": len(node.tuples), "stored_bytes": used, "free_bytes": free,
                 "members": rows}
-
-    def self_entry(self) -> MemberEntry:
-        return self.node.entry()

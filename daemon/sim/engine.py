@@ -72,7 +72,6 @@ class _Host:
     __slots__ = (
         "address",
         "crashed_at",
-        "crashed_incarnation",
         "gen",
         "incarnation",
         "node",
@@ -90,7 +89,6 @@ class _Host:
         self.gen = 0
         self.up_since = 0.0
         self.crashed_at: float | None = None
-        self.crashed_incarnation = -1
 
 
 class Simulation:
@@ -177,7 +175,6 @@ class Simulation:
     def _stop(self, host: _Host, now: float) -> None:
         host.node = None
         host.crashed_at = now
-        host.crashed_incarnation = host.incarnation
         pos = self._live_pos.pop(host.slot)
         last = self.live.pop()
         if last is not host:

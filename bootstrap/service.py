@@ -19,8 +19,8 @@ import trio
 
 from daemon.asgi import HTTPError, Request, Response, Router
 from daemon.core.messages import MemberEntry
-from daemon.peers import EMPTY_SHA256
 from daemon.security import Authenticator, AuthError
+from daemon.store import EMPTY_SHA256
 from daemon.wire import entry_from_json, entry_to_json
 
 log = logging.getLogger("kelipsfs.bootstrap")

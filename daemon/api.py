@@ -24,9 +24,9 @@ from daemon.core import codec
 from daemon.core.messages import Snapshot, SyncRequest, Version
 from daemon.dataplane import DataError
 from daemon.names import NameError_, validate_name, validate_prefix
-from daemon.peers import CONTENT_SHA_HEADER, EMPTY_SHA256
+from daemon.peers import CONTENT_SHA_HEADER
 from daemon.security import AuthError
-from daemon.store import ChecksumMismatch, StaleVersion, StoreError, StoreFull
+from daemon.store import EMPTY_SHA256, ChecksumMismatch, StaleVersion, StoreError, StoreFull
 from daemon.wire import entry_to_json, tuple_from_json, tuple_to_json
 
 if TYPE_CHECKING:

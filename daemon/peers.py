@@ -18,9 +18,9 @@ from urllib.parse import quote, urlencode
 import httpx
 
 from daemon.security import Authenticator
+from daemon.store import EMPTY_SHA256
 
 Address = tuple[str, int]
-EMPTY_SHA256 = hashlib.sha256(b"").digest()
 CONTENT_SHA_HEADER = "x-kelips-content-sha256"
 
 

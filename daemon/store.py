@@ -67,6 +67,12 @@ WRITE_BATCH = 1 << 20
 MAX_CLOCK = (1 << 64) - 1
 #: SHA-256 of no bytes: the checksum a tombstone reports.
 EMPTY_SHA256 = hashlib.sha256().digest()
+
+
+def sha256_file(path: Path) -> bytes:
+    """SHA-256 of a file's content: the checksum every copy of an object is verified by."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").digest()
 META_FORMAT = 1
 
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})

@@ -23,6 +23,7 @@ from daemon.names import NameError_, validate_name
 from daemon.peers import PeerClient, PeerError
 from daemon.security import Authenticator, load_key, open_cluster_key
 from daemon.settings import DEFAULT_PORT, default_data_dir, parse_address
+from daemon.store import sha256_file
 
 ENDPOINT_FILE = "endpoint.json"
 PROGRESS_MIN = 8 << 20
@@ -111,7 +112,7 @@ class Client:
     async def put(self, local: Path, name: str, progress: bool) -> Any:
         name = checked_name(name)
         st = local.stat()
-        sha = await trio.to_thread.run_sync(_sha256_file, local)
+        sha = await trio.to_thread.run_sync(sha256_file, local)
         query = {"size": st.st_size, "mode": st.st_mode & 0o7777, "mtime_ns": st.st_mtime_ns}
         meter = _Progress(st.st_size, "put") if progress and st.st_size >= PROGRESS_MIN else None
 
@@ -173,14 +174,6 @@ class Client:
             raise ClientError(f"{name}: received {size} bytes that do not match the object "
                               "(size or checksum); output discarded")
         return size
-
-
-def _sha256_file(path: Path) -> bytes:
-    sha = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            sha.update(chunk)
-    return sha.digest()
 
 
 def _error(data: bytes, status: int) -> str:

@@ -62,7 +62,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -83,6 +82,7 @@ import trio
 from daemon.core.messages import TupleEntry
 from daemon.dataplane import DataError, DataPlane, InsertFailed, NotFound
 from daemon.names import MAX_COMPONENT_BYTES, MAX_NAME_BYTES, NameError_, validate_name
+from daemon.store import EMPTY_SHA256, sha256_file
 
 if TYPE_CHECKING:
     from daemon.runtime import NodeRuntime
@@ -110,7 +110,6 @@ DIR_TTL = 1.0
 FETCH_BATCH = 1 << 20
 #: Preferred I/O size reported in st_blksize: tools like cp size their buffers from it.
 IO_BLOCK = 128 * 1024
-EMPTY_SHA256 = hashlib.sha256(b"").digest()
 DIR_MODE = stat.S_IFDIR | 0o755
 
 _T = TypeVar("_T")
@@ -129,11 +128,6 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _sha256_path(path: Path) -> bytes:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").digest()
-
-
 def _materialize(source: Path, dest: Path, checksum: bytes, link: bool) -> bool:
     """Make ``dest`` a verified copy of a local store file (worker thread).
 
@@ -146,7 +140,7 @@ def _materialize(source: Path, dest: Path, checksum: bytes, link: bool) -> bool:
             os.link(source, dest)
         else:
             shutil.copyfile(source, dest)
-        if _sha256_path(dest) == checksum:
+        if sha256_file(dest) == checksum:
             return True
         log.warning("local copy %s does not match its checksum; fetching instead", source)
     except OSError as exc:
@@ -363,7 +357,7 @@ class ClusterView:
 def _truncate_and_hash(path: Path, length: int) -> bytes:
     with open(path, "r+b") as fh:
         fh.truncate(length)
-    return _sha256_path(path)
+    return sha256_file(path)
 
 
 def _paged(values: dict[str, bytes]) -> dict[str, bytes]:
@@ -1043,7 +1037,7 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
             if not f.dirty or f.unlinked:
                 return
             size = os.fstat(f.fd).st_size
-            checksum = _sha256_path(f.path)
+            checksum = sha256_file(f.path)
             entry = self._call(self._cluster.insert, f.name, f.path, size, checksum, f.mode,
                                f.mtime_ns)
             f.dirty = False

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.store import sha256_file
 from tests.cluster import Cluster, NodeProc
 
 FAST = ["t_fail=2.0", "anti_entropy_interval=10"]
@@ -221,20 +222,13 @@ def test_large_object(cluster: Cluster, tmp_path: Path) -> None:
     size = int(os.environ.get("KELIPSFS_LARGE_BYTES", str(1 << 30)))
     src = _file(tmp_path, "big.bin", size)
     cluster.cli(a, "put", str(src), "big.bin")
-    src_sha = _sha256(src)
+    src_sha = sha256_file(src)
     src.unlink()  # disk: the holders' copies and the output are enough
     out = tmp_path / "big.out"
     cluster.cli(b, "get", "big.bin", str(out))
     assert out.stat().st_size == size
-    assert _sha256(out) == src_sha
+    assert sha256_file(out) == src_sha
 
-
-def _sha256(path: Path) -> bytes:
-    sha = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            sha.update(chunk)
-    return sha.digest()
 
 
 def test_node_back_with_old_data_reconciles(cluster: Cluster, tmp_path: Path) -> None:

@@ -88,6 +88,16 @@ def load_node_settings(ns: argparse.Namespace) -> Any:
     return load_settings(Path(ns.config) if ns.config else None, overrides)
 
 
+def settings_or_report(ns: argparse.Namespace, what: str) -> Any:
+    """The node settings from flags and file, or None after printing why they are unusable."""
+    from daemon.settings import SettingsError
+    try:
+        return load_node_settings(ns)
+    except (SettingsError, OSError, ValueError) as exc:
+        print(f"kelipsfs {what}: {exc}", file=sys.stderr)
+        return None
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -96,12 +106,8 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_node(argv: list[str]) -> int:
-    from daemon.settings import SettingsError
-    ns = _node_parser().parse_args(argv)
-    try:
-        settings = load_node_settings(ns)
-    except (SettingsError, OSError, ValueError) as exc:
-        print(f"kelipsfs node: {exc}", file=sys.stderr)
+    settings = settings_or_report(_node_parser().parse_args(argv), "node")
+    if settings is None:
         return 2
     _setup_logging(settings.log_level)
     try:

@@ -52,15 +52,12 @@ def _mount_parser() -> argparse.ArgumentParser:
 
 
 def cmd_mount(argv: list[str]) -> int:
-    from daemon.settings import SettingsError
-    from kelipsfs.cli import load_node_settings
+    from kelipsfs.cli import settings_or_report
     from kelipsfs.mount import MountError, check_mountpoint, fusermount
 
     ns = _mount_parser().parse_args(argv)
-    try:
-        settings = load_node_settings(ns)
-    except (SettingsError, OSError, ValueError) as exc:
-        print(f"kelipsfs mount: {exc}", file=sys.stderr)
+    settings = settings_or_report(ns, "mount")
+    if settings is None:
         return 2
     mountpoint = Path(ns.mountpoint).absolute()
     try:

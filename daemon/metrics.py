@@ -7,6 +7,15 @@ from collections.abc import Callable
 
 Labels = tuple[tuple[str, str], ...]
 
+#: Counters without labels start at zero so that a scrape before the first event already shows them
+#: (Prometheus' advice: a missing series is not the same as a zero one).
+_UNLABELLED_COUNTERS = (
+    "kelips_gossip_bytes_out_total",
+    "kelips_gossip_bytes_in_total",
+    "kelips_lookup_hops_total",
+    "kelips_repairs_total",
+)
+
 _HELP = {
     "kelips_gossip_bytes_out_total": "Bytes of gossip datagrams sent.",
     "kelips_gossip_bytes_in_total": "Bytes of gossip datagrams received.",
@@ -27,6 +36,8 @@ class Metrics:
     def __init__(self) -> None:
         self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
         self._gauges: dict[str, Callable[[], dict[tuple[tuple[str, str], ...], float]]] = {}
+        for name in _UNLABELLED_COUNTERS:
+            self._counters[(name, ())] = 0.0
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         self._counters[(name, tuple(sorted(labels.items())))] += amount

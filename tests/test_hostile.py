@@ -1,0 +1,106 @@
+"""Hostile conditions on real hosts: each test builds a lab of namespaced hosts (tests/netlab.py).
+
+Every test runs in its own ``unshare --net --mount`` (see ``lab_test``), undoes its faults and
+kills its processes whatever happens, and prints its measurements as ``LAB-RESULT`` lines.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.netlab import Host, Lab, lab_test, report
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+T_FAIL = 4.0
+T_CLEANUP = 2 * T_FAIL
+GOSSIP = 0.5
+HEARTBEAT = 1.0
+#: Detection bound: T_fail after the last heartbeat rise (up to one heartbeat interval before the
+#: crash), plus a few gossip periods to spread, plus the 0.25 s polling step.
+DETECT_BOUND = T_FAIL + HEARTBEAT + 4 * GOSSIP + 0.5
+
+
+def _members(lab: Lab, host: Host) -> dict[str, dict[str, Any]]:
+    return {m["address"]: m for m in lab.status(host)["members"]}
+
+
+def _all_alive(lab: Lab, hosts: list[Host]) -> bool:
+    want = {h.address for h in hosts}
+    for host in hosts:
+        members = _members(lab, host)
+        if not want <= set(members) or any(members[a]["state"] != "alive" for a in want):
+            return False
+    return True
+
+
+def _payloads(seed: int, count: int, prefix: str) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    return {f"{prefix}/f{i:03d}": rng.randbytes(rng.randrange(1, 8192)) for i in range(count)}
+
+
+def _assert_all_readable(lab: Lab, hosts: list[Host], files: dict[str, bytes]) -> None:
+    items = [(host, name) for host in hosts for name in files]
+    results = lab.get_many(items)
+    bad = [(h.ns, n, r) for (h, n), r in zip(items, results, strict=True)
+           if r != files[n]]
+    assert not bad, f"{len(bad)} of {len(items)} reads wrong, e.g. {bad[:3]}"
+
+
+def _stored_copies(lab: Lab, hosts: list[Host]) -> int:
+    return sum(lab.status(h)["members"][0]["objects"] for h in hosts)
+
+
+@lab_test(timeout=420)
+def test_kill_one_of_five_hosts_loses_nothing(tmp_path: Path) -> None:
+    with Lab(tmp_path, hosts=5, settings=["k=1"]) as lab:
+        lab.start_all()
+        lab.wait_for(lambda: _all_alive(lab, lab.hosts), 30, "five members alive everywhere")
+        files = _payloads(1, 500, "s1")
+        items = [(lab.hosts[i % 5], name, data) for i, (name, data) in enumerate(files.items())]
+        started = time.monotonic()
+        results = lab.put_many(items)
+        put_seconds = time.monotonic() - started
+        failed = [r for r in results if isinstance(r, Exception)]
+        assert not failed, f"{len(failed)} puts failed: {failed[:3]}"
+        lab.wait_for(lambda: _stored_copies(lab, lab.hosts) == 3 * len(files), 60,
+                     "three copies of every file")
+
+        victim = random.Random().choice(lab.hosts)
+        survivors = [h for h in lab.hosts if h is not victim]
+        killed_at = time.monotonic()
+        lab.kill(victim)
+        failed_after: dict[int, float] = {}
+        removed_after: dict[int, float] = {}
+        while len(removed_after) < len(survivors) and time.monotonic() - killed_at < 40:
+            for host in survivors:
+                entry = _members(lab, host).get(victim.address)
+                now = time.monotonic() - killed_at
+                if entry is None or entry["state"] == "failed":
+                    failed_after.setdefault(host.index, now)
+                if entry is None:
+                    removed_after.setdefault(host.index, now)
+            time.sleep(0.25)
+        assert len(removed_after) == len(survivors), (failed_after, removed_after)
+        assert max(failed_after.values()) <= DETECT_BOUND, failed_after
+        # forgotten T_cleanup after the last heartbeat rise, which was up to one interval before
+        assert min(removed_after.values()) >= T_CLEANUP - HEARTBEAT, removed_after
+        assert max(removed_after.values()) <= T_CLEANUP + HEARTBEAT + 4 * GOSSIP + 0.5
+
+        repair = lab.wait_for(lambda: _stored_copies(lab, survivors) == 3 * len(files), 120,
+                              "three copies restored on the survivors")
+        started = time.monotonic()
+        _assert_all_readable(lab, survivors, files)
+        read_seconds = time.monotonic() - started
+        report("kill_one_of_five", files=len(files), put_s=round(put_seconds, 2),
+               victim=victim.ns,
+               detect_s_max=round(max(failed_after.values()), 2),
+               detect_s_min=round(min(failed_after.values()), 2),
+               removed_s_max=round(max(removed_after.values()), 2),
+               repaired_s_after_removal=round(repair, 2),
+               reads=len(files) * len(survivors), read_s=round(read_seconds, 2))

@@ -104,3 +104,70 @@ def test_kill_one_of_five_hosts_loses_nothing(tmp_path: Path) -> None:
                removed_s_max=round(max(removed_after.values()), 2),
                repaired_s_after_removal=round(repair, 2),
                reads=len(files) * len(survivors), read_s=round(read_seconds, 2))
+
+
+def _version(put_result: Any) -> tuple[int, str]:
+    t = put_result["tuple"]
+    return (int(t["clock"]), str(t["writer"]))
+
+
+def _converged(lab: Lab) -> bool:
+    return _all_alive(lab, lab.hosts)
+
+
+@lab_test(timeout=420)
+def test_partition_two_three_heals_with_last_writer_wins(tmp_path: Path) -> None:
+    with Lab(tmp_path, hosts=5, settings=["k=1"]) as lab:
+        lab.start_all()
+        lab.wait_for(lambda: _converged(lab), 30, "five members alive everywhere")
+        rng = random.Random(2)
+        acked: dict[str, list[tuple[tuple[int, str], bytes]]] = {}
+        refused: list[Exception] = []
+
+        def write(batch: list[tuple[Host, str, bytes]]) -> None:
+            for (_, name, data), result in zip(batch, lab.put_many(batch), strict=True):
+                if isinstance(result, Exception):
+                    refused.append(result)
+                else:
+                    acked.setdefault(name, []).append((_version(result), data))
+
+        write([(lab.hosts[i % 5], f"s2/base{i}", rng.randbytes(2000)) for i in range(50)])
+        assert len(acked) == 50
+        side_a, side_b = lab.hosts[:2], lab.hosts[2:]
+        lab.partition(side_a, side_b)
+        parted_at = time.monotonic()
+        rounds = 0
+        while time.monotonic() - parted_at < 60:
+            batch: list[tuple[Host, str, bytes]] = []
+            for side, label in ((side_a, "a"), (side_b, "b")):
+                host = side[rounds % len(side)]
+                batch.append((host, f"s2/{label}{rounds}", rng.randbytes(3000)))
+                batch.append((host, f"s2/both{rounds % 10}", rng.randbytes(1000)))
+                batch.append((host, f"s2/base{rng.randrange(50)}", rng.randbytes(1500)))
+            write(batch)
+            rounds += 1
+            time.sleep(0.5)
+        # each side has failed and then forgotten the other: it sees only its own side alive
+        views = {h.ns: sum(m["state"] == "alive" for m in lab.status(h)["members"])
+                 for h in lab.hosts}
+        assert views == {h.ns: 2 if h in side_a else 3 for h in lab.hosts}, views
+        lab.heal_all()
+        healed_at = time.monotonic()
+        converge = lab.wait_for(lambda: _converged(lab), 120, "membership converged after heal")
+        expected = {name: max(versions)[1] for name, versions in acked.items()}
+        writes = sum(len(v) for v in acked.values())
+
+        def all_read() -> bool:
+            items = [(h, n) for h in lab.hosts for n in expected]
+            results = lab.get_many(items)
+            return all(r == expected[n] for (_, n), r in zip(items, results, strict=True))
+
+        readable = lab.wait_for(all_read, 180, "every acknowledged write readable everywhere",
+                                step=2.0)
+        # each side still reaches at least one holder: every write is accepted
+        assert not refused, refused[:3]
+        report("partition_2_3", partition_s=round(healed_at - parted_at, 1),
+               acked_writes=writes, refused_writes=len(refused), names=len(expected),
+               alive_seen_at_end_of_partition=views,
+               membership_converged_s=round(converge, 2),
+               all_reads_right_s=round(readable + converge, 2))

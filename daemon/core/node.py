@@ -158,6 +158,10 @@ class KelipsNode:
         # Members forgotten lately, probed now and then: after a partition longer than t_fail
         # both sides have failed each other, and without this nothing would ever cross again.
         self._departed: OrderedDict[NodeId, tuple[MemberEntry, float]] = OrderedDict()
+        # Own-group members back from a partition (or a false failure): one side of each pair
+        # pushes a full snapshot at once, so the tuples written apart meet within a gossip round
+        # instead of waiting for the next anti-entropy (up to a minute).
+        self._resync: set[NodeId] = set()
         self._rounds = 0
         budget = config.max_datagram - AUTH_TRAILER - codec.GOSSIP_OVERHEAD
         if budget < codec.MEMBER_SIZE * 4:
@@ -227,6 +231,8 @@ class KelipsNode:
                                     now + 0.5 * cfg.gossip_interval)
             self._expire_probes(now, out)
             self._gossip_round(now, out)
+        if self._resync:
+            self._send_resyncs(out)
         if not self.synced and now >= self._next_sync:
             self._next_sync = now + _SYNC_RETRY
             self._send_sync(now, out)
@@ -665,7 +671,8 @@ class KelipsNode:
         group = group_of_node(nid, self.config.k)
         if group == self.group:
             self.graveyard.forget(nid)
-            self._departed.pop(nid, None)
+            if self._departed.pop(nid, None) is not None:
+                self._note_return(nid)
             self._add_member(Member(entry, group, True, now), rumor)
             self._changed[nid] = now
             self._membership_changed()
@@ -690,6 +697,8 @@ class KelipsNode:
             self._changed.move_to_end(m.node_id)
         if m.status is Status.FAILED:
             m.status = Status.ALIVE
+            if m.own:
+                self._note_return(m.node_id)
             self._membership_changed()
             self._events.append(Event("revived", m.node_id, now))
 
@@ -761,6 +770,20 @@ class KelipsNode:
         same_group = for_node is None or group_of_node(for_node, self.config.k) == self.group
         tuples = tuple(self.tuples) if same_group else ()
         return Snapshot(self.entry(), members, tuples)
+
+    def _note_return(self, nid: NodeId) -> None:
+        """A member we had failed or forgotten is back; the lower id of the pair reconciles."""
+        if self.node_id < nid:
+            self._resync.add(nid)
+
+    def _send_resyncs(self, out: list[Outgoing]) -> None:
+        snap = self.snapshot()
+        for nid in sorted(self._resync):
+            m = self.members.get(nid)
+            if m is not None and m.alive:
+                out.append(Outgoing(m.address, SyncRequest(self.entry(), snap.members,
+                                                           snap.tuples)))
+        self._resync.clear()
 
     def _send_sync(self, now: float, out: list[Outgoing]) -> None:
         pool = self.own_alive()

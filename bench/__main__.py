@@ -1,4 +1,4 @@
-"""One entry point for the benchmarks: ``python -m bench all|sim|node|mount [--quick]``.
+"""One entry point for the benchmarks: ``python -m bench all|sim|fd|node|mount|lookup [--quick]``.
 
 ``--quick`` runs every part small enough to prove it executes (what CI may call); the full run
 produces the figures in bench/README.md. Each part prints Markdown and writes JSON under
@@ -21,6 +21,8 @@ PARTS = {
              ["-m", "bench.node_bench", "--size-mib", "8", "--gets", "50", "--objects", "5"]),
     "mount": (["-m", "bench.mount_bench"],
               ["-m", "bench.mount_bench", "--size-mib", "8", "--files", "20"]),
+    "lookup": (["-m", "bench.lookup_bench"],
+               ["-m", "bench.lookup_bench", "--nodes", "8", "--values", "50", "--ksizes", "3"]),
 }
 
 

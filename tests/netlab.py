@@ -266,14 +266,17 @@ class Lab:
             self._bootstrap.wait(timeout=10)
 
     def start(self, host: Host, join: Iterable[Host] = (), bootstrap: str | None = None,
-              wait: bool = True, key_file: Path | None | str = "lab") -> None:
-        """Start (or restart, same data dir) the node of ``host``; ready = endpoint.json."""
+              wait: bool = True, key_file: Path | None = None, keyless: bool = False) -> None:
+        """Start (or restart, same data dir) the node of ``host``; ready = endpoint.json.
+
+        ``key_file`` replaces the lab's cluster key; ``keyless`` starts an open-cluster node.
+        """
         args = ["node", "--data-dir", str(host.data_dir), "--listen", host.address]
         for other in join:
             args += ["--join", other.address]
         if bootstrap:
             args += ["--bootstrap", bootstrap]
-        chosen = self.key_file if key_file == "lab" else key_file
+        chosen = None if keyless else key_file or self.key_file
         if chosen is not None:
             args += ["--cluster-key-file", str(chosen)]
         for setting in self.settings:

@@ -262,6 +262,7 @@ class NodeRuntime:
 
     def _on_event(self, event: Event) -> None:
         short = event.node_id.hex()[:10]
+        self.metrics.inc("kelips_member_events_total", kind=event.kind)
         if event.kind in ("failed", "left"):
             log.info("member %s %s", short, event.kind)
             if self._dataplane is not None:

@@ -343,12 +343,26 @@ class Lab:
                     self._ipt(host, "-A", "KLAB-OUT", "-d", other.ip, "-j", "DROP")
 
     def loss(self, probability: float, hosts: Iterable[Host] | None = None) -> None:
-        """Random loss on every host-to-host link, each direction (iptables statistic)."""
+        """Random loss on every host-to-host link, each direction (iptables statistic).
+
+        Dropped on arrival only, so a packet crosses one drop point: the loss per link and
+        direction is ``probability`` (not 1 - (1 - p)^2). The driver's traffic is spared.
+        """
         for host in hosts or self.hosts:
-            for chain, flag in (("KLAB-IN", "-s"), ("KLAB-OUT", "-d")):
-                self._ipt(host, "-A", chain, "!", flag, DRIVER_ADDRESS, "-m", "statistic",
-                          "--mode", "random", "--probability", f"{probability:.4f}",
-                          "-j", "DROP")
+            self._ipt(host, "-A", "KLAB-IN", "!", "-s", DRIVER_ADDRESS, "-m", "statistic",
+                      "--mode", "random", "--probability", f"{probability:.4f}", "-j", "DROP")
+
+    def metrics(self, host: Host) -> dict[str, float]:
+        """The node's /metrics, summed by series name with labels (``name{k="v"}`` keys)."""
+        import urllib.request
+        with urllib.request.urlopen(f"http://{host.address}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                series, value = line.rsplit(" ", 1)
+                values[series] = float(value)
+        return values
 
     def cap_bandwidth(self, host: Host, rate: str = "10mbit") -> None:
         """A token-bucket cap on the host's egress (tc tbf; this kernel has no netem)."""

@@ -171,3 +171,49 @@ def test_partition_two_three_heals_with_last_writer_wins(tmp_path: Path) -> None
                alive_seen_at_end_of_partition=views,
                membership_converged_s=round(converge, 2),
                all_reads_right_s=round(readable + converge, 2))
+
+
+def _declared_failures(lab: Lab, host: Host) -> float:
+    return lab.metrics(host).get('kelips_member_events_total{kind="failed"}', 0.0)
+
+
+@lab_test(timeout=600)
+def test_twenty_percent_loss_five_minutes_no_false_failures(tmp_path: Path) -> None:
+    duration = 300.0
+    with Lab(tmp_path, hosts=5, settings=["k=1"]) as lab:
+        lab.start_all()
+        lab.wait_for(lambda: _all_alive(lab, lab.hosts), 30, "five members alive everywhere")
+        files = _payloads(3, 50, "s3")
+        results = lab.put_many([(lab.hosts[i % 5], n, d) for i, (n, d) in enumerate(files.items())])
+        assert not [r for r in results if isinstance(r, Exception)]
+        before = {h.index: _declared_failures(lab, h) for h in lab.hosts}
+        lab.loss(0.20)
+        started = time.monotonic()
+        rng = random.Random(3)
+        lookups = wrong = 0
+        latencies: list[float] = []
+        while time.monotonic() - started < duration:
+            host = rng.choice(lab.hosts)
+            name = rng.choice(list(files))
+            t0 = time.monotonic()
+            try:
+                ok = lab.get(host, name) == files[name]
+            except Exception:  # counted: a lookup must succeed despite the loss
+                ok = False
+            latencies.append(time.monotonic() - t0)
+            lookups += 1
+            wrong += not ok
+            for h in lab.hosts:
+                members = _members(lab, h)
+                assert all(m["state"] == "alive" for m in members.values()), (h.ns, members)
+            time.sleep(0.5)
+        lab.heal_all()
+        after = {h.index: _declared_failures(lab, h) for h in lab.hosts}
+        false_failures = sum(after[i] - before[i] for i in after)
+        assert false_failures == 0, (before, after)
+        assert wrong == 0, f"{wrong} of {lookups} lookups failed"
+        latencies.sort()
+        report("loss_20pct_5min", duration_s=duration, false_failures=false_failures,
+               lookups=lookups, failed_lookups=wrong,
+               lookup_p50_ms=round(1000 * latencies[len(latencies) // 2], 1),
+               lookup_p99_ms=round(1000 * latencies[int(len(latencies) * 0.99)], 1))

@@ -7,7 +7,10 @@ kills its processes whatever happens, and prints its measurements as ``LAB-RESUL
 from __future__ import annotations
 
 import random
+import signal
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +220,127 @@ def test_twenty_percent_loss_five_minutes_no_false_failures(tmp_path: Path) -> N
                lookups=lookups, failed_lookups=wrong,
                lookup_p50_ms=round(1000 * latencies[len(latencies) // 2], 1),
                lookup_p99_ms=round(1000 * latencies[int(len(latencies) * 0.99)], 1))
+
+
+class _Workload:
+    """Users reading and writing through random hosts while the test breaks things.
+
+    Every call may be retried on another host, at most ``attempts`` times 0.5 s apart: an
+    error that survives the retries is a client error and is recorded.
+    """
+
+    def __init__(self, lab: Lab, files: dict[str, bytes], seed: int, attempts: int = 4) -> None:
+        self.lab = lab
+        self.files = dict(files)  # name -> last acknowledged content
+        self.rng = random.Random(seed)
+        self.attempts = attempts
+        self.errors: list[str] = []
+        self.ops = 0
+        self.retries = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _Workload:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=120)
+
+    def _try(self, op: Callable[[Host], Any]) -> Any:
+        last: Exception | None = None
+        for attempt in range(self.attempts):
+            if attempt:
+                self.retries += 1
+                time.sleep(0.5)
+            try:
+                return op(self.rng.choice(self.lab.hosts))
+            except Exception as exc:  # the retry decides; the last error is kept
+                last = exc
+        raise AssertionError(f"failed after {self.attempts} attempts: {last!r}")
+
+    def _run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            self.ops += 1
+            try:
+                if n % 3 == 0:
+                    name, data = f"w/{n}", self.rng.randbytes(self.rng.randrange(1, 20000))
+                    self._try(lambda h: self.lab.put(h, name, data))
+                    self.files[name] = data
+                else:
+                    name = self.rng.choice(list(self.files))
+                    got = self._try(lambda h: self.lab.get(h, name, timeout=15))
+                    if got != self.files[name]:
+                        self.errors.append(f"{name}: wrong content")
+            except AssertionError as exc:
+                self.errors.append(str(exc))
+            n += 1
+            time.sleep(0.05)
+
+
+@lab_test(timeout=600)
+def test_rolling_restart_loses_nothing(tmp_path: Path) -> None:
+    with Lab(tmp_path, hosts=5, settings=["k=1"]) as lab:
+        lab.start_all()
+        lab.wait_for(lambda: _all_alive(lab, lab.hosts), 30, "five members alive everywhere")
+        files = _payloads(4, 200, "s4")
+        results = lab.put_many([(lab.hosts[i % 5], n, d) for i, (n, d) in enumerate(files.items())])
+        assert not [r for r in results if isinstance(r, Exception)]
+        downtimes: list[float] = []
+        with _Workload(lab, files, seed=4) as work:
+            for host in lab.hosts:
+                started = time.monotonic()
+                assert lab.kill(host, signal.SIGTERM) == 0, lab.log(host)
+                peer = lab.hosts[host.index % len(lab.hosts)]  # the next host
+                lab.start(host, join=[peer])
+                downtimes.append(time.monotonic() - started)
+                lab.wait_for(lambda: _all_alive(lab, lab.hosts), 60, f"{host.ns} back everywhere")
+                time.sleep(2.0)
+        assert not work.errors, work.errors[:5]
+        everything = work.files
+        items = [(h, n) for h in lab.hosts for n in everything]
+        results = lab.get_many(items)
+        wrong = [(h.ns, n) for (h, n), r in zip(items, results, strict=True) if r != everything[n]]
+        assert not wrong, f"{len(wrong)} of {len(items)} reads wrong: {wrong[:5]}"
+        copies = lab.wait_for(lambda: _stored_copies(lab, lab.hosts) >= 3 * len(everything), 60,
+                              "at least three copies of everything")
+        report("rolling_restart", hosts=len(lab.hosts), files=len(everything),
+               client_ops=work.ops, client_retries=work.retries, client_errors=len(work.errors),
+               restart_s_max=round(max(downtimes), 2), copies_ok_after_s=round(copies, 2),
+               verified_reads=len(items))
+
+
+@lab_test(timeout=300)
+def test_bootstrap_down_running_nodes_unaffected_new_nodes_join_through_members(
+        tmp_path: Path) -> None:
+    with Lab(tmp_path, hosts=6, settings=["k=1", "bootstrap_refresh=2.0"]) as lab:
+        introducer_host, first, *others = lab.hosts
+        introducer = lab.start_bootstrap(introducer_host)
+        cluster = [first, others[0], others[1]]
+        for host in cluster:
+            lab.start(host, bootstrap=introducer)
+        lab.wait_for(lambda: _all_alive(lab, cluster), 30, "three members via the bootstrap")
+        files = _payloads(5, 30, "s5")
+        assert not [r for r in lab.put_many([(first, n, d) for n, d in files.items()])
+                    if isinstance(r, Exception)]
+        lab.stop_bootstrap()
+        down_at = time.monotonic()
+        while time.monotonic() - down_at < 10:  # several refresh periods without the service
+            assert _all_alive(lab, cluster)
+            time.sleep(1.0)
+        assert all(h.alive for h in cluster), "a node died with the bootstrap service"
+        assert sum(_declared_failures(lab, h) for h in cluster) == 0
+        late = lab.put(others[1], "s5/after", b"written with the introducer down")
+        assert late["tuple"]["name"] == "s5/after"
+        files["s5/after"] = b"written with the introducer down"
+        newcomers = others[2:]  # one still names the dead introducer, one only a member
+        lab.start(newcomers[0], bootstrap=introducer, join=[others[0]])
+        lab.start(newcomers[1], join=[others[1]])
+        everyone = cluster + newcomers
+        joined = lab.wait_for(lambda: _all_alive(lab, everyone), 30, "newcomers joined")
+        _assert_all_readable(lab, newcomers, files)
+        report("bootstrap_down", members=len(everyone), down_for_s=round(
+            time.monotonic() - down_at, 1), newcomers_joined_s=round(joined, 2),
+            false_failures=0, reads_on_newcomers=len(files) * len(newcomers))

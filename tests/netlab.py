@@ -281,7 +281,7 @@ class Lab:
             args += ["--cluster-key-file", str(chosen)]
         for setting in self.settings:
             args += ["--set", setting]
-        host.log = host.data_dir / "node.log"
+        host.log = self.root / f"{host.ns}.log"  # not in the data dir: it may be a tiny disk
         host.proc = self._spawn(host, args, host.log)
         if wait:
             self.wait_ready(host)

@@ -6,16 +6,22 @@ kills its processes whatever happens, and prints its measurements as ``LAB-RESUL
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
 import random
 import signal
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kelipsfs.client import Client as ClientT
+from kelipsfs.client import ClientError
 from tests.netlab import Host, Lab, lab_test, report
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -267,11 +273,11 @@ class _Workload:
             try:
                 if n % 3 == 0:
                     name, data = f"w/{n}", self.rng.randbytes(self.rng.randrange(1, 20000))
-                    self._try(lambda h: self.lab.put(h, name, data))
+                    self._try(lambda h, n=name, d=data: self.lab.put(h, n, d))
                     self.files[name] = data
                 else:
                     name = self.rng.choice(list(self.files))
-                    got = self._try(lambda h: self.lab.get(h, name, timeout=15))
+                    got = self._try(lambda h, n=name: self.lab.get(h, n, timeout=15))
                     if got != self.files[name]:
                         self.errors.append(f"{name}: wrong content")
             except AssertionError as exc:
@@ -344,3 +350,172 @@ def test_bootstrap_down_running_nodes_unaffected_new_nodes_join_through_members(
         report("bootstrap_down", members=len(everyone), down_for_s=round(
             time.monotonic() - down_at, 1), newcomers_joined_s=round(joined, 2),
             false_failures=0, reads_on_newcomers=len(files) * len(newcomers))
+
+
+def _rss_kib(host: Host) -> int:
+    assert host.proc is not None
+    for line in Path(f"/proc/{host.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _state(lab: Lab, host: Host) -> tuple[object, object]:
+    """What hostile input must not change: the membership and the objects with versions."""
+    members = sorted((m["id"], m["state"], m["incarnation"]) for m in lab.status(host)["members"])
+    listing = lab.run(host, lambda c: c.listing("s6/"))
+    return members, listing
+
+
+def _hostile_datagrams(count: int, valid: bytes, seed: int) -> Iterator[bytes]:
+    """Random, truncated, bit-flipped, re-signed-with-another-key, replayed and huge datagrams."""
+    from daemon.security import Authenticator
+    rng = random.Random(seed)
+    stranger = Authenticator(b"\x01" * 32)
+    for i in range(count):
+        kind = i % 6
+        if kind == 0:
+            yield rng.randbytes(rng.randrange(1, 1400))
+        elif kind == 1:
+            data = bytearray(valid)
+            for _ in range(rng.randrange(1, 4)):
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+            yield bytes(data)
+        elif kind == 2:
+            yield valid[:rng.randrange(len(valid))] if i % 12 == 2 else valid + rng.randbytes(9)
+        elif kind == 3:
+            body = bytearray(valid[:-48])
+            body[rng.randrange(len(body))] = rng.randrange(256)
+            yield stranger.seal(bytes(body), time.time())
+        elif kind == 4:
+            yield valid  # a replay of an authentic datagram the node already accepted
+        else:
+            yield rng.randbytes(rng.randrange(1201, 9000))
+
+
+def _http_cases(name: str) -> list[tuple[str, str, bytes]]:
+    """(method, target, body) per endpoint: bad names, bad queries, garbage bodies."""
+    long = "x" * 300
+    return [
+        ("POST", "/v1/sync", b"garbage"), ("POST", "/v1/sync", b"\x01\x01" + b"\xff" * 64),
+        ("GET", "/v1/lookup", b""), ("GET", "/v1/lookup?name=%00", b""),
+        ("GET", f"/v1/lookup?name={long}", b""), ("GET", "/v1/placement?name=", b""),
+        ("GET", "/v1/list?prefix=%00", b""), ("GET", f"/v1/list?prefix={long}", b""),
+        ("POST", "/v1/tuple", b"{not json"), ("POST", "/v1/tuple", b"[1,2,3]"),
+        ("PUT", f"/v1/replica/{name}", b"data"), ("PUT", f"/v1/replica/{name}?size=-5", b""),
+        ("PUT", f"/v1/replica/{name}?size=4&checksum=zz", b"data"),
+        ("GET", f"/v1/replica/{long}", b""), ("DELETE", "/v1/replica/", b""),
+        ("PUT", f"/v1/files/{name}?size=abc", b"data"), ("PUT", f"/v1/files/{name}?size=2",
+                                                          b"longer than two bytes"),
+        ("PUT", "/v1/files/a%2F..%2Fb?size=1", b"x"), ("GET", f"/v1/files/{long}/x", b""),
+        ("DELETE", "/v1/files/", b""), ("GET", "/v1/stat/%00", b""),
+        ("GET", "/v1/files?prefix=%00", b""), ("PATCH", "/v1/status", b""),
+        ("GET", "/v1/nowhere", b""),
+    ]
+
+
+@lab_test(timeout=400)
+def test_hostile_input_changes_nothing_and_strangers_get_nothing(tmp_path: Path) -> None:
+    import httpx
+
+    from daemon.core import codec
+    from daemon.core.ids import cluster_tag
+    from daemon.core.messages import Envelope, Gossip, MemberEntry
+    from daemon.security import Authenticator, load_key
+
+    with Lab(tmp_path, hosts=4, settings=["k=1"]) as lab:
+        target, peer, third, stranger = lab.hosts
+        for host in (target, peer, third):
+            lab.start(host, join=[target] if host is not target else [])
+        trio_hosts = [target, peer, third]
+        lab.wait_for(lambda: _all_alive(lab, trio_hosts), 30, "three members alive")
+        files = _payloads(6, 20, "s6")
+        assert not [r for r in lab.put_many([(peer, n, d) for n, d in files.items()])
+                    if isinstance(r, Exception)]
+        lab.wait_for(lambda: _stored_copies(lab, trio_hosts) == 3 * len(files), 30, "copies")
+        assert lab.key_file is not None
+        auth = Authenticator(load_key(lab.key_file))
+        before = _state(lab, target)
+        rss_before = _rss_kib(target)
+        rejected_before = sum(v for k, v in lab.metrics(target).items()
+                              if k.startswith("kelips_rejected_packets_total"))
+
+        # -- datagrams: one authentic (old news: heartbeat 0 of a known member), then the storm
+        known = next(m for m in lab.status(target)["members"] if m["address"] == peer.address)
+        sender = MemberEntry(bytes.fromhex(known["id"]), peer.ip, 7400, known["incarnation"], 0)
+        valid = auth.seal(codec.encode(Envelope(cluster_tag("kelipsfs"), 1, Gossip(
+            sender, 0, False, (), ()))), time.time())
+        count = 100_000
+        sent_at = time.monotonic()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(valid, (target.ip, 7400))
+            for i, data in enumerate(_hostile_datagrams(count, valid, seed=6)):
+                sock.sendto(data, (target.ip, 7400))
+                if i % 50 == 0:
+                    time.sleep(0.002)  # paced: a burst beyond the socket buffer is the kernel's
+        send_s = time.monotonic() - sent_at
+
+        def counted() -> float:
+            return sum(v for k, v in lab.metrics(target).items()
+                       if k.startswith("kelips_rejected_packets_total")) - rejected_before
+        lab.wait_for(lambda: counted() >= 0.95 * count, 60, "hostile datagrams counted")
+
+        # -- HTTP: unsigned, signed by a stranger, and signed but malformed, at every endpoint
+        statuses: dict[int, int] = {}
+        with httpx.Client(base_url=f"http://{target.address}", timeout=10) as http:
+            for method, path, body in _http_cases("s6/f000"):
+                for signer in (None, Authenticator(b"\x02" * 32), auth):
+                    headers = {} if signer is None else signer.sign_request(
+                        method, path, hashlib.sha256(body).digest(), time.time())
+                    response = http.request(method, path, content=body, headers=headers)
+                    assert 400 <= response.status_code < 500, (method, path, response.text)
+                    statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            huge = http.post("/v1/sync", content=b"x" * (4 << 20), headers=auth.sign_request(
+                "POST", "/v1/sync", hashlib.sha256(b"x" * (4 << 20)).digest(), time.time()))
+            assert huge.status_code == 413
+        for raw in (b"GARBAGE\r\n\r\n", b"GET /v1/status HTTP/1.1\r\nHost: x\r\n"
+                    + b"X-Junk: " + b"a" * 200_000 + b"\r\n\r\n",
+                    b"PUT /v1/files/s6/f001 HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n"):
+            with socket.create_connection((target.ip, 7400), timeout=10) as conn:
+                conn.sendall(raw)
+                answer = conn.recv(100)
+                assert answer == b"" or answer.split(b" ")[1].startswith(b"4"), answer
+
+        assert target.alive
+        assert _state(lab, target) == before, "hostile input changed the node's state"
+        _assert_all_readable(lab, [target], files)
+        rss_growth = _rss_kib(target) - rss_before
+        assert rss_growth < 64 * 1024, f"memory grew by {rss_growth} KiB"
+
+        # -- a node and a client without the cluster key
+        wrong_key = tmp_path / "other.key"
+        lab._cli("keygen", str(wrong_key))
+        lab.start(stranger, join=[target], key_file=wrong_key, wait=False)
+        assert stranger.proc is not None
+        assert stranger.proc.wait(timeout=60) != 0, "a node with another key joined"
+        keyed = wrong_key
+        for call in (lambda c: c.status(), lambda c: c.listing(""),
+                     lambda c: c.stat("s6/f000")):
+            with pytest.raises(ClientError):
+                lab.run(target, call, key_file=keyed)
+        with pytest.raises(ClientError):
+            lab.run(target, functools.partial(_get_into_nothing, name="s6/f000"),
+                    key_file=keyed)
+        spool = tmp_path / "intruder"
+        spool.write_bytes(b"intruder")
+        with pytest.raises(ClientError):
+            lab.run(target, lambda c: c.put(spool, "s6/f000", False), key_file=keyed)
+        with pytest.raises(ClientError):
+            lab.run(target, lambda c: c.remove("s6/f000"), key_file=keyed)
+        # it never got in; its datagrams (like the re-signed ones above) fail the MAC
+        assert stranger.address not in _members(lab, target)
+        assert _state(lab, target) == before
+        _assert_all_readable(lab, trio_hosts, files)
+        report("hostile_input", datagrams=count, send_s=round(send_s, 1),
+               rejected=int(counted()), http_cases=sum(statuses.values()),
+               http_statuses=statuses, rss_growth_kib=rss_growth,
+               stranger_exit=stranger.proc.returncode)
+
+
+async def _get_into_nothing(client: ClientT, name: str) -> int:
+    return await client.get(name, io.BytesIO(), False)

@@ -509,7 +509,7 @@ class DataPlane:
                 await self._repair_wake.wait()
             self._repair_wake = trio.Event()
             for task in self.node.repair_tasks(self.rt.now()):
-                await self._repair(task.entry, list(task.targets))
+                await self._repair(task.entry, list(task.targets), list(task.spares))
             if self.rt.now() >= next_reconcile:
                 next_reconcile = self.rt.now() + RECONCILE_PERIOD
                 await self.reconcile()
@@ -538,12 +538,17 @@ class DataPlane:
                     await self.rt.store.drop(obj.name, version=obj.version)
                 log.info("dropped stale copy of %s", obj.name)
 
-    async def _repair(self, entry: TupleEntry, targets: list[MemberEntry]) -> None:
+    async def _repair(self, entry: TupleEntry, targets: list[MemberEntry],
+                      spares: list[MemberEntry]) -> None:
+        """Copy to ``targets``; each one that refuses is replaced by the next spare."""
         obj = self.rt.store.get(entry.name)
         if obj is None or obj.tombstone or obj.version != entry.version or obj.path is None:
             return
         added: list[bytes] = []
-        for target in targets:
+        needed = len(targets)
+        for target in targets + spares:
+            if len(added) == needed:
+                break
             try:
                 await self.peers.put_file(target.address, "/v1/replica/" + entry.name,
                                           _version_query(entry.version, entry.mode,

@@ -897,6 +897,8 @@ def test_repair_is_driven_by_the_lowest_live_holder_only() -> None:
     target_ids = [e.node_id for e in task.targets]
     assert len(target_ids) == 1 and set(target_ids) <= candidates
     assert target_ids == placement.rank(t.name, candidates)[:1]
+    # the next candidates in placement order stand by in case the target refuses
+    assert [e.node_id for e in task.spares] == placement.rank(t.name, candidates)[1:4]
     assert driver.repair_tasks(1.5) == []  # not planned twice while in progress
 
     updated = driver.repair_done(2.0, task.entry, tuple(target_ids))

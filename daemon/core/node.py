@@ -47,6 +47,7 @@ from .tuples import HybridClock, TupleStore, make_version, with_holders
 _HOT_ROUNDS = 3  # an entry changed within this many gossip rounds goes first in messages
 _FRESH_SENDS = 3  # messages that carry a newly learned member's full entry
 _PROBE_ENTRIES = 8  # own-group entries a probe carries to a foreign node (its candidates)
+_SPARES = 3  # extra repair candidates offered beyond the copies needed
 _DEPARTED_EVERY = 4  # rounds between probes of a forgotten member (partition healing)
 _DEPARTED_MAX = 16  # one answer from the other side of a partition is enough
 _DEPARTED_TTL = 3600.0
@@ -96,10 +97,16 @@ class LookupAnswer:
 
 @dataclass(frozen=True)
 class RepairTask:
-    """Copy ``entry``'s bytes from this node to ``targets``, then call repair_done."""
+    """Copy ``entry``'s bytes from this node to ``targets``, then call repair_done.
+
+    ``spares`` are the next candidates in placement order: when a target refuses (its disk
+    is full, it just failed) the driver copies to a spare instead, so one full node cannot
+    keep an object under-replicated forever.
+    """
 
     entry: TupleEntry
     targets: tuple[MemberEntry, ...]
+    spares: tuple[MemberEntry, ...] = ()
 
 
 class _Probe:
@@ -900,12 +907,12 @@ class KelipsNode:
             if due is not None and due > now:
                 continue
             ranked = placement.rank(t.name, alive_ids - set(live))
-            targets = ranked[:r - len(live)]
-            if not targets:
+            needed = r - len(live)
+            if not ranked:
                 continue
             self._repairing[t.name] = now + _REPAIR_RETRY
-            entries = tuple(self.members[nid].entry() for nid in targets)
-            tasks.append(RepairTask(t, entries))
+            entries = tuple(self.members[nid].entry() for nid in ranked[:needed + _SPARES])
+            tasks.append(RepairTask(t, entries[:needed], entries[needed:]))
         return tasks
 
     def repair_done(self, now: float, t: TupleEntry, added: tuple[NodeId, ...]) -> TupleEntry:

@@ -519,6 +519,10 @@ def test_hostile_input_changes_nothing_and_strangers_get_nothing(tmp_path: Path)
                stranger_exit=stranger.proc.returncode)
 
 
+async def _stat(client: ClientT, name: str) -> Any:
+    return await client.stat(name)
+
+
 async def _get_into_nothing(client: ClientT, name: str) -> int:
     return await client.get(name, io.BytesIO(), False)
 
@@ -569,47 +573,64 @@ def test_kill_9_during_puts_keeps_every_acknowledged_object(tmp_path: Path) -> N
     with Lab(tmp_path, hosts=1, settings=["k=1"]) as lab:
         node = lab.hosts[0]
         rng = random.Random(8)
-        acked: dict[str, bytes] = {}  # name -> last acknowledged content
-        tried: dict[str, list[bytes]] = {}  # name -> contents attempted after the last ack
-        lost = torn = 0
-        kills_mid_put = 0
-        for round_ in range(20):
+        # name -> (version, content) of the newest acknowledged write; a put of the same name
+        # may run concurrently with another, so "newest" is by version, not by batch order
+        acked: dict[str, tuple[tuple[int, str], bytes]] = {}
+        tried: dict[str, list[bytes]] = {}  # name -> contents put without an acknowledgement
+        lost = torn = checked = 0
+        kills_mid_batch = 0
+        batch_s = 0.0
+        for round_ in range(21):  # round 0 times an unbroken batch; 20 kills follow
             lab.start(node)
             # the previous round's state, after a kill -9 and a restart
-            for name in set(acked) | set(tried):
-                try:
-                    got: bytes | None = lab.get(node, name)
-                except ClientError as exc:
-                    assert "no such object" in str(exc) or "404" in str(exc), exc
-                    got = None
-                allowed = ([acked[name]] if name in acked else []) + tried.get(name, [])
-                if got is None and name in acked:
-                    lost += 1
-                elif got is not None and got not in allowed:
+            names = sorted(set(acked) | set(tried))
+            reads = lab.get_many([(node, n) for n in names])
+            checked += len(names)
+            newer: list[str] = []
+            for name, got in zip(names, reads, strict=True):
+                if isinstance(got, ClientError):
+                    assert "no such object" in str(got) or "404" in str(got), got
+                    lost += name in acked
+                    continue
+                assert not isinstance(got, Exception), got
+                allowed = ([acked[name][1]] if name in acked else []) + tried.get(name, [])
+                if got not in allowed:
                     torn += 1
-                elif got is not None:
-                    acked[name] = got  # a complete later version that never got its ack
-                    tried.pop(name, None)
+                elif name not in acked or got != acked[name][1]:
+                    newer.append(name)  # a complete later write that lost its acknowledgement
+                    acked[name] = ((0, ""), got)
+            stats = lab.many([(node, functools.partial(_stat, name=n)) for n in newer])
+            for name, stat in zip(newer, stats, strict=True):
+                assert not isinstance(stat, Exception), stat
+                acked[name] = (_version(stat), acked[name][1])
             assert lost == 0 and torn == 0, (round_, lost, torn)
             tried.clear()
             batch: list[tuple[Host, str, bytes]] = []
             for i in range(200):
-                name = (rng.choice(list(acked)) if acked and i % 4 == 0
+                name = (rng.choice(sorted(acked)) if acked and i % 4 == 0
                         else f"s8/r{round_}/o{i}")
                 data = rng.randbytes(rng.choice((100, 5000, 70_000, 300_000)))
                 batch.append((node, name, data))
-                tried.setdefault(name, []).append(data)
-            killer = threading.Timer(rng.uniform(0.2, 3.0), lambda: lab.kill(node))
-            killer.start()
+            # a random point inside the batch, as long as an unbroken one takes
+            killer = threading.Timer(rng.uniform(0.02, 0.98) * batch_s, lambda: lab.kill(node))
+            started = time.monotonic()
+            if round_:
+                killer.start()
             results = lab.put_many(batch, limit=4)
-            killer.join()
+            if round_:
+                killer.join()
+            else:
+                batch_s = time.monotonic() - started
+                lab.kill(node)
             failures = sum(isinstance(r, Exception) for r in results)
-            kills_mid_put += 0 < failures < len(batch)
+            kills_mid_batch += 0 < failures < len(batch)
             for (_, name, data), result in zip(batch, results, strict=True):
-                if not isinstance(result, Exception):
-                    acked[name] = data
-                    tried[name] = [d for d in tried[name] if d != data]
-                    # later attempts of the same name may still have landed after this one
+                if isinstance(result, Exception):
+                    tried.setdefault(name, []).append(data)
+                elif name not in acked or _version(result) > acked[name][0]:
+                    acked[name] = (_version(result), data)
         lab.start(node)
-        report("crash_consistency", rounds=20, puts=20 * 200, acknowledged_names=len(acked),
-               rounds_killed_mid_batch=kills_mid_put, lost=lost, torn=torn)
+        report("crash_consistency", kills=20, puts=21 * 200, batch_s=round(batch_s, 2),
+               acknowledged_names=len(acked),
+               rounds_killed_mid_batch=kills_mid_batch, checked_after_restart=checked,
+               lost=lost, torn=torn)

@@ -509,7 +509,10 @@ class DataPlane:
                 await self._repair_wake.wait()
             self._repair_wake = trio.Event()
             for task in self.node.repair_tasks(self.rt.now()):
-                await self._repair(task.entry, list(task.targets), list(task.spares))
+                try:
+                    await self._repair(task.entry, list(task.targets), list(task.spares))
+                except Exception:  # background work: one bad task must not stop the node
+                    log.exception("repair of %s failed", task.entry.name)
             if self.rt.now() >= next_reconcile:
                 next_reconcile = self.rt.now() + RECONCILE_PERIOD
                 await self.reconcile()
@@ -558,6 +561,11 @@ class DataPlane:
             except PeerError as exc:
                 log.warning("repair copy of %s to %s:%d failed: %s", entry.name, target.host,
                             target.port, exc)
+            except FileNotFoundError:
+                # Overwritten or deleted since the task was planned: the copy to make is no
+                # longer this one, and the next round plans from the new tuple.
+                log.info("repair of %s skipped: the local copy changed meanwhile", entry.name)
+                break
         if not added:
             return
         updated = self.node.repair_done(self.rt.now(), entry, tuple(added))

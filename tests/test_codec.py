@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import pytest
@@ -17,6 +18,8 @@ from daemon.core.messages import (
     Envelope,
     Gossip,
     Leave,
+    LookupReply,
+    LookupRequest,
     MemberEntry,
     Message,
     Refusal,
@@ -71,6 +74,14 @@ MESSAGES: dict[str, Message] = {
     "refusal": Refusal("join refused: this cluster uses k=4 affinity groups"),
     "refusal-empty": Refusal(""),
     "refusal-utf8": Refusal("refusé: k=3 ≠ k=4"),
+    "lookup-request": LookupRequest(U64, "/a/b.txt", True),
+    "lookup-request-plain": LookupRequest(0, "/été/ü.bin", False),
+    "lookup-reply-unknown": LookupReply(7, None, (), (member(2), member(3), member(4))),
+    "lookup-reply-tuple": LookupReply(8, tuple_entry("/a/b.txt"), (member(2), member(3))),
+    "lookup-reply-inline": LookupReply(U64, tuple_entry("/a/b.txt"), (member(2),), (),
+                                       bytes(range(256)) * 4),
+    "lookup-reply-inline-empty": LookupReply(1, tuple_entry("/e", holders=1), (), (), b""),
+    "lookup-reply-wrong-group": LookupReply(9, None, (), (), None, True),
 }
 
 
@@ -139,7 +150,7 @@ def test_wrong_version_byte() -> None:
             codec.decode(bytes(data))
 
 
-@pytest.mark.parametrize("code", [0, 7, 8, 200, 255])
+@pytest.mark.parametrize("code", [0, 9, 10, 200, 255])
 def test_unknown_type(code: int) -> None:
     data = bytearray(valid("leave"))
     data[1] = code
@@ -383,3 +394,102 @@ def test_generated_messages_roundtrip(envelope: Envelope) -> None:
     data = codec.encode(envelope)
     assert codec.decode(data) == envelope
     assert codec.message_size(envelope.message) == len(data)
+
+
+# --- the one-datagram lookup -----------------------------------------------------------------
+
+LOOKUP_FLAGS_OFFSET = codec.HEADER_SIZE + 8
+
+
+def test_lookup_header_and_type_codes() -> None:
+    request = codec.encode(env(MESSAGES["lookup-request"]))
+    reply = codec.encode(env(MESSAGES["lookup-reply-inline"]))
+    assert request[1] == 7 and reply[1] == codec.LOOKUP_REPLY_CODE == 8
+    assert struct.unpack(">Q", request[codec.HEADER_SIZE:codec.HEADER_SIZE + 8]) == (U64,)
+    assert request[LOOKUP_FLAGS_OFFSET] == 1 and reply[LOOKUP_FLAGS_OFFSET] == 3
+
+
+def test_largest_lookup_reply_fits_the_lookup_datagram() -> None:
+    """An inline reply at the limits (8 KiB content, a long name, many holders) fits."""
+    big = LookupReply(U64, tuple_entry("/" + "n" * 1000, holders=16),
+                      tuple(member(i) for i in range(16)), (), b"\xab" * codec.INLINE_MAX)
+    size = len(codec.encode(env(big)))
+    assert size == codec.message_size(big)
+    assert size + codec.HEADER_SIZE < codec.LOOKUP_DATAGRAM_MAX - 48
+    assert codec.decode(codec.encode(env(big))).message == big
+
+
+@pytest.mark.parametrize("flags", [2, 8, 0x10, 0x80])
+def test_lookup_reply_bad_flags(flags: int) -> None:
+    """Unknown bits, and inline bytes without a tuple, are decode errors."""
+    data = bytearray(valid("lookup-reply-unknown"))
+    assert data[LOOKUP_FLAGS_OFFSET] == 0
+    data[LOOKUP_FLAGS_OFFSET] = flags
+    with pytest.raises(codec.DecodeError):
+        codec.decode(bytes(data))
+
+
+@pytest.mark.parametrize("flags", [2, 0x80, 0xFF])
+def test_lookup_request_bad_flags(flags: int) -> None:
+    data = bytearray(valid("lookup-request"))
+    data[LOOKUP_FLAGS_OFFSET] = flags
+    with pytest.raises(codec.DecodeError):
+        codec.decode(bytes(data))
+
+
+def test_lookup_request_bad_names() -> None:
+    good = valid("lookup-request")
+    name_at = LOOKUP_FLAGS_OFFSET + 1
+    empty = good[:name_at] + b"\x00\x00"
+    nul = good[:name_at] + b"\x00\x02a\x00"
+    too_long = good[:name_at] + struct.pack(">H", codec.MAX_NAME_BYTES + 1) \
+        + b"a" * (codec.MAX_NAME_BYTES + 1)
+    bad_utf8 = good[:name_at] + b"\x00\x02\xff\xfe"
+    for data in (empty, nul, too_long, bad_utf8):
+        with pytest.raises(codec.DecodeError):
+            codec.decode(data)
+    for name in ("", "a\x00b", "x" * (codec.MAX_NAME_BYTES + 1)):
+        with pytest.raises(codec.EncodeError):
+            codec.encode(env(LookupRequest(1, name, False)))
+
+
+def test_lookup_reply_inline_over_the_limit() -> None:
+    reply = LookupReply(1, tuple_entry("/big"), (), (), b"x" * 10)
+    data = bytearray(codec.encode(env(reply)))
+    length_at = len(data) - 10 - 4
+    assert struct.unpack(">I", data[length_at:length_at + 4]) == (10,)
+    over = bytes(data[:length_at]) + struct.pack(">I", codec.INLINE_MAX + 1) \
+        + b"x" * (codec.INLINE_MAX + 1)
+    with pytest.raises(codec.DecodeError):
+        codec.decode(over)
+    with pytest.raises(codec.EncodeError):
+        codec.encode(env(LookupReply(1, tuple_entry("/big"), (), (),
+                                     b"x" * (codec.INLINE_MAX + 1))))
+    with pytest.raises(codec.EncodeError):  # bytes without the tuple they are the content of
+        codec.encode(env(LookupReply(1, None, (), (), b"x")))
+
+
+def test_lookup_reply_too_many_members() -> None:
+    many = tuple(member(i) for i in range(codec.MAX_LOOKUP_MEMBERS + 1))
+    with pytest.raises(codec.EncodeError):
+        codec.encode(env(LookupReply(1, None, many, ())))
+    with pytest.raises(codec.EncodeError):
+        codec.encode(env(LookupReply(1, None, (), many)))
+    # hand-built: a count over the limit is refused by the decoder as well
+    head = codec.encode(env(LookupReply(1, None, (), ())))[:LOOKUP_FLAGS_OFFSET + 1]
+    body = struct.pack(">H", len(many)) + b"".join(
+        struct.pack(f">{NODE_ID_BYTES}s4sHII", m.node_id, bytes([10, 0, 0, 1]), m.port, 1, 1)
+        for m in many) + struct.pack(">H", 0)
+    with pytest.raises(codec.DecodeError):
+        codec.decode(head + body)
+    ok = head + struct.pack(">H", 0) + struct.pack(">H", 0)
+    assert codec.decode(ok).message == LookupReply(1, None, (), ())
+
+
+@given(st.binary(max_size=300))
+@PROPS
+def test_random_bytes_after_a_lookup_header_only_raise_decode_error(tail: bytes) -> None:
+    for code in (7, 8):
+        data = struct.pack(">BB4sH", codec.PROTOCOL_VERSION, code, TAG, 4) + tail
+        with contextlib.suppress(codec.DecodeError):
+            codec.decode(data)

@@ -26,6 +26,8 @@ from daemon.core.messages import (
     Envelope,
     Gossip,
     Leave,
+    LookupReply,
+    LookupRequest,
     MemberEntry,
     Message,
     Outgoing,
@@ -929,6 +931,99 @@ def test_answer_lookup_lists_live_holders_self_first() -> None:
     unknown = a.answer_lookup("/nothing")
     assert unknown.entry is None and unknown.holders == ()
     assert list(unknown.candidates) == a.placement("/nothing")
+
+
+def test_answer_lookup_request_inlines_only_the_current_small_version() -> None:
+    cfg = CoreConfig(k=1)
+    a = make_node(cfg)
+    others = [fake_entry(70 + i) for i in range(2)]
+    a.receive(0.0, a.envelope(Snapshot(others[0], (others[1],), ())))
+    t = tuple_for("/small", [a.node_id, others[0].node_id])
+    a.record_write(0.0, t)
+    ask = LookupRequest(42, "/small", True)
+
+    reply, attach = a.answer_lookup_request(ask, t.version)
+    assert attach == t
+    assert reply == LookupReply(42, t, tuple(a.answer_lookup("/small").holders), ())
+    assert reply.inline is None  # the driver attaches the bytes it read
+    # not asked for, not held, an older or a newer (unacknowledged) copy: no bytes
+    assert a.answer_lookup_request(LookupRequest(42, "/small", False), t.version)[1] is None
+    assert a.answer_lookup_request(ask, None)[1] is None
+    older = Version(t.version.clock - 1, t.version.writer)
+    newer = Version(t.version.clock + 1, t.version.writer)
+    assert a.answer_lookup_request(ask, older)[1] is None
+    assert a.answer_lookup_request(ask, newer)[1] is None
+    # after an overwrite this node has not stored yet, its old copy is not offered
+    t2 = tuple_for("/small", [others[0].node_id], clock=t.version.clock + 5)
+    a.record_write(1.0, t2)
+    reply2, attach2 = a.answer_lookup_request(ask, t.version)
+    assert attach2 is None and reply2.entry == t2
+    # too large to inline, or deleted
+    big = t._replace(name="/big", size=codec.INLINE_MAX + 1)
+    a.record_write(0.0, big)
+    assert a.answer_lookup_request(LookupRequest(1, "/big", True), big.version)[1] is None
+    exact = t._replace(name="/exact", size=codec.INLINE_MAX)
+    a.record_write(0.0, exact)
+    assert a.answer_lookup_request(LookupRequest(1, "/exact", True), exact.version)[1] == exact
+    gone = t._replace(name="/gone", tombstone=True, size=0)
+    a.record_write(0.0, gone)
+    reply3, attach3 = a.answer_lookup_request(LookupRequest(1, "/gone", True), gone.version)
+    assert attach3 is None and reply3.entry == gone
+    # a name not heard of yet: the placement candidates, as over HTTP
+    reply4, attach4 = a.answer_lookup_request(LookupRequest(5, "/unknown", True), None)
+    assert attach4 is None and reply4.entry is None
+    assert reply4.candidates == tuple(a.placement("/unknown"))
+    # every answer goes through the codec unchanged
+    for r in (reply, reply2, reply3, reply4):
+        assert codec.decode(codec.encode(a.envelope(r))).message == r
+
+
+def test_answer_lookup_request_for_another_group_says_so() -> None:
+    k = 4
+    a = make_node(CoreConfig(k=k), group=0)
+    name = find_name(k, 1)
+    a.record_write(0.0, tuple_for(name, [a.node_id]))  # ignored: not our group
+    reply, attach = a.answer_lookup_request(LookupRequest(3, name, True), None)
+    assert reply == LookupReply(3, None, (), (), None, True) and attach is None
+
+
+def test_lookup_messages_do_not_change_membership_state() -> None:
+    a = make_node(CoreConfig(k=1))
+    before = (dict(a.members), a.heartbeat, len(a.tuples))
+    t = tuple_for("/x", [a.node_id])
+    assert a.receive(0.0, a.envelope(LookupRequest(1, "/x", True))) == []
+    assert a.receive(0.0, a.envelope(LookupReply(1, t, (fake_entry(1),), (), b""))) == []
+    assert (dict(a.members), a.heartbeat, len(a.tuples)) == before
+
+
+def test_plan_lookup_asks_the_likely_holder_contact_first() -> None:
+    """Among the contacts of a group, the one with the highest rendezvous weight for the
+    name holds it whenever any contact does: it goes first unless clearly farther."""
+    k = 4
+    a = make_node(CoreConfig(k=k, contacts_per_group=3), group=0)
+    contacts = [fake_entry(200 + i, k, 2) for i in range(3)]
+    a.receive(0.0, a.envelope(Snapshot(contacts[0], tuple(contacts[1:]), ())))
+    ids = [e.node_id for e in contacts]
+    for i, rtt in enumerate((0.0010, 0.0012, 0.0015)):  # a LAN: all within the slack
+        a.record_rtt(ids[i], rtt)
+    for j in range(30):
+        name = find_name(k, 2, f"/likely{j}")
+        ask = [e.node_id for e in a.plan_lookup(name).ask]
+        best = placement.rank(name, ids)[0]
+        assert ask[0] == best
+        assert ask[1:] == [nid for nid in ids if nid != best]  # the rest by RTT
+    # a likely holder far away (more than 2 x the nearest RTT + 1 ms) is not preferred
+    a.record_rtt(ids[2], 0.5)
+    for _ in range(20):
+        a.record_rtt(ids[2], 0.5)
+    for j in range(30):
+        name = find_name(k, 2, f"/far{j}")
+        ask = [e.node_id for e in a.plan_lookup(name).ask]
+        best = placement.rank(name, ids)[0]
+        if best == ids[2]:
+            assert ask == ids
+        else:
+            assert ask[0] == best
 
 
 # --- contacts --------------------------------------------------------------------------------

@@ -5,6 +5,20 @@ whole buffer into immutable objects before anything is returned, so a malformed 
 never be half-applied; every failure, whatever its cause, is a DecodeError. Sizes are also
 computed arithmetically (``*_size``) so the gossip builder and the simulator can bound and count
 bytes without encoding; tests keep the two in agreement.
+
+The one-datagram lookup (types 7 and 8):
+LookupRequest body: request id u64 | flags u8 (1: want inline) | name (u16 length, UTF-8).
+LookupReply body: request id u64 | flags u8 (1: tuple, 2: inline, 4: wrong group) | [tuple] |
+holders (u16 count, member entries) | candidates (same) | [inline: u32 length, bytes].
+
+Why a reply may exceed ``max_datagram``: gossip is kept to 1,200 bytes so it never fragments on
+any path, but a lookup reply that carries a small object saves a whole second exchange (and an
+HTTP one at that). Its size is capped at ``LOOKUP_DATAGRAM_MAX`` (16 KiB with the MAC trailer,
+room for ``INLINE_MAX`` = 8 KiB of content plus the tuple and holder entries, as Kademlia's
+datagrams carry values of a few KiB): on loopback (64 KiB MTU) it is one packet, on a LAN it is
+a handful of IP fragments, and a lost fragment only costs the asker its timeout and a fallback
+to the HTTP path. Larger objects are never inlined; a reply that would not fit is sent without
+its inline bytes.
 """
 
 from __future__ import annotations
@@ -20,6 +34,8 @@ from .messages import (
     Envelope,
     Gossip,
     Leave,
+    LookupReply,
+    LookupRequest,
     MemberEntry,
     Message,
     Refusal,
@@ -34,6 +50,12 @@ MAX_NAME_BYTES = 4096
 MAX_CHECKSUM_BYTES = 64
 MAX_HOLDERS = 64
 MAX_REASON_BYTES = 1024
+#: Largest object a LookupReply carries inline (bytes of content).
+INLINE_MAX = 8192
+#: Largest lookup datagram, MAC trailer included (see the module doc).
+LOOKUP_DATAGRAM_MAX = 16384
+#: Holder and candidate entries one LookupReply may carry.
+MAX_LOOKUP_MEMBERS = 64
 
 _HEADER = struct.Struct(">BB4sH")
 _MEMBER = struct.Struct(f">{NODE_ID_BYTES}s4sHII")
@@ -43,6 +65,7 @@ _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _GOSSIP_FIXED = struct.Struct(">IB")
 _BEAT = struct.Struct(f">{BEAT_PREFIX}sHI")
+_LOOKUP_FIXED = struct.Struct(">QB")
 
 HEADER_SIZE = _HEADER.size
 MEMBER_SIZE = _MEMBER.size
@@ -51,9 +74,14 @@ BEAT_SIZE = _BEAT.size
 GOSSIP_OVERHEAD = HEADER_SIZE + MEMBER_SIZE + _GOSSIP_FIXED.size + 2 + 2 + 2
 ACK_SIZE = HEADER_SIZE + MEMBER_SIZE + 4
 LEAVE_SIZE = HEADER_SIZE + MEMBER_SIZE
+LOOKUP_REQUEST_OVERHEAD = HEADER_SIZE + _LOOKUP_FIXED.size + 2
+LOOKUP_REPLY_OVERHEAD = HEADER_SIZE + _LOOKUP_FIXED.size + 2 + 2
 
 _TYPE_CODES: dict[type, int] = {Gossip: 1, Ack: 2, Leave: 3, SyncRequest: 4, Snapshot: 5,
-                                Refusal: 6}
+                                Refusal: 6, LookupRequest: 7, LookupReply: 8}
+#: Type byte of a LookupReply (second byte of every encoded message): lets the driver admit
+#: datagrams above max_datagram for this type only, before it spends a MAC check on them.
+LOOKUP_REPLY_CODE = 8
 _U32_MAX = 0xFFFFFFFF
 _U64_MAX = 0xFFFFFFFFFFFFFFFF
 
@@ -97,6 +125,13 @@ def message_size(message: Message) -> int:
     if isinstance(message, (SyncRequest, Snapshot)):
         return (HEADER_SIZE + MEMBER_SIZE + 8 + MEMBER_SIZE * len(message.members)
                 + sum(map(tuple_size, message.tuples)))
+    if isinstance(message, LookupRequest):
+        return LOOKUP_REQUEST_OVERHEAD + len(message.name.encode("utf-8"))
+    if isinstance(message, LookupReply):
+        return (LOOKUP_REPLY_OVERHEAD
+                + (tuple_size(message.entry) if message.entry is not None else 0)
+                + MEMBER_SIZE * (len(message.holders) + len(message.candidates))
+                + (4 + len(message.inline) if message.inline is not None else 0))
     return HEADER_SIZE + 2 + len(_reason_bytes(message.reason))
 
 
@@ -131,6 +166,11 @@ def encode(envelope: Envelope) -> bytes:
             parts.append(_member(message.sender))
             _members(parts, message.members, wide=True)
             _tuples(parts, message.tuples, wide=True)
+        elif isinstance(message, LookupRequest):
+            parts.append(_LOOKUP_FIXED.pack(message.request_id, 1 if message.want_inline else 0))
+            parts.append(_name(message.name))
+        elif isinstance(message, LookupReply):
+            _lookup_reply(parts, message)
         else:
             reason = _reason_bytes(message.reason)
             parts.append(_U16.pack(len(reason)))
@@ -157,23 +197,50 @@ def _members(parts: list[bytes], entries: tuple[MemberEntry, ...], wide: bool = 
 def _tuples(parts: list[bytes], entries: tuple[TupleEntry, ...], wide: bool = False) -> None:
     parts.append(_U32.pack(len(entries)) if wide else _U16.pack(len(entries)))
     for t in entries:
-        name = t.name.encode("utf-8")
-        if not name or "\x00" in t.name:
-            raise EncodeError("an object name is non-empty and has no NUL")
-        if len(name) > MAX_NAME_BYTES or len(t.checksum) > MAX_CHECKSUM_BYTES \
-                or len(t.holders) > MAX_HOLDERS:
-            raise EncodeError(f"tuple {t.name!r} exceeds a wire limit")
-        ids = (*t.holders, t.version.writer)
-        if any(len(h) != NODE_ID_BYTES for h in ids):
-            raise EncodeError("node id must be 20 bytes")
-        parts.append(_U16.pack(len(name)))
-        parts.append(name)
-        parts.append(_TUPLE_FIXED.pack(t.version.clock, t.version.writer, t.holder_seq, t.size,
-                                       t.mode, t.mtime_ns, 1 if t.tombstone else 0))
-        parts.append(_U8.pack(len(t.checksum)))
-        parts.append(t.checksum)
-        parts.append(_U8.pack(len(t.holders)))
-        parts.extend(t.holders)
+        _tuple(parts, t)
+
+
+def _name(name: str) -> bytes:
+    raw = name.encode("utf-8")
+    if not raw or "\x00" in name:
+        raise EncodeError("an object name is non-empty and has no NUL")
+    if len(raw) > MAX_NAME_BYTES:
+        raise EncodeError(f"name {name[:40]!r}... exceeds {MAX_NAME_BYTES} bytes")
+    return _U16.pack(len(raw)) + raw
+
+
+def _tuple(parts: list[bytes], t: TupleEntry) -> None:
+    if len(t.checksum) > MAX_CHECKSUM_BYTES or len(t.holders) > MAX_HOLDERS:
+        raise EncodeError(f"tuple {t.name!r} exceeds a wire limit")
+    ids = (*t.holders, t.version.writer)
+    if any(len(h) != NODE_ID_BYTES for h in ids):
+        raise EncodeError("node id must be 20 bytes")
+    parts.append(_name(t.name))
+    parts.append(_TUPLE_FIXED.pack(t.version.clock, t.version.writer, t.holder_seq, t.size,
+                                   t.mode, t.mtime_ns, 1 if t.tombstone else 0))
+    parts.append(_U8.pack(len(t.checksum)))
+    parts.append(t.checksum)
+    parts.append(_U8.pack(len(t.holders)))
+    parts.extend(t.holders)
+
+
+def _lookup_reply(parts: list[bytes], message: LookupReply) -> None:
+    if len(message.holders) > MAX_LOOKUP_MEMBERS or len(message.candidates) > MAX_LOOKUP_MEMBERS:
+        raise EncodeError(f"a lookup reply carries at most {MAX_LOOKUP_MEMBERS} holders and "
+                          f"as many candidates")
+    if message.inline is not None and (message.entry is None
+                                       or len(message.inline) > INLINE_MAX):
+        raise EncodeError(f"inline bytes need a tuple and are at most {INLINE_MAX}")
+    flags = ((1 if message.entry is not None else 0) | (2 if message.inline is not None else 0)
+             | (4 if message.wrong_group else 0))
+    parts.append(_LOOKUP_FIXED.pack(message.request_id, flags))
+    if message.entry is not None:
+        _tuple(parts, message.entry)
+    _members(parts, message.holders)
+    _members(parts, message.candidates)
+    if message.inline is not None:
+        parts.append(_U32.pack(len(message.inline)))
+        parts.append(bytes(message.inline))
 
 
 # --- decoding ---------------------------------------------------------------------------------
@@ -249,6 +316,13 @@ def _decode(data: bytes) -> Envelope:
         if n > MAX_REASON_BYTES:
             raise DecodeError("reason too long")
         message = Refusal(reader.take(n).decode("utf-8"))
+    elif code == 7:
+        request_id, flags = reader.unpack(_LOOKUP_FIXED)
+        if flags & ~1:
+            raise DecodeError("unknown lookup request flags")
+        message = LookupRequest(request_id, _read_name(reader), bool(flags & 1))
+    elif code == 8:
+        message = _read_lookup_reply(reader)
     else:
         raise DecodeError(f"unknown message type {code}")
     if reader.pos != len(data):
@@ -270,25 +344,51 @@ def _read_members(reader: _Reader, wide: bool) -> tuple[MemberEntry, ...]:
 
 def _read_tuples(reader: _Reader, wide: bool) -> tuple[TupleEntry, ...]:
     n = reader.count(wide, TUPLE_FIXED_SIZE)
-    out = []
-    for _ in range(n):
-        (name_len,) = reader.unpack(_U16)
-        if name_len == 0 or name_len > MAX_NAME_BYTES:
-            raise DecodeError("bad object name length")
-        name = reader.take(name_len).decode("utf-8")
-        if "\x00" in name:
-            raise DecodeError("object name contains NUL")
-        clock, writer, holder_seq, size, mode, mtime_ns, flags = reader.unpack(_TUPLE_FIXED)
-        if flags & ~1:
-            raise DecodeError("unknown tuple flags")
-        (cs_len,) = reader.unpack(_U8)
-        if cs_len > MAX_CHECKSUM_BYTES:
-            raise DecodeError("checksum too long")
-        checksum = reader.take(cs_len)
-        (n_holders,) = reader.unpack(_U8)
-        if n_holders > MAX_HOLDERS:
-            raise DecodeError("too many holders")
-        holders = tuple(reader.take(NODE_ID_BYTES) for _ in range(n_holders))
-        out.append(TupleEntry(name, Version(clock, writer), holder_seq, size, mode, mtime_ns,
-                              checksum, holders, bool(flags & 1)))
-    return tuple(out)
+    return tuple(_read_tuple(reader) for _ in range(n))
+
+
+def _read_name(reader: _Reader) -> str:
+    (name_len,) = reader.unpack(_U16)
+    if name_len == 0 or name_len > MAX_NAME_BYTES:
+        raise DecodeError("bad object name length")
+    name = reader.take(name_len).decode("utf-8")
+    if "\x00" in name:
+        raise DecodeError("object name contains NUL")
+    return name
+
+
+def _read_tuple(reader: _Reader) -> TupleEntry:
+    name = _read_name(reader)
+    clock, writer, holder_seq, size, mode, mtime_ns, flags = reader.unpack(_TUPLE_FIXED)
+    if flags & ~1:
+        raise DecodeError("unknown tuple flags")
+    (cs_len,) = reader.unpack(_U8)
+    if cs_len > MAX_CHECKSUM_BYTES:
+        raise DecodeError("checksum too long")
+    checksum = reader.take(cs_len)
+    (n_holders,) = reader.unpack(_U8)
+    if n_holders > MAX_HOLDERS:
+        raise DecodeError("too many holders")
+    holders = tuple(reader.take(NODE_ID_BYTES) for _ in range(n_holders))
+    return TupleEntry(name, Version(clock, writer), holder_seq, size, mode, mtime_ns,
+                      checksum, holders, bool(flags & 1))
+
+
+def _read_lookup_reply(reader: _Reader) -> LookupReply:
+    request_id, flags = reader.unpack(_LOOKUP_FIXED)
+    if flags & ~7:
+        raise DecodeError("unknown lookup reply flags")
+    if flags & 2 and not flags & 1:
+        raise DecodeError("inline bytes without a tuple")
+    entry = _read_tuple(reader) if flags & 1 else None
+    holders = _read_members(reader, wide=False)
+    candidates = _read_members(reader, wide=False)
+    if len(holders) > MAX_LOOKUP_MEMBERS or len(candidates) > MAX_LOOKUP_MEMBERS:
+        raise DecodeError("too many holders or candidates")
+    inline = None
+    if flags & 2:
+        (n,) = reader.unpack(_U32)
+        if n > INLINE_MAX:
+            raise DecodeError(f"inline content over {INLINE_MAX} bytes")
+        inline = reader.take(n)
+    return LookupReply(request_id, entry, holders, candidates, inline, bool(flags & 4))

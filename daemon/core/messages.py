@@ -2,7 +2,9 @@
 
 The codec turns these into bytes and back; the node state machine consumes and produces them.
 Datagram messages (Gossip, Ack, Leave) must fit one UDP datagram; SyncRequest / Snapshot /
-Refusal travel over a stream transport (HTTP in the daemon) and may be large.
+Refusal travel over a stream transport (HTTP in the daemon) and may be large. The one-datagram
+lookup (LookupRequest / LookupReply) travels as a datagram too; a reply carrying a small object
+inline may be larger than a gossip datagram, up to ``codec.LOOKUP_DATAGRAM_MAX``.
 """
 
 from __future__ import annotations
@@ -130,8 +132,47 @@ class Refusal:
     reason: str
 
 
-Message = Gossip | Ack | Leave | SyncRequest | Snapshot | Refusal
+@dataclass(frozen=True, slots=True)
+class LookupRequest:
+    """"Where is ``name``?" in one datagram, to a member of the name's group.
+
+    ``request_id`` is chosen by the asker and echoed by the reply (the asker matches replies to
+    waiting lookups by it). With ``want_inline`` the answering node attaches the object's bytes
+    when it holds the current version itself and they are small (see LookupReply).
+    """
+
+    request_id: int
+    name: str
+    want_inline: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LookupReply:
+    """The answer to a LookupRequest: the same facts as the HTTP /v1/lookup answer.
+
+    ``entry`` is the answering node's tuple of the name (None: not heard of yet; then
+    ``candidates`` are the members a write would have chosen), ``holders`` its live holders,
+    nearest first. ``inline`` is the content of ``entry``'s version, present only when the
+    answering node stores exactly that version and it is at most ``codec.INLINE_MAX`` bytes;
+    the asker checks its size and SHA-256 against ``entry`` before using it. ``wrong_group``:
+    the name is not of the answering node's group (the asker's contact view is stale).
+    """
+
+    request_id: int
+    entry: TupleEntry | None
+    holders: tuple[MemberEntry, ...]
+    candidates: tuple[MemberEntry, ...] = ()
+    inline: bytes | None = None
+    wrong_group: bool = False
+
+
+Message = (Gossip | Ack | Leave | SyncRequest | Snapshot | Refusal | LookupRequest
+           | LookupReply)
+#: Messages that travel as datagrams and change membership state (``KelipsNode.receive``).
 DATAGRAM_TYPES = (Gossip, Ack, Leave)
+#: The one-datagram lookup: answered (``KelipsNode.answer_lookup_request``) and matched to the
+#: waiting lookup by the driver.
+LOOKUP_TYPES = (LookupRequest, LookupReply)
 
 
 @dataclass(frozen=True, slots=True)

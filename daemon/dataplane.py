@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 
-from daemon.core.messages import MemberEntry, TupleEntry, Version
+from daemon.core import codec
+from daemon.core.messages import LookupReply, MemberEntry, TupleEntry, Version
 from daemon.core.node import KelipsNode
 from daemon.peers import PeerClient, PeerError
 from daemon.store import StaleVersion, StoredObject, StoreFull
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kelipsfs.data")
 
 REPAIR_PERIOD = 1.0
+_HEDGE = 3  # members asked one after the other (each after the previous one's timeout)
 RECONCILE_PERIOD = 10.0
 _FAN_OUT_BLOCK = 1 << 20  # bytes per block teed to the holders of an upload
 
@@ -176,6 +178,115 @@ class DataPlane:
                     tuple(entry_from_json(e) for e in local["holders"]))
                 return entry, holders, hops
         return None, [], hops
+
+    # --- one-datagram lookup --------------------------------------------------------------
+
+    async def _ask_datagram(self, members: list[MemberEntry] | tuple[MemberEntry, ...],
+                            name: str, want_inline: bool = True
+                            ) -> tuple[LookupReply, MemberEntry] | None:
+        """A hedged one-datagram lookup of ``name`` to ``members`` (not this node), in order."""
+        asked = [m for m in members if m.node_id != self.node.node_id][:_HEDGE]
+        if not asked:
+            return None
+        got = await self.rt.ask_lookup(
+            [(m.address, self.rt.lookup_timeout(m.node_id)) for m in asked], name, want_inline)
+        if got is None:
+            return None
+        reply, source = got
+        member = next(m for m in asked if m.address == source)
+        if reply.entry is not None:
+            self.node.merge_tuple(self.rt.now(), reply.entry)  # own group only
+        return reply, member
+
+    @staticmethod
+    def _inline(reply: LookupReply) -> bytes | None:
+        """The reply's inline bytes if they are exactly its tuple's content, else None."""
+        t, data = reply.entry, reply.inline
+        if t is None or data is None or t.tombstone or len(data) != t.size \
+                or hashlib.sha256(data).digest() != t.checksum:
+            return None
+        return data
+
+    async def _holder_datagram(self, entry: TupleEntry, holders: list[MemberEntry],
+                               skip: bytes | None = None
+                               ) -> tuple[TupleEntry, bytes | None, int]:
+        """Ask the holders of a small object for it in one datagram each (hedged).
+
+        A holder answers with its own tuple, which after an overwrite may be newer than the
+        one we had (the writer tells the holders before it acknowledges): that one wins. Its
+        bytes are used only if they are of a version at least ``entry``'s and match its
+        checksum; else (entry, None) and the caller fetches over HTTP.
+        """
+        if entry.tombstone or entry.size > codec.INLINE_MAX:
+            return entry, None, 0
+        asked = [h for h in holders if h.node_id != skip]
+        got = await self._ask_datagram(asked, entry.name)
+        if got is None:
+            return entry, None, min(len(asked), _HEDGE)
+        reply = got[0]
+        if reply.entry is None or reply.entry.version < entry.version:
+            return entry, None, 1  # that holder is behind: HTTP asks for min_clock
+        return reply.entry, self._inline(reply), 1
+
+    async def _locate_fast(self, name: str) -> tuple[Located, bytes | None] | None:
+        """Locate (and for small objects, fetch) ``name`` with lookup datagrams.
+
+        None when no datagram was answered in time: the caller takes the HTTP path, which
+        also reports dead contacts to the core. The bytes returned are verified against the
+        newest tuple seen on the way.
+        """
+        node = self.node
+        plan = node.plan_lookup(name)
+        if plan.local:
+            entry = plan.entry
+            if entry is None:
+                candidates = [e for e in node.placement(name) if e.node_id != node.node_id]
+                return await self._from_candidates(name, candidates, 0)
+            holders = node.live_holders(entry)
+            if not holders or holders[0].node_id == node.node_id or entry.tombstone:
+                return Located(entry, holders, 0), None  # held here (or deleted): no network
+            newest, data, hops = await self._holder_datagram(entry, holders)
+            if newest is not entry:
+                holders = node.fetch_order(tuple(node.live_holders(newest)) or tuple(holders))
+            return Located(newest, holders, hops), data
+        if not plan.ask:
+            return None
+        got = await self._ask_datagram(plan.ask, name)
+        if got is None:
+            return None
+        reply, contact = got
+        hops = 1
+        if reply.entry is None:
+            if not reply.candidates:
+                return Located(None, [], hops), None
+            return await self._from_candidates(name, list(reply.candidates), hops)
+        entry = reply.entry
+        holders = node.fetch_order(reply.holders)
+        data = self._inline(reply)
+        if data is None:
+            entry, data, more = await self._holder_datagram(entry, holders, contact.node_id)
+            hops += more
+        self.rt.metrics.inc("kelips_lookup_hops_total", hops)
+        return Located(entry, holders, hops), data
+
+    async def _from_candidates(self, name: str, candidates: list[MemberEntry], hops: int
+                               ) -> tuple[Located, bytes | None] | None:
+        """The contact has not heard of ``name`` yet: ask the members a write would have
+        chosen, one by one, until one knows it. None if none of them answered at all."""
+        answered = False
+        for candidate in candidates:
+            if candidate.node_id == self.node.node_id:
+                continue
+            got = await self._ask_datagram([candidate], name)
+            hops += 1
+            if got is None:
+                continue
+            answered = True
+            reply = got[0]
+            if reply.entry is not None:
+                return (Located(reply.entry, self.node.fetch_order(reply.holders), hops),
+                        self._inline(reply))
+        return (Located(None, [], hops), None) if answered else None
 
     async def stat(self, name: str) -> TupleEntry:
         found = await self.locate(name)
@@ -337,7 +448,18 @@ class DataPlane:
         object is never served stale); if a holder fails mid-transfer the next one holding
         the same version resumes at the offset reached.
         """
-        found = await self.locate(name)
+        fast = await self._locate_fast(name)
+        if fast is None:
+            found = await self.locate(name)
+        else:
+            self.rt.metrics.inc("kelips_lookups_total", result="started")
+            found, data = fast
+            entry = found.entry
+            if data is not None and entry is not None:
+                self.rt.metrics.inc("kelips_lookups_total", result="ok")
+                self.rt.metrics.inc("kelips_inline_reads_total")
+                return (ObjectMeta(entry.size, entry.checksum, entry.mode, entry.mtime_ns,
+                                   entry.version.clock, False), _one(data))
         entry = found.entry
         if entry is None or entry.tombstone:
             self.rt.metrics.inc("kelips_lookups_total", result="not_found")
@@ -585,6 +707,11 @@ class ObjectMeta(NamedTuple):
     mtime_ns: int
     clock: int
     tombstone: bool
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    if data:
+        yield data
 
 
 async def _empty() -> AsyncIterator[bytes]:

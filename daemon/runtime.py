@@ -8,6 +8,7 @@ as a signed datagram or a signed HTTP call. The data path (inserts, lookups, rep
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -19,9 +20,13 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from daemon.core import codec
+from daemon.core.config import AUTH_TRAILER
 from daemon.core.messages import (
     DATAGRAM_TYPES,
+    Address,
     Envelope,
+    LookupReply,
+    LookupRequest,
     Outgoing,
     Refusal,
     Snapshot,
@@ -43,6 +48,9 @@ log = logging.getLogger("kelipsfs.node")
 
 JOIN_ATTEMPTS = 10
 MAX_UDP = 65535
+#: One-datagram lookups waiting for their reply at once; beyond this, lookups use HTTP.
+MAX_PENDING_LOOKUPS = 1024
+_LOOKUP_CODES = (7, 8)  # type bytes of LookupRequest / LookupReply (codec._TYPE_CODES)
 
 
 class JoinRefused(Exception):
@@ -71,6 +79,17 @@ class _RateLimitedLog:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
 
 
+class _Waiter:
+    """One lookup waiting for a reply from any of the addresses it asked (hedging)."""
+
+    __slots__ = ("event", "reply", "source")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.reply: LookupReply | None = None
+        self.source: Address | None = None
+
+
 class NodeRuntime:
     """A running kelipsfs node. ``run()`` until ``shutdown()``; leaves its group cleanly."""
 
@@ -94,6 +113,9 @@ class NodeRuntime:
         self.peers: PeerClient | None = None
         self._dataplane: DataPlane | None = None
         self.started_at = time.time()
+        # request id -> (address asked, waiter): replies from elsewhere or for unknown ids are
+        # dropped. Bounded by MAX_PENDING_LOOKUPS; entries leave when their lookup ends.
+        self._pending: dict[int, tuple[Address, _Waiter]] = {}
 
     # --- accessors ----------------------------------------------------------------------------
 
@@ -180,9 +202,12 @@ class NodeRuntime:
         assert self._sock is not None
         limit = self.settings.core.max_datagram
         while True:
-            data, _addr = await self._sock.recvfrom(MAX_UDP)
+            data, addr = await self._sock.recvfrom(MAX_UDP)
             self.metrics.inc("kelips_gossip_bytes_in_total", len(data))
-            if len(data) > limit:
+            # Lookup datagrams may be larger than gossip (inline objects): the type byte is
+            # peeked before the MAC check so that only they get the larger limit.
+            big = limit < len(data) <= codec.LOOKUP_DATAGRAM_MAX and data[1] in _LOOKUP_CODES
+            if len(data) > limit and not big:
                 self._reject("oversized", f"dropped a {len(data)}-byte datagram (limit {limit})")
                 continue
             try:
@@ -195,7 +220,16 @@ class NodeRuntime:
             except codec.DecodeError as exc:
                 self._reject("malformed", f"dropped a malformed datagram: {exc}")
                 continue
-            if not isinstance(envelope.message, DATAGRAM_TYPES):
+            message = envelope.message
+            if isinstance(message, (LookupRequest, LookupReply)):
+                if envelope.cluster_tag != self.node.tag or envelope.k != self.node.config.k:
+                    self._reject("foreign", "dropped a lookup of another cluster or k")
+                elif isinstance(message, LookupRequest):
+                    await self._answer_lookup((addr[0], addr[1]), message)
+                else:
+                    self._deliver_reply((addr[0], addr[1]), message)
+                continue
+            if not isinstance(message, DATAGRAM_TYPES):
                 self._reject("malformed", "dropped a stream message sent as a datagram")
                 continue
             before = self.node.dropped
@@ -203,6 +237,94 @@ class NodeRuntime:
             if self.node.dropped > before:
                 self._reject("foreign", "dropped a datagram of another cluster or k")
             self._drain_events()
+
+    # --- one-datagram lookups -----------------------------------------------------------------
+
+    async def _answer_lookup(self, dest: Address, request: LookupRequest) -> None:
+        """Answer a LookupRequest from the core's tuple, with the bytes inline when the core
+        says so and the local copy is exactly that version, intact, and fits the datagram."""
+        from daemon.names import NameError_, validate_name
+        try:
+            validate_name(request.name)
+        except NameError_:
+            self._reject("malformed", "dropped a lookup for an invalid name")
+            return
+        obj = self.store.get(request.name)
+        held = obj.version if obj is not None and not obj.tombstone else None
+        reply, attach = self.node.answer_lookup_request(request, held)
+        room = codec.LOOKUP_DATAGRAM_MAX - AUTH_TRAILER
+        if attach is not None and obj is not None and obj.version == attach.version:
+            data = self.store.read_small(obj, codec.INLINE_MAX)
+            if data is not None:
+                inlined = dataclasses.replace(reply, inline=data)
+                if codec.message_size(inlined) <= room:
+                    reply = inlined
+        if codec.message_size(reply) > room:
+            self._ratelog.warn("lookup-size", f"lookup reply for {request.name[:60]!r} too big")
+            return
+        self.metrics.inc("kelips_lookup_datagrams_answered_total",
+                         inline="yes" if reply.inline is not None else "no")
+        await self._send_datagram(Outgoing(dest, reply))
+
+    def _deliver_reply(self, source: Address, reply: LookupReply) -> None:
+        pending = self._pending.get(reply.request_id)
+        if pending is None:
+            self._reject("unexpected", "dropped a lookup reply nobody waits for")
+            return
+        asked, waiter = pending
+        if asked != source:
+            self._reject("unexpected", f"dropped a lookup reply from {source[0]}:{source[1]}, "
+                                       f"not the node asked")
+            return
+        del self._pending[reply.request_id]
+        if waiter.reply is None:
+            waiter.reply, waiter.source = reply, source
+            waiter.event.set()
+
+    async def ask_lookup(self, targets: list[tuple[Address, float]], name: str,
+                         want_inline: bool) -> tuple[LookupReply, Address] | None:
+        """Ask ``targets`` (address, timeout) one after the other for ``name``, hedging: each
+        is given its timeout, then the next is asked while earlier ones may still answer.
+
+        Returns the first useful reply and who sent it, or None when nobody answered in time
+        (or too many lookups are already waiting): the caller falls back to HTTP. A reply that
+        says "not my group" does not count; the next target is asked at once.
+        """
+        waiter = _Waiter()
+        ids: list[int] = []
+        try:
+            for dest, timeout in targets:
+                if len(self._pending) >= MAX_PENDING_LOOKUPS:
+                    self.metrics.inc("kelips_lookup_datagrams_total", result="busy")
+                    return None
+                rid = self.rng.getrandbits(64)
+                while rid in self._pending:
+                    rid = self.rng.getrandbits(64)
+                self._pending[rid] = (dest, waiter)
+                ids.append(rid)
+                await self._send_datagram(Outgoing(dest, LookupRequest(rid, name, want_inline)))
+                with trio.move_on_after(timeout) as scope:
+                    while True:
+                        await waiter.event.wait()
+                        assert waiter.reply is not None and waiter.source is not None
+                        if not waiter.reply.wrong_group:
+                            self.metrics.inc("kelips_lookup_datagrams_total", result="answered")
+                            return waiter.reply, waiter.source
+                        waiter.reply = waiter.source = None  # a stale contact: next one
+                        waiter.event = trio.Event()
+                        break
+                if scope.cancelled_caught:
+                    self.metrics.inc("kelips_lookup_datagrams_total", result="timeout")
+            return None
+        finally:
+            for rid in ids:
+                self._pending.pop(rid, None)
+
+    def lookup_timeout(self, node_id: bytes) -> float:
+        """How long to wait for a lookup reply from a member: 3 RTT within [50 ms, 500 ms]."""
+        m = self.node.members.get(node_id)
+        rtt = m.rtt if m is not None and m.rtt is not None else 0.1
+        return min(0.5, max(0.05, 3 * rtt))
 
     def _reject(self, reason: str, message: str) -> None:
         self.metrics.inc("kelips_rejected_packets_total", reason=reason)

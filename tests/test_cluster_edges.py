@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.core.ids import group_of_name
 from tests.cluster import Cluster, NodeProc
 from tests.test_cluster import FAST, _file, _get
 
@@ -50,6 +51,40 @@ def test_read_after_write_and_overwrite_from_every_node(cluster: Cluster, tmp_pa
         cluster.cli(nodes[round_], "put", str(src), "shared.bin")
         for node in nodes:  # at once: no waiting for gossip
             assert _get(cluster, node, "shared.bin") == src.read_bytes()
+
+
+def test_small_objects_come_inline_and_never_stale(tmp_path: Path) -> None:
+    """k = 3 groups, 1 KiB objects: gets are answered by lookup datagrams with the bytes
+    inline, and a read from every node right after each acknowledged overwrite sees it."""
+    with Cluster(tmp_path, settings=["k=3", *FAST]) as c:
+        nodes = [c.new_node()]
+        for _ in range(5):
+            nodes.append(c.new_node(join=[nodes[0]]))
+
+        def formed() -> bool:
+            docs = [c.status(n) for n in nodes]
+            groups: dict[int, set[str]] = {}
+            for d in docs:
+                groups.setdefault(d["group"], set()).add(d["node_id"])
+            for d in docs:
+                alive = {m["id"] for m in d["members"] if m["state"] == "alive"}
+                have = {int(g) for g, n in d["contacts_per_group"].items() if n}
+                if not groups[d["group"]] <= alive or not set(groups) - {d["group"]} <= have:
+                    return False
+            return True
+
+        c.wait_for(formed, 30, "groups and contacts")
+        populated = {c.status(n)["group"] for n in nodes}
+        names = [f"small/{i}.bin" for i in range(40)
+                 if group_of_name(f"small/{i}.bin", 3) in populated][:4]
+        for round_ in range(3):
+            for i, name in enumerate(names):
+                src = _file(tmp_path, f"s{round_}-{i}", 1000 + round_, seed=round_)
+                c.cli(nodes[(round_ + i) % 6], "put", str(src), name)
+                for node in nodes:  # at once: no waiting for gossip
+                    assert _get(c, node, name) == src.read_bytes()
+        inline = sum(_metric(_metrics(n), "kelips_inline_reads_total") for n in nodes)
+        assert inline > 0
 
 
 def test_metrics_and_hostile_datagrams(cluster: Cluster) -> None:

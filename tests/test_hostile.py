@@ -188,7 +188,8 @@ def _declared_failures(lab: Lab, host: Host) -> float:
     return lab.metrics(host).get('kelips_member_events_total{kind="failed"}', 0.0)
 
 
-@lab_test(timeout=600)
+@pytest.mark.soak
+@lab_test(timeout=540)
 def test_twenty_percent_loss_five_minutes_no_false_failures(tmp_path: Path) -> None:
     duration = 300.0
     with Lab(tmp_path, hosts=5, settings=["k=1"]) as lab:
@@ -288,7 +289,7 @@ class _Workload:
             time.sleep(0.05)
 
 
-@lab_test(timeout=600)
+@lab_test(timeout=540)
 def test_rolling_restart_loses_nothing(tmp_path: Path) -> None:
     with Lab(tmp_path, hosts=5, settings=["k=1"]) as lab:
         lab.start_all()
@@ -568,7 +569,7 @@ def test_disk_full_on_one_holder_loses_and_tears_nothing(tmp_path: Path) -> None
             subprocess.run(["umount", "-l", str(small.data_dir)], check=False)
 
 
-@lab_test(timeout=600)
+@lab_test(timeout=540)
 def test_kill_9_during_puts_keeps_every_acknowledged_object(tmp_path: Path) -> None:
     with Lab(tmp_path, hosts=1, settings=["k=1"]) as lab:
         node = lab.hosts[0]

@@ -347,10 +347,21 @@ class NodeRuntime:
     async def _send_datagram(self, out: Outgoing) -> None:
         assert self._sock is not None
         data = self.auth.seal(codec.encode(self.node.envelope(out.message)), self.wall())
+        delay = self.settings.send_delay
+        if delay > 0 and self._nursery is not None:
+            self._nursery.start_soon(self._transmit, data, out.dest, delay)
+            return
+        await self._transmit(data, out.dest)
+
+    async def _transmit(self, data: bytes, dest: tuple[str, int], delay: float = 0.0) -> None:
+        """Send one sealed datagram, ``delay`` seconds late (the send_delay test setting)."""
+        assert self._sock is not None
+        if delay > 0:
+            await trio.sleep(delay)
         try:
-            await self._sock.sendto(data, out.dest)
+            await self._sock.sendto(data, dest)
         except OSError as exc:
-            self._ratelog.warn("send", f"gossip to {out.dest[0]}:{out.dest[1]} failed: {exc}")
+            self._ratelog.warn("send", f"gossip to {dest[0]}:{dest[1]} failed: {exc}")
             return
         self.metrics.inc("kelips_gossip_bytes_out_total", len(data))
 

@@ -128,6 +128,9 @@ class NodeSettings:
     bootstrap_refresh: float = 10.0
     auth_window: float = 30.0
     log_level: str = "info"
+    #: Tests and experiments only: every outgoing datagram waits this long (emulated latency;
+    #: this kernel has no netem). 0 in production.
+    send_delay: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.core, CoreConfig):
@@ -151,6 +154,10 @@ class NodeSettings:
         _check_int("max_object_bytes", self.max_object_bytes, 1, _MAX_SIZE)
         for name in ("http_timeout", "bootstrap_refresh", "auth_window"):
             _check_positive(name, getattr(self, name))
+        if isinstance(self.send_delay, bool) or not isinstance(self.send_delay, (int, float)) \
+                or not 0 <= self.send_delay <= 5:
+            raise SettingsError(f"must be a number from 0 to 5, got {self.send_delay!r}",
+                                "send_delay")
         if self.log_level not in LOG_LEVELS:
             raise SettingsError(
                 f"must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}", "log_level")
@@ -187,6 +194,7 @@ _NODE_KINDS: dict[str, str] = {
     "bootstrap_refresh": "float",
     "auth_window": "float",
     "log_level": "level",
+    "send_delay": "float",
 }
 _CORE_FIELDS = [f.name for f in dataclasses.fields(CoreConfig) if f.init]
 _CORE_TYPES = typing.get_type_hints(CoreConfig)
@@ -210,6 +218,8 @@ _DESCRIPTIONS: dict[str, str] = {
     "auth_window": "seconds of clock skew accepted on signed datagrams and requests "
                    "(nonces are remembered this long against replay)",
     "log_level": "debug, info, warning or error",
+    "send_delay": "tests only: seconds every outgoing datagram is held back (emulated latency; "
+                  "0..5)",
     "k": "number of affinity groups, about sqrt(expected nodes); must agree cluster-wide",
     "cluster_id": "cluster name; other clusters' nodes and datagrams are refused; must agree",
     "heartbeat_interval": "seconds between bumps of this node's heartbeat counter",

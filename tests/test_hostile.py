@@ -635,3 +635,47 @@ def test_kill_9_during_puts_keeps_every_acknowledged_object(tmp_path: Path) -> N
                acknowledged_names=len(acked),
                rounds_killed_mid_batch=kills_mid_batch, checked_after_restart=checked,
                lost=lost, torn=torn)
+
+
+@lab_test(timeout=300)
+def test_latency_bandwidth_cap_and_a_cut_host(tmp_path: Path) -> None:
+    with Lab(tmp_path, hosts=4, settings=["k=1"]) as lab:
+        first, capped, cut, slow = lab.hosts
+        lab.start(first)
+        lab.start(capped, join=[first])
+        lab.start(cut, join=[first])
+        lab.settings.append("send_delay=0.05")  # 50 ms more on every datagram of this host
+        lab.start(slow, join=[first])
+        lab.settings.pop()
+        lab.wait_for(lambda: _all_alive(lab, lab.hosts), 30, "four members alive")
+
+        def slow_rtts() -> list[float]:
+            rtts = [_members(lab, h)[slow.address]["rtt_ms"] for h in (first, capped, cut)]
+            return [r for r in rtts if r is not None]
+        rtt_seen = lab.wait_for(lambda: len(slow_rtts()) == 3 and min(slow_rtts()) >= 50, 60,
+                                "the delayed host's RTT measured by everyone")
+        rtts = slow_rtts()
+
+        lab.cap_bandwidth(capped, "8mbit")
+        big = random.Random(9).randbytes(4 << 20)
+        started = time.monotonic()
+        lab.put(capped, "s9/big", big)
+        capped_put_s = time.monotonic() - started
+        assert lab.get(first, "s9/big") == big
+        assert _all_alive(lab, lab.hosts), "a capped link caused a false failure"
+
+        lab.cut(cut)
+        cut_at = time.monotonic()
+        others = [first, capped, slow]
+        detected = lab.wait_for(lambda: all(_members(lab, h)[cut.address]["state"] == "failed"
+                                            for h in others), 30, "the cut host failed")
+        assert detected <= DETECT_BOUND + 1.0  # + the slow host's 50 ms delays
+        lab.reconnect(cut)
+        cut_for = time.monotonic() - cut_at
+        back = lab.wait_for(lambda: _all_alive(lab, lab.hosts), 60, "the cut host back")
+        assert lab.get(cut, "s9/big") == big
+        lab.heal_all()
+        report("latency_cap_cut", slow_host_rtt_ms=sorted(rtts), rtt_measured_s=round(rtt_seen, 1),
+               put_4mib_through_8mbit_cap_s=round(capped_put_s, 2),
+               cut_detected_s=round(detected, 2), cut_for_s=round(cut_for, 1),
+               cut_host_back_s=round(back, 2))

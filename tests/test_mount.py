@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -244,6 +245,31 @@ def test_many_small_files_listed(single: Mount) -> None:
     listed = os.listdir(single.mountpoint)
     assert len(listed) == len(set(listed)) and "many" in listed  # no duplicates
     assert ".kelipsfs-dir" not in os.listdir(d) + listed  # markers are never shown
+
+
+def test_stat_right_after_a_listing_sees_changes_made_here(single: Mount) -> None:
+    # ls -l reuses the listing's attributes for a second; a change through this mount must
+    # never be hidden by them.
+    d = single.path("listed")
+    d.mkdir()
+    (d / "a").write_bytes(b"12345")
+    (d / "b").write_bytes(b"x")
+    assert sorted(p.name for p in d.iterdir()) == ["a", "b"]
+    assert (d / "a").stat().st_size == 5
+    (d / "a").write_bytes(b"1234567890")
+    assert (d / "a").stat().st_size == 10
+    with open(d / "a", "ab") as fh:
+        fh.write(b"!")
+    assert (d / "a").stat().st_size == 11
+    os.chmod(d / "b", 0o600)
+    assert stat.S_IMODE((d / "b").stat().st_mode) == 0o600
+    (d / "b").unlink()
+    expect_errno(errno.ENOENT, os.stat, d / "b")
+    os.truncate(d / "a", 2)
+    assert (d / "a").stat().st_size == 2
+    os.rename(d / "a", d / "c")
+    expect_errno(errno.ENOENT, os.stat, d / "a")
+    assert (d / "c").stat().st_size == 2
 
 
 def test_directories(single: Mount) -> None:

@@ -183,8 +183,9 @@ class DataPlane:
 
     async def _ask_datagram(self, members: list[MemberEntry] | tuple[MemberEntry, ...],
                             name: str, want_inline: bool = True
-                            ) -> tuple[LookupReply, MemberEntry] | None:
-        """A hedged one-datagram lookup of ``name`` to ``members`` (not this node), in order."""
+                            ) -> tuple[LookupReply, MemberEntry | None] | None:
+        """A hedged one-datagram lookup of ``name`` to ``members`` (not this node), in order;
+        the reply and the member asked that sent it (None: a holder it forwarded to)."""
         asked = [m for m in members if m.node_id != self.node.node_id][:_HEDGE]
         if not asked:
             return None
@@ -193,7 +194,7 @@ class DataPlane:
         if got is None:
             return None
         reply, source = got
-        member = next(m for m in asked if m.address == source)
+        member = next((m for m in asked if m.address == source), None)
         if reply.entry is not None:
             self.node.merge_tuple(self.rt.now(), reply.entry)  # own group only
         return reply, member
@@ -264,8 +265,11 @@ class DataPlane:
         holders = node.fetch_order(reply.holders)
         data = self._inline(reply)
         if data is None:
-            entry, data, more = await self._holder_datagram(entry, holders, contact.node_id)
+            skip = contact.node_id if contact is not None else None
+            entry, data, more = await self._holder_datagram(entry, holders, skip)
             hops += more
+        elif reply.forwarded:
+            hops += 1
         self.rt.metrics.inc("kelips_lookup_hops_total", hops)
         return Located(entry, holders, hops), data
 

@@ -251,8 +251,17 @@ class NodeRuntime:
             return
         obj = self.store.get(request.name)
         held = obj.version if obj is not None and not obj.tombstone else None
-        reply, attach = self.node.answer_lookup_request(request, held)
+        action = self.node.answer_lookup_request(request, dest, held)
+        if action.forward is not None:
+            self.metrics.inc("kelips_lookup_datagrams_answered_total", how="forwarded")
+            await self._send_datagram(action.forward)
+            return
+        assert action.reply is not None
+        out = action.reply
+        reply = out.message
+        assert isinstance(reply, LookupReply)
         room = codec.LOOKUP_DATAGRAM_MAX - AUTH_TRAILER
+        attach = action.attach
         if attach is not None and obj is not None and obj.version == attach.version:
             data = self.store.read_small(obj, codec.INLINE_MAX)
             if data is not None:
@@ -263,8 +272,8 @@ class NodeRuntime:
             self._ratelog.warn("lookup-size", f"lookup reply for {request.name[:60]!r} too big")
             return
         self.metrics.inc("kelips_lookup_datagrams_answered_total",
-                         inline="yes" if reply.inline is not None else "no")
-        await self._send_datagram(Outgoing(dest, reply))
+                         how="inline" if reply.inline is not None else "tuple")
+        await self._send_datagram(Outgoing(out.dest, reply))
 
     def _deliver_reply(self, source: Address, reply: LookupReply) -> None:
         pending = self._pending.get(reply.request_id)
@@ -272,7 +281,7 @@ class NodeRuntime:
             self._reject("unexpected", "dropped a lookup reply nobody waits for")
             return
         asked, waiter = pending
-        if asked != source:
+        if asked != source and not reply.forwarded:
             self._reject("unexpected", f"dropped a lookup reply from {source[0]}:{source[1]}, "
                                        f"not the node asked")
             return

@@ -82,6 +82,9 @@ MESSAGES: dict[str, Message] = {
                                        bytes(range(256)) * 4),
     "lookup-reply-inline-empty": LookupReply(1, tuple_entry("/e", holders=1), (), (), b""),
     "lookup-reply-wrong-group": LookupReply(9, None, (), (), None, True),
+    "lookup-request-forwarded": LookupRequest(5, "/f", True, ("10.1.2.3", 65535)),
+    "lookup-reply-forwarded": LookupReply(5, tuple_entry("/f", holders=1), (member(2),), (),
+                                          b"abc", False, True),
 }
 
 
@@ -419,7 +422,7 @@ def test_largest_lookup_reply_fits_the_lookup_datagram() -> None:
     assert codec.decode(codec.encode(env(big))).message == big
 
 
-@pytest.mark.parametrize("flags", [2, 8, 0x10, 0x80])
+@pytest.mark.parametrize("flags", [2, 0x10, 0x20, 0x80])
 def test_lookup_reply_bad_flags(flags: int) -> None:
     """Unknown bits, and inline bytes without a tuple, are decode errors."""
     data = bytearray(valid("lookup-reply-unknown"))
@@ -429,12 +432,21 @@ def test_lookup_reply_bad_flags(flags: int) -> None:
         codec.decode(bytes(data))
 
 
-@pytest.mark.parametrize("flags", [2, 0x80, 0xFF])
+@pytest.mark.parametrize("flags", [4, 0x80, 0xFF])
 def test_lookup_request_bad_flags(flags: int) -> None:
     data = bytearray(valid("lookup-request"))
     data[LOOKUP_FLAGS_OFFSET] = flags
     with pytest.raises(codec.DecodeError):
         codec.decode(bytes(data))
+
+
+def test_lookup_request_reply_to_port_zero() -> None:
+    data = bytearray(valid("lookup-request-forwarded"))
+    data[-2:] = b"\x00\x00"
+    with pytest.raises(codec.DecodeError):
+        codec.decode(bytes(data))
+    with pytest.raises(codec.EncodeError):
+        codec.encode(env(LookupRequest(1, "/x", True, ("10.0.0.1", 0))))
 
 
 def test_lookup_request_bad_names() -> None:

@@ -933,6 +933,9 @@ def test_answer_lookup_lists_live_holders_self_first() -> None:
     assert list(unknown.candidates) == a.placement("/nothing")
 
 
+ASKER: Address = ("10.9.9.9", 7400)
+
+
 def test_answer_lookup_request_inlines_only_the_current_small_version() -> None:
     cfg = CoreConfig(k=1)
     a = make_node(cfg)
@@ -942,40 +945,83 @@ def test_answer_lookup_request_inlines_only_the_current_small_version() -> None:
     a.record_write(0.0, t)
     ask = LookupRequest(42, "/small", True)
 
-    reply, attach = a.answer_lookup_request(ask, t.version)
-    assert attach == t
-    assert reply == LookupReply(42, t, tuple(a.answer_lookup("/small").holders), ())
-    assert reply.inline is None  # the driver attaches the bytes it read
-    # not asked for, not held, an older or a newer (unacknowledged) copy: no bytes
-    assert a.answer_lookup_request(LookupRequest(42, "/small", False), t.version)[1] is None
-    assert a.answer_lookup_request(ask, None)[1] is None
+    action = a.answer_lookup_request(ask, ASKER, t.version)
+    assert action.attach == t and action.forward is None
+    assert action.reply == Outgoing(ASKER, LookupReply(
+        42, t, tuple(a.answer_lookup("/small").holders), ()))
+    # not asked for, or an older or a newer (unacknowledged) copy: no bytes
+    plain = a.answer_lookup_request(LookupRequest(42, "/small", False), ASKER, t.version)
+    assert plain.attach is None and plain.forward is None and plain.reply is not None
     older = Version(t.version.clock - 1, t.version.writer)
     newer = Version(t.version.clock + 1, t.version.writer)
-    assert a.answer_lookup_request(ask, older)[1] is None
-    assert a.answer_lookup_request(ask, newer)[1] is None
-    # after an overwrite this node has not stored yet, its old copy is not offered
+    for held in (None, older, newer):
+        act = a.answer_lookup_request(ask, ASKER, held)
+        assert act.attach is None
+    # after an overwrite this node has not stored yet, its old copy is never offered
     t2 = tuple_for("/small", [others[0].node_id], clock=t.version.clock + 5)
     a.record_write(1.0, t2)
-    reply2, attach2 = a.answer_lookup_request(ask, t.version)
-    assert attach2 is None and reply2.entry == t2
-    # too large to inline, or deleted
+    act2 = a.answer_lookup_request(ask, ASKER, t.version)
+    assert act2.attach is None and act2.reply is None and act2.forward is not None
+    # too large to inline: the tuple, and no forwarding (the bytes go over HTTP)
     big = t._replace(name="/big", size=codec.INLINE_MAX + 1)
     a.record_write(0.0, big)
-    assert a.answer_lookup_request(LookupRequest(1, "/big", True), big.version)[1] is None
+    act3 = a.answer_lookup_request(LookupRequest(1, "/big", True), ASKER, big.version)
+    assert act3.attach is None and act3.forward is None and act3.reply is not None
+    assert act3.reply.message == LookupReply(1, big, tuple(a.answer_lookup("/big").holders))
     exact = t._replace(name="/exact", size=codec.INLINE_MAX)
     a.record_write(0.0, exact)
-    assert a.answer_lookup_request(LookupRequest(1, "/exact", True), exact.version)[1] == exact
+    assert a.answer_lookup_request(LookupRequest(1, "/exact", True), ASKER,
+                                   exact.version).attach == exact
     gone = t._replace(name="/gone", tombstone=True, size=0)
     a.record_write(0.0, gone)
-    reply3, attach3 = a.answer_lookup_request(LookupRequest(1, "/gone", True), gone.version)
-    assert attach3 is None and reply3.entry == gone
+    act4 = a.answer_lookup_request(LookupRequest(1, "/gone", True), ASKER, gone.version)
+    assert act4.attach is None and act4.forward is None
+    assert act4.reply is not None and act4.reply.message.entry == gone  # type: ignore[union-attr]
     # a name not heard of yet: the placement candidates, as over HTTP
-    reply4, attach4 = a.answer_lookup_request(LookupRequest(5, "/unknown", True), None)
-    assert attach4 is None and reply4.entry is None
-    assert reply4.candidates == tuple(a.placement("/unknown"))
-    # every answer goes through the codec unchanged
-    for r in (reply, reply2, reply3, reply4):
-        assert codec.decode(codec.encode(a.envelope(r))).message == r
+    act5 = a.answer_lookup_request(LookupRequest(5, "/unknown", True), ASKER, None)
+    assert act5.reply is not None and act5.attach is None
+    unknown = act5.reply.message
+    assert isinstance(unknown, LookupReply) and unknown.entry is None
+    assert unknown.candidates == tuple(a.placement("/unknown"))
+    # every reply goes through the codec unchanged
+    for act in (action, plain, act3, act4, act5):
+        assert act.reply is not None
+        msg = act.reply.message
+        assert codec.decode(codec.encode(a.envelope(msg))).message == msg
+
+
+def test_lookup_request_for_a_small_object_held_elsewhere_is_forwarded_once() -> None:
+    cfg = CoreConfig(k=1)
+    contact = make_node(cfg)
+    holders = [fake_entry(80 + i) for i in range(2)]
+    contact.receive(0.0, contact.envelope(Snapshot(holders[0], (holders[1],), ())))
+    contact.record_rtt(holders[1].node_id, 0.001)
+    contact.record_rtt(holders[0].node_id, 0.005)
+    t = tuple_for("/fwd", [h.node_id for h in holders])._replace(size=1024)
+    contact.record_write(0.0, t)
+    action = contact.answer_lookup_request(LookupRequest(9, "/fwd", True), ASKER, None)
+    assert action.reply is None and action.attach is None
+    # to the nearest live holder, which answers the asker (reply_to) and marks it forwarded
+    assert action.forward == Outgoing(holders[1].address,
+                                      LookupRequest(9, "/fwd", True, ASKER))
+    holder = make_node(cfg)
+    holder.receive(0.0, holder.envelope(Snapshot(holders[0], (holders[1],), ())))
+    t_h = t._replace(holders=tuple(sorted([holder.node_id, holders[0].node_id])))
+    holder.record_write(0.0, t_h)
+    relayed = LookupRequest(9, "/fwd", True, ASKER)
+    answered = holder.answer_lookup_request(relayed, contact.address, t_h.version)
+    assert answered.attach == t_h and answered.forward is None
+    assert answered.reply is not None and answered.reply.dest == ASKER
+    assert isinstance(answered.reply.message, LookupReply)
+    assert answered.reply.message.forwarded
+    # a forwarded request is never forwarded again: a holder that is behind answers with
+    # its tuple (no bytes) instead
+    behind = holder.answer_lookup_request(relayed, contact.address, None)
+    assert behind.forward is None and behind.attach is None
+    assert behind.reply is not None and behind.reply.dest == ASKER
+    # not asked for the bytes: no forwarding either
+    plain = contact.answer_lookup_request(LookupRequest(9, "/fwd", False), ASKER, None)
+    assert plain.forward is None and plain.reply is not None
 
 
 def test_answer_lookup_request_for_another_group_says_so() -> None:
@@ -983,8 +1029,9 @@ def test_answer_lookup_request_for_another_group_says_so() -> None:
     a = make_node(CoreConfig(k=k), group=0)
     name = find_name(k, 1)
     a.record_write(0.0, tuple_for(name, [a.node_id]))  # ignored: not our group
-    reply, attach = a.answer_lookup_request(LookupRequest(3, name, True), None)
-    assert reply == LookupReply(3, None, (), (), None, True) and attach is None
+    action = a.answer_lookup_request(LookupRequest(3, name, True), ASKER, None)
+    assert action.reply == Outgoing(ASKER, LookupReply(3, None, (), (), None, True))
+    assert action.attach is None and action.forward is None
 
 
 def test_lookup_messages_do_not_change_membership_state() -> None:

@@ -7,9 +7,11 @@ computed arithmetically (``*_size``) so the gossip builder and the simulator can
 bytes without encoding; tests keep the two in agreement.
 
 The one-datagram lookup (types 7 and 8):
-LookupRequest body: request id u64 | flags u8 (1: want inline) | name (u16 length, UTF-8).
-LookupReply body: request id u64 | flags u8 (1: tuple, 2: inline, 4: wrong group) | [tuple] |
-holders (u16 count, member entries) | candidates (same) | [inline: u32 length, bytes].
+LookupRequest body: request id u64 | flags u8 (1: want inline, 2: reply-to) | name (u16 length,
+UTF-8) | [reply-to: IPv4 4s, port u16].
+LookupReply body: request id u64 | flags u8 (1: tuple, 2: inline, 4: wrong group, 8: forwarded)
+| [tuple] | holders (u16 count, member entries) | candidates (same) | [inline: u32 length,
+bytes].
 
 Why a reply may exceed ``max_datagram``: gossip is kept to 1,200 bytes so it never fragments on
 any path, but a lookup reply that carries a small object saves a whole second exchange (and an
@@ -126,7 +128,8 @@ def message_size(message: Message) -> int:
         return (HEADER_SIZE + MEMBER_SIZE + 8 + MEMBER_SIZE * len(message.members)
                 + sum(map(tuple_size, message.tuples)))
     if isinstance(message, LookupRequest):
-        return LOOKUP_REQUEST_OVERHEAD + len(message.name.encode("utf-8"))
+        return (LOOKUP_REQUEST_OVERHEAD + len(message.name.encode("utf-8"))
+                + (6 if message.reply_to is not None else 0))
     if isinstance(message, LookupReply):
         return (LOOKUP_REPLY_OVERHEAD
                 + (tuple_size(message.entry) if message.entry is not None else 0)
@@ -167,8 +170,14 @@ def encode(envelope: Envelope) -> bytes:
             _members(parts, message.members, wide=True)
             _tuples(parts, message.tuples, wide=True)
         elif isinstance(message, LookupRequest):
-            parts.append(_LOOKUP_FIXED.pack(message.request_id, 1 if message.want_inline else 0))
+            flags = (1 if message.want_inline else 0) | (2 if message.reply_to else 0)
+            parts.append(_LOOKUP_FIXED.pack(message.request_id, flags))
             parts.append(_name(message.name))
+            if message.reply_to is not None:
+                host, port = message.reply_to
+                if port == 0:
+                    raise EncodeError("port 0 is not an address")
+                parts.append(socket.inet_aton(host) + _U16.pack(port))
         elif isinstance(message, LookupReply):
             _lookup_reply(parts, message)
         else:
@@ -232,7 +241,7 @@ def _lookup_reply(parts: list[bytes], message: LookupReply) -> None:
                                        or len(message.inline) > INLINE_MAX):
         raise EncodeError(f"inline bytes need a tuple and are at most {INLINE_MAX}")
     flags = ((1 if message.entry is not None else 0) | (2 if message.inline is not None else 0)
-             | (4 if message.wrong_group else 0))
+             | (4 if message.wrong_group else 0) | (8 if message.forwarded else 0))
     parts.append(_LOOKUP_FIXED.pack(message.request_id, flags))
     if message.entry is not None:
         _tuple(parts, message.entry)
@@ -318,9 +327,16 @@ def _decode(data: bytes) -> Envelope:
         message = Refusal(reader.take(n).decode("utf-8"))
     elif code == 7:
         request_id, flags = reader.unpack(_LOOKUP_FIXED)
-        if flags & ~1:
+        if flags & ~3:
             raise DecodeError("unknown lookup request flags")
-        message = LookupRequest(request_id, _read_name(reader), bool(flags & 1))
+        name = _read_name(reader)
+        reply_to = None
+        if flags & 2:
+            raw_ip, port = socket.inet_ntoa(reader.take(4)), reader.unpack(_U16)[0]
+            if port == 0:
+                raise DecodeError("port 0 is not an address")
+            reply_to = (raw_ip, port)
+        message = LookupRequest(request_id, name, bool(flags & 1), reply_to)
     elif code == 8:
         message = _read_lookup_reply(reader)
     else:
@@ -376,7 +392,7 @@ def _read_tuple(reader: _Reader) -> TupleEntry:
 
 def _read_lookup_reply(reader: _Reader) -> LookupReply:
     request_id, flags = reader.unpack(_LOOKUP_FIXED)
-    if flags & ~7:
+    if flags & ~15:
         raise DecodeError("unknown lookup reply flags")
     if flags & 2 and not flags & 1:
         raise DecodeError("inline bytes without a tuple")
@@ -391,4 +407,5 @@ def _read_lookup_reply(reader: _Reader) -> LookupReply:
         if n > INLINE_MAX:
             raise DecodeError(f"inline content over {INLINE_MAX} bytes")
         inline = reader.take(n)
-    return LookupReply(request_id, entry, holders, candidates, inline, bool(flags & 4))
+    return LookupReply(request_id, entry, holders, candidates, inline, bool(flags & 4),
+                       bool(flags & 8))

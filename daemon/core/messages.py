@@ -144,6 +144,9 @@ class LookupRequest:
     request_id: int
     name: str
     want_inline: bool
+    #: Set by a contact that forwards the request to a holder: the holder answers the asker
+    #: at this address directly (one message fewer than a reply and a second request).
+    reply_to: Address | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +167,9 @@ class LookupReply:
     candidates: tuple[MemberEntry, ...] = ()
     inline: bytes | None = None
     wrong_group: bool = False
+    #: Answered by a holder the asked contact forwarded the request to (so it comes from
+    #: another address than the one asked).
+    forwarded: bool = False
 
 
 Message = (Gossip | Ack | Leave | SyncRequest | Snapshot | Refusal | LookupRequest

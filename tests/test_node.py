@@ -1034,6 +1034,31 @@ def test_answer_lookup_request_for_another_group_says_so() -> None:
     assert action.attach is None and action.forward is None
 
 
+def test_plan_lookup_falls_back_to_a_spare_when_every_contact_is_gone() -> None:
+    """The members of a group heard of beyond its contacts: the latest one is kept and asked
+    after the contacts (all of them dead after a crash of several nodes, say)."""
+    k = 4
+    a = make_node(CoreConfig(k=k, contacts_per_group=2), group=0)
+    entries = [fake_entry(300 + i, k, 2) for i in range(4)]
+    a.receive(0.0, a.envelope(Snapshot(entries[0], tuple(entries[1:]), ())))
+    assert a.contacts[2] == [entries[0].node_id, entries[1].node_id]
+    name = find_name(k, 2, "/spare")
+    ask = [e.node_id for e in a.plan_lookup(name).ask]
+    assert sorted(ask[:2]) == sorted(a.contacts[2]) and ask[2:] == [entries[3].node_id]
+    size = a.state_entries()
+    for e in entries[:2]:
+        a.report_unreachable(1.0, e.node_id)
+    assert a.contacts[2] == []
+    assert [e.node_id for e in a.plan_lookup(name).ask] == [entries[3].node_id]
+    # gossip refills the contacts: the spare becomes a contact and is not listed twice
+    a.receive(2.0, wire(make_node(CoreConfig(k=k), group=0), Gossip(
+        entries[3]._replace(heartbeat=5), 0, False, (entries[2]._replace(heartbeat=5),), ())))
+    assert set(a.contacts[2]) == {entries[2].node_id, entries[3].node_id}
+    ask = [e.node_id for e in a.plan_lookup(name).ask]
+    assert len(ask) == len(set(ask)) == 2
+    assert size == 3 and a.state_entries() == len(a.members) + len(a.graveyard)  # no spare
+
+
 def test_lookup_messages_do_not_change_membership_state() -> None:
     a = make_node(CoreConfig(k=1))
     before = (dict(a.members), a.heartbeat, len(a.tuples))

@@ -61,6 +61,7 @@ _SYNC_RETRY = 2.0  # seconds between join-sync attempts to the own group
 _REPAIR_RETRY = 10.0  # seconds before an unfinished repair is planned again
 _MAX_EXPLORING = 2
 _CANDIDATES = 8
+_SPARE_CONTACTS = 1  # per foreign group: members heard of by gossip beyond the contacts
 _HOLDER_RTT_SLACK = 2.0  # a likely-holder contact is asked first if within 2x the nearest's RTT
 _HOLDER_RTT_FLOOR = 0.001  # ... plus this (seconds): on a LAN every contact qualifies
 
@@ -171,6 +172,10 @@ class KelipsNode:
         self._probe_cursor = 0
         self._probes: dict[NodeId, _Probe] = {}
         self._candidates: deque[MemberEntry] = deque(maxlen=_CANDIDATES)
+        # Foreign members heard of lately beyond the contacts, per group: asked when every
+        # contact of a group is dead and not yet replaced (after a crash of several nodes,
+        # the failure detector needs t_fail before a contact's place is free again).
+        self._spares: dict[int, OrderedDict[NodeId, MemberEntry]] = {}
         self._repairing: dict[str, float] = {}
         self._repair_dirty = False
         self._last_group_gossip = now  # when gossip from the own group last arrived
@@ -226,7 +231,8 @@ class KelipsNode:
 
     def state_entries(self) -> int:
         """Entries of soft state held: members (alive or failed), tuples and graves."""
-        return len(self.members) + len(self.tuples) + len(self.graveyard) + len(self._departed)
+        return (len(self.members) + len(self.tuples) + len(self.graveyard) + len(self._departed)
+                + sum(map(len, self._spares.values())))
 
     def estimated_size(self) -> int:
         """N estimate: own group size times k (groups are equal in expectation)."""
@@ -707,12 +713,19 @@ class KelipsNode:
             contacts = self.contacts[group] = []
         if len(contacts) < self.config.contacts_per_group:
             self.graveyard.forget(nid)
+            self._forget_spare(group, nid)
             self._add_member(Member(entry, group, False, now))
             contacts.append(nid)
             self._contact_list = None
             self._events.append(Event("contact_added", nid, now))
-        elif len(self._candidates) < _CANDIDATES or self.rng.random() < 0.1:
-            self._candidates.append(entry)
+        else:
+            spares = self._spares.setdefault(group, OrderedDict())
+            spares[nid] = entry
+            spares.move_to_end(nid)
+            if len(spares) > _SPARE_CONTACTS:
+                spares.popitem(last=False)
+            if len(self._candidates) < _CANDIDATES or self.rng.random() < 0.1:
+                self._candidates.append(entry)
 
     def _heard(self, m: Member, now: float) -> None:
         """A member's liveness rose: it is fresh news, and a failed member is alive again."""
@@ -742,6 +755,7 @@ class KelipsNode:
             self._drop_contact(worst, now, bury=False)
         member = Member(entry, group, False, now)
         member.observe_rtt(rtt)
+        self._forget_spare(group, entry.node_id)
         self._add_member(member)
         contacts.append(entry.node_id)
         self._contact_list = None
@@ -752,6 +766,7 @@ class KelipsNode:
         contacts = self.contacts.get(m.group, [])
         if m.node_id in contacts:
             contacts.remove(m.node_id)
+        self._forget_spare(m.group, m.node_id)
         self._remove_member(m.node_id)
         self._probes.pop(m.node_id, None)
         self._contact_list = None
@@ -759,6 +774,11 @@ class KelipsNode:
             self.graveyard.bury(m.node_id, (m.incarnation, m.heartbeat),
                                 now + self.config.graveyard_ttl)
         self._events.append(Event("contact_dropped", m.node_id, now))
+
+    def _forget_spare(self, group: int, node_id: NodeId) -> None:
+        spares = self._spares.get(group)
+        if spares is not None:
+            spares.pop(node_id, None)
 
     def report_unreachable(self, now: float, node_id: NodeId) -> None:
         """The driver could not reach a node over a stream: a contact is replaced at once.
@@ -834,7 +854,9 @@ class KelipsNode:
 
     def plan_lookup(self, name: str) -> LookupPlan:
         """Own group: the local tuple. Else the contacts to ask, nearest first -- except that
-        the contact most likely to hold the object goes first when it is not much farther.
+        the contact most likely to hold the object goes first when it is not much farther --
+        then the group's members last heard of by gossip (spares), for when every contact
+        is dead and not replaced yet.
 
         Holders are the top r of the group's live members by rendezvous weight, so among our
         contacts the one with the highest weight holds the object whenever any of them does
@@ -853,7 +875,11 @@ class KelipsNode:
                     and likely.rtt <= _HOLDER_RTT_SLACK * nearest + _HOLDER_RTT_FLOOR:
                 ask.remove(likely)
                 ask.insert(0, likely)
-        return LookupPlan(name, group, False, None, tuple(m.entry() for m in ask))
+        entries = [m.entry() for m in ask]
+        asked = {e.node_id for e in entries}
+        entries.extend(e for nid, e in reversed(self._spares.get(group, {}).items())
+                       if nid not in asked and not self.graveyard.blocks(e))
+        return LookupPlan(name, group, False, None, tuple(entries))
 
     def answer_lookup(self, name: str) -> LookupAnswer:
         """What this node tells a requester about a name of its own group."""

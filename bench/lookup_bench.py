@@ -16,20 +16,25 @@ Why it is built this way (fairness, the point of the exercise):
 - gets arrive open-loop at a fixed rate (``--rate``, default 50/s) for both systems, so a slow
   get does not hold back the next one (Kademlia waits 5 s for a dead peer) and a fast system
   is not made to queue;
-- latency: Kademlia's is timed inside the node around ``await server.get(key)`` (the driver's
-  control connection is not charged); kelipsfs's is the whole HTTP ``GET /v1/files/NAME`` from
-  this process to the node, over a kept-alive connection (so kelipsfs *is* charged the
-  client-to-node hop, which Kademlia is not);
-- messages: every one-way message counts (a request and its response are 2); Kademlia:
-  datagrams sent by all nodes during the window (find_value, and the store the lookup sends
-  to the nearest node without the value); kelipsfs: HTTP requests of the get path
-  (client→node ``/v1/files``, node→contact ``/v1/lookup``, node→holder ``/v1/replica``) and
-  their responses, counted where they are sent;
-- bytes: payload bytes written to sockets (UDP payload for Kademlia; HTTP headers and bodies
-  for kelipsfs, attributed to the request each TCP connection carries); IP/UDP/TCP headers
-  and TCP handshakes/ACKs are not counted for either. kelipsfs's gossip (UDP) and any HTTP
-  that is not on a get's path (repairs after the kill) are reported as background, per second,
-  not charged to gets;
+- latency: both are timed inside the node. Kademlia around ``await server.get(key)``;
+  kelipsfs by the node itself from the arrival of ``GET /v1/files/NAME`` to the verified bytes
+  in hand (lookup + fetch; the ``x-kelips-elapsed-us`` response header). The driver's control
+  connection is charged to neither; kelipsfs's end-to-end time (driver → node → … → driver,
+  over a kept-alive connection) is reported too, as client p50/p99;
+- messages: every one-way message between nodes counts (a request and its response are 2),
+  the driver's control exchange for neither (for kelipsfs it is reported apart: 2 per get).
+  Kademlia: datagrams sent by all nodes during the window (find_value, and the store the
+  lookup sends to the nearest node without the value); kelipsfs: lookup datagrams
+  (LookupRequest / LookupReply, one message each) and node-to-node HTTP requests of the get
+  path (``/v1/lookup``, ``/v1/replica``, the fallbacks) and their responses, counted where
+  they are sent;
+- bytes: payload bytes written to sockets between nodes (UDP payload for Kademlia; lookup
+  datagrams and HTTP headers and bodies for kelipsfs, attributed to the request each TCP
+  connection carries); IP/UDP/TCP headers and TCP handshakes/ACKs are not counted for either.
+  kelipsfs's gossip (UDP) and any HTTP that is not on a get's path (repairs after the kill)
+  are reported as background, per second, not charged to gets;
+- failures: a failed get records the HTTP status and the node's message (``failures`` and
+  ``failed_examples`` in the JSON), and whether any live node still held the value;
 - after the kill (SIGKILL of the same share of nodes in both systems) both wait the same
   detection time: kelipsfs's t_fail + 4 gossip periods + 1 heartbeat = 7 s.
 
@@ -72,7 +77,9 @@ GET_PATH = ("files_get", "lookup", "replica_get")
 
 COUNTS: dict[str, int] = {f"{kind}:{c}": 0 for kind in ("tcp_bytes", "requests")
                           for c in CATEGORIES}
-COUNTS.update(udp_bytes=0, udp_datagrams=0, tcp_connects=0, tcp_connect_errors=0)
+COUNTS.update(udp_bytes=0, udp_datagrams=0, lookup_udp_bytes=0, lookup_udp_datagrams=0,
+              lookup_udp_requests=0, tcp_connects=0, tcp_connect_errors=0)
+_LOOKUP_CODES = (7, 8)  # type byte (2nd) of LookupRequest / LookupReply datagrams
 
 
 def _classify(head: bytes) -> str | None:
@@ -123,8 +130,14 @@ def _install_counters(sock_path: Path) -> None:
 
     async def sendto(self: Any, *args: Any) -> int:
         n: int = await orig_sendto(self, *args)
-        COUNTS["udp_bytes"] += n
-        COUNTS["udp_datagrams"] += 1
+        data = args[0]
+        if len(data) > 1 and data[1] in _LOOKUP_CODES:  # the one-datagram lookup
+            COUNTS["lookup_udp_bytes"] += n
+            COUNTS["lookup_udp_datagrams"] += 1
+            COUNTS["lookup_udp_requests"] += data[1] == _LOOKUP_CODES[0]
+        else:  # gossip
+            COUNTS["udp_bytes"] += n
+            COUNTS["udp_datagrams"] += 1
         return n
 
     async def connect(self: Any, address: Any) -> None:
@@ -297,9 +310,12 @@ def _more(sock: socket.socket) -> bytes:
 @dataclass
 class Get:
     ok: bool
-    seconds: float
+    seconds: float  # as the driver saw it (end to end)
     sent: int = 0
     received: int = 0
+    node_seconds: float | None = None  # as the node measured it (kelipsfs: x-kelips-elapsed-us)
+    error: str = ""  # a failed get: HTTP status and the node's message
+    index: int = -1
 
 
 @dataclass
@@ -315,8 +331,16 @@ class Window:
     skipped: int = 0  # values every live node holds: no get from a non-holder is possible
 
     def row(self) -> dict[str, Any]:
-        ok = [g.seconds for g in self.gets if g.ok]
+        """p50/p99 are of the time measured inside the node (both systems); kelipsfs's
+        end-to-end time (driver -> node -> ... -> driver) is in client_p50/p99_ms."""
+        good = [g for g in self.gets if g.ok]
+        ok = [g.node_seconds if g.node_seconds is not None else g.seconds for g in good]
+        client = [g.seconds for g in good]
         n = len(self.gets)
+        failures: dict[str, int] = {}
+        for g in self.gets:
+            if not g.ok:
+                failures[g.error or "?"] = failures.get(g.error or "?", 0) + 1
         return {"gets": n, "skipped_every_node_holds": self.skipped,
                 "success": sum(g.ok for g in self.gets) / n if n else 0.0,
                 "messages_per_get": self.messages / n if n else 0.0,
@@ -324,6 +348,9 @@ class Window:
                 "bytes_per_get": self.bytes / n if n else 0.0,
                 "p50_ms": _pct(ok, 50) * 1e3 if ok else None,
                 "p99_ms": _pct(ok, 99) * 1e3 if ok else None,
+                "client_p50_ms": _pct(client, 50) * 1e3 if client else None,
+                "client_p99_ms": _pct(client, 99) * 1e3 if client else None,
+                "failures": dict(sorted(failures.items(), key=lambda kv: -kv[1])[:10]),
                 "window_s": self.seconds, **self.detail}
 
 
@@ -366,6 +393,15 @@ class Dataset:
         values = [rng.randbytes(size) for _ in range(count)]
         return cls([f"lookup/v{i:05d}" for i in range(count)], values,
                    [hashlib.sha256(v).hexdigest() for v in values])
+
+
+def _error_text(body: bytes) -> str:
+    """The node's error message from a failed get's body (JSON or text), shortened."""
+    text = body.decode("utf-8", "replace")
+    with suppress(ValueError, AttributeError):
+        doc = json.loads(text)
+        text = str(doc.get("error", doc))
+    return text[:160]
 
 
 def _proc_kill(proc: subprocess.Popen[Any]) -> None:
@@ -517,11 +553,18 @@ class KelipsCluster(_Processes):
                 try:
                     r = self.http.request(self.addrs[sources[i]], "GET",
                                           "/v1/files/" + data.names[i])
-                except OSError:
-                    return Get(False, time.perf_counter() - started)
+                except OSError as exc:
+                    return Get(False, time.perf_counter() - started,
+                               error=f"client: {type(exc).__name__}", index=i)
                 seconds = time.perf_counter() - started
                 ok = r.status == 200 and hashlib.sha256(r.body).hexdigest() == data.sha[i]
-                return Get(ok, seconds, r.sent, r.received)
+                elapsed = r.headers.get("x-kelips-elapsed-us")
+                error = ""
+                if not ok:
+                    error = (f"{r.status}: {_error_text(r.body)}" if r.status != 200
+                             else "200: wrong bytes").replace(data.names[i], "NAME")
+                return Get(ok, seconds, r.sent, r.received,
+                           int(elapsed) / 1e6 if elapsed else None, error, i)
             return run
 
         before = self.counters()
@@ -529,26 +572,36 @@ class KelipsCluster(_Processes):
         gets = [g for g in done if g is not None]
         after = self.counters()
         d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-        client_requests = len(gets)  # one GET /v1/files per get, each answered (or refused)
-        node_requests = d["requests:lookup"] + d["requests:replica_get"]
-        requests = client_requests + node_requests
-        client_bytes = sum(g.sent for g in gets)
-        path_bytes = client_bytes + sum(d["tcp_bytes:" + c] for c in GET_PATH)
         n = len(gets)
-        return Window(gets, seconds, messages=2 * requests, requests=requests, bytes=path_bytes,
+        # Node to node, as Kademlia's (whose gets are issued inside the node): lookup
+        # datagrams one each (request, reply), HTTP lookups and holder fetches 2 each.
+        http_requests = d["requests:lookup"] + d["requests:replica_get"]
+        requests = http_requests + d["lookup_udp_requests"]
+        messages = 2 * http_requests + d["lookup_udp_datagrams"]
+        path_bytes = (d["tcp_bytes:lookup"] + d["tcp_bytes:replica_get"]
+                      + d["lookup_udp_bytes"])
+        failed = [g for g in gets if not g.ok]
+        return Window(gets, seconds, messages=messages, requests=requests, bytes=path_bytes,
                       detail={
-                          "node_to_node_messages_per_get": 2 * node_requests / n,
-                          "lookup_requests_per_get": d["requests:lookup"] / n,
+                          "client_messages_per_get": 2.0,  # GET /v1/files and its response
+                          "client_bytes_per_get": (sum(g.sent for g in gets)
+                                                   + d["tcp_bytes:files_get"]) / n,
+                          "lookup_datagrams_per_get": d["lookup_udp_datagrams"] / n,
+                          "http_lookup_requests_per_get": d["requests:lookup"] / n,
                           "holder_requests_per_get": d["requests:replica_get"] / n,
-                          "node_to_node_bytes_per_get":
-                              (d["tcp_bytes:lookup"] + d["tcp_bytes:replica_get"]) / n,
                           "gossip_bytes_per_s": d["udp_bytes"] / seconds,
                           "gossip_datagrams_per_s": d["udp_datagrams"] / seconds,
                           "other_http_bytes_per_s":
                               (d["tcp_bytes:other"] + d["tcp_bytes:stat"]) / seconds,
                           "other_http_requests": d["requests:other"] + d["requests:stat"],
                           "tcp_connect_errors": d["tcp_connect_errors"],
-                          "sources_holding": sum(sources[i] in held[i] for i in range(n))})
+                          "sources_holding": sum(sources[i] in held[i] for i in range(n)),
+                          # a failed get whose value no live node holds (all copies killed)
+                          "failed_no_live_copy": sum(not held[g.index] for g in failed),
+                          "failed_examples": [
+                              {"name": data.names[g.index], "error": g.error,
+                               "live_holders": sorted(held[g.index]),
+                               "source": sources[g.index]} for g in failed[:10]]})
 
 
 def run_kelips(n: int, data: Dataset, victims: list[int], args: argparse.Namespace,
@@ -699,7 +752,10 @@ class KademliaCluster(_Processes):
                     except OSError:
                         return Get(False, GET_TIMEOUT)
                     if not reply["held"]:
-                        return Get(reply["sha256"] == data.sha[i], reply["seconds"])
+                        ok = reply["sha256"] == data.sha[i]
+                        error = "" if ok else ("no value found" if not reply["sha256"]
+                                               else "wrong bytes")
+                        return Get(ok, reply["seconds"], error=error, index=i)
                     candidates.remove(source)
                 return None  # every live node holds it (ksize >= live nodes): not measurable
             return run
@@ -740,9 +796,10 @@ def _brief(row: dict[str, Any]) -> str:
         return f"no get possible: every live node holds all {row['skipped_every_node_holds']}"
     if row["p50_ms"] is None:
         return "every get failed"
+    failed = f", failures {row['failures']}" if row["failures"] else ""
     return (f"success {row['success']:.1%}, {row['messages_per_get']:.2f} msgs/get, "
             f"p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
-            f"{row['bytes_per_get']:.0f} B/get")
+            f"{row['bytes_per_get']:.0f} B/get{failed}")
 
 
 def _ratio(a: float, b: float) -> str:
@@ -751,19 +808,22 @@ def _ratio(a: float, b: float) -> str:
 
 def report(runs: list[dict[str, Any]]) -> list[str]:
     out = ["| N | phase | system | success | messages/get (requests) | p50 ms | p99 ms "
-           "| bytes/get |", "|---|---|---|---|---|---|---|---|"]
+           "| client p50 / p99 ms | bytes/get |", "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         name = (f"kelipsfs (r=3, k={run['k']})" if run["system"] == "kelipsfs"
                 else f"Kademlia ksize={run['ksize']}")
         for phase, label in (("before", "all up"), ("after_kill", "20 % killed")):
             r = run[phase]
             if not r["gets"] or r["p50_ms"] is None:
-                out.append(f"| {run['nodes']} | {label} | {name} | {_brief(r)} | | | | |")
+                out.append(f"| {run['nodes']} | {label} | {name} | {_brief(r)} | | | | | |")
                 continue
+            client = (f"{r['client_p50_ms']:.2f} / {r['client_p99_ms']:.2f}"
+                      if run["system"] == "kelipsfs" else "–")
             out.append(f"| {run['nodes']} | {label} | {name} | {r['success']:.1%} of "
                        f"{r['gets']} | "
                        f"{r['messages_per_get']:.2f} ({r['requests_per_get']:.2f}) | "
-                       f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['bytes_per_get']:,.0f} |")
+                       f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {client} | "
+                       f"{r['bytes_per_get']:,.0f} |")
     out += ["", "| N | phase | kelipsfs / | success | messages | p50 | p99 | bytes "
             "| msgs ≤ ⅓ | p50, p99 below | success ≥ |", "|---" * 11 + "|"]
     for kel in (r for r in runs if r["system"] == "kelipsfs"):

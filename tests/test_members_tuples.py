@@ -70,6 +70,29 @@ def test_absorb_beat() -> None:
     assert m.beat() == Beat(nid(1)[:BEAT_PREFIX], 1, 7)
 
 
+def test_digests_carry_low_bits_and_unwrap_to_the_nearest_heartbeat() -> None:
+    m = Member(entry(0x1_03, 0xFFFE), 0, True, 0.0)
+    assert m.beat() == Beat(nid(1)[:BEAT_PREFIX], 0x03, 0xFFFE)
+    assert not m.absorb_digest(Beat(nid(1)[:BEAT_PREFIX], 0x04, 0xFFFF), 1.0)  # other life
+    assert not m.absorb_digest(Beat(nid(1)[:BEAT_PREFIX], 0x03, 0xFFF0), 1.0)  # older
+    assert m.absorb_digest(Beat(nid(1)[:BEAT_PREFIX], 0x03, 0x0002), 2.0)  # wrapped: +4
+    assert (m.heartbeat, m.last_heard) == (0x1_0002, 2.0)
+    assert not m.absorb_digest(Beat(nid(1)[:BEAT_PREFIX], 0x03, 0xFFFF), 3.0)  # 3 behind
+    assert m.heartbeat == 0x1_0002
+
+
+@given(st.integers(0, 1 << 31), st.integers(-(1 << 15) + 1, (1 << 15) - 1))
+def test_digest_unwrap_recovers_any_heartbeat_within_half_the_range(known: int,
+                                                                   delta: int) -> None:
+    m = Member(entry(1, known), 0, True, 0.0)
+    sent = known + delta
+    if sent < 0:
+        return
+    taken = m.absorb_digest(Beat(nid(1)[:BEAT_PREFIX], 1, sent & 0xFFFF), 1.0)
+    assert taken == (delta > 0)
+    assert m.heartbeat == max(known, sent)
+
+
 def test_observe_rtt_is_smoothed() -> None:
     m = Member(entry(1, 1), 0, False, 0.0)
     m.observe_rtt(0.1)

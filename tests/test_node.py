@@ -440,7 +440,7 @@ def test_failure_detection_removal_and_graveyard() -> None:
 
 
 def _beat(entry: MemberEntry) -> Beat:
-    return Beat(entry.node_id[:BEAT_PREFIX], entry.incarnation, entry.heartbeat)
+    return Beat(entry.node_id[:BEAT_PREFIX], entry.incarnation & 0xFF, entry.heartbeat & 0xFFFF)
 
 
 def test_failed_member_revives_only_on_fresher_liveness() -> None:
@@ -708,7 +708,7 @@ def test_receive_changes_only_what_the_message_carries() -> None:
 
     # a corrupt datagram never reaches receive: decoding fails first and nothing changes
     good = codec.encode(b.envelope(Gossip(b.entry(), 0, False, (), ())))
-    for bad in (good[:-1], good + b"\x00", b"\x02" + good[1:]):
+    for bad in (good[:-1], good + b"\x00", bytes([codec.PROTOCOL_VERSION + 1]) + good[1:]):
         with pytest.raises(codec.DecodeError):
             a.receive(1.0, codec.decode(bad))
     assert _full_state(a) == before

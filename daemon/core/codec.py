@@ -47,7 +47,7 @@ from .messages import (
     Version,
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: 7-byte heartbeat digests
 MAX_NAME_BYTES = 4096
 MAX_CHECKSUM_BYTES = 64
 MAX_HOLDERS = 64
@@ -66,7 +66,7 @@ _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _GOSSIP_FIXED = struct.Struct(">IB")
-_BEAT = struct.Struct(f">{BEAT_PREFIX}sHI")
+_BEAT = struct.Struct(f">{BEAT_PREFIX}sBH")
 _LOOKUP_FIXED = struct.Struct(">QB")
 
 HEADER_SIZE = _HEADER.size

@@ -13,7 +13,7 @@ import enum
 from typing import NamedTuple
 
 from .ids import NodeId
-from .messages import BEAT_PREFIX, Beat, MemberEntry
+from .messages import BEAT_HEARTBEAT_BITS, BEAT_INCARNATION_BITS, BEAT_PREFIX, Beat, MemberEntry
 
 
 class Status(enum.Enum):
@@ -80,7 +80,19 @@ class Member:
         return True
 
     def beat(self) -> Beat:
-        return Beat(self.node_id[:BEAT_PREFIX], self.incarnation & 0xFFFF, self.heartbeat)
+        return Beat(self.node_id[:BEAT_PREFIX], self.incarnation & _INCARNATION_MASK,
+                    self.heartbeat & _HEARTBEAT_MASK)
+
+    def absorb_digest(self, beat: Beat, now: float) -> bool:
+        """Take a digest's heartbeat if it is of this incarnation and newer; True when it was.
+
+        The 16 heartbeat bits are unwrapped to the value nearest the known heartbeat, so an
+        old digest still reads as old (never as a wrapped-around future one)."""
+        if (self.incarnation & _INCARNATION_MASK) != beat.incarnation:
+            return False
+        half = (_HEARTBEAT_MASK + 1) // 2
+        delta = ((beat.heartbeat - self.heartbeat + half) & _HEARTBEAT_MASK) - half
+        return delta > 0 and self.absorb_beat(self.incarnation, self.heartbeat + delta, now)
 
     def observe_rtt(self, sample: float) -> None:
         """Exponentially weighted RTT, robust to one slow sample."""
@@ -121,3 +133,7 @@ class Graveyard:
 
     def __contains__(self, node_id: object) -> bool:
         return node_id in self._graves
+
+
+_INCARNATION_MASK = (1 << BEAT_INCARNATION_BITS) - 1
+_HEARTBEAT_MASK = (1 << BEAT_HEARTBEAT_BITS) - 1

@@ -37,18 +37,24 @@ class MemberEntry(NamedTuple):
 
 
 class Beat(NamedTuple):
-    """A heartbeat digest for a member the receiver already knows: 10 bytes on the wire
-    instead of a 34-byte entry, so a 100-member group fits in one datagram.
+    """A heartbeat digest for a member the receiver already knows: 7 bytes on the wire
+    instead of a 34-byte entry, so a group of 130 fits in one 1,200-byte datagram.
 
-    The incarnation travels as its low 16 bits only: a beat applies when they match the
-    receiver's incarnation of that member (a new incarnation always arrives as a full entry)."""
+    Only low bits travel: 8 of the incarnation (a beat applies when they match the receiver's
+    incarnation of that member; a new incarnation always arrives as a full entry) and 16 of
+    the heartbeat, which the receiver unwraps as the nearest value to the one it knows
+    (``Member.absorb_digest``): heartbeats rise once a second, and a member silent for more
+    than 9 hours (2^15 s) has long been forgotten. At 10 bytes, groups of 100 (N = 10,000)
+    overflowed the datagram and the failure detector raised false alarms."""
 
     prefix: bytes  # first BEAT_PREFIX bytes of the node id
-    incarnation: int  # low 16 bits
-    heartbeat: int
+    incarnation: int  # low BEAT_INCARNATION_BITS bits
+    heartbeat: int  # low BEAT_HEARTBEAT_BITS bits
 
 
 BEAT_PREFIX = 4
+BEAT_INCARNATION_BITS = 8
+BEAT_HEARTBEAT_BITS = 16
 
 
 class Version(NamedTuple):

@@ -621,8 +621,7 @@ class KelipsNode:
         by_prefix = self._by_prefix
         for beat in msg.beats:
             m = by_prefix.get(beat.prefix)
-            if m is not None and (m.incarnation & 0xFFFF) == beat.incarnation \
-                    and m.absorb_beat(m.incarnation, beat.heartbeat, now):
+            if m is not None and m.absorb_digest(beat, now):
                 self._heard(m, now)
         for t in msg.tuples:
             self.merge_tuple(now, t)

@@ -8,6 +8,7 @@ teardown, whatever the test did. Nodes listen on 127.0.0.x loopback addresses on
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import random
@@ -643,3 +644,48 @@ def test_three_mounts_share_files(tmp_path: Path) -> None:
         assert c.path("after.txt").read_text() == "written after A died"
         wait_for(lambda: all(_alive_members(m) == 2 for m in (b, c)), 30,
                  "A to be declared failed")
+
+
+def _id_in_group(group: int, k: int, salt: int) -> str:
+    from daemon.core.ids import group_of_node
+    for i in range(10_000):
+        node_id = hashlib.sha1(f"mount-test-{salt}-{i}".encode()).digest()
+        if group_of_node(node_id, k) == group:
+            return node_id.hex()
+    raise AssertionError("no id found")
+
+
+def test_mounts_of_a_two_group_cluster(tmp_path: Path) -> None:
+    # k = 2: names of the other group are found through a contact (one hop), readdir merges
+    # both groups' listings; ids are chosen so each group has two nodes.
+    from daemon.core.ids import group_of_name
+    with Mounts(tmp_path, base=110) as ms:
+        mounts: list[Mount] = []
+        for i, group in enumerate((0, 1, 0, 1)):
+            data_dir = tmp_path / f"data{i}"
+            data_dir.mkdir()
+            (data_dir / "node.json").write_text(json.dumps(
+                {"node_id": _id_in_group(group, 2, i), "incarnation": 0}))
+            mounts.append(ms.new("k=2", "t_fail=2.0", join=mounts[0] if mounts else None))
+        def roles(m: Mount) -> list[str]:
+            lines = os.getxattr(m.mountpoint, "user.kelips.members").decode().splitlines()
+            return sorted(json.loads(line)["role"] for line in lines
+                          if json.loads(line)["state"] == "alive")
+        wait_for(lambda: all(roles(m) == ["contact", "contact", "member", "self"]
+                             for m in mounts), 30, "two per group, both others as contacts")
+        names = [f"d/file{i}.txt" for i in range(12)]
+        assert {group_of_name(n, 2) for n in names} == {0, 1}
+        for i, name in enumerate(names):
+            if i == 0:
+                mounts[0].path("d").mkdir()
+            mounts[i % 4].path(name).write_text(f"content {i}")
+        for m in mounts:
+            assert sorted(run("ls", m.path("d")).stdout.split()) == sorted(
+                n.split("/")[1] for n in names)
+            for i, name in enumerate(names):
+                assert m.path(name).read_text() == f"content {i}"
+                group = json.loads(os.getxattr(m.path(name), "user.kelips.group"))
+                assert group == group_of_name(name, 2)
+        mounts[3].path(names[0]).unlink()
+        for m in mounts:
+            assert not m.path(names[0]).exists()

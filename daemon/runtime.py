@@ -276,6 +276,12 @@ class NodeRuntime:
         await self._send_datagram(Outgoing(out.dest, reply))
 
     def _deliver_reply(self, source: Address, reply: LookupReply) -> None:
+        """Wake the lookup waiting for this reply. Dropped (and counted as "unexpected"): an
+        unknown or finished request id, or a reply from another address than the one asked
+        unless it is marked forwarded (a holder the asked contact passed the request to: its
+        address is not known in advance). Ids are random 64-bit and used once, and every
+        datagram is authenticated, so a forwarded reply still needs the cluster key and the
+        id of a lookup in flight."""
         pending = self._pending.get(reply.request_id)
         if pending is None:
             self._reject("unexpected", "dropped a lookup reply nobody waits for")

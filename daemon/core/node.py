@@ -61,7 +61,7 @@ _SYNC_RETRY = 2.0  # seconds between join-sync attempts to the own group
 _REPAIR_RETRY = 10.0  # seconds before an unfinished repair is planned again
 _MAX_EXPLORING = 2
 _CANDIDATES = 8
-_SPARE_CONTACTS = 1  # per foreign group: members heard of by gossip beyond the contacts
+_SPARE_POOL = 16  # foreign members heard of beyond the contacts, one per group at most
 _HOLDER_RTT_SLACK = 2.0  # a likely-holder contact is asked first if within 2x the nearest's RTT
 _HOLDER_RTT_FLOOR = 0.001  # ... plus this (seconds): on a LAN every contact qualifies
 
@@ -175,7 +175,8 @@ class KelipsNode:
         # Foreign members heard of lately beyond the contacts, per group: asked when every
         # contact of a group is dead and not yet replaced (after a crash of several nodes,
         # the failure detector needs t_fail before a contact's place is free again).
-        self._spares: dict[int, OrderedDict[NodeId, MemberEntry]] = {}
+        # A pool of constant size, not one per group: the state stays 3*sqrt(N) + F/k + O(1).
+        self._spares: OrderedDict[int, MemberEntry] = OrderedDict()  # group -> latest heard
         self._repairing: dict[str, float] = {}
         self._repair_dirty = False
         self._last_group_gossip = now  # when gossip from the own group last arrived
@@ -230,9 +231,11 @@ class KelipsNode:
         return out
 
     def state_entries(self) -> int:
-        """Entries of soft state held: members (alive or failed), tuples and graves."""
-        return (len(self.members) + len(self.tuples) + len(self.graveyard) + len(self._departed)
-                + sum(map(len, self._spares.values())))
+        """Entries of soft state that grow with N and F: members (alive or failed), contacts,
+        tuples, graves and forgotten members. The two fixed-size caches of foreign addresses
+        (``_CANDIDATES`` contact candidates, ``_SPARE_POOL`` lookup spares: 24 at most) are
+        left out and stated beside every state figure."""
+        return len(self.members) + len(self.tuples) + len(self.graveyard) + len(self._departed)
 
     def estimated_size(self) -> int:
         """N estimate: own group size times k (groups are equal in expectation)."""
@@ -718,11 +721,10 @@ class KelipsNode:
             self._contact_list = None
             self._events.append(Event("contact_added", nid, now))
         else:
-            spares = self._spares.setdefault(group, OrderedDict())
-            spares[nid] = entry
-            spares.move_to_end(nid)
-            if len(spares) > _SPARE_CONTACTS:
-                spares.popitem(last=False)
+            self._spares[group] = entry
+            self._spares.move_to_end(group)
+            if len(self._spares) > _SPARE_POOL:
+                self._spares.popitem(last=False)
             if len(self._candidates) < _CANDIDATES or self.rng.random() < 0.1:
                 self._candidates.append(entry)
 
@@ -775,9 +777,9 @@ class KelipsNode:
         self._events.append(Event("contact_dropped", m.node_id, now))
 
     def _forget_spare(self, group: int, node_id: NodeId) -> None:
-        spares = self._spares.get(group)
-        if spares is not None:
-            spares.pop(node_id, None)
+        spare = self._spares.get(group)
+        if spare is not None and spare.node_id == node_id:
+            del self._spares[group]
 
     def report_unreachable(self, now: float, node_id: NodeId) -> None:
         """The driver could not reach a node over a stream: a contact is replaced at once.
@@ -876,8 +878,9 @@ class KelipsNode:
                 ask.insert(0, likely)
         entries = [m.entry() for m in ask]
         asked = {e.node_id for e in entries}
-        entries.extend(e for nid, e in reversed(self._spares.get(group, {}).items())
-                       if nid not in asked and not self.graveyard.blocks(e))
+        spare = self._spares.get(group)
+        if spare is not None and spare.node_id not in asked and not self.graveyard.blocks(spare):
+            entries.append(spare)
         return LookupPlan(name, group, False, None, tuple(entries))
 
     def answer_lookup(self, name: str) -> LookupAnswer:

@@ -32,10 +32,9 @@ metrics (measured after --warmup; --json prints them as one JSON object on the l
                            HTTP overhead) sent, per live node per second
   data_bytes_per_node_per_s  lookup and placement requests/answers (object bytes not counted)
   state_entries_per_node_max  largest soft state seen on any node (members alive or failed,
-                           contacts, spare contacts, file tuples, graveyard), sampled every
-                           10 s
-  state_bound              (2 + c)*sqrt(N) + files/k (c contacts and 1 spare per group), the
-                           bound that state is checked against
+                           contacts, file tuples, graveyard; not the fixed 24-entry
+                           caches of candidate and spare contacts), sampled every 10 s
+  state_bound              3*sqrt(N) + files/k, the bound that state is checked against
   convergence_s_after_heal seconds after a partition heals until every live node that was up
                            before it sees every such member of its group alive (null: no
                            partition)

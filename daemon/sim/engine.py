@@ -628,9 +628,8 @@ class Simulation:
             "state_entries_per_node_max": self.state_max,
             "state_entries_per_node_mean": rounded(self.state_sum / self.state_samples
                                                    if self.state_samples else None, 1),
-            # own group N/k + (c contacts + 1 spare) per foreign group + F/k, with k = sqrt(N)
-            "state_bound": round((2 + self.core.contacts_per_group) * math.sqrt(n)
-                                 + files / k, 1),
+            # the bound: own group N/k + 2 contacts per foreign group + F/k, k = sqrt(N)
+            "state_bound": round(3 * math.sqrt(n) + files / k, 1),
             "convergence_s_after_heal": rounded(self.converged_at - self.healed_at
                                                 if self.converged_at is not None
                                                 and self.healed_at is not None else None, 2),

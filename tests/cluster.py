@@ -22,6 +22,24 @@ READY_TIMEOUT = 30.0
 CLI_TIMEOUT = 120.0
 
 
+def node_id_in_group(group: int, k: int, salt: str) -> str:
+    """A node id (hex) that hashes into ``group``: tests that need every group populated
+    write it into the data dir's node.json instead of hoping random ids spread."""
+    import hashlib
+
+    from daemon.core.ids import group_of_node
+    for i in range(100_000):
+        node_id = hashlib.sha1(f"{salt}-{i}".encode()).digest()
+        if group_of_node(node_id, k) == group:
+            return node_id.hex()
+    raise AssertionError(f"no id of group {group} of {k}")
+
+
+def preset_identity(data_dir: Path, node_id_hex: str) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "node.json").write_text(json.dumps({"node_id": node_id_hex, "incarnation": 0}))
+
+
 @dataclass
 class NodeProc:
     index: int

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from daemon.store import sha256_file
-from tests.cluster import Cluster, NodeProc
+from tests.cluster import Cluster, NodeProc, node_id_in_group, preset_identity
 
 FAST = ["t_fail=2.0", "anti_entropy_interval=10"]
 
@@ -94,12 +94,13 @@ def test_three_nodes_share_everything(cluster: Cluster, tmp_path: Path) -> None:
 def test_groups_and_contacts(tmp_path: Path) -> None:
     """k = 2 with 5 nodes: lookups of names in the other group go through a contact."""
     with Cluster(tmp_path, settings=["k=2", *FAST]) as c:
+        for i, group in enumerate((0, 1, 0, 1, 0)):  # both groups populated, by construction
+            preset_identity(tmp_path / f"node{i}", node_id_in_group(group, 2, f"cluster-{i}"))
         nodes = [c.new_node()]
         for _ in range(4):
             nodes.append(c.new_node(join=[nodes[0]]))
         groups = {n.index: c.status(n)["group"] for n in nodes}
-        if len(set(groups.values())) < 2:
-            pytest.fail(f"5 random ids all fell in one of 2 groups ({groups}); rerun")
+        assert groups == {0: 0, 1: 1, 2: 0, 3: 1, 4: 0}
 
         def everyone_has_contacts() -> bool:
             for n in nodes:

@@ -8,7 +8,6 @@ teardown, whatever the test did. Nodes listen on 127.0.0.x loopback addresses on
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.cluster import node_id_in_group, preset_identity
 
 pytestmark = pytest.mark.skipif(
     not (Path("/dev/fuse").exists() and shutil.which("fusermount3") and os.geteuid() == 0),
@@ -646,15 +647,6 @@ def test_three_mounts_share_files(tmp_path: Path) -> None:
                  "A to be declared failed")
 
 
-def _id_in_group(group: int, k: int, salt: int) -> str:
-    from daemon.core.ids import group_of_node
-    for i in range(10_000):
-        node_id = hashlib.sha1(f"mount-test-{salt}-{i}".encode()).digest()
-        if group_of_node(node_id, k) == group:
-            return node_id.hex()
-    raise AssertionError("no id found")
-
-
 def test_mounts_of_a_two_group_cluster(tmp_path: Path) -> None:
     # k = 2: names of the other group are found through a contact (one hop), readdir merges
     # both groups' listings; ids are chosen so each group has two nodes.
@@ -662,10 +654,7 @@ def test_mounts_of_a_two_group_cluster(tmp_path: Path) -> None:
     with Mounts(tmp_path, base=110) as ms:
         mounts: list[Mount] = []
         for i, group in enumerate((0, 1, 0, 1)):
-            data_dir = tmp_path / f"data{i}"
-            data_dir.mkdir()
-            (data_dir / "node.json").write_text(json.dumps(
-                {"node_id": _id_in_group(group, 2, i), "incarnation": 0}))
+            preset_identity(tmp_path / f"data{i}", node_id_in_group(group, 2, f"mount-{i}"))
             mounts.append(ms.new("k=2", "t_fail=2.0", join=mounts[0] if mounts else None))
         def roles(m: Mount) -> list[str]:
             lines = os.getxattr(m.mountpoint, "user.kelips.members").decode().splitlines()

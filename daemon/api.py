@@ -41,6 +41,36 @@ META_HEADERS = ("x-kelips-size", "x-kelips-mode", "x-kelips-mtime-ns", "x-kelips
                 "x-kelips-clock")
 
 
+def _patch_hypercorn_send() -> None:
+    """Make a send on a connection that another task is also sending on close it, not crash.
+
+    When a peer aborts a chunked upload (a node's put to a replica timed out across a
+    partition), hypercorn's h11 protocol answers with an error response while the request's
+    own response may still be sending: trio raises BusyResourceError, which hypercorn
+    lets escape its task group (0.18), and that took the whole node down in the partition scenario.
+    The connection is dead either way; treat it like a broken one.
+    """
+    from hypercorn.events import Closed, RawData
+    from hypercorn.trio import tcp_server
+
+    original = tcp_server.TCPServer.protocol_send
+    if getattr(original, "_kelipsfs_guarded", False):
+        return
+
+    async def protocol_send(self: tcp_server.TCPServer, event: object) -> None:
+        try:
+            await original(self, event)  # type: ignore[arg-type]
+        except trio.BusyResourceError:
+            if isinstance(event, RawData):
+                await self.protocol.handle(Closed())
+
+    protocol_send._kelipsfs_guarded = True  # type: ignore[attr-defined]
+    tcp_server.TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
+
+
+_patch_hypercorn_send()
+
+
 async def serve_http(app: Router, listen: tuple[str, int], *,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     config = Config()

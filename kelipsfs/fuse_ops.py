@@ -566,9 +566,13 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
             self._dirs.clear()
 
     def _forget_listed(self) -> None:
-        """Called before every change made through this mount: listed attributes may be off."""
         with self._mutex:
             self._listed.clear()
+
+    def _change(self, fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        """Every change made through this mount goes here: listed attributes may be off now."""
+        self._forget_listed()
+        return self._call(fn, *args)
 
     def _listed_attrs(self, name: str) -> dict[str, Any] | None:
         with self._mutex:
@@ -705,8 +709,7 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
             if self._kind(name) is not None:
                 raise _fail(errno.EEXIST)
             now = time.time_ns()
-            self._forget_listed()
-            self._call(self._cluster.insert, f"{name}/{DIR_MARKER}", self._empty, 0,
+            self._change(self._cluster.insert, f"{name}/{DIR_MARKER}", self._empty, 0,
                        EMPTY_SHA256, mode & 0o7777, now)
         self._remember_dir(name, now)
         return 0
@@ -726,8 +729,7 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
                 kind = self._call(self._cluster.kind, name)
                 raise _fail(errno.ENOTDIR if isinstance(kind, TupleEntry) else errno.ENOENT)
             try:
-                self._forget_listed()
-                self._call(self._cluster.delete, marker)
+                self._change(self._cluster.delete, marker)
             except mfusepy.FuseOSError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
@@ -754,8 +756,7 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
                     f.unlinked = True  # open handles keep working; nothing is re-inserted
                     local_only = f.clock is None
             try:
-                self._forget_listed()
-                self._call(self._cluster.delete, name)
+                self._change(self._cluster.delete, name)
             except mfusepy.FuseOSError as exc:
                 if not (exc.errno == errno.ENOENT and local_only):
                     raise
@@ -803,8 +804,7 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
                     f.name = hidden
                     local_only = f.clock is None
             try:
-                self._forget_listed()
-                self._call(self._cluster.delete, name)
+                self._change(self._cluster.delete, name)
             except mfusepy.FuseOSError as exc:
                 if not (exc.errno == errno.ENOENT and local_only):
                     raise
@@ -816,8 +816,7 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
             f = self._files.get(old)
         if f is not None and f.dirty:
             self._publish(f)  # the cluster copy must be the one the user sees
-        self._forget_listed()
-        self._call(self._cluster.move_file, old, new)
+        self._change(self._cluster.move_file, old, new)
         with self._mutex:
             replaced = self._files.pop(new, None)
             moved = self._files.pop(old, None)
@@ -844,8 +843,7 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
         for f in local:
             if f.dirty:
                 self._publish(f)
-        self._forget_listed()
-        self._call(self._cluster.move_tree, old, new)
+        self._change(self._cluster.move_tree, old, new)
         with self._mutex:
             for f in local:
                 if self._files.get(f.name) is f:
@@ -896,8 +894,7 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
                         (mode is not None and kind.mode & 0o7777 != mode)
                         or (mtime_ns is not None and kind.mtime_ns != mtime_ns))
                     if changed:
-                        self._forget_listed()
-                        self._call(self._cluster.rewrite, name, mode, mtime_ns)
+                        self._change(self._cluster.rewrite, name, mode, mtime_ns)
                     return 0  # directories: fixed 0755 and no stored mtime (documented)
         if local is not None:
             with local.lock:
@@ -951,8 +948,7 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
                 raise _fail(errno.EISDIR)
             assert isinstance(kind, TupleEntry)
             if kind.size != length:
-                self._forget_listed()
-                self._call(self._cluster.truncate, name, length)
+                self._change(self._cluster.truncate, name, length)
         return 0
 
     def _truncate_local(self, f: _File, length: int) -> None:
@@ -1085,8 +1081,7 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
                 return
             size = os.fstat(f.fd).st_size
             checksum = sha256_file(f.path)
-            self._forget_listed()
-            entry = self._call(self._cluster.insert, f.name, f.path, size, checksum, f.mode,
+            entry = self._change(self._cluster.insert, f.name, f.path, size, checksum, f.mode,
                                f.mtime_ns)
             f.dirty = False
             f.clock = entry.version.clock

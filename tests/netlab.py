@@ -381,9 +381,6 @@ class Lab:
             self.reconnect(host)
         self._shaped.clear()
 
-    def heal(self) -> None:
-        self.heal_all()
-
     # ---- client (the driver) -------------------------------------------------------------
 
     def target(self, host: Host, key_file: Path | None = None) -> Target:
@@ -414,7 +411,7 @@ class Lab:
         return self.run(host, lambda c: c.put(path, name, False))
 
     def get(self, host: Host, name: str, timeout: float = 30.0) -> bytes:
-        return self.run(host, functools.partial(_get, name=name), timeout=timeout)
+        return self.run(host, functools.partial(fetch, name=name), timeout=timeout)
 
     def many(self, calls: list[tuple[Host, Callable[[Client], Awaitable[T]]]],
              limit: int = 8, timeout: float = 300.0, key_file: Path | None = None
@@ -460,7 +457,7 @@ class Lab:
 
     def get_many(self, items: list[tuple[Host, str]], limit: int = 8
                  ) -> list[bytes | Exception]:
-        return self.many([(host, functools.partial(_get, name=name)) for host, name in items],
+        return self.many([(host, functools.partial(fetch, name=name)) for host, name in items],
                          limit)
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str,
@@ -483,7 +480,8 @@ async def _put(client: Client, path: Path, name: str) -> Any:
     return await client.put(path, name, False)
 
 
-async def _get(client: Client, name: str) -> bytes:
+async def fetch(client: Client, name: str) -> bytes:
+    """An object's bytes through ``client`` (a lab job)."""
     out = io.BytesIO()
     await client.get(name, out, False)
     return out.getvalue()

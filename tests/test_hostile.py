@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import random
 import shutil
 import signal
@@ -24,7 +23,7 @@ import pytest
 
 from kelipsfs.client import Client as ClientT
 from kelipsfs.client import ClientError
-from tests.netlab import Host, Lab, lab_test, report
+from tests.netlab import Host, Lab, fetch, lab_test, report
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -63,6 +62,19 @@ def _assert_all_readable(lab: Lab, hosts: list[Host], files: dict[str, bytes]) -
     assert not bad, f"{len(bad)} of {len(items)} reads wrong, e.g. {bad[:3]}"
 
 
+def _start_with_files(lab: Lab, seed: int, count: int, prefix: str) -> dict[str, bytes]:
+    """Start every host, wait for full membership, put ``count`` files spread over the hosts."""
+    lab.start_all()
+    lab.wait_for(lambda: _all_alive(lab, lab.hosts), 30, "every member alive everywhere")
+    files = _payloads(seed, count, prefix)
+    n = len(lab.hosts)
+    results = lab.put_many([(lab.hosts[i % n], name, data)
+                            for i, (name, data) in enumerate(files.items())])
+    failed = [r for r in results if isinstance(r, Exception)]
+    assert not failed, f"{len(failed)} puts failed: {failed[:3]}"
+    return files
+
+
 def _stored_copies(lab: Lab, hosts: list[Host]) -> int:
     return sum(lab.status(h)["members"][0]["objects"] for h in hosts)
 
@@ -70,15 +82,9 @@ def _stored_copies(lab: Lab, hosts: list[Host]) -> int:
 @lab_test(timeout=420)
 def test_kill_one_of_five_hosts_loses_nothing(tmp_path: Path) -> None:
     with Lab(tmp_path, hosts=5, settings=["k=1"]) as lab:
-        lab.start_all()
-        lab.wait_for(lambda: _all_alive(lab, lab.hosts), 30, "five members alive everywhere")
-        files = _payloads(1, 500, "s1")
-        items = [(lab.hosts[i % 5], name, data) for i, (name, data) in enumerate(files.items())]
         started = time.monotonic()
-        results = lab.put_many(items)
-        put_seconds = time.monotonic() - started
-        failed = [r for r in results if isinstance(r, Exception)]
-        assert not failed, f"{len(failed)} puts failed: {failed[:3]}"
+        files = _start_with_files(lab, 1, 500, "s1")
+        put_seconds = time.monotonic() - started  # start and membership included
         lab.wait_for(lambda: _stored_copies(lab, lab.hosts) == 3 * len(files), 60,
                      "three copies of every file")
 
@@ -108,7 +114,7 @@ def test_kill_one_of_five_hosts_loses_nothing(tmp_path: Path) -> None:
         started = time.monotonic()
         _assert_all_readable(lab, survivors, files)
         read_seconds = time.monotonic() - started
-        report("kill_one_of_five", files=len(files), put_s=round(put_seconds, 2),
+        report("kill_one_of_five", files=len(files), start_and_put_s=round(put_seconds, 2),
                victim=victim.ns,
                detect_s_max=round(max(failed_after.values()), 2),
                detect_s_min=round(min(failed_after.values()), 2),
@@ -203,11 +209,7 @@ def _declared_failures(lab: Lab, host: Host) -> float:
 def test_twenty_percent_loss_five_minutes_no_false_failures(tmp_path: Path) -> None:
     duration = 300.0
     with Lab(tmp_path, hosts=5, settings=["k=1"]) as lab:
-        lab.start_all()
-        lab.wait_for(lambda: _all_alive(lab, lab.hosts), 30, "five members alive everywhere")
-        files = _payloads(3, 50, "s3")
-        results = lab.put_many([(lab.hosts[i % 5], n, d) for i, (n, d) in enumerate(files.items())])
-        assert not [r for r in results if isinstance(r, Exception)]
+        files = _start_with_files(lab, 3, 50, "s3")
         before = {h.index: _declared_failures(lab, h) for h in lab.hosts}
         lab.loss(0.20)
         started = time.monotonic()
@@ -302,11 +304,7 @@ class _Workload:
 @lab_test(timeout=540)
 def test_rolling_restart_loses_nothing(tmp_path: Path) -> None:
     with Lab(tmp_path, hosts=5, settings=["k=1"]) as lab:
-        lab.start_all()
-        lab.wait_for(lambda: _all_alive(lab, lab.hosts), 30, "five members alive everywhere")
-        files = _payloads(4, 200, "s4")
-        results = lab.put_many([(lab.hosts[i % 5], n, d) for i, (n, d) in enumerate(files.items())])
-        assert not [r for r in results if isinstance(r, Exception)]
+        files = _start_with_files(lab, 4, 200, "s4")
         downtimes: list[float] = []
         with _Workload(lab, files, seed=4) as work:
             for host in lab.hosts:
@@ -512,8 +510,7 @@ def test_hostile_input_changes_nothing_and_strangers_get_nothing(tmp_path: Path)
             with pytest.raises(ClientError):
                 lab.run(target, call, key_file=keyed)
         with pytest.raises(ClientError):
-            lab.run(target, functools.partial(_get_into_nothing, name="s6/f000"),
-                    key_file=keyed)
+            lab.run(target, functools.partial(fetch, name="s6/f000"), key_file=keyed)
         spool = tmp_path / "intruder"
         spool.write_bytes(b"intruder")
         with pytest.raises(ClientError):
@@ -534,8 +531,6 @@ async def _stat(client: ClientT, name: str) -> Any:
     return await client.stat(name)
 
 
-async def _get_into_nothing(client: ClientT, name: str) -> int:
-    return await client.get(name, io.BytesIO(), False)
 
 
 @lab_test(timeout=400)

@@ -29,6 +29,7 @@ Address = tuple[str, int]
 
 DEFAULT_PORT = 7400
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 _MAX_SIZE = (1 << 63) - 1  # byte limits travel in int64 headers
 
 
@@ -128,6 +129,8 @@ class NodeSettings:
     bootstrap_refresh: float = 10.0
     auth_window: float = 30.0
     log_level: str = "info"
+    #: text (for people) or json (one object per line, for log collectors): daemon.logs.
+    log_format: str = "text"
     #: Tests and experiments only: every outgoing datagram waits this long (emulated latency;
     #: this kernel has no netem). 0 in production.
     send_delay: float = 0.0
@@ -161,6 +164,10 @@ class NodeSettings:
         if self.log_level not in LOG_LEVELS:
             raise SettingsError(
                 f"must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}", "log_level")
+        if self.log_format not in LOG_FORMATS:
+            raise SettingsError(
+                f"must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}",
+                "log_format")
 
 
 def _check_int(key: str, value: object, low: int, high: int, bound: str | None = None) -> None:
@@ -193,7 +200,8 @@ _NODE_KINDS: dict[str, str] = {
     "max_object_bytes": "int",
     "bootstrap_refresh": "float",
     "auth_window": "float",
-    "log_level": "level",
+    "log_level": "choice",
+    "log_format": "choice",
     "send_delay": "float",
 }
 _CORE_FIELDS = [f.name for f in dataclasses.fields(CoreConfig) if f.init]
@@ -218,6 +226,8 @@ _DESCRIPTIONS: dict[str, str] = {
     "auth_window": "seconds of clock skew accepted on signed datagrams and requests "
                    "(nonces are remembered this long against replay)",
     "log_level": "debug, info, warning or error",
+    "log_format": "text (for people) or json (one object per line: ts, level, logger, msg, "
+                  "node and the event's fields)",
     "send_delay": "tests only: seconds every outgoing datagram is held back (emulated latency; "
                   "0..5)",
     "k": "number of affinity groups, about sqrt(expected nodes); must agree cluster-wide",
@@ -421,7 +431,7 @@ def _convert(key: str, kind: str, value: object, base: Path | None) -> object:
         if not isinstance(value, str):
             raise SettingsError(f"must be a string, got {_describe(value)}", key)
         return value
-    if kind == "level":
+    if kind == "choice":  # a keyword, checked by NodeSettings
         if not isinstance(value, str):
             raise SettingsError(f"must be a string, got {_describe(value)}", key)
         return value.strip().lower()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
@@ -98,18 +97,12 @@ def settings_or_report(ns: argparse.Namespace, what: str) -> Any:
         return None
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("hypercorn.error").setLevel(logging.WARNING)
-
-
 def cmd_node(argv: list[str]) -> int:
     settings = settings_or_report(_node_parser().parse_args(argv), "node")
     if settings is None:
         return 2
-    _setup_logging(settings.log_level)
+    from daemon.logs import configure_logging
+    configure_logging(settings.log_level, settings.log_format)
     try:
         trio.run(_run_node, settings)
     except Exception as exc:
@@ -158,6 +151,10 @@ def cmd_bootstrap(argv: list[str]) -> int:
     p.add_argument("--cluster-id", default="kelipsfs")
     p.add_argument("--ttl", type=float, default=30.0,
                    help="forget a node that has not refreshed for this long (seconds)")
+    from daemon.settings import LOG_FORMATS, LOG_LEVELS
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                   help="text, or json: one object per line (like the node's log_format)")
     ns = p.parse_args(argv)
     from daemon.security import Authenticator, KeyFileError, load_key, open_cluster_key
     from daemon.settings import SettingsError, parse_address
@@ -168,7 +165,8 @@ def cmd_bootstrap(argv: list[str]) -> int:
     except (SettingsError, KeyFileError) as exc:
         print(f"kelipsfs bootstrap: {exc}", file=sys.stderr)
         return 2
-    _setup_logging("info")
+    from daemon.logs import configure_logging
+    configure_logging(ns.log_level, ns.log_format)
     from bootstrap.service import Introducer, serve_bootstrap
     introducer = Introducer(Authenticator(key), ttl=ns.ttl)
 

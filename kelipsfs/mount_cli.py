@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -72,9 +71,9 @@ def cmd_mount(argv: list[str]) -> int:
 
 
 def _run_foreground(settings: Any, mountpoint: Path, options: list[str]) -> int:
-    from kelipsfs.cli import _setup_logging
+    from daemon.logs import configure_logging
     from kelipsfs.mount import run_mount
-    _setup_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         trio.run(functools.partial(run_mount, settings, mountpoint, foreground=True,
                                    options=options))
@@ -185,7 +184,8 @@ def cmd_umount(argv: list[str]) -> int:
     p.add_argument("-z", "--lazy", action="store_true",
                    help="detach now even if files are open (the node stops when they close)")
     ns = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    from daemon.logs import configure_logging
+    configure_logging("warning")
     mountpoint = Path(ns.mountpoint).absolute()
     if not os.path.ismount(mountpoint):
         print(f"kelipsfs umount: {mountpoint} is not mounted", file=sys.stderr)

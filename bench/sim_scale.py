@@ -5,14 +5,14 @@
 
 Each run is one ``kelipsfs sim`` invocation (same code path as the CLI); results are printed as
 a Markdown table and written as JSON under bench/results/. The bytes-per-node flatness ratio is
-computed against the N = 100 run of the same invocation.
+computed against the N = 100 run of the same invocation. The same figures on paper (and for
+100,000 and 1,000,000 nodes): bench/paper.py, printed beside these by ``python -m bench sim``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -60,13 +60,6 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['state_entries_per_node_max']}/{r['state_entries_per_node_mean']} "
             f"({r['state_bound']}) |")
     return "\n".join(out)
-
-
-def on_paper(n: int, files_per_node: float = 1.0, c: int = 2) -> dict[str, float]:
-    """State and traffic on paper: k = sqrt(N); own group N/k, contacts c(k-1), tuples F/k."""
-    k = round(math.sqrt(n))
-    return {"nodes": n, "k": k, "state": n / k + c * (k - 1) + files_per_node * n / k,
-            "hops": 2}
 
 
 def main() -> None:

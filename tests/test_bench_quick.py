@@ -1,36 +1,116 @@
-"""The benchmarks execute (quick sizes); their figures are never asserted in tests."""
+"""The benchmarks execute (quick sizes) and land in one report; their figures are never asserted.
+
+One ``python -m bench all --quick`` run (every part, small) proves that each part runs, that
+latest.md and latest.json are written where the quick run was told to, and that they hold every
+part's table and data. Timings are read by people (bench/README.md), never by CI.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from bench import paper, report
 
-@pytest.mark.slow
-def test_benchmarks_run_quick(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "bench", "sim", "node", "mount", "--quick"],
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ,
-                                 "KELIPSFS_BENCH_RESULTS": str(tmp_path)})
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    for name in ("sim_scale.json", "node.json", "mount.json"):
-        assert (tmp_path / name).stat().st_size > 0
-    assert "| figure |" in result.stdout
+RESULTS = Path(__file__).parent.parent / "bench" / "results"
 
 
 @pytest.mark.slow
-def test_lookup_benchmark_runs_quick(tmp_path: Path) -> None:
-    """kelipsfs vs Kademlia on a few processes each; only proves the part executes."""
-    pytest.importorskip("kademlia")
-    result = subprocess.run([sys.executable, "-m", "bench", "lookup", "--quick"],
-                            capture_output=True, text=True, timeout=300,
+def test_all_quick_writes_one_report_with_every_part() -> None:
+    with_kademlia = importlib.util.find_spec("kademlia") is not None
+    parts = list(report.PARTS) if with_kademlia else [p for p in report.PARTS if p != "lookup"]
+    env = {k: v for k, v in os.environ.items() if k != "KELIPSFS_BENCH_RESULTS"}
+    result = subprocess.run([sys.executable, "-m", "bench", *parts, "--quick"],
+                            capture_output=True, text=True, timeout=900, env=env)
+    written = re.findall(r"^\(written to (.+)/latest\.md and ", result.stdout, re.M)
+    assert written, result.stdout[-3000:] + result.stderr[-3000:]
+    where = Path(written[-1]).resolve()
+    # never over the committed results: a directory of its own under the temporary directory
+    assert where.parent == Path(tempfile.gettempdir()).resolve(), where
+    assert where.name.startswith("kelipsfs-quick-"), where
+    try:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        _check_quick_report(where, parts, result.stdout)
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def _check_quick_report(where: Path, parts: list[str], stdout: str) -> None:
+    markdown = (where / "latest.md").read_text()
+    doc = json.loads((where / "latest.json").read_text())
+    assert markdown in stdout  # printed as well as written
+    assert markdown.startswith("# kelipsfs benchmarks: quick run")
+    assert f"- machine: {len(os.sched_getaffinity(0))} CPUs usable" in markdown
+    assert doc["mode"] == "quick" and doc["machine"]["python"]
+    assert list(doc["parts"]) == parts
+    for name in parts:
+        part = report.PARTS[name]
+        assert f"## {part.title}\n" in markdown
+        assert doc["parts"][name]["status"] == "ok"
+        assert doc["parts"][name]["data"] == json.loads((where / part.json_file).read_text())
+
+    sim = doc["parts"]["sim"]
+    assert [r["nodes"] for r in sim["data"]] == [50, 200]
+    assert [p["nodes"] for p in sim["paper"]] == [50, 200, 100_000, 1_000_000]
+    for row in ("| 50 | 7 |", "| 200 | 14 |", "| 100,000 | 316 |", "| 1,000,000 | 1,000 |"):
+        assert row in markdown
+    assert "datagrams + anti-entropy" in markdown and "| detection p50" in markdown
+    assert "`kelipsfs put` of 8 MiB" in markdown
+
+    mount = doc["parts"]["mount"]["data"]
+    assert mount["copies_3_nodes"] == [3]  # r = 3 on three nodes: the 3-node case is real
+    mount_rows = [line for line in markdown.splitlines()
+                  if line.startswith(("| write 8 MiB", "| read 8 MiB", "| create 20 ", "| ls -l"))]
+    assert len(mount_rows) == 4
+    assert not any("not measured" in line for line in mount_rows)
+
+    if "lookup" in parts:
+        runs = doc["parts"]["lookup"]["data"]["runs"]
+        assert {run["system"] for run in runs} == {"kelipsfs", "kademlia"}
+        assert "| N | phase | system |" in markdown and "| N | phase | kelipsfs / |" in markdown
+
+
+def test_report_rebuilds_from_the_committed_json(tmp_path: Path) -> None:
+    """`python -m bench report` renders every part from JSON alone (old mount.json included)."""
+    for part in report.PARTS.values():
+        shutil.copy(RESULTS / part.json_file, tmp_path)
+    (tmp_path / "mount.json").write_text(json.dumps(
+        {key: value for key, value in json.loads((RESULTS / "mount.json").read_text()).items()
+         if key != "mount3"}))
+    result = subprocess.run([sys.executable, "-m", "bench", "report"], capture_output=True,
+                            text=True, timeout=120,
                             env={**os.environ, "KELIPSFS_BENCH_RESULTS": str(tmp_path)})
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    doc = json.loads((tmp_path / "lookup.json").read_text())
-    assert {run["system"] for run in doc["runs"]} == {"kelipsfs", "kademlia"}
-    assert "| N | phase | system |" in result.stdout
+    assert result.returncode == 0, result.stderr
+    markdown = (tmp_path / "latest.md").read_text()
+    for part in report.PARTS.values():
+        assert f"## {part.title}\n\nJSON: `{part.json_file}`" in markdown
+    assert "| write 256 MiB (cp + sync) |" in markdown and "not measured" in markdown
+    assert set(json.loads((tmp_path / "latest.json").read_text())["parts"]) == set(report.PARTS)
+
+
+def test_bench_refuses_unknown_parts() -> None:
+    result = subprocess.run([sys.executable, "-m", "bench", "nosuchpart", "--quick"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "nosuchpart" in result.stderr
+
+
+def test_paper_figures_follow_their_formulas() -> None:
+    """Only what the formulas say by construction: datagram traffic does not depend on N,
+    anti-entropy and state grow with it, hops tend to 2."""
+    rows = [paper.predict(n) for n in (100, 10_000, 1_000_000)]
+    assert len({r["datagram_bytes_per_s"] for r in rows}) == 1
+    assert rows[0]["anti_entropy_bytes_per_s"] < rows[1]["anti_entropy_bytes_per_s"] \
+        < rows[2]["anti_entropy_bytes_per_s"]
+    for r in rows:
+        assert r["state"] == pytest.approx(r["group"] - 1 + r["contacts"] + r["tuples"])
+        assert 1.8 < r["hops"] < 2.0
+    assert rows[2]["k"] == 1000 and rows[2]["state"] == pytest.approx(999 + 1998 + 1000)

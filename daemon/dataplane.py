@@ -301,8 +301,13 @@ class DataPlane:
     # --- insert ------------------------------------------------------------------------------
 
     async def insert(self, name: str, source: Path, size: int, checksum: bytes, mode: int,
-                     mtime_ns: int) -> TupleEntry:
-        """Store ``source`` under ``name`` on the name's holders; returns the published tuple."""
+                     mtime_ns: int, *, link_ok: bool = False) -> TupleEntry:
+        """Store ``source`` under ``name`` on the name's holders; returns the published tuple.
+
+        ``link_ok``: the caller computed ``checksum`` from the bytes it wrote and never writes
+        ``source`` again, so this node's own copy (when it is a holder) may be a hard link to it
+        (``ObjectStore.adopt_file``) instead of a copy.
+        """
         holders, _ = await self.placement(name)
         if not holders:
             raise InsertFailed(f"{name}: no holder available in its group")
@@ -313,8 +318,12 @@ class DataPlane:
 
         async def store_on(holder: MemberEntry) -> None:
             try:
-                if holder.node_id == self.node.node_id:
-                    await self.rt.store.put_file(name, version, mode, mtime_ns, source)
+                if holder.node_id == self.node.node_id and link_ok:
+                    await self.rt.store.adopt_file(name, version, mode, mtime_ns, source, size,
+                                                   checksum)
+                elif holder.node_id == self.node.node_id:
+                    await self.rt.store.put_file(name, version, mode, mtime_ns, source,
+                                                 expected_checksum=checksum, expected_size=size)
                 else:
                     await self.peers.put_file(holder.address, "/v1/replica/" + name,
                                               _version_query(version, mode, mtime_ns, size),

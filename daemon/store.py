@@ -115,6 +115,10 @@ class StoredObject:
     mtime_ns: int
     tombstone: bool
     path: Path | None  # the content file; None for a tombstone
+    #: The checksum was computed from the bytes as this process wrote them. False for what
+    #: recovery found on disk at start: content a crash or the disk may have damaged since,
+    #: which a local reader checks before trusting it (``kelipsfs.local_copy``).
+    written_here: bool = field(default=False, compare=False)
 
 
 @dataclass
@@ -200,6 +204,17 @@ def _write_all(fd: int, data: bytes) -> None:
         if written <= 0:  # never seen on Linux, but a zero write must not spin forever
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         view = view[written:]
+
+
+def _link_synced(source: Path, link: Path) -> int:
+    """Hard-link ``source`` as ``link``, fsync the inode, return its size (worker thread)."""
+    os.link(source, link)
+    fd = os.open(link, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
 
 
 def _open_read(path: Path) -> BinaryIO:
@@ -467,26 +482,76 @@ class ObjectStore:
                 raise ChecksumMismatch(
                     f"{_show(name)}: the received content has SHA-256 {checksum.hex()[:16]}..., "
                     f"not the expected {expected_checksum.hex()[:16]}...; the data was discarded")
-            async with self._name_lock(name):
-                held = self._held(name, version, expected_checksum)
-                if held is not None:  # the same version was committed while we streamed
-                    return held
-                previous = self._index.get(name)
-                commit = functools.partial(self._commit, name, version, mode, mtime_ns,
-                                           temp.size, checksum, temp.path, previous)
-                try:
-                    obj = await _in_thread(commit)
-                except OSError as exc:
-                    raise self._io_error(exc, f"cannot commit {_show(name)}") from exc
-                committed = True  # no checkpoint between the commit and the index update
-                self._install(obj)
-                return obj
+            obj, committed = await self._commit_temp(name, version, mode, mtime_ns, temp.size,
+                                                     checksum, temp.path, expected_checksum)
+            return obj
         finally:
             if not committed:
                 await _shielded(temp.discard)
 
+    async def _commit_temp(self, name: str, version: Version, mode: int, mtime_ns: int,
+                           size: int, checksum: bytes, temp_path: Path,
+                           expected_checksum: bytes | None) -> tuple[StoredObject, bool]:
+        """Commit a verified, fsynced temp file under the name's lock; (object, committed).
+
+        Not committed (the caller removes the temp file) when the same version was committed
+        while the content was being written: that one is returned.
+        """
+        async with self._name_lock(name):
+            held = self._held(name, version, expected_checksum)
+            if held is not None:
+                return held, False
+            previous = self._index.get(name)
+            commit = functools.partial(self._commit, name, version, mode, mtime_ns, size,
+                                       checksum, temp_path, previous)
+            try:
+                obj = await _in_thread(commit)
+            except OSError as exc:
+                raise self._io_error(exc, f"cannot commit {_show(name)}") from exc
+            self._install(obj)  # no checkpoint between the commit and the index update
+            return obj, True
+
+    async def adopt_file(self, name: str, version: Version, mode: int, mtime_ns: int,
+                         source: Path, size: int, checksum: bytes) -> StoredObject:
+        """Store ``version`` of ``name`` as a hard link to the local file ``source``: no copy.
+
+        For a caller on this machine that wrote ``source`` itself, computed its SHA-256 from
+        the bytes it wrote and never writes that inode again (the mount's spool copies itself
+        before a later write): copying and re-hashing hundreds of MiB would double the cost of
+        every write through the mount. The link is fsynced (the bytes may still be only in the
+        page cache) and its size checked, then committed exactly like ``put``. Where a link is
+        impossible (another file system, a link limit) it falls back to ``put_file``'s copy,
+        checked against ``checksum``.
+        """
+        _check_name(name)
+        version = _check_version(version)
+        held = self._held(name, version, checksum)
+        if held is not None:
+            return held
+        temp_path = self._tmp / f"{secrets.token_hex(16)}.part"
+        try:
+            linked = await _in_thread(functools.partial(_link_synced, source, temp_path))
+        except OSError as exc:
+            await _shielded(functools.partial(_unlink_quietly, temp_path))
+            if exc.errno in (errno.EXDEV, errno.EMLINK, errno.EPERM):
+                return await self.put_file(name, version, mode, mtime_ns, source,
+                                           expected_checksum=checksum, expected_size=size)
+            raise self._io_error(exc, f"cannot store {_show(name)} from {source}") from exc
+        committed = False
+        try:
+            if linked != size:
+                raise ChecksumMismatch(f"{_show(name)}: {source} has {linked} bytes, not the "
+                                       f"{size} announced; nothing was stored")
+            obj, committed = await self._commit_temp(name, version, mode, mtime_ns, size,
+                                                     checksum, temp_path, checksum)
+            return obj
+        finally:
+            if not committed:
+                await _shielded(functools.partial(_unlink_quietly, temp_path))
+
     async def put_file(self, name: str, version: Version, mode: int, mtime_ns: int,
-                       source: Path) -> StoredObject:
+                       source: Path, expected_checksum: bytes | None = None,
+                       expected_size: int | None = None) -> StoredObject:
         """Store ``version`` of ``name`` with a copy of the local file ``source``.
 
         Same rules as ``put`` (the copy streams in 1 MiB blocks); if ``source`` cannot be read
@@ -510,7 +575,9 @@ class ObjectStore:
                 await _shielded(f.close)
 
         async with contextlib.aclosing(blocks()) as stream:
-            return await self.put(name, version, mode, mtime_ns, stream)
+            return await self.put(name, version, mode, mtime_ns, stream,
+                                  expected_checksum=expected_checksum,
+                                  expected_size=expected_size)
 
     async def delete(self, name: str, version: Version, *, mtime_ns: int = 0) -> StoredObject:
         """Commit a tombstone for ``name`` at ``version`` and remove older versions' content.
@@ -688,7 +755,7 @@ class ObjectStore:
                 log.warning("could not remove superseded version %s of %s: %s",
                             _show_version(previous.version), _show(name), exc.strerror or exc)
         return StoredObject(name, version, size, checksum, mode, mtime_ns, content is None,
-                            None if content is None else data_path)
+                            None if content is None else data_path, written_here=True)
 
     def _write_meta(self, meta_path: Path, doc: dict[str, Any]) -> None:
         """Write the metadata to tmp/, fsync it, rename it into place (worker thread)."""

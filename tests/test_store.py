@@ -229,6 +229,52 @@ def test_put_file_copies_a_local_file(root: Path, tmp_path: Path) -> None:
     assert store.get("missing") is None and tmp_entries(root) == []
 
 
+def test_adopt_file_links_instead_of_copying(root: Path, tmp_path: Path) -> None:
+    source = tmp_path / "spool.bin"
+    data = random.Random(4).randbytes(2 * MiB + 3)
+    source.write_bytes(data)
+    store = ObjectStore(root)
+    obj = run(lambda: store.adopt_file("linked", v(3), 0o600, 9, source, len(data), sha(data)))
+    assert obj.path is not None and obj.path.read_bytes() == data
+    assert os.stat(obj.path).st_ino == os.stat(source).st_ino  # no copy
+    assert (obj.size, obj.checksum, obj.mode, obj.written_here) == (len(data), sha(data), 0o600,
+                                                                     True)
+    assert tmp_entries(root) == []
+    source.unlink()  # the writer's name goes; the store's link stays
+    again = ObjectStore(root)  # recovery: committed like any put
+    found = again.get("linked")
+    assert found is not None and found.checksum == sha(data)
+    assert found.path is not None and found.path.read_bytes() == data
+    assert not found.written_here  # found on disk: a local reader checks it
+
+
+def test_adopt_file_refuses_a_wrong_size(root: Path, tmp_path: Path) -> None:
+    source = tmp_path / "spool.bin"
+    source.write_bytes(b"12345")
+    store = ObjectStore(root)
+    with pytest.raises(ChecksumMismatch, match="5 bytes, not the 6"):
+        run(lambda: store.adopt_file("x", v(1), 0o644, 0, source, 6, sha(b"123456")))
+    assert store.get("x") is None and tmp_entries(root) == [] and object_files(root) == set()
+
+
+def test_adopt_file_copies_when_it_cannot_link(root: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another file system (EXDEV): a verified copy instead, refused if the checksum lies."""
+    def cross_device(source: Path, link: Path) -> int:
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(store_mod, "_link_synced", cross_device)
+    source = tmp_path / "spool.bin"
+    source.write_bytes(b"content")
+    store = ObjectStore(root)
+    obj = run(lambda: store.adopt_file("x", v(1), 0o644, 0, source, 7, sha(b"content")))
+    assert obj.path is not None and obj.path.read_bytes() == b"content"
+    assert os.stat(obj.path).st_ino != os.stat(source).st_ino
+    with pytest.raises(ChecksumMismatch):
+        run(lambda: store.adopt_file("y", v(1), 0o644, 0, source, 7, sha(b"other!!")))
+    assert store.get("y") is None and tmp_entries(root) == []
+
+
 # --- versions ----------------------------------------------------------------------------------
 
 

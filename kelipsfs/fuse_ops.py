@@ -89,6 +89,8 @@ from daemon.core.messages import TupleEntry
 from daemon.dataplane import DataError, DataPlane, InsertFailed, NotFound
 from daemon.names import MAX_COMPONENT_BYTES, MAX_NAME_BYTES, NameError_, validate_name
 from daemon.store import EMPTY_SHA256, sha256_file
+from kelipsfs.fuse_buffers import answer_with_fd, tune_connection
+from kelipsfs.local_copy import CorruptCopy, LocalCopy
 
 if TYPE_CHECKING:
     from daemon.runtime import NodeRuntime
@@ -118,7 +120,7 @@ _LISTED_PRUNE_AT = 50_000
 #: Bytes gathered from a remote holder before one write to the cache file.
 FETCH_BATCH = 1 << 20
 #: Preferred I/O size reported in st_blksize: tools like cp size their buffers from it.
-IO_BLOCK = 128 * 1024
+IO_BLOCK = 1 << 20
 DIR_MODE = stat.S_IFDIR | 0o755
 
 _T = TypeVar("_T")
@@ -138,17 +140,18 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _materialize(source: Path, dest: Path, checksum: bytes, link: bool) -> bool:
-    """Make ``dest`` a verified copy of a local store file (worker thread).
+    """Make ``dest`` a copy of a local store file (worker thread); False if that failed.
 
     A hard link when the caller only reads it (no bytes copied: the store never writes a
     committed file again, and the link keeps the inode when the store replaces the version);
-    a real copy when the caller will write to it. False if it failed or did not verify.
+    its reads are verified as they go (``LocalCopy``) rather than by hashing it all here
+    first. A real copy, verified now, when the caller will write to it.
     """
     try:
         if link:
             os.link(source, dest)
-        else:
-            shutil.copyfile(source, dest)
+            return True
+        shutil.copyfile(source, dest)
         if sha256_file(dest) == checksum:
             return True
         log.warning("local copy %s does not match its checksum; fetching instead", source)
@@ -166,6 +169,8 @@ class Fetched(NamedTuple):
     mode: int
     mtime_ns: int
     clock: int
+    #: A link to a store file this process did not write: check it while it is read.
+    verify: bool = False
 
 
 class DirInfo(NamedTuple):
@@ -224,7 +229,8 @@ class ClusterView:
     async def fetch(self, name: str, dest: Path, *, link_ok: bool) -> Fetched:
         """Put the current version of ``name`` into the new file ``dest``, verified.
 
-        If this node's store holds the current version, that copy is linked (``link_ok``) or
+        If this node's store holds the current version, that copy is linked (``link_ok``;
+        checked while it is read unless this process wrote it, see ``StoredObject``) or
         copied and re-hashed; otherwise the bytes stream from the nearest live holder
         (``DataPlane.open_read`` verifies size and SHA-256 at the end) in ~1 MiB writes done
         in worker threads, so the trio loop never blocks on the disk.
@@ -237,7 +243,8 @@ class ClusterView:
                 raise NotFound(f"{name}: no such object")
             if obj.version >= entry.version and await trio.to_thread.run_sync(
                     _materialize, obj.path, dest, obj.checksum, link_ok):
-                return Fetched(obj.size, obj.checksum, obj.mode, obj.mtime_ns, obj.version.clock)
+                return Fetched(obj.size, obj.checksum, obj.mode, obj.mtime_ns, obj.version.clock,
+                               verify=link_ok and not obj.written_here)
         meta, stream_of = await self._dp.open_read(name)
         # An async generator (DataPlane._stream): closing it releases the holder's connection.
         chunks = cast(AsyncGenerator[bytes, None], stream_of)
@@ -266,7 +273,10 @@ class ClusterView:
 
     async def insert(self, name: str, source: Path, size: int, checksum: bytes, mode: int,
                      mtime_ns: int) -> TupleEntry:
-        entry: TupleEntry = await self._dp.insert(name, source, size, checksum, mode, mtime_ns)
+        """Insert a local file this mount wrote and will not write again (see
+        ``DataPlane.insert``'s ``link_ok``: the spool copies itself before a later write)."""
+        entry: TupleEntry = await self._dp.insert(name, source, size, checksum, mode, mtime_ns,
+                                                  link_ok=True)
         return entry
 
     async def delete(self, name: str) -> None:
@@ -392,37 +402,8 @@ def _paged(values: dict[str, bytes]) -> dict[str, bytes]:
 
 # --- local state of the mount ----------------------------------------------------------------
 
-class _File:
-    """The local copy of one name, shared by every handle open on it in this mount.
-
-    ``spool`` copies are private and writable; cache copies (possibly a hard link into the
-    store) are only ever read. ``clock`` is the cluster version the content corresponds to
-    (None: never inserted). ``dirty`` means the content or metadata changed since then.
-    """
-
-    def __init__(self, name: str, path: Path, fd: int, *, spool: bool, clock: int | None,
-                 mode: int, mtime_ns: int, dirty: bool) -> None:
-        self.name = name
-        self.path = path
-        self.fd = fd
-        self.spool = spool
-        self.clock = clock
-        self.mode = mode
-        self.mtime_ns = mtime_ns
-        self.dirty = dirty
-        self.unlinked = False  # deleted while open: keep serving the handles, never re-insert
-        self.refs = 0
-        self.writers = 0
-        self.lock = threading.Lock()  # serializes writes against the insert that publishes them
-
-    @property
-    def busy(self) -> bool:
-        """Its state is newer than (or about to replace) the cluster's: answer locally."""
-        return self.spool and (self.dirty or self.writers > 0)
-
-
 class _Handle:
-    def __init__(self, file: _File, writable: bool, append: bool) -> None:
+    def __init__(self, file: LocalCopy, writable: bool, append: bool) -> None:
         self.file = file
         self.writable = writable
         self.append = append
@@ -459,9 +440,9 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
         self._gid = os.getgid()
         self._started_ns = time.time_ns()
         self._mutex = threading.Lock()  # guards the dicts below (never held across a call)
-        self._files: dict[str, _File] = {}
+        self._files: dict[str, LocalCopy] = {}
         self._handles: dict[int, _Handle] = {}
-        self._hidden: dict[str, _File] = {}  # files unlinked while open, by libfuse's name
+        self._hidden: dict[str, LocalCopy] = {}  # files unlinked while open, by libfuse's name
         self._next_fh = 1
         self._name_locks: dict[str, _NameLock] = {}
         self._dirs: dict[str, tuple[float, int]] = {}  # name -> (expires, mtime_ns)
@@ -593,12 +574,12 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
             return None
         return DirInfo(known[1])
 
-    def _local_busy(self, name: str) -> _File | None:
+    def _local_busy(self, name: str) -> LocalCopy | None:
         with self._mutex:
             f = self._files.get(name)
         return f if f is not None and f.busy else None
 
-    def _kind(self, name: str) -> TupleEntry | DirInfo | _File | None:
+    def _kind(self, name: str) -> TupleEntry | DirInfo | LocalCopy | None:
         """What ``name`` is right now: a local busy copy, a file tuple, a directory, nothing."""
         local = self._local_busy(name)
         if local is not None:
@@ -625,8 +606,8 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
     def _dir_attrs(self, mtime_ns: int) -> dict[str, Any]:
         return self._base_attrs(DIR_MODE, 2, 0, mtime_ns)
 
-    def _file_attrs(self, f: _File) -> dict[str, Any]:
-        size = os.fstat(f.fd).st_size
+    def _file_attrs(self, f: LocalCopy) -> dict[str, Any]:
+        size = f.size()
         return self._base_attrs(stat.S_IFREG | f.mode, 1, size, f.mtime_ns)
 
     def getattr(self, path: str | None, fh: int | None = None) -> dict[str, Any]:
@@ -646,7 +627,7 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
         kind = self._kind(name)
         if kind is None:
             raise _fail(errno.ENOENT)
-        if isinstance(kind, _File):
+        if isinstance(kind, LocalCopy):
             return self._file_attrs(kind)
         if isinstance(kind, DirInfo):
             return self._dir_attrs(kind.mtime_ns)
@@ -862,7 +843,7 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
 
     # --- metadata ---------------------------------------------------------------------------
 
-    def _meta_target(self, path: str | None, fh: int | None) -> tuple[_File | None, str | None]:
+    def _meta_target(self, path: str | None, fh: int | None) -> tuple[LocalCopy | None, str | None]:
         """For fchmod/futimens (a handle) or chmod/utimens (a path): the local copy that takes
         the change (published with its content at close), else the name to rewrite."""
         if self._readonly:
@@ -951,13 +932,10 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
                 self._change(self._cluster.truncate, name, length)
         return 0
 
-    def _truncate_local(self, f: _File, length: int) -> None:
+    def _truncate_local(self, f: LocalCopy, length: int) -> None:
         if not f.spool:
             raise _fail(errno.EBADF)
-        with f.lock:
-            os.ftruncate(f.fd, length)  # sparse: a hole costs no memory and no disk
-            f.dirty = True
-            f.mtime_ns = time.time_ns()
+        f.truncate(length)
 
     # --- open files -------------------------------------------------------------------------
 
@@ -965,17 +943,18 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
         return (self._spool_dir if spool else self._cache_dir) / secrets.token_hex(12)
 
     def _open_local(self, name: str, path: Path, meta: Fetched | None, *, spool: bool,
-                    mode: int = 0o644) -> _File:
+                    mode: int = 0o644) -> LocalCopy:
         flags = (os.O_RDWR if spool else os.O_RDONLY) | os.O_CLOEXEC
         if meta is None:
             fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
-            return _File(name, path, fd, spool=True, clock=None, mode=mode,
-                         mtime_ns=time.time_ns(), dirty=True)
+            return LocalCopy(name, path, fd, spool=True, clock=None, mode=mode,
+                             mtime_ns=time.time_ns(), dirty=True)
         fd = os.open(path, flags)
-        return _File(name, path, fd, spool=spool, clock=meta.clock, mode=meta.mode & 0o7777,
-                     mtime_ns=meta.mtime_ns, dirty=False)
+        return LocalCopy(name, path, fd, spool=spool, clock=meta.clock, mode=meta.mode & 0o7777,
+                         mtime_ns=meta.mtime_ns, dirty=False, checksum=meta.checksum,
+                         size=meta.size, verify=meta.verify and not spool)
 
-    def _fetch_local(self, name: str, *, spool: bool) -> _File:
+    def _fetch_local(self, name: str, *, spool: bool) -> LocalCopy:
         path = self._new_local(name, spool=spool)
         meta = self._call(functools.partial(self._cluster.fetch, link_ok=not spool), name, path)
         with self._mutex:  # fresher than any listing: stat must agree with what open saw
@@ -986,7 +965,7 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
             path.unlink(missing_ok=True)
             raise
 
-    def _install(self, f: _File, writable: bool, append: bool) -> int:
+    def _install(self, f: LocalCopy, writable: bool, append: bool) -> int:
         with self._mutex:
             if not f.unlinked:
                 self._files[f.name] = f
@@ -1053,38 +1032,50 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
             fh = self._install(f, writable, bool(flags & os.O_APPEND))
         return fh
 
+    def init_with_config(self, conn_info: Any, config_3: Any) -> None:
+        tune_connection(conn_info)
+
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
+        """The bytes themselves (libfuse uses ``read_buf``; kept for callers without it)."""
         handle = self._handles.get(fh)
         if handle is None:
             raise _fail(errno.EBADF)
-        return os.pread(handle.file.fd, size, offset)
+        try:
+            return handle.file.read(size, offset)
+        except CorruptCopy as exc:
+            raise _fail(errno.EIO) from exc
+
+    def read_buf(self, path: str | None, bufpp: Any, size: int, offset: int, fh: int) -> int:
+        """Tell libfuse which descriptor and offset to read (see ``kelipsfs.fuse_buffers``)."""
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise _fail(errno.EBADF)
+        try:
+            fd = handle.file.readable_fd(size, offset)
+        except CorruptCopy as exc:
+            raise _fail(errno.EIO) from exc
+        answer_with_fd(bufpp, fd, size, offset)
+        return 0
 
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
         handle = self._handles.get(fh)
         if handle is None or not handle.writable or not handle.file.spool:
             raise _fail(errno.EBADF)
-        f = handle.file
-        with f.lock:
-            if handle.append:
-                offset = os.fstat(f.fd).st_size
-            if offset + len(data) > self._max_size:
-                raise _fail(errno.EFBIG)
-            written = os.pwrite(f.fd, data, offset)
-            f.dirty = True
-            f.mtime_ns = time.time_ns()
-        return written
+        try:
+            return handle.file.write(data, offset, handle.append, self._max_size)
+        except OSError as exc:
+            raise _fail(exc.errno or errno.EIO) from exc
 
-    def _publish(self, f: _File) -> None:
+    def _publish(self, f: LocalCopy) -> None:
         """Insert a dirty local copy into the cluster; errno on failure (it stays dirty)."""
         with f.lock:
             if not f.dirty or f.unlinked:
                 return
-            size = os.fstat(f.fd).st_size
-            checksum = sha256_file(f.path)
+            size = f.size()
+            checksum = f.checksum()
             entry = self._change(self._cluster.insert, f.name, f.path, size, checksum, f.mode,
-                               f.mtime_ns)
-            f.dirty = False
-            f.clock = entry.version.clock
+                                 f.mtime_ns)
+            f.published(entry.version.clock, linked=True)
 
     def flush(self, path: str | None, fh: int) -> int:
         handle = self._handles.get(fh)
@@ -1120,8 +1111,7 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
                 if last and self._hidden.get(f.name) is f:
                     del self._hidden[f.name]
             if last:
-                os.close(f.fd)
-                f.path.unlink(missing_ok=True)
+                f.close()
         return 0
 
     # --- extended attributes ----------------------------------------------------------------

@@ -8,6 +8,8 @@ teardown, whatever the test did. Nodes listen on 127.0.0.x loopback addresses on
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import json
 import os
 import random
@@ -24,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
 
+from kelipsfs.client import Client, resolve_target
 from tests.cluster import node_id_in_group, preset_identity
 
 pytestmark = pytest.mark.skipif(
@@ -231,6 +235,65 @@ def test_copy_in_and_out(single: Mount, tmp_path: Path) -> None:
     # nothing of the copies lingers in the mount's spool and cache
     assert [p.name for p in (single.data_dir / "spool").iterdir()] == ["empty"]
     assert list((single.data_dir / "cache").iterdir()) == []
+
+
+def _get_in_process(mount: Mount, name: str) -> bytes:
+    """`kelipsfs get` without a child process (see the caller)."""
+    out = io.BytesIO()
+
+    async def get() -> None:
+        client = Client(resolve_target(mount.address, None, None, str(mount.data_dir)))
+        try:
+            with trio.fail_after(CLI_TIMEOUT):
+                await client.get(name, out, False)
+        finally:
+            await client.aclose()
+
+    trio.run(get)
+    return out.getvalue()
+
+
+def test_writing_after_fsync_never_changes_the_stored_version(single: Mount) -> None:
+    """The store keeps the published spool file as a hard link: a later write through the
+    same handle must go to a private copy, never into the version the node serves."""
+    path = single.path("cow.bin")
+    first, second = os.urandom(3 * MiB), os.urandom(MiB)
+    with open(path, "wb") as fh:
+        fh.write(first)
+        fh.flush()
+        os.fsync(fh.fileno())  # published: version 1, linked into the store
+        fh.seek(MiB)
+        fh.write(second)  # copy on write
+        fh.flush()
+        # still open: the node serves version 1, intact (get verifies the SHA-256). Asked
+        # from this process: a child process would close its inherited copy of the
+        # descriptor at exec, and that close is a flush, which publishes the new content.
+        assert _get_in_process(single, "cow.bin") == first
+    expected = first[:MiB] + second + first[2 * MiB:]
+    assert path.read_bytes() == expected
+    assert xattrs(path)["user.kelips.checksum"] == hashlib.sha256(expected).hexdigest()
+
+
+def test_damage_to_a_store_file_found_after_a_restart_is_eio(tmp_path: Path) -> None:
+    """Content the node did not write in this run (found on disk at start) is checked while a
+    reader reads it: a flipped byte makes the read that reaches the end fail with EIO."""
+    with Mounts(tmp_path, base=100) as ms:
+        mount = ms.new()
+        data = os.urandom(5 * MiB)
+        mount.path("rot.bin").write_bytes(data)
+        assert mount.path("rot.bin").read_bytes() == data
+        run_cli("umount", str(mount.mountpoint))
+        stored = [p for p in (mount.data_dir / "store" / "objects").rglob("*.data")]
+        assert len(stored) == 1
+        with open(stored[0], "r+b") as fh:  # bit rot while the node was down
+            fh.seek(4 * MiB)
+            byte = fh.read(1)
+            fh.seek(4 * MiB)
+            fh.write(bytes([byte[0] ^ 0xFF]))
+        ms.start(mount)
+        expect_errno(errno.EIO, mount.path("rot.bin").read_bytes)
+        with open(mount.path("rot.bin"), "rb") as fh:  # the start of the file still reads
+            assert fh.read(4096) == data[:4096]
 
 
 def test_many_small_files_listed(single: Mount) -> None:
@@ -489,10 +552,15 @@ def test_start_failures(single: Mount, tmp_path: Path) -> None:
 
 
 def test_full_store_fails_close(tmp_path: Path) -> None:
-    """A store that cannot take the file makes close() fail with ENOSPC, not lose data."""
+    """A store that cannot take the file makes close() fail with ENOSPC, not lose data.
+
+    The store is on its own small file system (so it cannot keep a hard link to the spool
+    file, which is what it does when they share one, and falls back to a copy that does not
+    fit)."""
     data = tmp_path / "data"
-    data.mkdir()
-    made = run("mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", data, check=False)
+    store = data / "store"
+    store.mkdir(parents=True)
+    made = run("mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", store, check=False)
     assert made.returncode == 0, f"cannot mount a small tmpfs (root needed): {made.stderr}"
     try:
         with Mounts(tmp_path, base=80) as ms:
@@ -504,7 +572,7 @@ def test_full_store_fails_close(tmp_path: Path) -> None:
             small.write_bytes(b"s" * 1000)
             fh = open(mount.path("big.bin"), "wb")  # noqa: SIM115 - close() is the test
             try:
-                fh.write(os.urandom(14 * MiB))  # fits the spool; the store copy would not
+                fh.write(os.urandom(14 * MiB))  # fits the spool; the store's copy does not
             finally:
                 with pytest.raises(OSError) as info:
                     fh.close()
@@ -513,7 +581,7 @@ def test_full_store_fails_close(tmp_path: Path) -> None:
             wait_for(lambda: not mount.path("big.bin").exists(), 10, "the failed file to go")
             assert small.read_bytes() == b"s" * 1000  # the rest is untouched
     finally:
-        run("umount", "-l", data, check=False)
+        run("umount", "-l", store, check=False)
 
 
 def test_read_only_remount(tmp_path: Path) -> None:

@@ -1,0 +1,293 @@
+"""The local copy of one file open on a mount: the bytes the FUSE callbacks read and write.
+
+Every handle of one name on a mount shares one ``LocalCopy`` (see ``kelipsfs.fuse_ops``). A
+*spool* copy is private and writable, and is inserted into the cluster at flush; a *cache*
+copy is only read: bytes fetched from a holder, or a hard link to this node's own store file.
+
+Two things keep large files fast without giving up verification:
+
+* **Hashing as it is written.** An object's SHA-256 goes with every insert. ``cp`` writes a file
+  front to back, so the copy hashes each write that extends its verified prefix, and the flush
+  only finishes that hash instead of reading hundreds of MiB back. Any other write (a seek
+  back, a hole, a truncate to a non-zero length) drops the running hash and the flush hashes
+  the file once, as before.
+* **Handing the spool to the store.** On a node that holds the object, the store keeps a hard
+  link to the published spool file instead of a copy (``ObjectStore.adopt_file``). From then on
+  the inode is the store's and must never change: the next write or truncate first moves this
+  copy to a new file (copy on write). Descriptors of the old file stay open until the copy is
+  closed, because another FUSE thread may be reading through one at that moment.
+* **Checking while it is read.** A cache copy that is a link to this node's store file is not
+  hashed before open returns (that would read the whole file before the first byte is
+  served); a thread hashes it while the reader reads (libfuse copies the bytes straight from
+  the descriptor, see ``kelipsfs.fuse_buffers``), and the read that reaches the end of the file
+  waits for that check and fails with EIO if the content does not match its checksum. So a
+  reader never reaches the end of a corrupt file without an error.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from daemon.store import sha256_file
+
+log = logging.getLogger("kelipsfs.fuse")
+
+#: Bytes per read of the background check.
+CHECK_BLOCK = 1 << 20
+#: A write at least this large starts the copy's hashing thread (smaller ones hash inline).
+HASH_THREAD_MIN = 256 * 1024
+#: Written blocks waiting for the hashing thread before a writer waits for it.
+HASH_QUEUE_BLOCKS = 32
+#: Every this many bytes written front to back, the kernel is asked to start writing them out.
+WRITEBACK_EVERY = 16 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """sync_file_range(SYNC_FILE_RANGE_WRITE): begin writing the range out, do not wait.
+
+    The insert at close fsyncs the whole file; started early, most of that writing overlaps
+    with the writes still arriving instead of all happening after the last one.
+    """
+    _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+class CorruptCopy(OSError):
+    """The local copy does not match the checksum it was stored with (an EIO to the reader)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(errno.EIO, f"{name}: the local copy does not match its checksum")
+
+
+class LocalCopy:
+    """One name's local file and what is known about it (every method may block: FUSE thread).
+
+    ``clock`` is the cluster version the content corresponds to (None: never inserted);
+    ``dirty`` means the content or metadata changed since then.
+    """
+
+    def __init__(self, name: str, path: Path, fd: int, *, spool: bool, clock: int | None,
+                 mode: int, mtime_ns: int, dirty: bool, checksum: bytes | None = None,
+                 size: int = 0, verify: bool = False) -> None:
+        self.name = name
+        self.path = path
+        self.fd = fd
+        self.spool = spool
+        self.clock = clock
+        self.mode = mode
+        self.mtime_ns = mtime_ns
+        self.dirty = dirty
+        self.unlinked = False  # deleted while open: keep serving the handles, never re-insert
+        self.refs = 0
+        self.writers = 0
+        self.lock = threading.Lock()  # serializes writes against the insert that publishes them
+        # Running SHA-256 of the prefix [0, _hashed) of a spool copy; None once lost.
+        self._hasher: _SequentialHash | None = _SequentialHash() if spool and dirty else None
+        self._hashed = 0
+        self._written_out = 0  # the prefix already handed to _start_writeback
+        self._shared = False  # the inode is also the store's committed object
+        self._retired: list[int] = []  # descriptors of files replaced by copy on write
+        # A cache copy linked to this node's store file is checked while it is read.
+        self._size = size
+        self._check = (_BackgroundCheck(fd, size, checksum, name)
+                       if verify and checksum is not None else None)
+
+    @property
+    def busy(self) -> bool:
+        """Its state is newer than (or about to replace) the cluster's: answer locally."""
+        return self.spool and (self.dirty or self.writers > 0)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    # --- writes (spool copies) ------------------------------------------------------------
+
+    def write(self, data: bytes, offset: int, append: bool, max_size: int) -> int:
+        """pwrite ``data`` (at the end when ``append``); returns the bytes written."""
+        with self.lock:
+            self._unshare()
+            if append:
+                offset = os.fstat(self.fd).st_size
+            if offset + len(data) > max_size:
+                raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+            written = os.pwrite(self.fd, data, offset)
+            if self._hasher is not None:
+                if offset == self._hashed:
+                    self._hasher.feed(data if written == len(data) else data[:written])
+                    self._hashed += written
+                    if self._hashed - self._written_out >= WRITEBACK_EVERY:
+                        _start_writeback(self.fd, self._written_out,
+                                         self._hashed - self._written_out)
+                        self._written_out = self._hashed
+                else:
+                    self._drop_hash()  # not a front-to-back write: hash at flush instead
+            self.dirty = True
+            self.mtime_ns = time.time_ns()
+        return written
+
+    def truncate(self, length: int) -> None:
+        with self.lock:
+            self._unshare()
+            os.ftruncate(self.fd, length)  # sparse: a hole costs no memory and no disk
+            if length == 0:
+                self._drop_hash()
+                self._hasher, self._hashed, self._written_out = _SequentialHash(), 0, 0
+            elif length < self._hashed:
+                self._drop_hash()  # a longer file keeps its prefix: hashed whole at flush
+            self.dirty = True
+            self.mtime_ns = time.time_ns()
+
+    def checksum(self) -> bytes:
+        """SHA-256 of the whole content (call with ``lock`` held)."""
+        if self._hasher is not None and self._hashed == os.fstat(self.fd).st_size:
+            return self._hasher.digest()
+        return sha256_file(self.path)
+
+    def _drop_hash(self) -> None:
+        if self._hasher is not None:
+            self._hasher.close()
+            self._hasher = None
+
+    def published(self, clock: int, linked: bool) -> None:
+        """The content is now version ``clock``; ``linked``: the store may hold this inode
+        (call with ``lock`` held)."""
+        self.dirty = False
+        self.clock = clock
+        self._shared = self._shared or linked
+
+    def _unshare(self) -> None:
+        """Copy on write: move to a private file before changing an inode the store holds."""
+        if not self._shared:
+            return
+        fresh = self.path.with_name(self.path.name + "w")
+        shutil.copyfile(self.path, fresh)
+        fd = os.open(fresh, os.O_RDWR | os.O_CLOEXEC)
+        self._retired.append(self.fd)  # a reader in another thread may still be using it
+        self.path.unlink(missing_ok=True)
+        self.path, self.fd, self._shared = fresh, fd, False
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def read(self, size: int, offset: int) -> bytes:
+        """The bytes at ``offset`` (fewer at the end of the file)."""
+        return os.pread(self.readable_fd(size, offset), size, offset)
+
+    def readable_fd(self, size: int, offset: int) -> int:
+        """The descriptor to read ``size`` bytes at ``offset`` from, once it is safe to: a
+        range that reaches the end of a copy still being checked waits for the check, and
+        raises CorruptCopy (EIO) if the content does not match its checksum."""
+        check = self._check
+        if check is not None and offset + size >= self._size and not check.matches():
+            raise CorruptCopy(self.name)
+        return self.fd
+
+    def close(self) -> None:
+        """Close every descriptor and remove the local file (the store keeps its own link)."""
+        if self._check is not None:
+            self._check.stop()
+        self._drop_hash()
+        for fd in [self.fd, *self._retired]:
+            os.close(fd)
+        self._retired.clear()
+        self.path.unlink(missing_ok=True)
+
+
+class _SequentialHash:
+    """SHA-256 of the bytes written front to back, hashed beside the writes.
+
+    Hashing a MiB costs about as much as receiving it from the kernel; done inline it would
+    double the time each write request holds the writer. Large writes go to a thread of their
+    own (in order, through a bounded queue, so memory stays bounded), small ones are hashed
+    inline until the first large one arrives.
+    """
+
+    def __init__(self) -> None:
+        self._hasher = hashlib.sha256()
+        self._queue: queue.Queue[bytes | threading.Event | None] | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self._queue is None and len(data) < HASH_THREAD_MIN:
+            self._hasher.update(data)
+            return
+        if self._queue is None:
+            self._queue = queue.Queue(HASH_QUEUE_BLOCKS)
+            threading.Thread(target=self._run, args=(self._queue,), name="spool hash",
+                             daemon=True).start()
+        self._queue.put(data)
+
+    def _run(self, blocks: queue.Queue[bytes | threading.Event | None]) -> None:
+        while True:
+            item = blocks.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+            else:
+                self._hasher.update(item)
+
+    def digest(self) -> bytes:
+        """The digest of everything fed so far (waits for the thread to catch up)."""
+        if self._queue is not None:
+            caught_up = threading.Event()
+            self._queue.put(caught_up)
+            caught_up.wait()
+        return self._hasher.copy().digest()
+
+    def close(self) -> None:
+        if self._queue is not None:
+            self._queue.put(None)
+            self._queue = None
+
+
+class _BackgroundCheck:
+    """SHA-256 of a file computed in a thread of its own, on a duplicate descriptor."""
+
+    def __init__(self, fd: int, size: int, checksum: bytes, name: str) -> None:
+        self._fd = os.dup(fd)
+        self._size = size
+        self._checksum = checksum
+        self._name = name
+        self._stopped = False
+        self._ok = False
+        self._done = threading.Event()
+        threading.Thread(target=self._run, name=f"check {name}", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            hasher = hashlib.sha256()
+            offset = 0
+            while offset < self._size and not self._stopped:
+                block = os.pread(self._fd, CHECK_BLOCK, offset)
+                if not block:
+                    break
+                hasher.update(block)
+                offset += len(block)
+            self._ok = offset == self._size and hasher.digest() == self._checksum
+            if not self._ok and not self._stopped:
+                log.error("%s: the local copy does not match its checksum", self._name)
+        except OSError as exc:
+            log.error("%s: cannot check the local copy: %s", self._name, exc)
+        finally:
+            os.close(self._fd)
+            self._done.set()
+
+    def matches(self) -> bool:
+        """Wait for the result (at disk or page-cache speed, for the rest of the file)."""
+        self._done.wait()
+        return self._ok
+
+    def stop(self) -> None:
+        self._stopped = True

@@ -1,0 +1,141 @@
+"""LocalCopy: hashing while written, copy on write after the store links it, checked reads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from kelipsfs import local_copy
+from kelipsfs.local_copy import CorruptCopy, LocalCopy
+
+MiB = 1 << 20
+BIG = 64 * MiB
+
+
+def new_spool(tmp_path: Path, name: str = "f") -> LocalCopy:
+    path = tmp_path / f"spool-{name}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    return LocalCopy(name, path, fd, spool=True, clock=None, mode=0o644, mtime_ns=0, dirty=True)
+
+
+def no_rehash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any hashing of the whole file fail: the running hash must be enough."""
+    def refuse(path: Path) -> bytes:
+        raise AssertionError(f"re-hashed {path}")
+    monkeypatch.setattr(local_copy, "sha256_file", refuse)
+
+
+def test_front_to_back_writes_are_hashed_as_they_come(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    no_rehash(monkeypatch)
+    rng = random.Random(1)
+    # small writes (inline hash), then large ones (the hashing thread), past one writeback
+    blocks = [rng.randbytes(n) for n in (1, 4096, 100_000)] + [rng.randbytes(MiB)] * 17
+    blocks += [rng.randbytes(5)]
+    f = new_spool(tmp_path)
+    offset = 0
+    for block in blocks:
+        assert f.write(block, offset, False, BIG) == len(block)
+        offset += len(block)
+    with f.lock:
+        assert f.checksum() == hashlib.sha256(b"".join(blocks)).digest()
+    f.write(b"tail", 0, True, BIG)  # an append continues the running hash
+    with f.lock:
+        assert f.checksum() == hashlib.sha256(b"".join(blocks) + b"tail").digest()
+    f.close()
+    assert not f.path.exists()
+
+
+@pytest.mark.parametrize("case", ["seek back", "hole", "truncate shorter", "truncate longer"])
+def test_other_writes_fall_back_to_hashing_the_file(tmp_path: Path, case: str) -> None:
+    f = new_spool(tmp_path)
+    f.write(b"a" * 1000, 0, False, BIG)
+    if case == "seek back":
+        f.write(b"b" * 10, 5, False, BIG)
+    elif case == "hole":
+        f.write(b"c" * 10, 2000, False, BIG)
+    elif case == "truncate shorter":
+        f.truncate(300)
+    else:
+        f.truncate(5000)
+    with f.lock:
+        assert f.checksum() == hashlib.sha256(f.path.read_bytes()).digest()
+    f.close()
+
+
+def test_truncate_to_zero_starts_a_new_running_hash(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    f = new_spool(tmp_path)
+    f.write(b"x" * 10, 3, False, BIG)  # not front to back: the running hash is lost
+    f.truncate(0)
+    no_rehash(monkeypatch)
+    f.write(b"fresh", 0, False, BIG)
+    with f.lock:
+        assert f.checksum() == hashlib.sha256(b"fresh").digest()
+    f.close()
+
+
+def test_too_large_a_write_is_efbig_and_changes_nothing(tmp_path: Path) -> None:
+    f = new_spool(tmp_path)
+    f.write(b"abc", 0, False, 10)
+    with pytest.raises(OSError) as info:
+        f.write(b"0123456789", 3, False, 10)
+    assert info.value.errno == 27  # EFBIG
+    assert f.path.read_bytes() == b"abc"
+    f.close()
+
+
+def test_a_published_copy_is_copied_before_it_changes(tmp_path: Path) -> None:
+    """Once the store holds the spool's inode (a hard link), a later write or truncate goes
+    to a private copy: the stored version never changes under the store."""
+    f = new_spool(tmp_path)
+    f.write(b"version one", 0, False, BIG)
+    stored = tmp_path / "store-link"
+    os.link(f.path, stored)  # what ObjectStore.adopt_file does
+    old_fd = f.fd
+    with f.lock:
+        f.published(7, linked=True)
+    assert (f.clock, f.dirty) == (7, False)
+    f.write(b"VERSION TWO", 0, False, BIG)
+    assert stored.read_bytes() == b"version one"
+    assert f.path.read_bytes() == b"VERSION TWO"
+    assert os.pread(old_fd, 100, 0) == b"version one"  # still open for a reader in flight
+    assert f.read(100, 0) == b"VERSION TWO"
+    with f.lock:
+        f.published(8, linked=True)
+    os.unlink(stored)
+    os.link(f.path, stored)
+    f.truncate(3)
+    assert stored.read_bytes() == b"VERSION TWO" and f.path.read_bytes() == b"VER"
+    f.close()
+    with pytest.raises(OSError):
+        os.fstat(old_fd)  # closed with the copy
+    assert stored.exists()
+
+
+def cache_copy(tmp_path: Path, data: bytes, checksum: bytes) -> LocalCopy:
+    path = tmp_path / "cache"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    return LocalCopy("c", path, fd, spool=False, clock=1, mode=0o644, mtime_ns=0,
+                     dirty=False, checksum=checksum, size=len(data), verify=True)
+
+
+def test_a_checked_copy_fails_the_read_that_reaches_the_end_if_corrupt(tmp_path: Path) -> None:
+    data = random.Random(2).randbytes(3 * MiB + 5)
+    bad = cache_copy(tmp_path, data, hashlib.sha256(data[:-1] + b"?").digest())
+    assert bad.read(4096, 0) == data[:4096]  # before the end: served
+    with pytest.raises(CorruptCopy) as info:
+        bad.read(MiB, len(data) - 100)
+    assert info.value.errno == 5  # EIO
+    with pytest.raises(CorruptCopy):
+        bad.readable_fd(MiB, 3 * MiB)
+    bad.close()
+    good = cache_copy(tmp_path, data, hashlib.sha256(data).digest())
+    assert good.read(MiB, len(data) - 100) == data[-100:]
+    assert good.readable_fd(10, len(data)) == good.fd
+    good.close()

@@ -19,6 +19,7 @@ import trio
 
 from daemon.asgi import HTTPError, Request, Response, Router
 from daemon.core.messages import MemberEntry
+from daemon.logs import fields, short_id
 from daemon.security import Authenticator, AuthError
 from daemon.store import EMPTY_SHA256
 from daemon.wire import entry_from_json, entry_to_json
@@ -53,7 +54,8 @@ class Introducer:
     def _expire(self) -> None:
         now = self.clock()
         for node_id in [n for n, r in self.members.items() if r.expires <= now]:
-            del self.members[node_id]
+            self._log("registration expired", "registration_expired",
+                      self.members.pop(node_id).entry)
 
     def live(self, exclude: bytes | None = None) -> list[MemberEntry]:
         self._expire()
@@ -71,8 +73,15 @@ class Introducer:
         if entry.node_id not in self.members and len(self.members) >= MAX_REGISTRATIONS:
             raise HTTPError(503, "too many registrations")
         sample = self.live(exclude=entry.node_id)
+        if entry.node_id not in self.members:
+            self._log("member registered", "member_registered", entry)
         self.members[entry.node_id] = _Registration(entry, self.clock() + self.ttl)
         return sample
+
+    @staticmethod
+    def _log(message: str, event: str, entry: MemberEntry) -> None:
+        log.info(message, extra=fields(event=event, member=short_id(entry.node_id),
+                                       address=f"{entry.host}:{entry.port}"))
 
     def app(self) -> Router:
         router = Router()

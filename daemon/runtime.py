@@ -21,6 +21,7 @@ import trio
 
 from daemon.core import codec
 from daemon.core.config import AUTH_TRAILER
+from daemon.core.ids import group_of_node
 from daemon.core.messages import (
     DATAGRAM_TYPES,
     Address,
@@ -33,11 +34,12 @@ from daemon.core.messages import (
     SyncRequest,
 )
 from daemon.core.node import Event, KelipsNode
-from daemon.identity import Identity, load_identity
+from daemon.identity import Identity, balanced_node_id, has_identity, load_identity
+from daemon.logs import fields, set_node, short_id
 from daemon.metrics import Metrics
 from daemon.peers import PeerClient, PeerError
 from daemon.security import Authenticator, AuthError, load_key, open_cluster_key
-from daemon.settings import NodeSettings
+from daemon.settings import NodeSettings, format_address
 from daemon.store import ObjectStore
 from daemon.wire import entry_from_json, entry_to_json
 
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kelipsfs.node")
 
 JOIN_ATTEMPTS = 10
+CENSUS_SEEDS = 3  # seeds tried at a first start to learn group sizes (balanced_node_id)
 MAX_UDP = 65535
 #: One-datagram lookups waiting for their reply at once; beyond this, lookups use HTTP.
 MAX_PENDING_LOOKUPS = 1024
@@ -62,18 +65,25 @@ class JoinFailed(Exception):
 
 
 class _RateLimitedLog:
-    """Log a class of events at most once per interval, counting what was suppressed."""
+    """Log a class of events at most once per interval, counting what was suppressed.
+
+    The line carries the caller's fields (``event`` defaults to the class; rejected packets
+    give their reason and peer) and ``suppressed``: how many of the class went unlogged since
+    the last line."""
 
     def __init__(self, interval: float = 10.0) -> None:
         self._interval = interval
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
-    def warn(self, key: str, message: str) -> None:
+    def warn(self, key: str, message: str, **values: object) -> None:
         now = time.monotonic()
         if now - self._last.get(key, -1e9) >= self._interval:
             extra = self._suppressed.pop(key, 0)
-            log.warning("%s%s", message, f" (+{extra} similar suppressed)" if extra else "")
+            if extra:
+                values["suppressed"] = extra
+            values.setdefault("event", key)
+            log.warning("%s", message, extra=fields(**values))
             self._last[key] = now
         else:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
@@ -151,7 +161,9 @@ class NodeRuntime:
         from daemon.dataplane import DataPlane
 
         s = self.settings
-        self.identity = load_identity(s.data_dir, self.rng)
+        new_id = None if s.core.k == 1 or has_identity(s.data_dir) else await self._first_id()
+        self.identity = load_identity(s.data_dir, self.rng, new_id)
+        set_node(self.identity.node_id)
         self._store = await trio.to_thread.run_sync(ObjectStore, s.data_dir / "store")
         host, port = s.listen
         self._node = KelipsNode(s.core, self.identity.node_id, (host, port),
@@ -178,9 +190,10 @@ class NodeRuntime:
                     nursery.start_soon(self._bootstrap_loop)
                 await self._join()
                 self.ready.set()
-                log.info("node %s up on %s:%d (group %d of k=%d, incarnation %d)",
-                         self.node.node_id.hex()[:10], host, port, self.node.group, s.core.k,
-                         self.identity.incarnation)
+                log.info("node up", extra=fields(
+                    event="node_up", node_id=self.node.node_id.hex(),
+                    address=format_address((host, port)), group=self.node.group, k=s.core.k,
+                    incarnation=self.identity.incarnation))
                 task_status.started()
                 await self._stop.wait()
                 await self._leave()
@@ -194,7 +207,7 @@ class NodeRuntime:
         """Tell the group we go, so nobody waits t_fail to notice."""
         for out in self.node.leave_messages():
             await self._send_datagram(out)
-        log.info("left the cluster")
+        log.info("left the cluster", extra=fields(event="node_left"))
 
     # --- datagrams ----------------------------------------------------------------------------
 
@@ -207,35 +220,37 @@ class NodeRuntime:
             # Lookup datagrams may be larger than gossip (inline objects): the type byte is
             # peeked before the MAC check so that only they get the larger limit.
             big = limit < len(data) <= codec.LOOKUP_DATAGRAM_MAX and data[1] in _LOOKUP_CODES
+            peer: Address = (addr[0], addr[1])
             if len(data) > limit and not big:
-                self._reject("oversized", f"dropped a {len(data)}-byte datagram (limit {limit})")
+                self._reject("oversized", f"dropped a {len(data)}-byte datagram (limit {limit})",
+                             peer)
                 continue
             try:
                 payload = self.auth.open(data, self.wall())
             except AuthError as exc:
-                self._reject("auth", f"dropped an unauthenticated datagram: {exc}")
+                self._reject("auth", f"dropped an unauthenticated datagram: {exc}", peer)
                 continue
             try:
                 envelope = codec.decode(payload)
             except codec.DecodeError as exc:
-                self._reject("malformed", f"dropped a malformed datagram: {exc}")
+                self._reject("malformed", f"dropped a malformed datagram: {exc}", peer)
                 continue
             message = envelope.message
             if isinstance(message, (LookupRequest, LookupReply)):
                 if envelope.cluster_tag != self.node.tag or envelope.k != self.node.config.k:
-                    self._reject("foreign", "dropped a lookup of another cluster or k")
+                    self._reject("foreign", "dropped a lookup of another cluster or k", peer)
                 elif isinstance(message, LookupRequest):
-                    await self._answer_lookup((addr[0], addr[1]), message)
+                    await self._answer_lookup(peer, message)
                 else:
-                    self._deliver_reply((addr[0], addr[1]), message)
+                    self._deliver_reply(peer, message)
                 continue
             if not isinstance(message, DATAGRAM_TYPES):
-                self._reject("malformed", "dropped a stream message sent as a datagram")
+                self._reject("malformed", "dropped a stream message sent as a datagram", peer)
                 continue
             before = self.node.dropped
             await self.dispatch(self.node.receive(self.now(), envelope))
             if self.node.dropped > before:
-                self._reject("foreign", "dropped a datagram of another cluster or k")
+                self._reject("foreign", "dropped a datagram of another cluster or k", peer)
             self._drain_events()
 
     # --- one-datagram lookups -----------------------------------------------------------------
@@ -247,7 +262,7 @@ class NodeRuntime:
         try:
             validate_name(request.name)
         except NameError_:
-            self._reject("malformed", "dropped a lookup for an invalid name")
+            self._reject("malformed", "dropped a lookup for an invalid name", dest)
             return
         obj = self.store.get(request.name)
         held = obj.version if obj is not None and not obj.tombstone else None
@@ -269,7 +284,8 @@ class NodeRuntime:
                 if codec.message_size(inlined) <= room:
                     reply = inlined
         if codec.message_size(reply) > room:
-            self._ratelog.warn("lookup-size", f"lookup reply for {request.name[:60]!r} too big")
+            self._ratelog.warn("lookup_size", "lookup reply too big for a datagram",
+                               name=request.name[:200], peer=format_address(dest))
             return
         self.metrics.inc("kelips_lookup_datagrams_answered_total",
                          how="inline" if reply.inline is not None else "tuple")
@@ -284,12 +300,12 @@ class NodeRuntime:
         id of a lookup in flight."""
         pending = self._pending.get(reply.request_id)
         if pending is None:
-            self._reject("unexpected", "dropped a lookup reply nobody waits for")
+            self._reject("unexpected", "dropped a lookup reply nobody waits for", source)
             return
         asked, waiter = pending
         if asked != source and not reply.forwarded:
-            self._reject("unexpected", f"dropped a lookup reply from {source[0]}:{source[1]}, "
-                                       f"not the node asked")
+            self._reject("unexpected", "dropped a lookup reply from another node than the one "
+                                       "asked", source)
             return
         del self._pending[reply.request_id]
         if waiter.reply is None:
@@ -341,9 +357,11 @@ class NodeRuntime:
         rtt = m.rtt if m is not None and m.rtt is not None else 0.1
         return min(0.5, max(0.05, 3 * rtt))
 
-    def _reject(self, reason: str, message: str) -> None:
+    def _reject(self, reason: str, message: str, peer: Address) -> None:
+        """Count a dropped datagram and log it (one line per reason per 10 s at most)."""
         self.metrics.inc("kelips_rejected_packets_total", reason=reason)
-        self._ratelog.warn(reason, message)
+        self._ratelog.warn(f"rejected_{reason}", message, event="packet_rejected",
+                           reason=reason, peer=format_address(peer))
 
     async def _timer_loop(self) -> None:
         while True:
@@ -376,7 +394,8 @@ class NodeRuntime:
         try:
             await self._sock.sendto(data, dest)
         except OSError as exc:
-            self._ratelog.warn("send", f"gossip to {dest[0]}:{dest[1]} failed: {exc}")
+            self._ratelog.warn("send_failed", f"gossip send failed: {exc}",
+                               peer=format_address(dest))
             return
         self.metrics.inc("kelips_gossip_bytes_out_total", len(data))
 
@@ -385,7 +404,8 @@ class NodeRuntime:
         try:
             reply = await self.exchange(dest, message)
         except PeerError as exc:
-            log.debug("sync with %s:%d failed: %s", dest[0], dest[1], exc)
+            log.debug("sync failed: %s", exc, extra=fields(event="sync_failed",
+                                                          peer=format_address(dest)))
             return
         await self.dispatch(self.node.receive(self.now(), reply))
         self._drain_events()
@@ -409,19 +429,30 @@ class NodeRuntime:
             self._on_event(event)
 
     def _on_event(self, event: Event) -> None:
-        short = event.node_id.hex()[:10]
         self.metrics.inc("kelips_member_events_total", kind=event.kind)
         if event.kind in ("failed", "left"):
-            log.info("member %s %s", short, event.kind)
+            self._log_member(logging.INFO, event, f"member {event.kind}")
             if self._dataplane is not None:
                 self._dataplane.wake_repair()
         elif event.kind == "joined":
-            log.info("member %s joined", short)
+            self._log_member(logging.INFO, event, "member joined")
         elif event.kind == "revived":
-            log.info("member %s is alive again", short)
+            self._log_member(logging.INFO, event, "member is alive again")
+        elif event.kind == "removed":
+            self._log_member(logging.DEBUG, event, "member forgotten")
         elif event.kind == "refused":
             self.join_error = event.detail
-            log.error("%s", event.detail)
+            log.error("%s", event.detail, extra=fields(event="join_refused"))
+
+    def _log_member(self, level: int, event: Event, message: str) -> None:
+        """A membership change of the own group, with who: id, address (while known), group."""
+        values: dict[str, object] = {"event": f"member_{event.kind}",
+                                     "member": short_id(event.node_id),
+                                     "group": group_of_node(event.node_id, self.node.config.k)}
+        m = self.node.members.get(event.node_id)
+        if m is not None:
+            values["address"] = f"{m.host}:{m.port}"
+        log.log(level, message, extra=fields(**values))
 
     # --- join and bootstrap -------------------------------------------------------------------
 
@@ -434,7 +465,7 @@ class NodeRuntime:
             if self.settings.join:
                 raise JoinFailed("no seed to join through")
             self.node.synced = True
-            log.info("starting a new cluster")
+            log.info("starting a new cluster", extra=fields(event="cluster_started"))
             return
         last_error = "no answer"
         for attempt in range(JOIN_ATTEMPTS):
@@ -450,7 +481,8 @@ class NodeRuntime:
                 self._drain_events()
                 if self.join_error is not None:
                     raise JoinRefused(self.join_error)
-                log.info("joined through %s:%d", seed[0], seed[1])
+                log.info("joined the cluster", extra=fields(event="joined_cluster",
+                                                            seed=format_address(seed)))
                 return
             await trio.sleep(min(1.0 + attempt, 5.0))
         raise JoinFailed(f"could not reach any of {', '.join(f'{h}:{p}' for h, p in seeds)}: "
@@ -466,7 +498,8 @@ class NodeRuntime:
                                                      "cluster_id": self.settings.core.cluster_id})
             members = [entry_from_json(e) for e in doc.get("members", [])]
         except (PeerError, ValueError, TypeError, KeyError) as exc:
-            self._ratelog.warn("bootstrap", f"bootstrap service unavailable: {exc}")
+            self._ratelog.warn("bootstrap_unavailable", f"bootstrap service unavailable: {exc}",
+                               peer=format_address(self.settings.bootstrap))
             return []
         return [m.address for m in members if m.node_id != self.node.node_id]
 
@@ -474,6 +507,33 @@ class NodeRuntime:
         while True:
             await trio.sleep(self.settings.bootstrap_refresh)
             await self._ask_bootstrap()
+
+    async def _first_id(self) -> bytes:
+        """No identity yet: the id whose group is smallest among a few random ones, asking
+        the join addresses and the bootstrap's sample (``balanced_node_id``); a plain random
+        id when none of them answers (the join then says why)."""
+        s = self.settings
+        peers = PeerClient(self.auth, s.http_timeout, self.wall)
+        try:
+            seeds = list(s.join)
+            if s.bootstrap is not None:
+                try:
+                    doc, _ = await peers.call_json("GET", s.bootstrap, "/v1/members")
+                    seeds.extend(entry_from_json(e).address for e in doc["members"])
+                except (PeerError, ValueError, TypeError, KeyError):
+                    pass
+
+            async def status(address: Address) -> Any:
+                try:
+                    return (await peers.call_json("GET", address, "/v1/status"))[0]
+                except PeerError:
+                    return None
+
+            seeds = [a for a in dict.fromkeys(seeds) if a != s.listen][:CENSUS_SEEDS]
+            return await balanced_node_id(self.rng, s.core.k, seeds, status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await peers.aclose()
 
     # --- observability ------------------------------------------------------------------------
 
@@ -518,6 +578,7 @@ class NodeRuntime:
         return {"node_id": node.node_id.hex(), "address": f"{node.host}:{node.port}",
                 "group": node.group, "k": self.settings.core.k,
                 "cluster_id": self.settings.core.cluster_id,
+                "group_size": node.group_size(),
                 "n_estimate": node.estimated_size(), "synced": node.synced,
                 "contacts_per_group": {str(g): len(ids) for g, ids in
                                        sorted(node.contacts.items())},

@@ -36,6 +36,7 @@ from typing import Any
 
 import trio
 
+from daemon.logs import fields
 from daemon.runtime import NodeRuntime
 from daemon.settings import NodeSettings
 
@@ -217,8 +218,9 @@ async def _serve(settings: NodeSettings, mountpoint: Path, foreground: bool,
                 with trio.CancelScope() as scope:
                     task_status.started(scope)
                     async for signum in signals:
-                        log.info("signal %s: unmounting %s", signal.Signals(signum).name,
-                                 mountpoint)
+                        log.info("signal: unmounting", extra=fields(
+                            event="signal", signal=signal.Signals(signum).name,
+                            mountpoint=str(mountpoint)))
                         stop.set()
                         startup.cancel()
 
@@ -265,7 +267,8 @@ async def _serve(settings: NodeSettings, mountpoint: Path, foreground: bool,
                 print(f"kelipsfs mounted {mountpoint} (node {host}:{port}, pid {os.getpid()}"
                       f"{', read-only' if readonly else ''}"
                       f"{'' if foreground else ', background'})", flush=True)
-                log.info("mounted %s", mountpoint)
+                log.info("mounted", extra=fields(event="mounted", mountpoint=str(mountpoint),
+                                                 readonly=readonly))
                 await stop.wait()
             finally:
                 with trio.CancelScope(shield=True):

@@ -1,5 +1,5 @@
-"""Structured logs (daemon.logs): the text and JSON formats, levels, the node id and the
-log_format setting."""
+"""Structured logs (daemon.logs): the text and JSON formats, levels, the node id, the
+log_format setting, and a real node writing JSON lines with its membership events."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import io
 import json
 import logging
 import re
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import pytest
 from daemon import logs
 from daemon.logs import configure_logging, fields, set_node
 from daemon.settings import NodeSettings, SettingsError, load_settings
+from tests.cluster import Cluster, NodeProc
 
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 log = logging.getLogger("kelipsfs.test")
@@ -144,3 +147,89 @@ def test_node_command_refuses_a_bad_log_format(capsys: pytest.CaptureFixture[str
     from kelipsfs.cli import main
     assert main(["node", "--set", "log_format=xml"]) == 2
     assert "'log_format'" in capsys.readouterr().err
+
+
+# --- structured events -------------------------------------------------------------------------
+
+def test_rate_limited_warning_counts_what_it_suppressed(caplog: pytest.LogCaptureFixture) -> None:
+    from daemon.runtime import _RateLimitedLog
+    ratelog = _RateLimitedLog(interval=0.2)
+    with caplog.at_level(logging.WARNING, logger="kelipsfs.node"):
+        for _ in range(3):
+            ratelog.warn("rejected_auth", "dropped", event="packet_rejected", reason="auth",
+                         peer="127.0.0.1:9")
+        time.sleep(0.25)
+        ratelog.warn("rejected_auth", "dropped", event="packet_rejected", reason="auth",
+                     peer="127.0.0.1:8")
+    got = [r.fields for r in caplog.records]  # type: ignore[attr-defined]
+    assert got == [
+        {"event": "packet_rejected", "reason": "auth", "peer": "127.0.0.1:9"},
+        {"event": "packet_rejected", "reason": "auth", "peer": "127.0.0.1:8", "suppressed": 2}]
+
+
+def test_introducer_logs_registrations(caplog: pytest.LogCaptureFixture) -> None:
+    from bootstrap.service import Introducer
+    from daemon.core.messages import MemberEntry
+    from daemon.security import Authenticator
+    now = [0.0]
+    introducer = Introducer(Authenticator(b"k" * 32), ttl=5, clock=lambda: now[0])
+    entry = MemberEntry(bytes(range(20)), "10.0.0.1", 7400, 0, 1)
+    with caplog.at_level(logging.INFO, logger="kelipsfs.bootstrap"):
+        introducer.register(entry, 1, "c")
+        introducer.register(entry, 1, "c")  # a refresh: not news
+        now[0] = 10
+        introducer.live()
+    assert [r.fields for r in caplog.records] == [  # type: ignore[attr-defined]
+        {"event": "member_registered", "member": "0001020304", "address": "10.0.0.1:7400"},
+        {"event": "registration_expired", "member": "0001020304", "address": "10.0.0.1:7400"}]
+
+
+# --- a real node -------------------------------------------------------------------------------
+
+def _events(node: NodeProc) -> list[dict[str, Any]]:
+    """Every line of the node's stderr, each of which must be a JSON object."""
+    assert node.log is not None
+    text = node.log.read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _node_id(node: NodeProc) -> str:
+    return str(json.loads((node.data_dir / "node.json").read_text())["node_id"])
+
+
+def test_node_writes_json_lines_with_its_id_and_member_events(tmp_path: Path) -> None:
+    with Cluster(tmp_path, settings=["k=1", "t_fail=1.5", "log_format=json"]) as cluster:
+        a = cluster.new_node()
+        b = cluster.new_node(join=[a])
+        a_id, b_id = _node_id(a)[:10], _node_id(b)[:10]
+
+        def a_saw(event: str, **want: object) -> list[dict[str, Any]]:
+            return [d for d in _events(a) if d.get("event") == event
+                    and all(d.get(k) == v for k, v in want.items())]
+
+        cluster.wait_for(lambda: a_saw("member_joined", member=b_id), 20, "a logs b's join")
+        [up] = a_saw("node_up")
+        assert up["level"] == "info" and up["logger"] == "kelipsfs.node"
+        assert up["node"] == a_id and up["node_id"].startswith(a_id)
+        assert up["address"] == a.address and up["group"] == 0
+        assert TS.fullmatch(up["ts"])
+        [joined] = a_saw("member_joined", member=b_id)
+        assert joined["node"] == a_id and joined["address"] == b.address
+        assert joined["group"] == 0
+
+        host, port = a.address.rsplit(":", 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.sendto(b"\x01\x02 not a signed datagram", (host, int(port)))
+            peer = f"127.0.0.1:{sock.getsockname()[1]}"
+            cluster.wait_for(lambda: a_saw("packet_rejected", reason="auth", peer=peer), 10,
+                             "a logs the rejected datagram")
+        [rejected] = a_saw("packet_rejected")
+        assert rejected["level"] == "warning" and rejected["node"] == a_id
+
+        cluster.kill(b)
+        cluster.wait_for(lambda: a_saw("member_failed", member=b_id, address=b.address), 20,
+                         "a logs b's failure")
+        for doc in _events(a):  # every line: the fixed keys, and this node's id
+            assert {"ts", "level", "logger", "msg", "node"} <= doc.keys(), doc
+            assert doc["node"] == a_id

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from daemon import bulk
 from daemon.asgi import HTTPError, Request, Response, Router
 from daemon.core import codec
 from daemon.core.messages import Snapshot, SyncRequest, Version
@@ -71,6 +73,60 @@ def _patch_hypercorn_send() -> None:
 _patch_hypercorn_send()
 
 
+def _patch_hypercorn_bulk() -> None:
+    """Serve connections that open with the bulk magic with ``daemon.bulk``, not HTTP.
+
+    The first bytes are peeked (MSG_PEEK), not read: any other connection reaches hypercorn
+    untouched. Only connections to our own ``Router`` are diverted (hypercorn wraps the ASGI
+    app in an ``ASGIWrapper`` whose ``app`` is ours).
+    """
+    from hypercorn.trio import tcp_server
+
+    original = tcp_server.TCPServer.run
+    if getattr(original, "_kelipsfs_bulk", False):
+        return
+
+    async def run(self: tcp_server.TCPServer) -> None:
+        router = getattr(self.app, "app", None)
+        sock = getattr(self.stream, "socket", None)
+        if isinstance(router, Router) and sock is not None:
+            is_bulk = await _opens_with_magic(sock, router.bulk_timeout)
+            if is_bulk is None:  # closed or silent: nothing to serve
+                await self.stream.aclose()
+                return
+            if is_bulk:
+                peer = sock.getpeername()
+                await bulk.serve_connection(self.stream, router, (str(peer[0]), int(peer[1])),
+                                            router.bulk_timeout)
+                return
+        await original(self)
+
+    run._kelipsfs_bulk = True  # type: ignore[attr-defined]
+    tcp_server.TCPServer.run = run  # type: ignore[method-assign]
+
+
+async def _opens_with_magic(sock: trio.socket.SocketType, timeout: float) -> bool | None:
+    """Whether the connection starts with ``bulk.MAGIC``; None if it closed or stayed silent
+    for ``timeout`` seconds (peeked, so the bytes stay for whoever serves it)."""
+    with trio.move_on_after(timeout):
+        while True:
+            try:
+                first = await sock.recv(len(bulk.MAGIC), socket.MSG_PEEK)
+            except OSError:
+                return None
+            if not first:
+                return None
+            if first == bulk.MAGIC:
+                return True
+            if not bulk.MAGIC.startswith(first):
+                return False
+            await trio.sleep(0.001)  # a prefix of the magic so far: wait for the rest
+    return None
+
+
+_patch_hypercorn_bulk()
+
+
 async def serve_http(app: Router, listen: tuple[str, int], *,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     config = Config()
@@ -86,7 +142,8 @@ async def serve_http(app: Router, listen: tuple[str, int], *,
 def build_app(rt: NodeRuntime) -> Router:
     api = _Api(rt)
     router = Router(on_error=lambda req, exc: log.exception("%s %s failed", req.method, req.path,
-                                                            exc_info=exc))
+                                                            exc_info=exc),
+                    bulk_timeout=rt.settings.http_timeout)
     router.add("POST", "/v1/sync", api.sync)
     router.add("GET", "/v1/lookup", api.lookup)
     router.add("GET", "/v1/placement", api.placement)
@@ -252,8 +309,10 @@ class _Api:
         headers = _meta_headers(obj.size, obj.mode, obj.mtime_ns, obj.checksum,
                                 obj.version.clock)
         headers["content-length"] = str(obj.size - offset)
+        # Not hashed here: every reader of a replica (DataPlane._stream) hashes what it
+        # receives against the checksum sent above, and fails over or refuses on a mismatch.
         return Response(200, headers=headers,
-                        stream=self.rt.store.read_chunks(obj, offset=offset))
+                        stream=self.rt.store.read_chunks(obj, offset=offset, verify=False))
 
     async def delete_replica(self, req: Request) -> Response:
         name = self._name(req, "/v1/replica/")

@@ -109,9 +109,12 @@ Handler = Callable[[Request], Awaitable[Response]]
 class Router:
     """Routes by (method, path prefix); the longest matching prefix wins."""
 
-    def __init__(self, on_error: Callable[[Request, Exception], None] | None = None) -> None:
+    def __init__(self, on_error: Callable[[Request, Exception], None] | None = None,
+                 bulk_timeout: float = 30.0) -> None:
         self._routes: list[tuple[str, str, Handler]] = []
         self._on_error = on_error
+        #: Seconds a bulk connection (``daemon.bulk``) may stay silent at any step.
+        self.bulk_timeout = bulk_timeout
 
     def add(self, method: str, prefix: str, handler: Handler) -> None:
         self._routes.append((method, prefix, handler))

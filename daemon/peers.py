@@ -8,20 +8,25 @@ become ``PeerError`` so callers can fall back to the next contact or holder.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 import httpx
+import trio
 
+from daemon import bulk
 from daemon.security import Authenticator
 from daemon.store import EMPTY_SHA256
 
 Address = tuple[str, int]
 CONTENT_SHA_HEADER = "x-kelips-content-sha256"
+#: Bodies at least this large travel over a bulk connection (``daemon.bulk``), not HTTP.
+BULK_MIN = 1 << 20
 
 
 class PeerError(Exception):
@@ -87,7 +92,6 @@ class PeerClient:
     async def call_json(self, method: str, addr: Address, path: str,
                         query: Mapping[str, object] | None = None, doc: Any = None
                         ) -> tuple[Any, float]:
-        import json
         body = json.dumps(doc).encode() if doc is not None else b""
         response, rtt = await self.call(method, addr, path, query, body)
         try:
@@ -96,16 +100,12 @@ class PeerClient:
             raise PeerError(f"{addr[0]}:{addr[1]} sent malformed JSON") from exc
 
     async def put_file(self, addr: Address, path: str, query: Mapping[str, object],
-                       source: Path, content_sha256: bytes, chunk: int = 1 << 20
-                       ) -> httpx.Response:
-        """Stream a local file as the request body; the signature covers its SHA-256."""
-        target = target_for(path, query)
-        headers = self._headers("PUT", target, content_sha256,
-                                {CONTENT_SHA_HEADER: content_sha256.hex()})
-        url = f"http://{addr[0]}:{addr[1]}{target}"
+                       source: Path, content_sha256: bytes, size: int, chunk: int = 1 << 20
+                       ) -> bytes:
+        """Stream a local file of ``size`` bytes as the request body (a bulk connection when it
+        is large); the signature covers its SHA-256. Returns the answer's body."""
 
         async def body() -> AsyncIterator[bytes]:
-            import trio
             async with await trio.open_file(source, "rb") as fh:
                 while True:
                     data = await fh.read(chunk)
@@ -113,25 +113,40 @@ class PeerClient:
                         return
                     yield data
 
-        try:
-            response = await self._client.put(url, content=body(), headers=headers)
-        except httpx.HTTPError as exc:
-            raise PeerError(f"{addr[0]}:{addr[1]} unreachable: {type(exc).__name__}") from exc
+        async with self.stream("PUT", addr, path, query, body=body(),
+                               content_sha256=content_sha256,
+                               bulk_size=size if size >= BULK_MIN else None) as response:
+            reply = await _read(response, addr)
         if response.status_code != 200:
             raise PeerError(f"{addr[0]}:{addr[1]} refused the object: "
-                            f"{_error_text(response)}", response.status_code)
-        return response
+                            f"{_error_message(reply, response.status_code)}",
+                            response.status_code)
+        return reply
 
     @asynccontextmanager
     async def stream(self, method: str, addr: Address, path: str,
                      query: Mapping[str, object] | None = None,
                      body: AsyncIterator[bytes] | None = None,
-                     content_sha256: bytes | None = None) -> AsyncIterator[httpx.Response]:
-        """A request whose response body is streamed (object reads, client uploads)."""
+                     content_sha256: bytes | None = None,
+                     bulk_size: int | None = None) -> AsyncIterator[StreamedResponse]:
+        """A request whose response body is streamed (object reads, client uploads).
+
+        With ``bulk_size`` (the exact body size; 0 for none) it goes over a bulk connection
+        (``daemon.bulk``): the same request and answer, without HTTP's per-byte costs, for
+        transfers of large objects.
+        """
         target = target_for(path, query)
         sha = content_sha256 if content_sha256 is not None else EMPTY_SHA256
         extra = {CONTENT_SHA_HEADER: sha.hex()} if content_sha256 is not None else None
         headers = self._headers(method, target, sha, extra)
+        if bulk_size is not None:
+            try:
+                async with bulk.request(addr, method, target, headers, body, bulk_size,
+                                        self._timeout) as answer:
+                    yield answer
+            except bulk.BulkError as exc:
+                raise PeerError(f"{addr[0]}:{addr[1]}: bulk transfer failed: {exc}") from exc
+            return
         url = f"http://{addr[0]}:{addr[1]}{target}"
         request = self._client.build_request(method, url, headers=headers, content=body)
         try:
@@ -142,6 +157,37 @@ class PeerClient:
             yield response
         finally:
             await response.aclose()
+
+
+class StreamedResponse(Protocol):
+    """What ``PeerClient.stream`` yields: an httpx response or a ``bulk.BulkResponse``."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def aiter_bytes(self, chunk_size: int | None = None) -> AsyncIterator[bytes]: ...
+
+    async def aread(self) -> bytes: ...
+
+
+async def _read(response: StreamedResponse, addr: Address) -> bytes:
+    try:
+        return await response.aread()
+    except (httpx.HTTPError, bulk.BulkError) as exc:
+        raise PeerError(f"{addr[0]}:{addr[1]}: transfer failed: {exc}") from exc
+
+
+def _error_message(body: bytes, status: int) -> str:
+    try:
+        doc = json.loads(body)
+        if isinstance(doc, dict) and "error" in doc:
+            return str(doc["error"])
+    except ValueError:
+        pass
+    return f"HTTP {status}: {body[:200]!r}"
 
 
 def _error_text(response: httpx.Response) -> str:

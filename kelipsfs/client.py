@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 
 import trio
 
+from daemon.bulk import BulkError
 from daemon.names import NameError_, validate_name
 from daemon.peers import PeerClient, PeerError
 from daemon.security import Authenticator, load_key, open_cluster_key
@@ -27,6 +28,10 @@ from daemon.store import sha256_file
 
 ENDPOINT_FILE = "endpoint.json"
 PROGRESS_MIN = 8 << 20
+#: A get hands blocks of about this size to its writer thread ...
+GET_BLOCK = 1 << 20
+#: ... and lets this many wait while it writes.
+GET_QUEUE_BLOCKS = 8
 
 
 class ClientError(Exception):
@@ -128,9 +133,10 @@ class Client:
 
         try:
             async with self.peers.stream("PUT", self.target.address, "/v1/files/" + name,
-                                         query, body=body(), content_sha256=sha) as response:
+                                         query, body=body(), content_sha256=sha,
+                                         bulk_size=st.st_size) as response:
                 data = await response.aread()
-        except PeerError as exc:
+        except (PeerError, BulkError) as exc:
             raise ClientError(str(exc)) from exc
         finally:
             if meter:
@@ -140,28 +146,46 @@ class Client:
         return json.loads(data)
 
     async def get(self, name: str, out: BinaryIO, progress: bool) -> int:
-        """Stream an object to ``out``, verifying size and SHA-256 at the end."""
+        """Stream an object to ``out``, verifying size and SHA-256 at the end.
+
+        Receiving and writing overlap: a writer task hashes and writes ~1 MiB blocks in a
+        worker thread while the next bytes arrive.
+        """
         name = checked_name(name)
         sha = hashlib.sha256()
         size = 0
         try:
-            async with self.peers.stream("GET", self.target.address,
-                                         "/v1/files/" + name) as response:
+            async with self.peers.stream("GET", self.target.address, "/v1/files/" + name,
+                                         bulk_size=0) as response:
                 if response.status_code != 200:
                     raise ClientError(_error(await response.aread(), response.status_code))
                 expected = int(response.headers.get("x-kelips-size", "-1"))
                 checksum = response.headers.get("x-kelips-checksum", "")
                 meter = _Progress(expected, "get") if progress and expected >= PROGRESS_MIN \
                     else None
-                async for chunk in response.aiter_bytes(1 << 20):
-                    sha.update(chunk)
-                    size += len(chunk)
-                    if len(chunk) >= 1 << 18:
-                        await trio.to_thread.run_sync(out.write, chunk)
-                    else:
-                        out.write(chunk)  # a small write: a thread hop would cost more
-                    if meter:
-                        meter.add(len(chunk))
+                send, receive = trio.open_memory_channel[bytes](GET_QUEUE_BLOCKS)
+
+                async def write_blocks() -> None:
+                    async with receive:
+                        async for block in receive:
+                            await trio.to_thread.run_sync(_hash_and_write, sha, out, block)
+                            if meter:
+                                meter.add(len(block))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(write_blocks)
+                    async with send:
+                        pending: list[bytes] = []
+                        pending_size = 0
+                        async for chunk in response.aiter_bytes(GET_BLOCK):
+                            size += len(chunk)
+                            pending.append(chunk)
+                            pending_size += len(chunk)
+                            if pending_size >= GET_BLOCK:
+                                await send.send(b"".join(pending))
+                                pending, pending_size = [], 0
+                        if pending:
+                            await send.send(b"".join(pending))
                 if meter:
                     meter.done()
         except PeerError as exc:
@@ -174,6 +198,11 @@ class Client:
             raise ClientError(f"{name}: received {size} bytes that do not match the object "
                               "(size or checksum); output discarded")
         return size
+
+
+def _hash_and_write(sha: Any, out: BinaryIO, block: bytes) -> None:
+    sha.update(block)
+    out.write(block)
 
 
 def _error(data: bytes, status: int) -> str:

@@ -1,0 +1,285 @@
+"""Bulk transfers: the node's HTTP API in a lighter framing, on the same TCP port.
+
+Why: objects of hundreds of MiB cross two or three processes on their way (client, the node it
+asked, the holders), and through h11 every byte is copied three more times in Python (into
+its receive buffer, out of it, into ``bytes``) and every 64 KiB costs an event and an ASGI
+message on each side. That held a 256 MiB put or get to a fraction of a local ``cp``. A bulk
+connection carries the same request (method, signed target, the same headers, so the same
+HMAC check) and the same response (status, headers), but the body is raw bytes, read with
+``receive_some`` of up to 1 MiB straight into the handler: one copy from the kernel.
+
+Framing (one request per connection, no keep-alive: a loopback or LAN connect costs far less
+than the transfers this is for)::
+
+    client -> node:  b"KBLK" | u32 big-endian length | JSON {"method", "target", "headers"}
+                     | exactly content-length body bytes
+    node -> client:  u32 length | JSON {"status", "headers"} | the body: content-length bytes
+                     (until the connection closes when a response declares none)
+
+A response that ends short of its content-length is a failed transfer, as with HTTP. The server
+side is an ASGI server for the node's ``Router`` (``serve_connection``); ``daemon.api`` hands it
+every TCP connection whose first four bytes are the magic (peeked, not consumed), and every
+other one to hypercorn. The client side (``request``) is what ``PeerClient.stream`` uses for
+large bodies; it sends the body while it waits for the answer, so an early refusal (401, 413,
+507) stops the upload at once instead of after hundreds of MiB.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import unquote
+
+import trio
+
+MAGIC = b"KBLK"
+#: Largest head (request or response line and headers, as JSON) accepted.
+HEAD_MAX = 64 * 1024
+#: Largest single receive: the size of the chunks handed to handlers and callers.
+RECV_BLOCK = 1 << 20
+#: After an early answer, how long the server keeps reading what the client still sends,
+#: so closing does not reset the connection before the client has read the answer.
+DRAIN_SECONDS = 2.0
+
+_LENGTH = struct.Struct(">I")
+ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
+                    Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
+
+
+class BulkError(Exception):
+    """The bulk exchange failed: the peer broke the framing, went away or was too slow."""
+
+
+class _Reader:
+    """Reads a head out of a stream; bytes received past it are the start of the body."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def exactly(self, count: int) -> bytes:
+        while len(self.buffer) < count:
+            chunk = await self.stream.receive_some(max(RECV_BLOCK, count - len(self.buffer)))
+            if not chunk:
+                raise BulkError(f"connection closed after {len(self.buffer)} of {count} bytes")
+            self.buffer += chunk
+        out = bytes(self.buffer[:count])
+        del self.buffer[:count]
+        return out
+
+    async def head(self) -> dict[str, Any]:
+        (length,) = _LENGTH.unpack(await self.exactly(_LENGTH.size))
+        if length > HEAD_MAX:
+            raise BulkError(f"head of {length} bytes over the {HEAD_MAX} limit")
+        try:
+            doc = json.loads(await self.exactly(length))
+        except ValueError as exc:
+            raise BulkError(f"head is not JSON: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise BulkError("head is not a JSON object")
+        return doc
+
+    def leftover(self) -> bytes:
+        out = bytes(self.buffer)
+        self.buffer.clear()
+        return out
+
+
+def _frame(doc: Mapping[str, Any]) -> bytes:
+    payload = json.dumps(doc, separators=(",", ":")).encode()
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def _headers(value: object) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise BulkError("headers must be an object of strings")
+    return {k.lower(): v for k, v in value.items()}
+
+
+def _content_length(headers: Mapping[str, str]) -> int | None:
+    declared = headers.get("content-length")
+    if declared is None:
+        return None
+    if not declared.isdigit():
+        raise BulkError(f"bad content-length {declared[:40]!r}")
+    return int(declared)
+
+
+# --- the server side ------------------------------------------------------------------------
+
+async def serve_connection(stream: trio.abc.Stream, app: ASGIApp,
+                           client: tuple[str, int] | None, timeout: float) -> None:
+    """Serve the one request of a bulk connection with ``app``, then close it."""
+    try:
+        await _serve(stream, app, client, timeout)
+    except (BulkError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
+            OSError):
+        pass  # a broken or malformed exchange only ends this connection
+    finally:
+        await stream.aclose()
+
+
+async def _serve(stream: trio.abc.Stream, app: ASGIApp, client: tuple[str, int] | None,
+                 timeout: float) -> None:
+    reader = _Reader(stream)
+    with trio.fail_after(timeout):
+        if await reader.exactly(len(MAGIC)) != MAGIC:
+            raise BulkError("not a bulk connection")
+        head = await reader.head()
+    method, target = head.get("method"), head.get("target")
+    if not isinstance(method, str) or not isinstance(target, str) or not target.startswith("/"):
+        raise BulkError("head needs a method and a target")
+    headers = _headers(head.get("headers", {}))
+    remaining = _content_length(headers) or 0
+    path, _, query = target.partition("?")
+    scope: dict[str, Any] = {
+        "type": "http", "http_version": "1.1", "scheme": "http", "method": method.upper(),
+        "path": unquote(path), "raw_path": path.encode("latin-1"),
+        "query_string": query.encode("latin-1"), "client": client,
+        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]}
+    pending = reader.leftover()[:remaining]
+
+    async def receive() -> dict[str, Any]:
+        nonlocal remaining, pending
+        if remaining <= 0:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        if pending:
+            chunk, pending = pending, b""
+        else:
+            with trio.fail_after(timeout):
+                chunk = bytes(await stream.receive_some(min(RECV_BLOCK, remaining)))
+            if not chunk:
+                return {"type": "http.disconnect"}
+        remaining -= len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": remaining > 0}
+
+    answer: dict[str, Any] = {}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            answer["status"] = message["status"]
+            answer["headers"] = {k.decode("latin-1"): v.decode("latin-1")
+                                 for k, v in message.get("headers", [])}
+            return
+        if message["type"] != "http.response.body":
+            return
+        data = message.get("body", b"")
+        if "sent" not in answer:
+            answer["sent"] = True
+            data = _frame({"status": answer.get("status", 500),
+                           "headers": answer.get("headers", {})}) + data
+        if data:
+            with trio.fail_after(timeout):
+                await stream.send_all(data)
+
+    await app(scope, receive, send)
+    if remaining > 0:  # answered before reading the whole body: let the client read that
+        with trio.move_on_after(DRAIN_SECONDS):
+            while remaining > 0 and await stream.receive_some(RECV_BLOCK):
+                pass
+
+
+# --- the client side ------------------------------------------------------------------------
+
+class BulkResponse:
+    """What ``request`` yields: the parts of an httpx response the data plane uses."""
+
+    def __init__(self, status: int, headers: dict[str, str], reader: _Reader,
+                 timeout: float) -> None:
+        self.status_code = status
+        self.headers = headers
+        self._reader = reader
+        self._timeout = timeout
+        self._length = _content_length(headers)
+
+    async def aiter_bytes(self, chunk_size: int | None = None) -> AsyncIterator[bytes]:
+        """The body as it arrives, in chunks of up to ``RECV_BLOCK`` (``chunk_size`` is only a
+        hint: chunks are never merged, which would cost a copy); BulkError if it ends short."""
+        left = self._length
+        first = self._reader.leftover()
+        if first:
+            if left is not None:
+                first = first[:left]
+                left -= len(first)
+            yield first
+        while left is None or left > 0:
+            with trio.fail_after(self._timeout):
+                chunk = await self._reader.stream.receive_some(
+                    RECV_BLOCK if left is None else min(RECV_BLOCK, left))
+            if not chunk:
+                if left is None:
+                    return
+                raise BulkError(f"the body ended {left} bytes short")
+            if left is not None:
+                left -= len(chunk)
+            yield bytes(chunk)  # already bytes from a socket: no copy
+
+    async def aread(self) -> bytes:
+        return b"".join([chunk async for chunk in self.aiter_bytes()])
+
+
+@asynccontextmanager
+async def request(address: tuple[str, int], method: str, target: str,
+                  headers: Mapping[str, str], body: AsyncIterator[bytes] | None,
+                  content_length: int, timeout: float) -> AsyncIterator[BulkResponse]:
+    """One bulk request; yields the response once its head has arrived.
+
+    The body (exactly ``content_length`` bytes) is sent while the answer is awaited: a
+    server that answers before the end (a refusal) stops the upload.
+    """
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream(*address)
+    except (OSError, trio.TooSlowError) as exc:
+        raise BulkError(f"cannot connect: {type(exc).__name__}") from exc
+    async with stream:
+        doc = {"method": method, "target": target,
+               "headers": {**headers, "content-length": str(content_length)}}
+        reader = _Reader(stream)
+        sent: list[BaseException] = []
+
+        async def send(data: bytes) -> bool:
+            try:
+                with trio.fail_after(timeout):
+                    await stream.send_all(data)
+                return True
+            except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
+                    OSError) as exc:
+                sent.append(exc)  # the answer (if any) says why; else this is the error
+                return False
+
+        async def send_body() -> None:
+            # Errors of ``body`` itself (the caller's source) propagate unchanged.
+            if not await send(MAGIC + _frame(doc)):
+                return
+            count = 0
+            if body is not None:
+                async for chunk in body:
+                    count += len(chunk)
+                    if count > content_length:
+                        raise BulkError(f"body longer than the {content_length} bytes announced")
+                    if not await send(chunk):
+                        return
+            if count != content_length:
+                raise BulkError(f"body of {count} bytes, {content_length} announced")
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_body)
+                try:
+                    with trio.fail_after(timeout if body is None else timeout * 4):
+                        head = await reader.head()
+                except (BulkError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+                    reason = sent[0] if sent else exc
+                    raise BulkError(f"no answer: {type(reason).__name__}: {reason}") from exc
+                nursery.cancel_scope.cancel()  # answered: nothing more to send
+        except BaseExceptionGroup as group:  # strict groups: unwrap the one real error
+            raise group.exceptions[0] from None
+        status = head.get("status")
+        if not isinstance(status, int):
+            raise BulkError("answer without a status")
+        yield BulkResponse(status, _headers(head.get("headers", {})), reader, timeout)

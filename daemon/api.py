@@ -27,7 +27,7 @@ from daemon.core import codec
 from daemon.core.messages import Snapshot, SyncRequest, Version
 from daemon.dataplane import DataError
 from daemon.names import NameError_, validate_name, validate_prefix
-from daemon.peers import CONTENT_SHA_HEADER
+from daemon.peers import BULK_MIN, CONTENT_SHA_HEADER
 from daemon.security import AuthError
 from daemon.store import EMPTY_SHA256, ChecksumMismatch, StaleVersion, StoreError, StoreFull
 from daemon.wire import entry_to_json, tuple_from_json, tuple_to_json
@@ -351,6 +351,10 @@ class _Api:
         started = time.perf_counter()
         name = self._name(req, "/v1/files/")
         self._verify(req, EMPTY_SHA256)
+        if req.query.get("direct") == "1":
+            elsewhere = await self._holders_elsewhere(name)
+            if elsewhere is not None:
+                return elsewhere
         try:
             meta, stream = await self.rt.dataplane.open_read(name)
             body: bytes | None = None
@@ -364,6 +368,37 @@ class _Api:
             return Response(200, body, headers)  # content-length from the body
         headers["content-length"] = str(meta.size)
         return Response(200, headers=headers, stream=stream)
+
+    async def _holders_elsewhere(self, name: str) -> Response | None:
+        """For a client that fetches large objects from a holder itself (``direct=1``): a 303
+        naming the version and its live holders, nearest first, when the nearest is another
+        node (relaying hundreds of MiB through this node would cost a copy in each process).
+        This node's own copy when it is the nearest holder; None for small objects (and
+        anything else this node should look up and relay as usual)."""
+        try:
+            found = await self.rt.dataplane.locate(name)
+        except DataError as exc:
+            raise HTTPError(exc.status, exc.message) from exc
+        entry = found.entry
+        if entry is None or entry.tombstone:
+            raise HTTPError(404, f"{name}: no such object")
+        if entry.size < BULK_MIN or not found.holders:
+            return None
+        if found.holders[0].node_id == self.rt.node.node_id:
+            obj = self.rt.store.get(name)
+            if obj is None or obj.tombstone or obj.version < entry.version:
+                return None
+            # The nearest holder is this node: its copy as a replica read would send it, not
+            # hashed here again (the client hashes what it receives, end to end).
+            headers = _meta_headers(obj.size, obj.mode, obj.mtime_ns, obj.checksum,
+                                    obj.version.clock)
+            headers["content-length"] = str(obj.size)
+            return Response(200, headers=headers,
+                            stream=self.rt.store.read_chunks(obj, verify=False))
+        self.rt.metrics.inc("kelips_reads_sent_to_holders_total")
+        return Response.json({"size": entry.size, "checksum": entry.checksum.hex(),
+                              "clock": entry.version.clock,
+                              "holders": [f"{h.host}:{h.port}" for h in found.holders]}, 303)
 
     async def delete_file(self, req: Request) -> Response:
         name = self._name(req, "/v1/files/")

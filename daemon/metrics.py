@@ -24,6 +24,8 @@ _HELP = {
     "kelips_lookup_hops_total": "Request/response exchanges made by lookups.",
     "kelips_repairs_total": "Objects copied to restore the replication factor.",
     "kelips_puts_total": "Client puts, by result.",
+    "kelips_reads_sent_to_holders_total": "Large reads answered with the holders to fetch from.",
+    "kelips_inline_reads_total": "Reads answered with the object inside the lookup datagram.",
     "kelips_member_events_total": "Membership events, by kind (joined, failed, revived, ...).",
     "kelips_members": "Known own-group members (including this node), by state.",
     "kelips_contacts": "Contacts in foreign groups.",

@@ -12,16 +12,17 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import trio
 
 from daemon.bulk import BulkError
 from daemon.names import NameError_, validate_name
-from daemon.peers import PeerClient, PeerError
+from daemon.peers import PeerClient, PeerError, StreamedResponse
 from daemon.security import Authenticator, load_key, open_cluster_key
 from daemon.settings import DEFAULT_PORT, default_data_dir, parse_address
 from daemon.store import sha256_file
@@ -148,56 +149,146 @@ class Client:
     async def get(self, name: str, out: BinaryIO, progress: bool) -> int:
         """Stream an object to ``out``, verifying size and SHA-256 at the end.
 
-        Receiving and writing overlap: a writer task hashes and writes ~1 MiB blocks in a
-        worker thread while the next bytes arrive.
+        Kelips' read path: the node looks the name up (one hop) and, for a large object whose
+        nearest holder is another node, answers with the holders (303) instead of relaying
+        every byte through itself; the client then fetches from the nearest holder, resuming
+        at the same offset on the next one if a holder fails mid-transfer. Receiving and
+        writing overlap (``_writer``).
         """
         name = checked_name(name)
-        sha = hashlib.sha256()
-        size = 0
         try:
-            async with self.peers.stream("GET", self.target.address, "/v1/files/" + name,
-                                         bulk_size=0) as response:
-                if response.status_code != 200:
-                    raise ClientError(_error(await response.aread(), response.status_code))
-                expected = int(response.headers.get("x-kelips-size", "-1"))
-                checksum = response.headers.get("x-kelips-checksum", "")
-                meter = _Progress(expected, "get") if progress and expected >= PROGRESS_MIN \
-                    else None
-                send, receive = trio.open_memory_channel[bytes](GET_QUEUE_BLOCKS)
-
-                async def write_blocks() -> None:
-                    async with receive:
-                        async for block in receive:
-                            await trio.to_thread.run_sync(_hash_and_write, sha, out, block)
-                            if meter:
-                                meter.add(len(block))
-
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(write_blocks)
-                    async with send:
-                        pending: list[bytes] = []
-                        pending_size = 0
-                        async for chunk in response.aiter_bytes(GET_BLOCK):
-                            size += len(chunk)
-                            pending.append(chunk)
-                            pending_size += len(chunk)
-                            if pending_size >= GET_BLOCK:
-                                await send.send(b"".join(pending))
-                                pending, pending_size = [], 0
-                        if pending:
-                            await send.send(b"".join(pending))
-                if meter:
-                    meter.done()
-        except PeerError as exc:
+            meta, sink = await self._download(name, out, progress)
+        except (PeerError, BulkError) as exc:
             raise ClientError(str(exc)) from exc
         except Exception as exc:
             if isinstance(exc, ClientError):
                 raise
             raise ClientError(f"transfer failed: {type(exc).__name__}: {exc}") from exc
-        if size != expected or sha.hexdigest() != checksum:
-            raise ClientError(f"{name}: received {size} bytes that do not match the object "
+        if sink.size != meta.size or sink.sha.digest() != meta.checksum:
+            raise ClientError(f"{name}: received {sink.size} bytes that do not match the object "
                               "(size or checksum); output discarded")
-        return size
+        return sink.size
+
+    async def _download(self, name: str, out: BinaryIO, progress: bool
+                        ) -> tuple[_Meta, _Sink]:
+        try:
+            async with _writer(out) as sink:
+                meta = await self._get_into(name, sink, progress)
+            return meta, sink
+        except BaseExceptionGroup as group:  # the writer's nursery wraps what it raised
+            first = group.exceptions[0]
+            if len(group.exceptions) == 1 and isinstance(first, Exception):
+                raise first from None
+            raise
+
+    async def _get_into(self, name: str, sink: _Sink, progress: bool) -> _Meta:
+        async with self.peers.stream("GET", self.target.address, "/v1/files/" + name,
+                                     {"direct": 1}, bulk_size=0) as response:
+            if response.status_code == 200:
+                meta = _Meta.from_headers(response.headers)
+                await sink.copy(response, _meter(meta.size, progress))
+                return meta
+            if response.status_code != 303:
+                raise ClientError(_error(await response.aread(), response.status_code))
+            plan = json.loads(await response.aread())
+        return await self._from_holders(name, plan, sink, _meter(int(plan["size"]), progress))
+
+    async def _from_holders(self, name: str, plan: dict[str, Any], sink: _Sink,
+                            meter: _Progress | None) -> _Meta:
+        """Fetch from the holders the node named, nearest first; resume on the next one."""
+        meta: _Meta | None = None
+        errors: list[str] = []
+        for holder in plan["holders"]:
+            address = parse_address(str(holder), key="holder")
+            query = {"min_clock": plan["clock"] if meta is None else meta.clock,
+                     "offset": sink.size}
+            try:
+                async with self.peers.stream("GET", address, "/v1/replica/" + name, query,
+                                             bulk_size=0) as response:
+                    if response.status_code != 200:
+                        errors.append(f"{holder}: "
+                                      f"{_error(await response.aread(), response.status_code)}")
+                        continue
+                    found = _Meta.from_headers(response.headers)
+                    if meta is not None and found != meta:
+                        errors.append(f"{holder}: has another version")
+                        continue
+                    meta = found
+                    await sink.copy(response, meter)
+                    return meta
+            except (PeerError, BulkError) as exc:
+                errors.append(f"{holder}: {exc}")
+        if sink.size == 0:  # no holder served it to us: let the node relay it
+            async with self.peers.stream("GET", self.target.address, "/v1/files/" + name,
+                                         bulk_size=0) as response:
+                if response.status_code != 200:
+                    raise ClientError(_error(await response.aread(), response.status_code))
+                meta = _Meta.from_headers(response.headers)
+                await sink.copy(response, meter)
+                return meta
+        raise ClientError(f"{name}: transfer failed on every holder: {'; '.join(errors)}")
+
+
+class _Meta(NamedTuple):
+    size: int
+    checksum: bytes
+    clock: int
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> _Meta:
+        try:
+            return cls(int(headers["x-kelips-size"]), bytes.fromhex(headers["x-kelips-checksum"]),
+                       int(headers.get("x-kelips-clock", "0")))
+        except (KeyError, ValueError) as exc:
+            raise ClientError(f"the node sent bad object metadata: {exc}") from exc
+
+
+class _Sink:
+    """Where a get's bytes go: hashed and written by a writer task in a worker thread."""
+
+    def __init__(self, send: trio.MemorySendChannel[bytes]) -> None:
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self._send = send
+
+    async def copy(self, response: StreamedResponse, meter: _Progress | None) -> None:
+        pending: list[bytes] = []
+        pending_size = 0
+        async for chunk in response.aiter_bytes(GET_BLOCK):
+            self.size += len(chunk)
+            pending.append(chunk)
+            pending_size += len(chunk)
+            if pending_size >= GET_BLOCK:
+                await self._send.send(b"".join(pending))
+                pending, pending_size = [], 0
+            if meter:
+                meter.add(len(chunk))
+        if pending:
+            await self._send.send(b"".join(pending))
+        if meter:
+            meter.done()
+
+
+@asynccontextmanager
+async def _writer(out: BinaryIO) -> AsyncIterator[_Sink]:
+    """A ``_Sink`` whose blocks a writer task hashes and writes while the next ones arrive;
+    leaving waits until everything is written."""
+    send, receive = trio.open_memory_channel[bytes](GET_QUEUE_BLOCKS)
+    sink = _Sink(send)
+
+    async def write_blocks() -> None:
+        async with receive:
+            async for block in receive:
+                await trio.to_thread.run_sync(_hash_and_write, sink.sha, out, block)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write_blocks)
+        async with send:
+            yield sink
+
+
+def _meter(total: int, progress: bool) -> _Progress | None:
+    return _Progress(total, "get") if progress and total >= PROGRESS_MIN else None
 
 
 def _hash_and_write(sha: Any, out: BinaryIO, block: bytes) -> None:

@@ -195,3 +195,34 @@ def test_a_magic_split_across_packets_is_still_bulk(node: NodeProc) -> None:
     head = json.loads(answer[4:4 + length])
     assert head["status"] == 401  # unsigned: refused by the same check as HTTP
     assert json.loads(answer[4 + length:])["error"].startswith("request not authenticated")
+
+
+def _metric(node: NodeProc, name: str) -> float:
+    text = httpx.get(f"http://{node.address}/metrics").text
+    values = [float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith(name + " ") or line.startswith(name + "{")]
+    return sum(values)
+
+
+def test_a_large_get_is_fetched_from_the_holders(tmp_path: Path) -> None:
+    """The node a client asks answers a large read with the holders (303); the client
+    fetches from the nearest, and from the next ones when a holder is dead."""
+    data = os.urandom(2 * MiB + 1)
+    source = tmp_path / "big.bin"
+    source.write_bytes(data)
+    with Cluster(tmp_path / "c", settings=["k=1", "replication=2"]) as c:
+        nodes = [c.new_node()]
+        nodes += [c.new_node(join=[nodes[0]]) for _ in range(3)]
+        c.wait_for(lambda: all(len(c.status(n)["members"]) == 4 for n in nodes), 30, "joins")
+        c.cli(nodes[0], "put", str(source), "big")
+        ids = {c.status(n)["node_id"]: n for n in nodes}
+        holders = json.loads(c.cli(nodes[0], "stat", "big").stdout)["tuple"]["holders"]
+        asker = next(n for node_id, n in ids.items() if node_id not in holders)
+        out = tmp_path / "out.bin"
+        c.cli(asker, "get", "big", str(out))
+        assert out.read_bytes() == data
+        assert _metric(asker, "kelips_reads_sent_to_holders_total") == 1
+        c.kill(ids[holders[0]])  # not yet detected: the 303 still names it
+        out.unlink()
+        c.cli(asker, "get", "big", str(out))
+        assert out.read_bytes() == data

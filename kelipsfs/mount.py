@@ -199,7 +199,8 @@ async def _serve(settings: NodeSettings, mountpoint: Path, foreground: bool,
                  fuse_kwargs: dict[str, Any], readonly: bool,
                  task_status: trio.TaskStatus[None]) -> None:
     from kelipsfs.client import write_endpoint
-    from kelipsfs.fuse_ops import ClusterView, KelipsOperations, prepare_local_dirs, serve
+    from kelipsfs.cluster_view import ClusterView, prepare_local_dirs
+    from kelipsfs.fuse_ops import KelipsOperations, serve
 
     runtime = NodeRuntime(settings)
     stop = trio.Event()

@@ -651,7 +651,7 @@ def test_reads_stream_from_remote_holders(tmp_path: Path) -> None:
 
 
 def test_xattr_values_are_paged() -> None:
-    from kelipsfs.fuse_ops import XATTR_MAX, _paged
+    from kelipsfs.cluster_view import XATTR_MAX, _paged
     lines = b"".join(json.dumps({"id": f"{i:040x}", "heartbeat": i}).encode() + b"\n"
                      for i in range(3000))
     assert len(lines) > 2 * XATTR_MAX

@@ -312,7 +312,8 @@ class _Api:
         # Not hashed here: every reader of a replica (DataPlane._stream) hashes what it
         # receives against the checksum sent above, and fails over or refuses on a mismatch.
         return Response(200, headers=headers,
-                        stream=self.rt.store.read_chunks(obj, offset=offset, verify=False))
+                        stream=self.rt.store.read_chunks(obj, offset=offset, verify=False),
+                        file=obj.path, file_offset=offset)
 
     async def delete_replica(self, req: Request) -> Response:
         name = self._name(req, "/v1/replica/")
@@ -394,7 +395,7 @@ class _Api:
                                     obj.version.clock)
             headers["content-length"] = str(obj.size)
             return Response(200, headers=headers,
-                            stream=self.rt.store.read_chunks(obj, verify=False))
+                            stream=self.rt.store.read_chunks(obj, verify=False), file=obj.path)
         self.rt.metrics.inc("kelips_reads_sent_to_holders_total")
         return Response.json({"size": entry.size, "checksum": entry.checksum.hex(),
                               "clock": entry.version.clock,

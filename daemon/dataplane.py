@@ -22,6 +22,7 @@ import trio
 from daemon.core import codec
 from daemon.core.messages import LookupReply, MemberEntry, TupleEntry, Version
 from daemon.core.node import KelipsNode
+from daemon.logs import fields, short_id
 from daemon.peers import BULK_MIN, PeerClient, PeerError
 from daemon.store import StaleVersion, StoredObject, StoreFull
 from daemon.wire import entry_from_json, tuple_from_json, tuple_to_json
@@ -699,7 +700,9 @@ class DataPlane:
                 added.append(target.node_id)
             except PeerError as exc:
                 log.warning("repair copy of %s to %s:%d failed: %s", entry.name, target.host,
-                            target.port, exc)
+                            target.port, exc,
+                            extra=fields(event="repair_copy_failed", name=entry.name,
+                                         target=f"{target.host}:{target.port}"))
             except FileNotFoundError:
                 # Overwritten or deleted since the task was planned: the copy to make is no
                 # longer this one, and the next round plans from the new tuple.
@@ -710,7 +713,10 @@ class DataPlane:
         updated = self.node.repair_done(self.rt.now(), entry, tuple(added))
         self.rt.metrics.inc("kelips_repairs_total", len(added))
         log.info("repaired %s: %d new cop%s", entry.name, len(added),
-                 "y" if len(added) == 1 else "ies")
+                 "y" if len(added) == 1 else "ies",
+                 extra=fields(event="repair_done", name=entry.name,
+                              targets=[short_id(node_id) for node_id in added],
+                              version=entry.version.clock))
         holders = [m.entry() for m in self.node.own_alive() if m.node_id in updated.holders]
         await self.publish(updated, holders)
 

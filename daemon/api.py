@@ -25,7 +25,7 @@ from daemon import bulk
 from daemon.asgi import HTTPError, Request, Response, Router
 from daemon.core import codec
 from daemon.core.messages import Snapshot, SyncRequest, Version
-from daemon.dataplane import DataError
+from daemon.dataplane import DataError, Located
 from daemon.names import NameError_, validate_name, validate_prefix
 from daemon.peers import BULK_MIN, CONTENT_SHA_HEADER
 from daemon.security import AuthError
@@ -352,12 +352,13 @@ class _Api:
         started = time.perf_counter()
         name = self._name(req, "/v1/files/")
         self._verify(req, EMPTY_SHA256)
-        if req.query.get("direct") == "1":
-            elsewhere = await self._holders_elsewhere(name)
-            if elsewhere is not None:
-                return elsewhere
         try:
-            meta, stream = await self.rt.dataplane.open_read(name)
+            plan = await self.rt.dataplane.read_plan(name)
+            if req.query.get("direct") == "1":
+                holders = self._holders_answer(plan[0])
+                if holders is not None:
+                    return holders
+            meta, stream = await self.rt.dataplane.open_read(name, plan)
             body: bytes | None = None
             if meta.size <= codec.INLINE_MAX:
                 body = b"".join([chunk async for chunk in stream])
@@ -370,32 +371,15 @@ class _Api:
         headers["content-length"] = str(meta.size)
         return Response(200, headers=headers, stream=stream)
 
-    async def _holders_elsewhere(self, name: str) -> Response | None:
+    def _holders_answer(self, found: Located) -> Response | None:
         """For a client that fetches large objects from a holder itself (``direct=1``): a 303
-        naming the version and its live holders, nearest first, when the nearest is another
-        node (relaying hundreds of MiB through this node would cost a copy in each process).
-        This node's own copy when it is the nearest holder; None for small objects (and
-        anything else this node should look up and relay as usual)."""
-        try:
-            found = await self.rt.dataplane.locate(name)
-        except DataError as exc:
-            raise HTTPError(exc.status, exc.message) from exc
+        naming the version and its live holders, nearest first (this node among them when it
+        holds it), so the bytes go from a holder's file to the client in one bulk transfer
+        (sendfile on the holder) instead of being relayed through this node. None for small
+        objects, which this node answers itself (one request, often one datagram)."""
         entry = found.entry
-        if entry is None or entry.tombstone:
-            raise HTTPError(404, f"{name}: no such object")
-        if entry.size < BULK_MIN or not found.holders:
-            return None
-        if found.holders[0].node_id == self.rt.node.node_id:
-            obj = self.rt.store.get(name)
-            if obj is None or obj.tombstone or obj.version < entry.version:
-                return None
-            # The nearest holder is this node: its copy as a replica read would send it, not
-            # hashed here again (the client hashes what it receives, end to end).
-            headers = _meta_headers(obj.size, obj.mode, obj.mtime_ns, obj.checksum,
-                                    obj.version.clock)
-            headers["content-length"] = str(obj.size)
-            return Response(200, headers=headers,
-                            stream=self.rt.store.read_chunks(obj, verify=False), file=obj.path)
+        if entry is None or entry.tombstone or entry.size < BULK_MIN or not found.holders:
+            return None  # (a missing object: open_read says so, and counts it)
         self.rt.metrics.inc("kelips_reads_sent_to_holders_total")
         return Response.json({"size": entry.size, "checksum": entry.checksum.hex(),
                               "clock": entry.version.clock,

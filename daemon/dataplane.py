@@ -456,26 +456,31 @@ class DataPlane:
 
     # --- read --------------------------------------------------------------------------------
 
-    async def open_read(self, name: str) -> tuple[ObjectMeta, AsyncIterator[bytes]]:
+    async def read_plan(self, name: str) -> tuple[Located, bytes | None]:
+        """The lookup of a read: the tuple and live holders, and the content itself when it
+        came inline in the lookup's answer (small objects)."""
+        fast = await self._locate_fast(name)
+        if fast is None:
+            return await self.locate(name), None
+        self.rt.metrics.inc("kelips_lookups_total", result="started")
+        return fast
+
+    async def open_read(self, name: str, plan: tuple[Located, bytes | None] | None = None
+                        ) -> tuple[ObjectMeta, AsyncIterator[bytes]]:
         """Metadata and a stream of verified bytes of the newest version a holder has.
 
         The holder's own version wins over the tuple used to find it (a just-overwritten
         object is never served stale); if a holder fails mid-transfer the next one holding
-        the same version resumes at the offset reached.
+        the same version resumes at the offset reached. ``plan``: the ``read_plan`` the
+        caller already made (not looked up again).
         """
-        fast = await self._locate_fast(name)
-        if fast is None:
-            found = await self.locate(name)
-        else:
-            self.rt.metrics.inc("kelips_lookups_total", result="started")
-            found, data = fast
-            entry = found.entry
-            if data is not None and entry is not None:
-                self.rt.metrics.inc("kelips_lookups_total", result="ok")
-                self.rt.metrics.inc("kelips_inline_reads_total")
-                return (ObjectMeta(entry.size, entry.checksum, entry.mode, entry.mtime_ns,
-                                   entry.version.clock, False), _one(data))
+        found, data = plan if plan is not None else await self.read_plan(name)
         entry = found.entry
+        if data is not None and entry is not None:
+            self.rt.metrics.inc("kelips_lookups_total", result="ok")
+            self.rt.metrics.inc("kelips_inline_reads_total")
+            return (ObjectMeta(entry.size, entry.checksum, entry.mode, entry.mtime_ns,
+                               entry.version.clock, False), _one(data))
         if entry is None or entry.tombstone:
             self.rt.metrics.inc("kelips_lookups_total", result="not_found")
             raise NotFound(f"{name}: no such object")

@@ -149,11 +149,11 @@ class Client:
     async def get(self, name: str, out: BinaryIO, progress: bool) -> int:
         """Stream an object to ``out``, verifying size and SHA-256 at the end.
 
-        Kelips' read path: the node looks the name up (one hop) and, for a large object whose
-        nearest holder is another node, answers with the holders (303) instead of relaying
-        every byte through itself; the client then fetches from the nearest holder, resuming
-        at the same offset on the next one if a holder fails mid-transfer. Receiving and
-        writing overlap (``_writer``).
+        Kelips' read path: the node looks the name up (one hop) and answers a small object
+        itself; a large one with its live holders, nearest first (303), instead of relaying
+        every byte; the client then fetches from the nearest holder over a bulk connection,
+        resuming at the same offset on the next one if a holder fails mid-transfer.
+        Receiving and writing overlap (``_writer``).
         """
         name = checked_name(name)
         try:
@@ -182,8 +182,10 @@ class Client:
             raise
 
     async def _get_into(self, name: str, sink: _Sink, progress: bool) -> _Meta:
+        # A pooled HTTP request: a small object comes back in the answer; a large one is
+        # named by its holders (303) and fetched over a bulk connection.
         async with self.peers.stream("GET", self.target.address, "/v1/files/" + name,
-                                     {"direct": 1}, bulk_size=0) as response:
+                                     {"direct": 1}) as response:
             if response.status_code == 200:
                 meta = _Meta.from_headers(response.headers)
                 await sink.copy(response, _meter(meta.size, progress))
@@ -246,12 +248,19 @@ class _Meta(NamedTuple):
 class _Sink:
     """Where a get's bytes go: hashed and written by a writer task in a worker thread."""
 
-    def __init__(self, send: trio.MemorySendChannel[bytes]) -> None:
+    def __init__(self, send: trio.MemorySendChannel[bytes], out: BinaryIO) -> None:
         self.sha = hashlib.sha256()
         self.size = 0
         self._send = send
+        self._out = out
 
     async def copy(self, response: StreamedResponse, meter: _Progress | None) -> None:
+        if int(response.headers.get("content-length", GET_BLOCK)) < GET_BLOCK:
+            # Small: hashed and written here; a thread hop would cost more than the write.
+            data = await response.aread()
+            self.size += len(data)
+            _hash_and_write(self.sha, self._out, data)
+            return
         pending: list[bytes] = []
         pending_size = 0
         async for chunk in response.aiter_bytes(GET_BLOCK):
@@ -274,7 +283,7 @@ async def _writer(out: BinaryIO) -> AsyncIterator[_Sink]:
     """A ``_Sink`` whose blocks a writer task hashes and writes while the next ones arrive;
     leaving waits until everything is written."""
     send, receive = trio.open_memory_channel[bytes](GET_QUEUE_BLOCKS)
-    sink = _Sink(send)
+    sink = _Sink(send, out)
 
     async def write_blocks() -> None:
         async with receive:

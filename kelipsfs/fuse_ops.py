@@ -13,7 +13,10 @@ Model
   written through one mount is seen by the next open on any other. A failed insert makes
   ``close`` fail (EIO, or ENOSPC when a holder's disk is full): a write is never silently lost.
 * All handles of one name on this mount share one local copy, so a program that opens a file
-  twice sees its own writes (local POSIX semantics) before they are published.
+  twice sees its own writes (local POSIX semantics) before they are published. A writer that
+  opens a file handles here are reading (the current version) moves them onto its copy: the
+  kernel keeps one page cache per file for all handles, so they must all read the same bytes.
+  Only a reader of a version another mount has replaced since keeps that snapshot.
 
 * ``rename`` copies the object under the new name and deletes the old one (for a directory,
   every object under it): it is not atomic, and a crash in the middle can leave both names.
@@ -128,6 +131,9 @@ class _Handle:
         self.file = file
         self.writable = writable
         self.append = append
+        #: A copy this handle read before a writer's copy replaced it (``_writer_copy``): kept
+        #: open until the handle is released, as a read in another thread may still use it.
+        self.retired: LocalCopy | None = None
 
 
 class _NameLock:
@@ -638,6 +644,18 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
             self._truncate_local(handle.file, length)
             return 0
         name = self._writable_name(path)
+        with self._mutex:
+            current = self._files.get(name)
+            read_here = current is not None and current.refs > 0 and not current.busy
+        if read_here:  # handles here read it: cut it through a writer's copy they then share
+            fh = self.open(path, os.O_WRONLY | (os.O_TRUNC if length == 0 else 0))
+            try:
+                if length:
+                    self._truncate_local(self._handles[fh].file, length)
+                self.flush(path, fh)
+            finally:
+                self.release(path, fh)
+            return 0
         with self._locked(name):
             local = self._local_busy(name)
             if local is not None:
@@ -707,25 +725,66 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
             raise _fail(errno.EROFS)
         truncate = writable and bool(flags & os.O_TRUNC)
         append = bool(flags & os.O_APPEND)
-        with self._locked(name):
-            with self._mutex:
-                current = self._files.get(name)
+        with self._locked(name), self._pinned(name) as current:
+            with self._mutex:  # handles other than our pin: this mount reads the file now
+                read_here = current is not None and current.refs > 1
             if current is not None and current.busy:
                 f = current  # this mount's unpublished state wins
                 if truncate:
                     self._truncate_local(f, 0)
+            elif (writable and current is not None and read_here
+                  and current.clock == self._stat_file(name).version.clock):
+                f = self._writer_copy(current, truncate)
             elif truncate:
                 mode = current.mode if current is not None else self._stat_file(name).mode
                 f = self._open_local(name, self._new_local(name, spool=True), None, spool=True,
                                      mode=mode & 0o7777)
             elif writable:
                 f = self._fetch_local(name, spool=True)
-            elif (current is not None and current.refs > 0
+            elif (current is not None and read_here
                   and current.clock == self._stat_file(name).version.clock):
                 f = current  # still the current version: share the copy already here
             else:
                 f = self._fetch_local(name, spool=False)
             return self._install(f, writable, append)
+
+    @contextlib.contextmanager
+    def _pinned(self, name: str) -> Iterator[LocalCopy | None]:
+        """This mount's copy of ``name`` (or None), held by an extra reference meanwhile: the
+        kernel sends the release of a closed handle without waiting, so the last handle may
+        be released while an open decides to share the copy, and must not close it then."""
+        with self._mutex:
+            current = self._files.get(name)
+            if current is not None:
+                current.refs += 1
+        try:
+            yield current
+        finally:
+            if current is not None:
+                self._drop_ref(current, writable=False)
+
+    def _writer_copy(self, current: LocalCopy, truncate: bool) -> LocalCopy:
+        """A writer opens a file that handles on this mount are reading (``current``, the
+        cluster's current version): they share the writer's copy from now on, as all handles
+        of a name here do, so they see its writes, its O_TRUNC and its size. The kernel keeps
+        one page cache per file for all of them; readers left on their own copy would read
+        the writer's pages mixed with their old bytes."""
+        if current.spool:
+            f = current  # published spool copy: copies itself on its next write (LocalCopy)
+            if truncate:
+                self._truncate_local(f, 0)
+            return f
+        if truncate:
+            f = self._open_local(current.name, self._new_local(current.name, spool=True), None,
+                                 spool=True, mode=current.mode)
+        else:
+            f = self._fetch_local(current.name, spool=True)
+        with self._mutex:
+            for handle in self._handles.values():
+                if handle.file is current and handle.retired is None:
+                    handle.file, handle.retired = f, current
+                    f.refs += 1
+        return f
 
     def _stat_file(self, name: str) -> TupleEntry:
         kind = self._call(self._cluster.kind, name)
@@ -738,9 +797,7 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
     def create(self, path: str | None, mode: int, flags: int = 0) -> int:
         name = self._writable_name(path)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
-        with self._locked(name):
-            with self._mutex:
-                current = self._files.get(name)
+        with self._locked(name), self._pinned(name) as current:
             if flags & os.O_EXCL and (current is not None or self._kind(name) is not None):
                 raise _fail(errno.EEXIST)
             if current is not None and current.busy:
@@ -814,17 +871,24 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
             handle = self._handles.pop(fh, None)
         if handle is None:
             return 0
-        f = handle.file
+        if handle.retired is not None:
+            self._drop_ref(handle.retired, writable=False)
+        self._drop_ref(handle.file, handle.writable)
+        return 0
+
+    def _drop_ref(self, f: LocalCopy, writable: bool) -> None:
+        """One handle (or pin) less on ``f``; the last one stores what is still unpublished
+        (normally nothing: flush did it) and closes it."""
         try:
             if f.refs == 1:
-                self._publish(f)  # normally a no-op: flush already did it
+                self._publish(f)
         except mfusepy.FuseOSError as exc:
             log.error("could not store %s when it was closed: %s", f.name,
                       os.strerror(exc.errno or errno.EIO))
         finally:
             with self._mutex:
                 f.refs -= 1
-                if handle.writable:
+                if writable:
                     f.writers -= 1
                 last = f.refs == 0
                 if last and self._files.get(f.name) is f:
@@ -833,7 +897,6 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
                     del self._hidden[f.name]
             if last:
                 f.close()
-        return 0
 
     # --- extended attributes ----------------------------------------------------------------
 

@@ -226,6 +226,8 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
         if len(raw) > MAX_NAME_BYTES or any(len(p) > MAX_COMPONENT_BYTES
                                             for p in raw.split(b"/")):
             raise _fail(errno.ENAMETOOLONG)
+        if raw.decode("utf-8", "replace") != rel:
+            raise _fail(errno.EILSEQ)  # bytes that are not UTF-8: names are stored as UTF-8
         try:
             return validate_name(rel)
         except NameError_:

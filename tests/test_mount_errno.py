@@ -540,6 +540,18 @@ def _(d: Path) -> None:
     assert f.stat().st_mtime_ns > 10**18 and f.stat().st_size == 8
 
 
+# --- names ------------------------------------------------------------------------------------
+
+@check("names: EILSEQ for bytes that are not UTF-8 (names are stored as UTF-8)")
+def _(d: Path) -> None:
+    bad = os.path.join(os.fsencode(d), b"latin1-\xe9t\xe9")
+    err(errno.EILSEQ, os.open, bad, os.O_CREAT | os.O_WRONLY, 0o644)
+    err(errno.EILSEQ, os.mkdir, bad)
+    err(errno.EILSEQ, os.stat, bad)
+    (d / "utf8-été-✓").write_text("ok")
+    assert os.listdir(d) == ["utf8-été-✓"]
+
+
 # --- link kinds the mount refuses -------------------------------------------------------------
 
 @check("link, symlink, mknod of a device, mkfifo: EPERM, nothing made")

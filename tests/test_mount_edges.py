@@ -248,6 +248,54 @@ def test_editor_save_patterns(top: Path) -> None:
     assert os.listdir(top) == ["doc.txt"]
 
 
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def test_vim_and_sed_save(top: Path) -> None:
+    """vim with each 'backupcopy' (rename the original away / overwrite in place / vim's
+    choice), then sed -i (temporary file renamed over the original): content and mode kept,
+    nothing left behind."""
+    vim = _tool("vim")
+    f = top / "v.txt"
+    f.write_text("one\ntwo\n")
+    os.chmod(f, 0o640)
+    for i, mode in enumerate(("no", "yes", "auto")):
+        run(vim, "-u", "NONE", "-i", "NONE", "-es", "-c", f"set backupcopy={mode}",
+            "-c", f"%s/^.*$/line{i}/", "-c", "wq", f)
+        assert f.read_text() == f"line{i}\nline{i}\n"
+        assert stat.S_IMODE(f.stat().st_mode) == 0o640
+    run("sed", "-i", "s/line2/sed/", f)
+    assert f.read_text() == "sed\nsed\n"
+    assert os.listdir(top) == ["v.txt"]
+
+
+def test_git_and_sqlite(top: Path) -> None:
+    """Lock files (O_EXCL), renames over the original, appends, fsyncs and in-place page
+    writes of two programs users run on shared storage."""
+    git = _tool("git")
+    ident = ["-c", "user.email=t@example.invalid", "-c", "user.name=t"]
+    run(git, "init", "-q", top)
+    (top / "a.txt").write_text("hello\n")
+    run(git, "-C", top, "add", "a.txt")
+    run(git, "-C", top, *ident, "commit", "-qm", "first")
+    with open(top / "a.txt", "a") as fh:
+        fh.write("more\n")
+    run(git, "-C", top, *ident, "commit", "-qam", "second")
+    assert len(run(git, "-C", top, "log", "--oneline").stdout.splitlines()) == 2
+    run(git, "-C", top, "fsck", "--strict")
+    assert run(git, "-C", top, "status", "--porcelain").stdout == ""
+    sqlite = _tool("sqlite3")
+    db = top / "db.sqlite"
+    run(sqlite, db, "create table t(x); insert into t values (1), (2);")
+    run(sqlite, db, "insert into t select x + 2 from t; pragma journal_mode=wal;")
+    assert run(sqlite, db, "select sum(x) from t; pragma integrity_check;").stdout.split() == [
+        "10", "ok"]
+
+
 # --- data --------------------------------------------------------------------------------
 
 def test_sparse_write(top: Path) -> None:

@@ -120,6 +120,25 @@ def test_groups_and_contacts(tmp_path: Path) -> None:
             assert c.cli(n, "ls", "g/").stdout.decode().split() == sorted(paths)
 
 
+def test_new_nodes_choose_their_group_by_size(tmp_path: Path) -> None:
+    """k = 2, one member in group 0, three new nodes joining through it: each weighs a few
+    random ids by the sizes of their groups (asking the seed's status and a contact's), so
+    group 1 gets members (all three in group 0: 1 run in 4,096; with one random id, 1 in 8)."""
+    with Cluster(tmp_path, settings=["k=2", *FAST]) as c:
+        preset_identity(tmp_path / "node0", node_id_in_group(0, 2, "balance-0"))
+        nodes = [c.new_node()]
+        for _ in range(3):
+            nodes.append(c.new_node(join=[nodes[0]]))
+        assert {c.status(n)["group"] for n in nodes} == {0, 1}
+
+        def sizes_agree() -> bool:
+            statuses = [c.status(n) for n in nodes]
+            groups = [s["group"] for s in statuses]
+            return all(s["group_size"] == groups.count(s["group"]) for s in statuses)
+
+        c.wait_for(sizes_agree, 20, "every status giving its group's size")
+
+
 def test_kill_holder_restores_copies(cluster: Cluster, tmp_path: Path) -> None:
     nodes = [cluster.new_node()]
     for _ in range(4):

@@ -237,9 +237,14 @@ class KelipsNode:
         left out and stated beside every state figure."""
         return len(self.members) + len(self.tuples) + len(self.graveyard) + len(self._departed)
 
+    def group_size(self) -> int:
+        """Live members of the own group, this node included: what it tells a node that
+        weighs its candidate ids by group size (``daemon.core.balance``)."""
+        return len(self.own_alive()) + 1
+
     def estimated_size(self) -> int:
         """N estimate: own group size times k (groups are equal in expectation)."""
-        return (len(self.own_alive()) + 1) * self.config.k
+        return self.group_size() * self.config.k
 
     def next_deadline(self) -> float:
         return min(self._next_heartbeat, self._next_gossip, self._next_scan)

@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any
 
+from daemon.core.balance import JOIN_CHOICES
 from daemon.core.ids import ConfigError
 
 from .engine import SimConfig, run
@@ -28,13 +29,18 @@ metrics (measured after --warmup; --json prints them as one JSON object on the l
                            across an active partition, and until t_cleanup + 10 s after it
                            heals, are counted apart as partition_declarations)
   false_positive_rate      false_positives / all failure declarations
-  bytes_per_node_per_s     membership traffic (gossip, acks, joins, snapshots, incl. MAC and
-                           HTTP overhead) sent, per live node per second
+  bytes_per_node_per_s     membership traffic (gossip, acks, joins, snapshots, a new node's
+                           status requests to choose its id; incl. MAC and HTTP overhead) sent,
+                           per live node per second
   data_bytes_per_node_per_s  lookup and placement requests/answers (object bytes not counted)
   state_entries_per_node_max  largest soft state seen on any node (members alive or failed,
-                           contacts, file tuples, graveyard; not the fixed 24-entry
-                           caches of candidate and spare contacts), sampled every 10 s
+                           contacts, file tuples, graveyard, up to 16 forgotten members kept
+                           for partition healing; not the fixed 24-entry caches of candidate
+                           and spare contacts), sampled every 10 s
   state_bound              3*sqrt(N) + files/k, the bound that state is checked against
+  state_members_max        largest state without the file tuples (against 3*sqrt(N)) ...
+  state_tuples_max         ... and the most file tuples on any node (against files/k)
+  group_size_max           most live nodes in one group (mean N/k), sampled every 10 s
   convergence_s_after_heal seconds after a partition heals until every live node that was up
                            before it sees every such member of its group alive (null: no
                            partition)
@@ -68,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--partition-at", type=float, default=None, metavar="SECONDS",
                         help="split the plane into two halves this long after the warm-up")
     parser.add_argument("--partition-for", type=float, default=60.0, metavar="SECONDS")
+    parser.add_argument("--join-choices", type=int, default=JOIN_CHOICES, metavar="D",
+                        help="candidate ids a new node weighs by their groups' sizes; 1 = a "
+                             f"plain random id (default {JOIN_CHOICES})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a protocol parameter (e.g. --set t_fail=5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
@@ -90,16 +99,18 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.nodes < 2 or args.duration <= 0 or not 0 <= args.loss < 1 or args.churn < 0:
-        print("kelipsfs sim: --nodes >= 2, --duration > 0, 0 <= --loss < 1, --churn >= 0",
-              file=sys.stderr)
+    if args.nodes < 2 or args.duration <= 0 or not 0 <= args.loss < 1 or args.churn < 0 \
+            or args.join_choices < 1:
+        print("kelipsfs sim: --nodes >= 2, --duration > 0, 0 <= --loss < 1, --churn >= 0, "
+              "--join-choices >= 1", file=sys.stderr)
         return 2
     try:
         config = SimConfig(nodes=args.nodes, duration=args.duration, churn_per_min=args.churn,
                            loss=args.loss, seed=args.seed, k=args.groups, files=args.files,
                            lookups_per_s=args.lookups_per_s, writes_per_s=args.writes_per_s,
                            warmup=args.warmup, settle=args.settle, partition_at=args.partition_at,
-                           partition_for=args.partition_for, core=_overrides(args.set))
+                           partition_for=args.partition_for, join_choices=args.join_choices,
+                           core=_overrides(args.set))
         config.core_config()
     except (ConfigError, TypeError) as exc:
         print(f"kelipsfs sim: {exc}", file=sys.stderr)
@@ -126,7 +137,9 @@ def summary(r: dict[str, Any]) -> str:
         f"  traffic       {r['bytes_per_node_per_s']} B/node/s membership, "
         f"{r['data_bytes_per_node_per_s']} B/node/s lookups",
         f"  state         max {r['state_entries_per_node_max']} entries/node "
-        f"(mean {r['state_entries_per_node_mean']}, bound {r['state_bound']})",
+        f"(mean {r['state_entries_per_node_mean']}, bound {r['state_bound']}); without "
+        f"tuples {r['state_members_max']}, tuples {r['state_tuples_max']}, largest group "
+        f"{r['group_size_max']}",
         f"  churn         {r['crashes']} crashes, {r['joins']} joins, {r['repairs']} repairs, "
         f"{r['lost_objects']} objects lost",
     ]

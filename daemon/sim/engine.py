@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.core import codec
+from daemon.core.balance import JOIN_CHOICES, candidate_ids, census, least_loaded
 from daemon.core.config import AUTH_TRAILER, CoreConfig, groups_for
-from daemon.core.ids import NodeId, group_of_node, new_node_id
+from daemon.core.ids import NodeId, group_of_node
 from daemon.core.messages import (
     Ack,
     Envelope,
@@ -41,6 +42,7 @@ from .stats import percentile, rounded
 HTTP_OVERHEAD = 200  # bytes of request line and headers around a stream message
 LOOKUP_REQUEST = 260  # bytes: a lookup or placement request over HTTP
 LOOKUP_TIMEOUT = 1.0  # seconds a requester waits for a host that does not answer
+STATUS_ROW = 200  # bytes of one membership row in a status answer (JSON), for the join census
 PORT = 7400
 
 _TICK, _DELIVER, _CRASH, _JOIN, _LOOKUP, _WRITE, _SAMPLE, _SPLIT, _HEAL, _CONVERGE = range(10)
@@ -61,6 +63,7 @@ class SimConfig:
     settle: float = 5.0  # a lookup targets objects whose last write is at least this old
     partition_at: float | None = None
     partition_for: float = 60.0
+    join_choices: int = JOIN_CHOICES  # candidate ids a new node weighs (1: plain random ids)
     core: dict[str, Any] = field(default_factory=dict)
 
     def core_config(self) -> CoreConfig:
@@ -133,6 +136,9 @@ class Simulation:
         self.joins = 0
         self.repairs = 0
         self.state_max = 0
+        self.state_members_max = 0
+        self.state_tuples_max = 0
+        self.group_size_max = 0
         self.state_sum = 0
         self.state_samples = 0
         self.split_at: float | None = None
@@ -240,11 +246,16 @@ class Simulation:
     # --- setup ---------------------------------------------------------------------------------
 
     def _bootstrap(self) -> None:
-        """Start N nodes in the state a converged cluster has: own group plus c contacts."""
+        """Start N nodes in the state a converged cluster has: own group plus c contacts.
+
+        The nodes joined one after another, each choosing its id the way a new node does
+        (``daemon.core.balance``) against the exact group sizes a converged cluster reports."""
         k = self.core.k
         groups: dict[int, list[_Host]] = {}
         for _ in range(self.cfg.nodes):
-            host = self._new_host(new_node_id(self.rng))
+            candidates = candidate_ids(self.rng, self.cfg.join_choices)
+            sizes = {g: len(groups.get(g, ())) for g in {group_of_node(c, k) for c in candidates}}
+            host = self._new_host(least_loaded(candidates, k, sizes))
             groups.setdefault(group_of_node(host.node_id, k), []).append(host)
         for host in self.hosts:
             self._start(host, 0.0)
@@ -274,14 +285,18 @@ class Simulation:
 
     def _ask(self, src: _Host, dest: MemberEntry) -> tuple[_Host | None, float]:
         """One request/response from src to a node: (responder or None, time it took)."""
+        target, delay = self._reach(src, dest)
+        if target is not None and self.now >= self.measure_from:
+            self.data_bytes += 2 * LOOKUP_REQUEST
+        return target, delay
+
+    def _reach(self, src: _Host, dest: MemberEntry) -> tuple[_Host | None, float]:
         target = self.by_addr.get(dest.address)
         if target is None or target.node is None or target.node_id != dest.node_id:
             return None, LOOKUP_TIMEOUT
         delay = self.net.stream_delay(src.slot, target.slot)
         if delay is None:
             return None, LOOKUP_TIMEOUT
-        if self.now >= self.measure_from:
-            self.data_bytes += 2 * LOOKUP_REQUEST
         return target, delay
 
     def _holders_for(self, src: _Host, name: str) -> tuple[list[MemberEntry], int, int, float]:
@@ -460,15 +475,43 @@ class Simulation:
         self.push(self.now + self.rng.uniform(20.0, 60.0), _JOIN, host)
 
     def _join(self, old: _Host) -> None:
-        """Half the crashed hosts come back on their data; the rest are replaced by new nodes."""
-        host = old if self.rng.random() < 0.5 else self._new_host(new_node_id(self.rng))
+        """Half the crashed hosts come back on their data; the rest are replaced by new nodes,
+        which choose their id by the group sizes they learn through their seed."""
+        restart = self.rng.random() < 0.5
+        seed = self.rng.choice(self.live) if self.live else None
+        if restart:
+            host = old
+        else:
+            candidates = candidate_ids(self.rng, self.cfg.join_choices)
+            chosen = candidates[0]
+            if seed is not None and len(candidates) > 1:
+                chosen = self._census(seed, candidates)
+            host = self._new_host(chosen)
         node = self._start(host, self.now)
         self.joins += 1
-        if len(self.live) > 1:
-            seed = self.rng.choice(self.live)
-            while seed is host:
-                seed = self.rng.choice(self.live)
+        if seed is not None:
             self.send(host, [Outgoing(seed.address, node.join_request())])
+
+    def _census(self, seed: _Host, candidates: list[NodeId]) -> NodeId:
+        """What the daemon does at a first start: the seed's status, then one status from a
+        contact of each candidate group the seed does not know the size of."""
+        k = self.core.k
+        node = seed.node
+        assert node is not None
+        contacts = {g: [m.entry() for m in node.live_contacts(g)]
+                    for g in {group_of_node(c, k) for c in candidates}}
+        self._count_status(node)
+        sizes, ask = census(candidates, k, node.group, node.group_size(), contacts)
+        for group, contact in ask.items():
+            target, _ = self._reach(seed, contact)  # the newcomer's request, sent from the seed
+            if target is not None and target.node is not None:
+                self._count_status(target.node)
+                sizes[group] = target.node.group_size()
+        return least_loaded(candidates, k, sizes)
+
+    def _count_status(self, node: KelipsNode) -> None:
+        if self.now >= self.measure_from:
+            self.maint_bytes += 2 * HTTP_OVERHEAD + STATUS_ROW * (len(node.members) + 1)
 
     def _converged(self) -> bool:
         """Every live node sees every live member of its group (up since before the heal)."""
@@ -574,14 +617,20 @@ class Simulation:
         return self.rng.expovariate(rate) if rate > 0 else math.inf
 
     def _sample(self) -> None:
+        sizes: dict[int, int] = {}
         for host in self.live:
             node = host.node
             if node is None:
                 continue
             n = node.state_entries()
+            tuples = len(node.tuples)
             self.state_max = max(self.state_max, n)
+            self.state_members_max = max(self.state_members_max, n - tuples)
+            self.state_tuples_max = max(self.state_tuples_max, tuples)
             self.state_sum += n
             self.state_samples += 1
+            sizes[node.group] = sizes.get(node.group, 0) + 1
+        self.group_size_max = max(self.group_size_max, *sizes.values(), 0)
 
     def _report(self, end: float) -> dict[str, Any]:
         self.node_seconds += sum(end - since for since in self._alive_since_measure.values())
@@ -630,6 +679,11 @@ class Simulation:
                                                    if self.state_samples else None, 1),
             # the issue's bound: own group N/k + 2 contacts per foreign group + F/k, k = sqrt(N)
             "state_bound": round(3 * math.sqrt(n) + files / k, 1),
+            # its two parts apart: every entry but the tuples (against 3*sqrt(N)), the tuples
+            # (against F/k: names are hashed onto groups, so the fullest group has more)
+            "state_members_max": self.state_members_max,
+            "state_tuples_max": self.state_tuples_max,
+            "group_size_max": self.group_size_max,
             "convergence_s_after_heal": rounded(self.converged_at - self.healed_at
                                                 if self.converged_at is not None
                                                 and self.healed_at is not None else None, 2),

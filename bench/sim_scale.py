@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -49,16 +50,20 @@ def fd(duration: float, seed: int, nodes: int) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]]) -> str:
     base = rows[0]["bytes_per_node_per_s"]
     out = ["| N | k | lookups | success | hops p50/p99 | detect p50/p99 (s) | false pos. | "
-           f"B/node/s | vs N={rows[0]['nodes']} | state max/mean (bound) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           f"B/node/s | vs N={rows[0]['nodes']} | state max/mean (bound) | "
+           "max without tuples (3√N) | max tuples (F/k) | largest group (N/k) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        n, k = r["nodes"], r["groups"]
         out.append(
-            f"| {r['nodes']:,} | {r['groups']} | {r['lookups']:,} | "
+            f"| {n:,} | {k} | {r['lookups']:,} | "
             f"{r['lookup_success_rate']:.2%} | {r['hops_p50']}/{r['hops_p99']} | "
             f"{r['fd_detect_s_p50']}/{r['fd_detect_s_p99']} | {r['false_positives']} | "
             f"{r['bytes_per_node_per_s']:,.0f} | {r['bytes_per_node_per_s'] / base:.2f} | "
             f"{r['state_entries_per_node_max']}/{r['state_entries_per_node_mean']} "
-            f"({r['state_bound']}) |")
+            f"({r['state_bound']}) | {r['state_members_max']} ({3 * math.sqrt(n):.1f}) | "
+            f"{r['state_tuples_max']} ({r['files'] / k:.1f}) | "
+            f"{r['group_size_max']} ({n / k:.1f}) |")
     return "\n".join(out)
 
 

@@ -25,7 +25,8 @@ Model
   takes it with its content at close). Directory modes are fixed (0755); owners are always the
   mounting user. O_EXCL is checked against the cluster at create time, not atomically across
   mounts. Names are those ``daemon.names`` accepts: a component over 255 bytes is
-  ENAMETOOLONG, and ``.kelipsfs-dir`` / ``.fuse_hidden*`` are reserved (EPERM).
+  ENAMETOOLONG, bytes that are not UTF-8 EILSEQ, and ``.kelipsfs-dir`` / ``.fuse_hidden*``
+  are reserved (EPERM). docs/posix.md has the measured POSIX behaviour.
 
 Extended attributes
 -------------------

@@ -61,9 +61,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['fd_detect_s_p50']}/{r['fd_detect_s_p99']} | {r['false_positives']} | "
             f"{r['bytes_per_node_per_s']:,.0f} | {r['bytes_per_node_per_s'] / base:.2f} | "
             f"{r['state_entries_per_node_max']}/{r['state_entries_per_node_mean']} "
-            f"({r['state_bound']}) | {r['state_members_max']} ({3 * math.sqrt(n):.1f}) | "
-            f"{r['state_tuples_max']} ({r['files'] / k:.1f}) | "
-            f"{r['group_size_max']} ({n / k:.1f}) |")
+            f"({r['state_bound']}) | {r.get('state_members_max', '–')} "
+            f"({3 * math.sqrt(n):.1f}) | {r.get('state_tuples_max', '–')} "
+            f"({r['files'] / k:.1f}) | {r.get('group_size_max', '–')} ({n / k:.1f}) |")
     return "\n".join(out)
 
 

@@ -230,8 +230,10 @@ class DataPlane:
             return entry, None, 1  # that holder is behind: HTTP asks for min_clock
         return reply.entry, self._inline(reply), 1
 
-    async def _locate_fast(self, name: str) -> tuple[Located, bytes | None] | None:
-        """Locate (and for small objects, fetch) ``name`` with lookup datagrams.
+    async def _locate_fast(self, name: str, want_inline: bool = True
+                           ) -> tuple[Located, bytes | None] | None:
+        """Locate (and for small objects, fetch: ``want_inline``) ``name`` with lookup
+        datagrams.
 
         None when no datagram was answered in time: the caller takes the HTTP path, which
         also reports dead contacts to the core. The bytes returned are verified against the
@@ -243,9 +245,10 @@ class DataPlane:
             entry = plan.entry
             if entry is None:
                 candidates = [e for e in node.placement(name) if e.node_id != node.node_id]
-                return await self._from_candidates(name, candidates, 0)
+                return await self._from_candidates(name, candidates, 0, want_inline)
             holders = node.live_holders(entry)
-            if not holders or holders[0].node_id == node.node_id or entry.tombstone:
+            if (not holders or holders[0].node_id == node.node_id or entry.tombstone
+                    or not want_inline):
                 return Located(entry, holders, 0), None  # held here (or deleted): no network
             newest, data, hops = await self._holder_datagram(entry, holders)
             if newest is not entry:
@@ -253,7 +256,7 @@ class DataPlane:
             return Located(newest, holders, hops), data
         if not plan.ask:
             return None
-        got = await self._ask_datagram(plan.ask, name)
+        got = await self._ask_datagram(plan.ask, name, want_inline)
         if got is None:
             return None
         reply, contact = got
@@ -261,11 +264,11 @@ class DataPlane:
         if reply.entry is None:
             if not reply.candidates:
                 return Located(None, [], hops), None
-            return await self._from_candidates(name, list(reply.candidates), hops)
+            return await self._from_candidates(name, list(reply.candidates), hops, want_inline)
         entry = reply.entry
         holders = node.fetch_order(reply.holders)
         data = self._inline(reply)
-        if data is None:
+        if data is None and want_inline:
             skip = contact.node_id if contact is not None else None
             entry, data, more = await self._holder_datagram(entry, holders, skip)
             hops += more
@@ -274,7 +277,8 @@ class DataPlane:
         self.rt.metrics.inc("kelips_lookup_hops_total", hops)
         return Located(entry, holders, hops), data
 
-    async def _from_candidates(self, name: str, candidates: list[MemberEntry], hops: int
+    async def _from_candidates(self, name: str, candidates: list[MemberEntry], hops: int,
+                               want_inline: bool = True
                                ) -> tuple[Located, bytes | None] | None:
         """The contact has not heard of ``name`` yet: ask the members a write would have
         chosen, one by one, until one knows it. None if none of them answered at all."""
@@ -282,7 +286,7 @@ class DataPlane:
         for candidate in candidates:
             if candidate.node_id == self.node.node_id:
                 continue
-            got = await self._ask_datagram([candidate], name)
+            got = await self._ask_datagram([candidate], name, want_inline)
             hops += 1
             if got is None:
                 continue
@@ -294,7 +298,11 @@ class DataPlane:
         return (Located(None, [], hops), None) if answered else None
 
     async def stat(self, name: str) -> TupleEntry:
-        found = await self.locate(name)
+        """The name's tuple: lookup datagrams (no content), HTTP if none was answered. A stat
+        of a name nobody has written (every create) asks the placement candidates whether a
+        write just happened there: a datagram each, not an HTTP request each."""
+        fast = await self._locate_fast(name, want_inline=False)
+        found = fast[0] if fast is not None else await self.locate(name)
         if found.entry is None or found.entry.tombstone:
             raise NotFound(f"{name}: no such object")
         return found.entry

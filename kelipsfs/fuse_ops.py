@@ -816,16 +816,6 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
     def init_with_config(self, conn_info: Any, config_3: Any) -> None:
         tune_connection(conn_info)
 
-    def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
-        """The bytes themselves (libfuse uses ``read_buf``; kept for callers without it)."""
-        handle = self._handles.get(fh)
-        if handle is None:
-            raise _fail(errno.EBADF)
-        try:
-            return handle.file.read(size, offset)
-        except CorruptCopy as exc:
-            raise _fail(errno.EIO) from exc
-
     def read_buf(self, path: str | None, bufpp: Any, size: int, offset: int, fh: int) -> int:
         """Tell libfuse which descriptor and offset to read (see ``kelipsfs.fuse_buffers``)."""
         handle = self._handles.get(fh)

@@ -181,10 +181,6 @@ class LocalCopy:
 
     # --- reads ----------------------------------------------------------------------------
 
-    def read(self, size: int, offset: int) -> bytes:
-        """The bytes at ``offset`` (fewer at the end of the file)."""
-        return os.pread(self.readable_fd(size, offset), size, offset)
-
     def readable_fd(self, size: int, offset: int) -> int:
         """The descriptor to read ``size`` bytes at ``offset`` from, once it is safe to: a
         range that reaches the end of a copy still being checked waits for the check, and

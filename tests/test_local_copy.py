@@ -22,6 +22,11 @@ def new_spool(tmp_path: Path, name: str = "f") -> LocalCopy:
     return LocalCopy(name, path, fd, spool=True, clock=None, mode=0o644, mtime_ns=0, dirty=True)
 
 
+def read(f: LocalCopy, size: int, offset: int) -> bytes:
+    """What libfuse does with read_buf's answer: pread the range from the descriptor given."""
+    return os.pread(f.readable_fd(size, offset), size, offset)
+
+
 def no_rehash(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make any hashing of the whole file fail: the running hash must be enough."""
     def refuse(path: Path) -> bytes:
@@ -104,7 +109,7 @@ def test_a_published_copy_is_copied_before_it_changes(tmp_path: Path) -> None:
     assert stored.read_bytes() == b"version one"
     assert f.path.read_bytes() == b"VERSION TWO"
     assert os.pread(old_fd, 100, 0) == b"version one"  # still open for a reader in flight
-    assert f.read(100, 0) == b"VERSION TWO"
+    assert read(f, 100, 0) == b"VERSION TWO"
     with f.lock:
         f.published(8, linked=True)
     os.unlink(stored)
@@ -128,14 +133,14 @@ def cache_copy(tmp_path: Path, data: bytes, checksum: bytes) -> LocalCopy:
 def test_a_checked_copy_fails_the_read_that_reaches_the_end_if_corrupt(tmp_path: Path) -> None:
     data = random.Random(2).randbytes(3 * MiB + 5)
     bad = cache_copy(tmp_path, data, hashlib.sha256(data[:-1] + b"?").digest())
-    assert bad.read(4096, 0) == data[:4096]  # before the end: served
+    assert read(bad, 4096, 0) == data[:4096]  # before the end: served
     with pytest.raises(CorruptCopy) as info:
-        bad.read(MiB, len(data) - 100)
+        read(bad, MiB, len(data) - 100)
     assert info.value.errno == 5  # EIO
     with pytest.raises(CorruptCopy):
         bad.readable_fd(MiB, 3 * MiB)
     bad.close()
     good = cache_copy(tmp_path, data, hashlib.sha256(data).digest())
-    assert good.read(MiB, len(data) - 100) == data[-100:]
+    assert read(good, MiB, len(data) - 100) == data[-100:]
     assert good.readable_fd(10, len(data)) == good.fd
     good.close()

@@ -180,21 +180,18 @@ async def _read(response: StreamedResponse, addr: Address) -> bytes:
         raise PeerError(f"{addr[0]}:{addr[1]}: transfer failed: {exc}") from exc
 
 
-def _error_message(body: bytes, status: int) -> str:
+def error_of(body: bytes) -> str | None:
+    """The ``error`` a node's JSON error answer carries, or None if the body is not one."""
     try:
         doc = json.loads(body)
-        if isinstance(doc, dict) and "error" in doc:
-            return str(doc["error"])
     except ValueError:
-        pass
-    return f"HTTP {status}: {body[:200]!r}"
+        return None
+    return str(doc["error"]) if isinstance(doc, dict) and "error" in doc else None
+
+
+def _error_message(body: bytes, status: int) -> str:
+    return error_of(body) or f"HTTP {status}: {body[:200]!r}"
 
 
 def _error_text(response: httpx.Response) -> str:
-    try:
-        doc = response.json()
-        if isinstance(doc, dict) and "error" in doc:
-            return str(doc["error"])
-    except ValueError:
-        pass
-    return response.text[:200]
+    return error_of(response.content) or response.text[:200]

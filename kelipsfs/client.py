@@ -22,7 +22,7 @@ import trio
 
 from daemon.bulk import BulkError
 from daemon.names import NameError_, validate_name
-from daemon.peers import PeerClient, PeerError, StreamedResponse
+from daemon.peers import PeerClient, PeerError, StreamedResponse, error_of
 from daemon.security import Authenticator, load_key, open_cluster_key
 from daemon.settings import DEFAULT_PORT, default_data_dir, parse_address
 from daemon.store import sha256_file
@@ -186,18 +186,15 @@ class Client:
         # named by its holders (303) and fetched over a bulk connection.
         async with self.peers.stream("GET", self.target.address, "/v1/files/" + name,
                                      {"direct": 1}) as response:
-            if response.status_code == 200:
-                meta = _Meta.from_headers(response.headers)
-                await sink.copy(response, _meter(meta.size, progress))
-                return meta
             if response.status_code != 303:
-                raise ClientError(_error(await response.aread(), response.status_code))
+                return await _copy_answer(response, sink, progress)
             plan = json.loads(await response.aread())
-        return await self._from_holders(name, plan, sink, _meter(int(plan["size"]), progress))
+        return await self._from_holders(name, plan, sink, progress)
 
     async def _from_holders(self, name: str, plan: dict[str, Any], sink: _Sink,
-                            meter: _Progress | None) -> _Meta:
+                            progress: bool) -> _Meta:
         """Fetch from the holders the node named, nearest first; resume on the next one."""
+        meter = _meter(int(plan["size"]), progress)
         meta: _Meta | None = None
         errors: list[str] = []
         for holder in plan["holders"]:
@@ -223,11 +220,7 @@ class Client:
         if sink.size == 0:  # no holder served it to us: let the node relay it
             async with self.peers.stream("GET", self.target.address, "/v1/files/" + name,
                                          bulk_size=0) as response:
-                if response.status_code != 200:
-                    raise ClientError(_error(await response.aread(), response.status_code))
-                meta = _Meta.from_headers(response.headers)
-                await sink.copy(response, meter)
-                return meta
+                return await _copy_answer(response, sink, progress)
         raise ClientError(f"{name}: transfer failed on every holder: {'; '.join(errors)}")
 
 
@@ -296,6 +289,15 @@ async def _writer(out: BinaryIO) -> AsyncIterator[_Sink]:
             yield sink
 
 
+async def _copy_answer(response: StreamedResponse, sink: _Sink, progress: bool) -> _Meta:
+    """A node's whole answer with the object (200) into ``sink``; its refusal as ClientError."""
+    if response.status_code != 200:
+        raise ClientError(_error(await response.aread(), response.status_code))
+    meta = _Meta.from_headers(response.headers)
+    await sink.copy(response, _meter(meta.size, progress))
+    return meta
+
+
 def _meter(total: int, progress: bool) -> _Progress | None:
     return _Progress(total, "get") if progress and total >= PROGRESS_MIN else None
 
@@ -306,13 +308,8 @@ def _hash_and_write(sha: Any, out: BinaryIO, block: bytes) -> None:
 
 
 def _error(data: bytes, status: int) -> str:
-    try:
-        doc = json.loads(data)
-        if isinstance(doc, dict) and "error" in doc:
-            return f"{doc['error']} (HTTP {status})"
-    except ValueError:
-        pass
-    return f"HTTP {status}"
+    message = error_of(data)
+    return f"{message} (HTTP {status})" if message else f"HTTP {status}"
 
 
 class _Progress:

@@ -1,16 +1,28 @@
 """Lookup vs Kademlia (issue 6): the same N nodes, values and gets for kelipsfs and for the
 Kademlia DHT from PyPI (``kademlia`` 2.2.3, asyncio), before and after killing 20 % of them.
 
-    python -m bench.lookup_bench [--nodes 20 50] [--values 1000] [--ksizes 3 20]
+    python -m bench.lookup_bench [--nodes 20 50] [--values 1000] [--replications 3 20]
+                                 [--ksizes 3 20]
 
 Why it is built this way (fairness, the point of the exercise):
 
 - every node of both systems is its own OS process on its own 127.0.0.x address
   (kelipsfs: ``kelipsfs node`` wrapped by ``kelips-node`` below to count traffic; Kademlia:
   ``bench.kademlia_node``), and the two clusters never run at the same time;
-- equal replication: kelipsfs r = 3 against Kademlia ``ksize`` = 3, plus Kademlia's default
-  ksize = 20 as a second row; kelipsfs runs with k = round(√N) affinity groups (the daemon's
-  default k = 1 would make every lookup local, which is not the Kelips being compared);
+- equal replication: kelipsfs r = 3 against Kademlia ``ksize`` = 3, and kelipsfs r = 20
+  against Kademlia's default ksize = 20 (``--replications``, ``--ksizes``); every kelipsfs run
+  is compared with every Kademlia run of the same N, and the ratio table says which pairs have
+  r = ksize. What r = 20 means in kelipsfs: a name's holders are chosen among the members of
+  its affinity group (N/k ≈ √N nodes on average), so any r at least the group's size puts a
+  copy on every member of the group and the *effective* number of copies is the group's
+  size, not r. Kademlia ksize = 20 keeps 20 copies (on every node at N = 20). The daemon
+  accepts replication 1..16 (``CoreConfig``), so an r above that is set as 16, which places
+  exactly as r = 20 would whenever no group has more than 16 members (the run records the
+  group sizes and warns otherwise); the JSON records the r asked for (``replication``), the
+  one set (``replication_set``), the group sizes and the measured mean number of holders per
+  value (``effective_copies``, from the tuples' holder lists; for Kademlia from the nodes'
+  stores). kelipsfs runs with k = round(√N) affinity groups (the daemon's default k = 1 would
+  make every lookup local, which is not the Kelips being compared);
 - the same values (``--values`` of ``--value-size`` random bytes, 1,000 × 1 KiB), each got
   once per phase from a node chosen at random among the live nodes that do *not* hold it;
 - gets arrive open-loop at a fixed rate (``--rate``, default 50/s) for both systems, so a slow
@@ -354,6 +366,11 @@ class Window:
                 "window_s": self.seconds, **self.detail}
 
 
+def _mean_size(sets: list[set[int]]) -> float:
+    """The mean number of live nodes holding a value (its copies) at the start of a window."""
+    return sum(map(len, sets)) / len(sets) if sets else 0.0
+
+
 def _pct(values: list[float], p: float) -> float:
     if not values:
         return math.nan
@@ -432,8 +449,8 @@ class _Processes:
 class KelipsCluster(_Processes):
     """N ``kelips-node`` processes on 127.0.0.10.. (one port), joined through the first."""
 
-    def __init__(self, root: Path, n: int, k: int) -> None:
-        self.root, self.n, self.k = root, n, k
+    def __init__(self, root: Path, n: int, k: int, r: int) -> None:
+        self.root, self.n, self.k, self.r = root, n, k, r
         self.port = random.randint(20000, 40000)
         self.addrs = [(f"127.0.0.{10 + i}", self.port) for i in range(n)]
         self.dirs = [root / f"kelips{i}" for i in range(n)]
@@ -445,7 +462,8 @@ class KelipsCluster(_Processes):
         self.dirs[i].mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "bench.lookup_bench", "kelips-node",
                "--listen", f"{self.addrs[i][0]}:{self.port}", "--data-dir", str(self.dirs[i]),
-               "--set", f"k={self.k}", "--set", "replication=3", "--set", "log_level=warning"]
+               "--set", f"k={self.k}", "--set", f"replication={self.r}",
+               "--set", "log_level=warning"]
         if i:
             cmd += ["--join", f"{self.addrs[0][0]}:{self.port}"]
         with open(self.dirs[i] / "node.log", "w") as log:
@@ -583,6 +601,7 @@ class KelipsCluster(_Processes):
         failed = [g for g in gets if not g.ok]
         return Window(gets, seconds, messages=messages, requests=requests, bytes=path_bytes,
                       detail={
+                          "live_holders_mean": _mean_size(held),
                           "client_messages_per_get": 2.0,  # GET /v1/files and its response
                           "client_bytes_per_get": (sum(g.sent for g in gets)
                                                    + d["tcp_bytes:files_get"]) / n,
@@ -604,29 +623,57 @@ class KelipsCluster(_Processes):
                                "source": sources[g.index]} for g in failed[:10]]})
 
 
-def run_kelips(n: int, data: Dataset, victims: list[int], args: argparse.Namespace,
+def max_replication() -> int:
+    """The largest replication the daemon accepts (``CoreConfig`` checks 1..16)."""
+    from daemon.core.config import CoreConfig
+    from daemon.core.ids import ConfigError
+    r = 1
+    while r < 1024:
+        try:
+            CoreConfig(replication=r + 1)
+        except ConfigError:
+            break
+        r += 1
+    return r
+
+
+def run_kelips(n: int, r: int, data: Dataset, victims: list[int], args: argparse.Namespace,
                root: Path) -> dict[str, Any]:
+    """One kelipsfs cluster of N nodes asked for r copies: r above the daemon's maximum is
+    set as that maximum, the same placement (every group member) while no group is larger."""
     k = max(1, round(math.sqrt(n)))
+    r_set = min(r, max_replication())
     rng = random.Random(args.seed)
     for attempt in range(5):  # ids are random: a small N can leave a group empty, and the
         # names hashed to it could not be stored; start again with new ids then
-        cluster = KelipsCluster(root / f"kelips-{n}-{attempt}", n, k)
+        cluster = KelipsCluster(root / f"kelips-{n}-r{r}-{attempt}", n, k, r_set)
         started = time.monotonic()
         try:
             cluster.start()
             converge = cluster.wait_converged(180)
-            if len({cluster.status(i)["group"] for i in range(n)}) == k:
+            groups = [cluster.status(i)["group"] for i in range(n)]
+            if len(set(groups)) == k:
                 break
         except BaseException:
             cluster.close()
             raise
         cluster.close()
         print(f"  kelipsfs N={n} k={k}: a group is empty, starting again", flush=True)
+    else:
+        raise RuntimeError(f"kelipsfs N={n} k={k}: a group was empty in 5 clusters")
     try:
-        print(f"  kelipsfs N={n} k={k}: up in {time.monotonic() - started:.0f} s "
-              f"(converged {converge:.0f} s after the last start)", flush=True)
-        return {"system": "kelipsfs", "replication": 3, "k": k, "nodes": n,
-                **_phases(cluster, data, rng, victims, args)}
+        sizes = sorted((groups.count(g) for g in set(groups)), reverse=True)
+        print(f"  kelipsfs N={n} k={k} r={r}"
+              f"{f' (set {r_set}, the daemon maximum)' if r_set != r else ''}: up in "
+              f"{time.monotonic() - started:.0f} s (converged {converge:.0f} s after the last "
+              f"start), group sizes {sizes}", flush=True)
+        if r_set != r and sizes[0] > r_set:
+            print(f"  warning: a group of {sizes[0]} members is larger than the {r_set} copies "
+                  f"set, so r = {r} is not what runs", flush=True)
+        phases = _phases(cluster, data, rng, victims, args)
+        return {"system": "kelipsfs", "replication": r, "replication_set": r_set, "k": k,
+                "nodes": n, "group_sizes": sizes,
+                "effective_copies": phases["before"]["live_holders_mean"], **phases}
     finally:
         cluster.close()
 
@@ -770,7 +817,8 @@ class KademliaCluster(_Processes):
         requests = sum(v for k, v in dgrams.items() if k.startswith("req:"))
         return Window(gets, seconds, messages=sum(dgrams.values()), requests=requests,
                       bytes=sum(nbytes.values()), skipped=len(done) - n,
-                      detail={"datagrams_by_kind_per_get":
+                      detail={"live_holders_mean": _mean_size(held),
+                              "datagrams_by_kind_per_get":
                               {k: v / n for k, v in sorted(dgrams.items()) if v}})
 
 
@@ -783,8 +831,9 @@ def run_kademlia(n: int, ksize: int, data: Dataset, victims: list[int],
         cluster.start()
         print(f"  Kademlia N={n} ksize={ksize}: up in {time.monotonic() - started:.0f} s",
               flush=True)
+        phases = _phases(cluster, data, rng, victims, args)
         return {"system": "kademlia", "replication": ksize, "ksize": ksize, "nodes": n,
-                **_phases(cluster, data, rng, victims, args)}
+                "effective_copies": phases["before"]["live_holders_mean"], **phases}
     finally:
         cluster.close()
 
@@ -806,12 +855,30 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.3g}" if b and not math.isnan(a) and not math.isnan(b) else "–"
 
 
+def _copies(run: dict[str, Any]) -> str:
+    copies = run.get("effective_copies")
+    return "" if copies is None else f"{copies:.1f} copies"
+
+
+def _label(run: dict[str, Any]) -> str:
+    """kelipsfs: r asked for (and set, when the daemon capped it), k, and the copies measured;
+    Kademlia: ksize and the copies measured. Older JSON lacks the measured copies."""
+    copies = _copies(run)
+    if run["system"] == "kelipsfs":
+        r, r_set = run.get("replication", 3), run.get("replication_set", run.get("replication", 3))
+        asked = f"r={r}" + (f" (set {r_set})" if r_set != r else "")
+        return f"kelipsfs {asked}, k={run['k']}{': ' + copies if copies else ''}"
+    return f"Kademlia ksize={run['ksize']}{f' ({copies})' if copies else ''}"
+
+
 def report(runs: list[dict[str, Any]]) -> list[str]:
+    """Two Markdown tables: every run's rows, then every kelipsfs run against every Kademlia
+    run of the same N (ratios kelipsfs / Kademlia and the issue's targets), with a column
+    saying whether the pair has equal replication (kelipsfs r = Kademlia ksize)."""
     out = ["| N | phase | system | success | messages/get (requests) | p50 ms | p99 ms "
            "| client p50 / p99 ms | bytes/get |", "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
-        name = (f"kelipsfs (r=3, k={run['k']})" if run["system"] == "kelipsfs"
-                else f"Kademlia ksize={run['ksize']}")
+        name = _label(run)
         for phase, label in (("before", "all up"), ("after_kill", "20 % killed")):
             r = run[phase]
             if not r["gets"] or r["p50_ms"] is None:
@@ -824,16 +891,20 @@ def report(runs: list[dict[str, Any]]) -> list[str]:
                        f"{r['messages_per_get']:.2f} ({r['requests_per_get']:.2f}) | "
                        f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {client} | "
                        f"{r['bytes_per_get']:,.0f} |")
-    out += ["", "| N | phase | kelipsfs / | success | messages | p50 | p99 | bytes "
-            "| msgs ≤ ⅓ | p50, p99 below | success ≥ |", "|---" * 11 + "|"]
+    out += ["", "| N | phase | kelipsfs / | Kademlia | equal replication | success | messages "
+            "| p50 | p99 | bytes | msgs ≤ ⅓ | p50, p99 below | success ≥ |", "|---" * 13 + "|"]
     for kel in (r for r in runs if r["system"] == "kelipsfs"):
+        r_kel = kel.get("replication", 3)
+        copies = _copies(kel)
         for kad in (r for r in runs if r["system"] == "kademlia" and r["nodes"] == kel["nodes"]):
             for phase, label in (("before", "all up"), ("after_kill", "20 % killed")):
                 a, b = kel[phase], kad[phase]
                 if not a["gets"] or not b["gets"] or None in (a["p50_ms"], b["p50_ms"]):
                     continue
                 out.append(
-                    f"| {kel['nodes']} | {label} | Kademlia ksize={kad['ksize']} | "
+                    f"| {kel['nodes']} | {label} | "
+                    f"r={r_kel}{f' ({copies})' if copies else ''} | ksize={kad['ksize']} | "
+                    f"{'yes' if r_kel == kad['ksize'] else 'no'} | "
                     f"{_ratio(a['success'], b['success'])} | "
                     f"{_ratio(a['messages_per_get'], b['messages_per_get'])} | "
                     f"{_ratio(a['p50_ms'], b['p50_ms'])} | {_ratio(a['p99_ms'], b['p99_ms'])} | "
@@ -865,6 +936,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, nargs="+", default=[20, 50])
     parser.add_argument("--values", type=int, default=1000)
     parser.add_argument("--value-size", type=int, default=1024)
+    parser.add_argument("--replications", type=int, nargs="+", default=[3, 20],
+                        help="kelipsfs r, one cluster each (above the daemon's 16: set as 16)")
     parser.add_argument("--ksizes", type=int, nargs="+", default=[3, 20])
     parser.add_argument("--kill", type=float, default=0.2, help="share of nodes killed")
     parser.add_argument("--rate", type=float, default=50.0, help="gets started per second")
@@ -880,8 +953,9 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.nodes:
             victims = random.Random(args.seed + n).sample(range(n), max(1, round(args.kill * n)))
             if "kelipsfs" in args.systems:
-                print(f"# kelipsfs, N = {n}", flush=True)
-                runs.append(run_kelips(n, data, victims, args, root))
+                for r in args.replications:
+                    print(f"# kelipsfs, N = {n}, r = {r}", flush=True)
+                    runs.append(run_kelips(n, r, data, victims, args, root))
             if "kademlia" in args.systems:
                 for ksize in args.ksizes:
                     print(f"# Kademlia, N = {n}, ksize = {ksize}", flush=True)

@@ -58,6 +58,7 @@ import trio
 
 from daemon.core.ids import NODE_ID_BYTES
 from daemon.core.messages import Version
+from daemon.writeback import advance_writeback
 
 log = logging.getLogger("kelipsfs.store")
 
@@ -247,12 +248,14 @@ class _TempFile:
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.hasher = hashlib.sha256()
         self.size = 0
+        self._written_out = 0  # how far writeback was asked (advance_writeback)
 
     def write(self, blocks: list[bytes]) -> None:
         data = blocks[0] if len(blocks) == 1 else b"".join(blocks)
         self.hasher.update(data)
         _write_all(self.fd, data)
         self.size += len(data)
+        self._written_out = advance_writeback(self.fd, self._written_out, self.size)
 
     def finish(self) -> None:
         """fsync and close: after this the bytes are on disk, whatever happens to the process."""
@@ -437,7 +440,8 @@ class ObjectStore:
     # --- writes -------------------------------------------------------------------------------
 
     async def put(self, name: str, version: Version, mode: int, mtime_ns: int,
-                  chunks: AsyncIterable[bytes], expected_checksum: bytes | None = None,
+                  chunks: AsyncIterable[bytes],
+                  expected_checksum: bytes | Callable[[], bytes] | None = None,
                   expected_size: int | None = None) -> StoredObject:
         """Store ``version`` of ``name`` with the content streamed from ``chunks``.
 
@@ -453,15 +457,21 @@ class ObjectStore:
         clean-up. If this exact version is already held, it is returned *without reading
         ``chunks``*: no bytes are pulled for data already on disk, and the caller, who owns
         the stream, closes it. That also holds when StaleVersion is raised before streaming.
+
+        A callable ``expected_checksum`` is a digest known only once ``chunks`` has ended (it
+        came after the body, ``peers.LateDigest``): called then, before the commit; whatever it
+        raises propagates, with the same clean-up.
         """
         _check_name(name)
         version = _check_version(version)
-        if expected_checksum is not None and len(expected_checksum) != len(EMPTY_SHA256):
+        late = expected_checksum if callable(expected_checksum) else None
+        early = expected_checksum if isinstance(expected_checksum, bytes) else None
+        if early is not None and len(early) != len(EMPTY_SHA256):
             raise ValueError(f"expected_checksum must be a 32-byte SHA-256 digest, "
-                             f"got {len(expected_checksum)} bytes")
+                             f"got {len(early)} bytes")
         if expected_size is not None and expected_size < 0:
             raise ValueError(f"expected_size must not be negative, got {expected_size}")
-        held = self._held(name, version, expected_checksum)
+        held = self._held(name, version, early)
         if held is not None:
             return held
         if expected_size is not None:
@@ -478,12 +488,13 @@ class ObjectStore:
                 raise ChecksumMismatch(f"{_show(name)}: received {temp.size} bytes but "
                                        f"{expected_size} were announced; the data was discarded")
             checksum = temp.hasher.digest()
-            if expected_checksum is not None and checksum != expected_checksum:
+            want = late() if late is not None else early
+            if want is not None and checksum != want:
                 raise ChecksumMismatch(
                     f"{_show(name)}: the received content has SHA-256 {checksum.hex()[:16]}..., "
-                    f"not the expected {expected_checksum.hex()[:16]}...; the data was discarded")
+                    f"not the expected {want.hex()[:16]}...; the data was discarded")
             obj, committed = await self._commit_temp(name, version, mode, mtime_ns, temp.size,
-                                                     checksum, temp.path, expected_checksum)
+                                                     checksum, temp.path, want)
             return obj
         finally:
             if not committed:

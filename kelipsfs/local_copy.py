@@ -26,8 +26,6 @@ Two things keep large files fast without giving up verification:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import logging
@@ -39,6 +37,7 @@ import time
 from pathlib import Path
 
 from daemon.store import sha256_file
+from daemon.writeback import advance_writeback
 
 log = logging.getLogger("kelipsfs.fuse")
 
@@ -48,23 +47,6 @@ CHECK_BLOCK = 1 << 20
 HASH_THREAD_MIN = 256 * 1024
 #: Written blocks waiting for the hashing thread before a writer waits for it.
 HASH_QUEUE_BLOCKS = 32
-#: Every this many bytes written front to back, the kernel is asked to start writing them out.
-WRITEBACK_EVERY = 16 << 20
-_SYNC_FILE_RANGE_WRITE = 2
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """sync_file_range(SYNC_FILE_RANGE_WRITE): begin writing the range out, do not wait.
-
-    The insert at close fsyncs the whole file; started early, most of that writing overlaps
-    with the writes still arriving instead of all happening after the last one.
-    """
-    _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
 class CorruptCopy(OSError):
     """The local copy does not match the checksum it was stored with (an EIO to the reader)."""
 
@@ -97,7 +79,7 @@ class LocalCopy:
         # Running SHA-256 of the prefix [0, _hashed) of a spool copy; None once lost.
         self._hasher: _SequentialHash | None = _SequentialHash() if spool and dirty else None
         self._hashed = 0
-        self._written_out = 0  # the prefix already handed to _start_writeback
+        self._written_out = 0  # the prefix already handed to advance_writeback
         self._shared = False  # the inode is also the store's committed object
         self._retired: list[int] = []  # descriptors of files replaced by copy on write
         # A cache copy linked to this node's store file is checked while it is read.
@@ -128,10 +110,8 @@ class LocalCopy:
                 if offset == self._hashed:
                     self._hasher.feed(data if written == len(data) else data[:written])
                     self._hashed += written
-                    if self._hashed - self._written_out >= WRITEBACK_EVERY:
-                        _start_writeback(self.fd, self._written_out,
-                                         self._hashed - self._written_out)
-                        self._written_out = self._hashed
+                    self._written_out = advance_writeback(self.fd, self._written_out,
+                                                          self._hashed)
                 else:
                     self._drop_hash()  # not a front-to-back write: hash at flush instead
             self.dirty = True

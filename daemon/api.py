@@ -27,8 +27,8 @@ from daemon.core import codec
 from daemon.core.messages import Snapshot, SyncRequest, Version
 from daemon.dataplane import DataError, Located
 from daemon.names import NameError_, validate_name, validate_prefix
-from daemon.peers import BULK_MIN, CONTENT_SHA_HEADER
-from daemon.security import AuthError
+from daemon.peers import BULK_MIN, CONTENT_SHA_HEADER, TRAILER_MARK, LateDigest
+from daemon.security import MAC_HEADER, TRAILER_SHA256, AuthError
 from daemon.store import EMPTY_SHA256, ChecksumMismatch, StaleVersion, StoreError, StoreFull
 from daemon.wire import entry_to_json, tuple_from_json, tuple_to_json
 
@@ -195,6 +195,30 @@ class _Api:
         except NameError_ as exc:
             raise HTTPError(400, str(exc)) from exc
 
+    def _body_checksum(self, req: Request) -> bytes | LateDigest:
+        """Authenticate an upload's head and say what its body must hash to: the SHA-256
+        declared (and signed) in its header, or, for a body hashed while it was sent, a
+        ``LateDigest`` read from the signed trailer once the body has arrived."""
+        if req.headers.get(CONTENT_SHA_HEADER) != TRAILER_MARK:
+            sha = self._declared_sha(req)
+            self._verify(req, sha)
+            return sha
+        if not req.trailer_ok:
+            raise HTTPError(400, "a digest in a trailer needs a bulk connection")
+        self._verify(req, TRAILER_SHA256)
+        head_mac = req.headers[MAC_HEADER]
+
+        def from_trailer() -> bytes:
+            if req.trailer is None:
+                raise HTTPError(400, "the body's digest trailer is missing")
+            try:
+                return self.rt.auth.verify_trailer(head_mac, req.trailer)
+            except AuthError as exc:
+                self.rt.metrics.inc("kelips_rejected_packets_total", reason="http_auth")
+                raise HTTPError(401, f"body not authenticated: {exc}") from exc
+
+        return LateDigest(from_trailer)
+
     def _declared_sha(self, req: Request) -> bytes:
         raw = req.headers.get(CONTENT_SHA_HEADER, "")
         try:
@@ -276,8 +300,7 @@ class _Api:
 
     async def put_replica(self, req: Request) -> Response:
         name = self._name(req, "/v1/replica/")
-        sha = self._declared_sha(req)
-        self._verify(req, sha)
+        sha = self._body_checksum(req)
         version = self._version(req)
         size = req.int_arg("size")
         if size < 0 or size > self.rt.settings.max_object_bytes:
@@ -330,8 +353,7 @@ class _Api:
 
     async def put_file(self, req: Request) -> Response:
         name = self._name(req, "/v1/files/")
-        sha = self._declared_sha(req)
-        self._verify(req, sha)
+        sha = self._body_checksum(req)
         size = req.int_arg("size")
         if size < 0 or size > self.rt.settings.max_object_bytes:
             raise HTTPError(413, f"object of {size} bytes over the limit")
@@ -340,6 +362,8 @@ class _Api:
                 name, req.stream(), size, sha, req.int_arg("mode", 0o644),
                 req.int_arg("mtime_ns", 0))
         except DataError as exc:
+            if isinstance(sha, LateDigest) and isinstance(sha.error, HTTPError):
+                raise sha.error from exc  # the trailer was refused: say so, not "no holder"
             raise HTTPError(exc.status, exc.message) from exc
         return Response.json({"tuple": tuple_to_json(entry)})
 

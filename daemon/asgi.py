@@ -21,6 +21,13 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+#: The ASGI extension a server offers when it can send a file's bytes itself (sendfile).
+ZEROCOPY = "http.response.zerocopysend"
+#: Where the last ``http.request`` message of a request with a trailer (``daemon.bulk``)
+#: carries it: bytes that follow the body, such as the digest of a body hashed as sent.
+TRAILER_KEY = "kelips.trailer"
+
+
 class HTTPError(Exception):
     """Raised by handlers: becomes a JSON error response with this status."""
 
@@ -46,6 +53,10 @@ class Request:
         self.client: tuple[str, int] | None = (str(client[0]), int(client[1])) if client else None
         self._receive = receive
         self._consumed = False
+        #: Whether the connection can carry a trailer after the body (bulk connections).
+        self.trailer_ok = TRAILER_KEY in scope.get("extensions", {})
+        #: What followed the body (a bulk request's trailer), once the body has been read.
+        self.trailer: bytes | None = None
 
     async def body(self, limit: int) -> bytes:
         """The whole body, refused with 413 beyond ``limit`` bytes (checked as it arrives)."""
@@ -73,6 +84,7 @@ class Request:
             if chunk:
                 yield chunk
             if not message.get("more_body", False):
+                self.trailer = message.get(TRAILER_KEY)
                 return
 
     def arg(self, name: str) -> str:
@@ -90,8 +102,6 @@ class Request:
             raise HTTPError(400, f"query parameter {name!r} must be an integer") from exc
 
 
-#: The ASGI extension a server offers when it can send a file's bytes itself (sendfile).
-ZEROCOPY = "http.response.zerocopysend"
 
 
 @dataclass

@@ -11,10 +11,15 @@ HMAC check) and the same response (status, headers), but the body is raw bytes, 
 Framing (one request per connection, no keep-alive: a loopback or LAN connect costs far less
 than the transfers this is for)::
 
-    client -> node:  b"KBLK" | u32 big-endian length | JSON {"method", "target", "headers"}
-                     | exactly content-length body bytes
+    client -> node:  b"KBLK" | u32 big-endian length | JSON {"method", "target", "headers",
+                     optional "trailer": n} | exactly content-length body bytes | n bytes
     node -> client:  u32 length | JSON {"status", "headers"} | the body: content-length bytes
                      (until the connection closes when a response declares none)
+
+The optional trailer carries what is known only once the body has been sent: an upload
+hashed while it is read sends its SHA-256 there (``security.Authenticator.sign_trailer``),
+so nothing has to read a large file once to hash it and again to send it. The server hands
+it to the application in the last ``http.request`` message, under ``TRAILER_KEY``.
 
 A response that ends short of its content-length is a failed transfer, as with HTTP. The server
 side is an ASGI server for the node's ``Router`` (``serve_connection``); ``daemon.api`` hands it
@@ -36,11 +41,13 @@ from urllib.parse import unquote
 
 import trio
 
-from daemon.asgi import ZEROCOPY
+from daemon.asgi import TRAILER_KEY, ZEROCOPY
 
 MAGIC = b"KBLK"
 #: Largest head (request or response line and headers, as JSON) accepted.
 HEAD_MAX = 64 * 1024
+#: Largest trailer accepted after a request's body.
+TRAILER_MAX = 1024
 #: Largest single receive: the size of the chunks handed to handlers and callers.
 RECV_BLOCK = 1 << 20
 #: Most bytes one sendfile(2) call may send.
@@ -140,31 +147,48 @@ async def _serve(stream: trio.abc.Stream, app: ASGIApp, client: tuple[str, int] 
         raise BulkError("head needs a method and a target")
     headers = _headers(head.get("headers", {}))
     remaining = _content_length(headers) or 0
+    trailer_size = head.get("trailer", 0)
+    if type(trailer_size) is not int or not 0 <= trailer_size <= TRAILER_MAX:
+        raise BulkError(f"bad trailer size {str(trailer_size)[:40]!r}")
     path, _, query = target.partition("?")
     scope: dict[str, Any] = {
         "type": "http", "http_version": "1.1", "scheme": "http", "method": method.upper(),
         "path": unquote(path), "raw_path": path.encode("latin-1"),
         "query_string": query.encode("latin-1"), "client": client,
         "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]}
-    pending = reader.leftover()[:remaining]
+    pending = reader.leftover()
+    reader.buffer += pending[remaining:]  # the start of the trailer, if it came along
+    pending = pending[:remaining]
 
     async def receive() -> dict[str, Any]:
-        nonlocal remaining, pending
-        if remaining <= 0:
+        nonlocal remaining, pending, trailer_size
+        if remaining <= 0 and not trailer_size:
             return {"type": "http.request", "body": b"", "more_body": False}
+        chunk = b""
         if pending:
             chunk, pending = pending, b""
-        else:
+        elif remaining > 0:
             with trio.fail_after(timeout):
                 chunk = bytes(await stream.receive_some(min(RECV_BLOCK, remaining)))
             if not chunk:
                 return {"type": "http.disconnect"}
         remaining -= len(chunk)
-        return {"type": "http.request", "body": chunk, "more_body": remaining > 0}
+        if remaining > 0:
+            return {"type": "http.request", "body": chunk, "more_body": True}
+        message: dict[str, Any] = {"type": "http.request", "body": chunk, "more_body": False}
+        if trailer_size:
+            size, trailer_size = trailer_size, 0
+            try:
+                with trio.fail_after(timeout):
+                    message[TRAILER_KEY] = await reader.exactly(size)
+            except BulkError:
+                return {"type": "http.disconnect"}
+        return message
 
     answer: dict[str, Any] = {}
+    scope["extensions"] = {TRAILER_KEY: {}}
     if isinstance(stream, trio.SocketStream):
-        scope["extensions"] = {ZEROCOPY: {}}
+        scope["extensions"][ZEROCOPY] = {}
 
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
@@ -260,11 +284,16 @@ class BulkResponse:
 @asynccontextmanager
 async def request(address: tuple[str, int], method: str, target: str,
                   headers: Mapping[str, str], body: AsyncIterator[bytes] | None,
-                  content_length: int, timeout: float) -> AsyncIterator[BulkResponse]:
+                  content_length: int, timeout: float,
+                  trailer: tuple[int, Callable[[], bytes]] | None = None
+                  ) -> AsyncIterator[BulkResponse]:
     """One bulk request; yields the response once its head has arrived.
 
     The body (exactly ``content_length`` bytes) is sent while the answer is awaited: a
-    server that answers before the end (a refusal) stops the upload.
+    server that answers before the end (a refusal) stops the upload. ``trailer`` (its size,
+    and what makes it, called once the whole body is sent) follows the body; if making it
+    raises, the connection is closed without it and the error propagates: the server sees
+    an unfinished request and keeps nothing.
     """
     try:
         with trio.fail_after(timeout):
@@ -272,8 +301,10 @@ async def request(address: tuple[str, int], method: str, target: str,
     except (OSError, trio.TooSlowError) as exc:
         raise BulkError(f"cannot connect: {type(exc).__name__}") from exc
     async with stream:
-        doc = {"method": method, "target": target,
-               "headers": {**headers, "content-length": str(content_length)}}
+        doc: dict[str, Any] = {"method": method, "target": target,
+                               "headers": {**headers, "content-length": str(content_length)}}
+        if trailer is not None:
+            doc["trailer"] = trailer[0]
         reader = _Reader(stream)
         sent: list[BaseException] = []
 
@@ -301,6 +332,11 @@ async def request(address: tuple[str, int], method: str, target: str,
                         return
             if count != content_length:
                 raise BulkError(f"body of {count} bytes, {content_length} announced")
+            if trailer is not None:
+                data = trailer[1]()
+                if len(data) != trailer[0]:
+                    raise BulkError(f"trailer of {len(data)} bytes, {trailer[0]} announced")
+                await send(data)
 
         try:
             async with trio.open_nursery() as nursery:

@@ -23,8 +23,8 @@ from daemon.core import codec
 from daemon.core.messages import LookupReply, MemberEntry, TupleEntry, Version
 from daemon.core.node import KelipsNode
 from daemon.logs import fields, short_id
-from daemon.peers import BULK_MIN, PeerClient, PeerError
-from daemon.store import StaleVersion, StoredObject, StoreFull
+from daemon.peers import BULK_MIN, LateDigest, PeerClient, PeerError, resolved
+from daemon.store import ChecksumMismatch, StaleVersion, StoredObject, StoreFull
 from daemon.wire import entry_from_json, tuple_from_json, tuple_to_json
 
 if TYPE_CHECKING:
@@ -67,6 +67,12 @@ class InsertFailed(DataError):
         self.full = full
         if full:
             self.status = 507
+
+
+class ContentMismatch(DataError):
+    """Every holder refused the upload's bytes: they do not match its size or SHA-256."""
+
+    status = 422
 
 
 class Located:
@@ -349,12 +355,14 @@ class DataPlane:
                                        checksum, mode, mtime_ns)
 
     async def insert_stream(self, name: str, chunks: AsyncIterator[bytes], size: int,
-                            checksum: bytes, mode: int, mtime_ns: int) -> TupleEntry:
+                            checksum: bytes | LateDigest, mode: int, mtime_ns: int
+                            ) -> TupleEntry:
         """Store a client's upload on the name's holders while it arrives: the body is teed
         into every holder's upload (and the local store when this node is a holder), with
         bounded buffers so the slowest holder sets the pace and nothing piles up in memory.
         Each holder verifies size and SHA-256 before it commits, so a short or corrupt body
-        is stored nowhere."""
+        is stored nowhere. A late checksum (the client's trailer) is passed on as one: each
+        holder gets it, signed by this node, after the body."""
         holders, _ = await self.placement(name)
         if not holders:
             raise InsertFailed(f"{name}: no holder available in its group")
@@ -363,6 +371,8 @@ class DataPlane:
         errors: list[str] = []
         full: list[bool] = []
         senders: list[trio.MemorySendChannel[bytes]] = []
+        refused: list[bool] = []  # per failed holder: it refused the bytes as not matching
+        late = isinstance(checksum, LateDigest)  # only a bulk connection carries its trailer
 
         async def store_on(holder: MemberEntry,
                            receive: trio.MemoryReceiveChannel[bytes]) -> None:
@@ -380,7 +390,7 @@ class DataPlane:
                             "PUT", holder.address, "/v1/replica/" + name,
                             _version_query(version, mode, mtime_ns, size), body=body(),
                             content_sha256=checksum,
-                            bulk_size=size if size >= BULK_MIN else None) as response:
+                            bulk_size=size if size >= BULK_MIN or late else None) as response:
                         reply = await response.aread()
                     if response.status_code != 200:
                         raise PeerError(f"refused the object: {reply[:200]!r}",
@@ -389,6 +399,7 @@ class DataPlane:
             except Exception as exc:  # any holder failure only removes that holder
                 errors.append(f"{holder.host}:{holder.port}: {exc}")
                 full.append(_out_of_space(exc))
+                refused.append(_not_matching(exc))
             finally:
                 receive.close()
 
@@ -399,13 +410,15 @@ class DataPlane:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     senders.remove(send)  # that holder gave up; the others go on
 
+        source_failed: list[Exception] = []
+
         async def feed() -> None:
             # Coalesce the server's small body chunks into large blocks: every block costs a
             # channel hop and a socket write per holder, so fewer, larger ones go faster.
             pending: list[bytes] = []
             pending_size = 0
             try:
-                async for chunk in chunks:
+                async for chunk in _noting(chunks, source_failed):
                     pending.append(chunk)
                     pending_size += len(chunk)
                     if pending_size >= _FAN_OUT_BLOCK:
@@ -424,20 +437,32 @@ class DataPlane:
                 send, receive = trio.open_memory_channel[bytes](8)
                 senders.append(send)
                 nursery.start_soon(store_on, holder, receive)
-            await feed()
+            try:
+                await feed()
+            except Exception:
+                if not source_failed:
+                    raise
+                # The upload itself failed: raised below as it is, not wrapped in a group.
+        if source_failed:  # e.g. the client went away: every holder saw a short body
+            raise source_failed[0]
+        if not stored and refused and all(refused):
+            raise ContentMismatch(f"{name}: the body does not match its announced size or "
+                                  f"SHA-256; stored nowhere: {'; '.join(errors)}")
         return await self._acknowledge(name, version, holders, stored, errors, any(full), size,
                                        checksum, mode, mtime_ns)
 
     async def _acknowledge(self, name: str, version: Version, holders: list[MemberEntry],
                            stored: list[MemberEntry], errors: list[str], full: bool, size: int,
-                           checksum: bytes, mode: int, mtime_ns: int) -> TupleEntry:
+                           checksum: bytes | LateDigest, mode: int, mtime_ns: int
+                           ) -> TupleEntry:
         """Publish the tuple if the write quorum holds the bytes; else fail the insert."""
         quorum = self.rt.settings.write_quorum or 1
         if len(stored) < quorum:
             self.rt.metrics.inc("kelips_puts_total", result="failed")
             raise InsertFailed(f"{name}: stored on {len(stored)} of {len(holders)} holders, "
                                f"{quorum} required: {'; '.join(errors) or 'no holder'}", full)
-        entry = TupleEntry(name, version, 1, size, mode, mtime_ns, checksum,
+        # A holder stored it: a late checksum resolved and matched there.
+        entry = TupleEntry(name, version, 1, size, mode, mtime_ns, resolved(checksum),
                            tuple(sorted(h.node_id for h in stored)), False)
         await self.publish(entry, stored)
         self.rt.metrics.inc("kelips_puts_total", result="ok")
@@ -756,6 +781,17 @@ async def _empty() -> AsyncIterator[bytes]:
         yield chunk
 
 
+async def _noting(chunks: AsyncIterator[bytes], failed: list[Exception]
+                  ) -> AsyncIterator[bytes]:
+    """``chunks``, recording in ``failed`` what its source raised (then re-raising it)."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception as exc:
+        failed.append(exc)
+        raise
+
+
 async def _guarded(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """Stream errors (httpx or bulk) become PeerError, so the reader falls back to the next
     holder."""
@@ -771,6 +807,12 @@ async def _guarded(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 def _out_of_space(exc: BaseException) -> bool:
     """A holder refused for lack of space: our own store, or a peer answering 507."""
     return isinstance(exc, StoreFull) or (isinstance(exc, PeerError) and exc.status == 507)
+
+
+def _not_matching(exc: BaseException) -> bool:
+    """A holder refused the bytes as not matching: our own store, or a peer answering 422."""
+    return isinstance(exc, ChecksumMismatch) or (isinstance(exc, PeerError)
+                                                 and exc.status == 422)
 
 
 def _version_query(version: Version, mode: int, mtime_ns: int, size: int) -> dict[str, object]:

@@ -31,6 +31,13 @@ MAC_BYTES = 32  # HMAC-SHA256
 TRAILER = TIME_BYTES + NONCE_BYTES + MAC_BYTES
 assert TRAILER == AUTH_TRAILER, "the core's datagram budget must match the real trailer"
 
+#: Signed in place of the body's SHA-256 by a request whose body is hashed while it is sent
+#: (bulk uploads): the head is authenticated before any byte is read, and the digest follows
+#: the body in a trailer (``sign_trailer``) bound to the head's MAC.
+TRAILER_SHA256 = hashlib.sha256(b"kelipsfs-v1 body digest in trailer").digest()
+#: The trailer: the body's SHA-256, then an HMAC of it bound to the request's head.
+BODY_TRAILER = 32 + MAC_BYTES
+
 MIN_KEY_BYTES = 16
 MIN_KEY_HEX = 2 * MIN_KEY_BYTES
 KEY_FILE_BYTES = 32
@@ -153,6 +160,7 @@ class Authenticator:
             raise ValueError(f"max_seen must be at least 1, got {max_seen}")
         self._datagram_mac = hmac.new(_subkey(key, b"datagram"), digestmod=hashlib.sha256)
         self._request_mac = hmac.new(_subkey(key, b"request"), digestmod=hashlib.sha256)
+        self._trailer_mac = hmac.new(_subkey(key, b"trailer"), digestmod=hashlib.sha256)
         self._window_ms = int(window * 1000)
         self._nonce_source = nonce_source
         self._max_seen = max_seen
@@ -236,7 +244,33 @@ class Authenticator:
             raise AuthError("bad mac")
         self._admit(stamp, nonce, now)
 
+    def sign_trailer(self, head_mac: str, body_sha256: bytes) -> bytes:
+        """The trailer of a request signed with TRAILER_SHA256 whose MAC header is
+        ``head_mac``: the body's digest and a MAC binding it to that one request (its nonce
+        makes the head MAC unique, so a trailer cannot be moved to another request)."""
+        return body_sha256 + self._trailer_digest(head_mac, body_sha256)
+
+    def verify_trailer(self, head_mac: str, trailer: bytes) -> bytes:
+        """The body's SHA-256 from an authentic trailer of the request whose (verified) MAC
+        header is ``head_mac``; AuthError otherwise. No replay memory is needed: the head's
+        nonce was admitted once, and the trailer is bound to it."""
+        if len(trailer) != BODY_TRAILER:
+            raise AuthError("malformed", f"trailer of {len(trailer)} bytes, not {BODY_TRAILER}")
+        sha, received = trailer[:32], trailer[32:]
+        if not hmac.compare_digest(self._trailer_digest(head_mac, sha), received):
+            raise AuthError("bad mac", "body trailer")
+        return bytes(sha)
+
     # internals
+
+    def _trailer_digest(self, head_mac: str, body_sha256: bytes) -> bytes:
+        if not _MAC_RE.fullmatch(head_mac):
+            raise AuthError("malformed", f"{MAC_HEADER}: {head_mac[:80]!r}")
+        if len(body_sha256) != hashlib.sha256().digest_size:
+            raise ValueError(f"body_sha256 must be a 32-byte digest, got {len(body_sha256)} bytes")
+        mac = self._trailer_mac.copy()
+        mac.update(bytes.fromhex(head_mac) + body_sha256)
+        return mac.digest()
 
     def _nonce(self) -> bytes:
         nonce = self._nonce_source()

@@ -22,10 +22,9 @@ import trio
 
 from daemon.bulk import BulkError
 from daemon.names import NameError_, validate_name
-from daemon.peers import PeerClient, PeerError, StreamedResponse, error_of
+from daemon.peers import LateDigest, PeerClient, PeerError, StreamedResponse, error_of
 from daemon.security import Authenticator, load_key, open_cluster_key
 from daemon.settings import DEFAULT_PORT, default_data_dir, parse_address
-from daemon.store import sha256_file
 
 ENDPOINT_FILE = "endpoint.json"
 PROGRESS_MIN = 8 << 20
@@ -116,18 +115,36 @@ class Client:
         return await self._json("DELETE", "/v1/files/" + checked_name(name))
 
     async def put(self, local: Path, name: str, progress: bool) -> Any:
+        """Upload a file over a bulk connection, hashed as it is read and sent (its digest
+        follows the body in the signed trailer): one pass over the file, and the first byte
+        leaves at once instead of after a whole hashing pass."""
         name = checked_name(name)
         st = local.stat()
-        sha = await trio.to_thread.run_sync(sha256_file, local)
+        hasher = hashlib.sha256()
+        sent = 0
+
+        def digest() -> bytes:
+            if sent != st.st_size:
+                raise ClientError(f"{local} changed size while it was sent")
+            return hasher.digest()
+
+        sha = LateDigest(digest)
         query = {"size": st.st_size, "mode": st.st_mode & 0o7777, "mtime_ns": st.st_mtime_ns}
         meter = _Progress(st.st_size, "put") if progress and st.st_size >= PROGRESS_MIN else None
 
+        def read_and_hash(fh: BinaryIO) -> bytes:
+            chunk = fh.read(1 << 20)
+            hasher.update(chunk)
+            return chunk
+
         async def body() -> AsyncIterator[bytes]:
-            async with await trio.open_file(local, "rb") as fh:
+            nonlocal sent
+            with await trio.to_thread.run_sync(open, local, "rb") as fh:
                 while True:
-                    chunk = await fh.read(1 << 20)
+                    chunk = await trio.to_thread.run_sync(read_and_hash, fh)
                     if not chunk:
                         return
+                    sent += len(chunk)
                     if meter:
                         meter.add(len(chunk))
                     yield chunk

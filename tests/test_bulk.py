@@ -8,7 +8,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -16,8 +16,21 @@ import pytest
 import trio
 
 from daemon import bulk
-from daemon.peers import PeerClient, PeerError
-from daemon.security import Authenticator, open_cluster_key
+from daemon.peers import (
+    CONTENT_SHA_HEADER,
+    TRAILER_MARK,
+    LateDigest,
+    PeerClient,
+    PeerError,
+    target_for,
+)
+from daemon.security import (
+    BODY_TRAILER,
+    MAC_HEADER,
+    TRAILER_SHA256,
+    Authenticator,
+    open_cluster_key,
+)
 from tests.cluster import Cluster, NodeProc
 
 MiB = 1 << 20
@@ -169,14 +182,19 @@ def _raw_exchange(node: NodeProc, data: bytes, pause_after: int | None = None) -
             time.sleep(0.2)
             data = data[pause_after:]
         sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
-        received = b""
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except ConnectionResetError:
-            pass
-        return received or None
+        return _half_close_and_read(sock)
+
+
+def _half_close_and_read(sock: socket.socket) -> bytes | None:
+    """Say the request is over (SHUT_WR) and read what the node answers, if anything."""
+    sock.shutdown(socket.SHUT_WR)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return received or None
 
 
 @pytest.mark.parametrize("garbage", [
@@ -230,3 +248,444 @@ def test_a_large_get_is_fetched_from_the_holders(tmp_path: Path) -> None:
         out.unlink()
         c.cli(asker, "get", "big", str(out))
         assert out.read_bytes() == data
+
+
+# --- a body's digest in a signed trailer (hashed while sent) ---------------------------------
+
+KEY = open_cluster_key("kelipsfs")
+WRITER = "ab" * 20
+#: (the head's MAC header, the body) -> the trailer bytes a test sends
+MakeTrailer = Callable[[str, bytes], bytes]
+
+
+def _sha(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _good(head_mac: str, data: bytes) -> bytes:
+    return Authenticator(KEY).sign_trailer(head_mac, _sha(data))
+
+
+def _flipped_mac(head_mac: str, data: bytes) -> bytes:
+    trailer = bytearray(_good(head_mac, data))
+    trailer[-1] ^= 0x01
+    return bytes(trailer)
+
+
+def _flipped_digest(head_mac: str, data: bytes) -> bytes:
+    trailer = bytearray(_good(head_mac, data))
+    trailer[0] ^= 0x80
+    return bytes(trailer)
+
+
+def _foreign_key(head_mac: str, data: bytes) -> bytes:
+    return Authenticator(b"k" * 32).sign_trailer(head_mac, _sha(data))
+
+
+def _other_request(head_mac: str, data: bytes) -> bytes:
+    """A genuine trailer, for another (signed) request of the same target: not for this one."""
+    other = Authenticator(KEY).sign_request("PUT", "/v1/files/elsewhere", TRAILER_SHA256,
+                                            time.time())[MAC_HEADER]
+    return Authenticator(KEY).sign_trailer(other, _sha(data))
+
+
+def _other_digest(head_mac: str, data: bytes) -> bytes:
+    return Authenticator(KEY).sign_trailer(head_mac, _sha(data + b"!"))
+
+
+def _raising(head_mac: str, data: bytes) -> bytes:
+    raise RuntimeError("the source changed while it was sent")
+
+
+def _trailer_headers(target: str) -> dict[str, str]:
+    """A head signed for a digest that follows the body (what PeerClient.stream sends)."""
+    headers = Authenticator(KEY).sign_request("PUT", target, TRAILER_SHA256, time.time())
+    headers[CONTENT_SHA_HEADER] = TRAILER_MARK
+    return headers
+
+
+def _upload_target(kind: str, name: str, size: int) -> tuple[str, dict[str, object]]:
+    if kind == "files":
+        return "/v1/files/" + name, {"size": size, "mode": 0o640, "mtime_ns": 11}
+    return "/v1/replica/" + name, {"clock": time.time_ns() // 1000, "writer": WRITER,
+                                   "size": size, "mode": 0o640, "mtime_ns": 11}
+
+
+def _put_with_trailer(node: NodeProc, kind: str, name: str, data: bytes,
+                      make: MakeTrailer | None, size: int = BODY_TRAILER) -> tuple[int, bytes]:
+    """A bulk upload whose digest is in a trailer made by ``make`` (none announced if None)."""
+    path, query = _upload_target(kind, name, len(data))
+    target = target_for(path, query)
+    headers = _trailer_headers(target)
+    trailer = None if make is None else (size, lambda: make(headers[MAC_HEADER], data))
+
+    async def upload() -> tuple[int, bytes]:
+        async with bulk.request(address(node), "PUT", target, headers, chunks(data), len(data),
+                                TIMEOUT, trailer) as answer:
+            return answer.status_code, await answer.aread()
+
+    result: tuple[int, bytes] = run(upload)  # type: ignore[assignment]
+    return result
+
+
+def _put_late(node: NodeProc, kind: str, name: str, data: bytes) -> tuple[int, bytes]:
+    """The real sender's way: PeerClient.stream with a LateDigest hashed as the body goes."""
+    path, query = _upload_target(kind, name, len(data))
+    hasher = hashlib.sha256()
+
+    async def hashed() -> AsyncIterator[bytes]:
+        async for chunk in chunks(data):
+            hasher.update(chunk)
+            yield chunk
+
+    async def upload() -> tuple[int, bytes]:
+        client = peers()
+        try:
+            async with client.stream("PUT", address(node), path, query, body=hashed(),
+                                     content_sha256=LateDigest(hasher.digest),
+                                     bulk_size=len(data)) as answer:
+                return answer.status_code, await answer.aread()
+        finally:
+            await client.aclose()
+
+    result: tuple[int, bytes] = run(upload)  # type: ignore[assignment]
+    return result
+
+
+def _fetch(node: NodeProc, path: str) -> tuple[int, bytes, dict[str, str]]:
+    """A signed bulk GET: status, body, headers."""
+    async def get() -> tuple[int, bytes, dict[str, str]]:
+        client = peers()
+        try:
+            async with client.stream("GET", address(node), path, bulk_size=0) as answer:
+                return answer.status_code, await answer.aread(), dict(answer.headers)
+        finally:
+            await client.aclose()
+
+    result: tuple[int, bytes, dict[str, str]] = run(get)  # type: ignore[assignment]
+    return result
+
+
+def _held(node: NodeProc, kind: str, name: str) -> bytes | None:
+    """The bytes ``node`` serves for ``name`` (its replica, or the file); None if absent."""
+    status, body, _ = _fetch(node, ("/v1/replica/" if kind == "replica" else "/v1/files/")
+                             + name)
+    assert status in (200, 404), (status, body[:200])
+    return body if status == 200 else None
+
+
+def _temp_files(node: NodeProc) -> list[str]:
+    return sorted(os.listdir(node.data_dir / "store" / "tmp"))
+
+
+def _assert_nothing_stored(nodes: list[NodeProc], name: str, settle: float = 1.0) -> None:
+    """No node holds ``name`` and no temp file is left, checked until ``settle`` has passed
+    (a relayed upload ends on its holder a little after the client's answer)."""
+    deadline = time.monotonic() + settle
+    while True:
+        for node in nodes:
+            assert _held(node, "replica", name) is None, f"{name} stored on {node.address}"
+        assert _held(nodes[0], "files", name) is None
+        leftovers = {node.address: _temp_files(node) for node in nodes}
+        if time.monotonic() >= deadline and not any(leftovers.values()):
+            return
+        if time.monotonic() >= deadline + 10:
+            raise AssertionError(f"temp files left: {leftovers}")
+        time.sleep(0.1)
+
+
+def _auth_rejections(node: NodeProc) -> float:
+    text = httpx.get(f"http://{node.address}/metrics", timeout=TIMEOUT).text
+    prefix = 'kelips_rejected_packets_total{reason="http_auth"} '
+    return sum(float(line[len(prefix):]) for line in text.splitlines()
+               if line.startswith(prefix))
+
+
+def _error(body: bytes) -> str:
+    message: str = json.loads(body)["error"]
+    return message
+
+
+@pytest.mark.parametrize("kind", ["files", "replica"])
+@pytest.mark.parametrize("size", [0, 1, 100 * 1024, 2 * MiB + 3])
+def test_an_upload_with_its_digest_in_a_trailer_is_stored(node: NodeProc, kind: str,
+                                                          size: int) -> None:
+    data = os.urandom(size)
+    name = f"trailer/ok-{kind}-{size}"
+    status, body = _put_late(node, kind, name, data)
+    assert status == 200, body
+    if kind == "files":
+        entry = json.loads(body)["tuple"]
+        assert entry["checksum"] == hashlib.sha256(data).hexdigest() and entry["size"] == size
+        got_status, got, headers = _fetch(node, "/v1/files/" + name)
+        assert got_status == 200 and got == data
+        assert headers["x-kelips-checksum"] == hashlib.sha256(data).hexdigest()
+        assert headers["x-kelips-mode"] == str(0o640)
+    else:
+        assert json.loads(body) == {"stored": size}
+    assert _held(node, "replica", name) == data
+    assert _temp_files(node) == []
+
+
+@pytest.mark.parametrize("kind", ["files", "replica"])
+def test_a_hand_made_trailer_is_accepted_like_the_clients(node: NodeProc, kind: str) -> None:
+    """The wire form on its own (bulk.request + sign_trailer), not only PeerClient's."""
+    data = os.urandom(300 * 1024)
+    status, body = _put_with_trailer(node, kind, f"trailer/hand-{kind}", data, _good)
+    assert status == 200, body
+    assert _held(node, "replica", f"trailer/hand-{kind}") == data
+
+
+@pytest.mark.parametrize("kind", ["files", "replica"])
+@pytest.mark.parametrize(("make", "size", "words"), [
+    (_flipped_mac, BODY_TRAILER, "bad mac"),
+    (_flipped_digest, BODY_TRAILER, "bad mac"),
+    (_foreign_key, BODY_TRAILER, "bad mac"),
+    (_other_request, BODY_TRAILER, "bad mac"),
+    (lambda head_mac, data: b"\0" * 10, 10, "malformed"),
+], ids=["flipped-mac", "flipped-digest", "foreign-key", "other-request", "short"])
+def test_a_trailer_that_is_not_authentic_is_refused(node: NodeProc, kind: str,
+                                                    make: MakeTrailer, size: int,
+                                                    words: str) -> None:
+    data = os.urandom(MiB + 17)
+    name = f"trailer/forged-{kind}-{make.__name__.strip('_<>')}-{size}"
+    rejected = _auth_rejections(node)
+    status, body = _put_with_trailer(node, kind, name, data, make, size)
+    assert status == 401, body
+    assert _error(body).startswith("body not authenticated") and words in _error(body)
+    assert _auth_rejections(node) == rejected + 1
+    _assert_nothing_stored([node], name, settle=0)
+
+
+@pytest.mark.parametrize(("kind", "expected"), [("files", 422), ("replica", 422)])
+def test_a_body_not_matching_its_trailer_is_refused(node: NodeProc, kind: str,
+                                                    expected: int) -> None:
+    """An authentic trailer for other bytes: the holder's store refuses it (ChecksumMismatch:
+    422), and a relaying node whose every holder refused so says 422 too."""
+    data = os.urandom(MiB + 5)
+    name = f"trailer/mismatch-{kind}"
+    rejected = _auth_rejections(node)
+    status, body = _put_with_trailer(node, kind, name, data, _other_digest)
+    assert status == expected, body
+    assert "SHA-256" in _error(body)
+    assert _auth_rejections(node) == rejected  # authentic: not an authentication failure
+    _assert_nothing_stored([node], name, settle=0)
+
+
+@pytest.mark.parametrize("kind", ["files", "replica"])
+def test_a_head_announcing_no_trailer_is_a_bad_request(node: NodeProc, kind: str) -> None:
+    data = os.urandom(64 * 1024)
+    name = f"trailer/none-{kind}"
+    status, body = _put_with_trailer(node, kind, name, data, None)
+    assert status == 400, body
+    assert "trailer is missing" in _error(body)
+    _assert_nothing_stored([node], name, settle=0)
+
+
+def _raw_trailer_upload(node: NodeProc, kind: str, name: str, data: bytes, trailer: bytes,
+                        how: str) -> bytes | None:
+    """Head, body and ``trailer`` (a part of one) on a raw socket; then, per ``how``, half
+    close and read what comes back ("shutdown") or close at once ("close")."""
+    path, query = _upload_target(kind, name, len(data))
+    target = target_for(path, query)
+    headers = {**_trailer_headers(target), "content-length": str(len(data))}
+    doc = {"method": "PUT", "target": target, "headers": headers, "trailer": BODY_TRAILER}
+    payload = json.dumps(doc).encode()
+    with socket.create_connection(address(node), timeout=TIMEOUT) as sock:
+        sock.sendall(bulk.MAGIC + struct.pack(">I", len(payload)) + payload + data + trailer)
+        if how == "close":
+            return None
+        return _half_close_and_read(sock)
+
+
+@pytest.mark.parametrize("kind", ["files", "replica"])
+@pytest.mark.parametrize("sent", [0, 10, BODY_TRAILER - 1])
+@pytest.mark.parametrize("how", ["shutdown", "close"])
+def test_a_connection_closed_before_the_whole_trailer_stores_nothing(
+        node: NodeProc, kind: str, sent: int, how: str) -> None:
+    data = os.urandom(MiB + 3)
+    name = f"trailer/cut-{kind}-{sent}-{how}"
+    trailer = _good("00" * 32, data)[:sent]  # never complete, so its MAC does not matter
+    answer = _raw_trailer_upload(node, kind, name, data, trailer, how)
+    if answer is not None:  # the node may still say why before it closes
+        length = struct.unpack(">I", answer[:4])[0]
+        assert json.loads(answer[4:4 + length])["status"] != 200
+    _assert_nothing_stored([node], name)
+
+
+@pytest.mark.parametrize("sent", [0, 10])
+def test_a_file_upload_cut_before_its_trailer_is_a_client_abort(node: NodeProc,
+                                                                sent: int) -> None:
+    """A client going away mid-upload is answered 499 (as a replica upload is), not a 500
+    with a traceback in the log."""
+    name = f"trailer/abort-{sent}"
+    answer = _raw_trailer_upload(node, "files", name, os.urandom(MiB + 3), b"\0" * sent,
+                                 "shutdown")
+    assert answer is not None
+    length = struct.unpack(">I", answer[:4])[0]
+    assert json.loads(answer[4:4 + length])["status"] == 499, answer[4 + length:]
+
+
+@pytest.mark.parametrize("kind", ["files", "replica"])
+def test_a_trailer_that_cannot_be_made_closes_the_upload(node: NodeProc, kind: str) -> None:
+    """``make()`` raises once the body is sent: its error propagates, no trailer is sent and
+    the node keeps nothing."""
+    name = f"trailer/unmade-{kind}"
+    with pytest.raises(RuntimeError, match="changed while it was sent"):
+        _put_with_trailer(node, kind, name, os.urandom(MiB + 9), _raising)
+    _assert_nothing_stored([node], name)
+
+
+@pytest.mark.parametrize("kind", ["files", "replica"])
+def test_a_late_digest_that_fails_closes_the_upload(node: NodeProc, kind: str) -> None:
+    """The same through PeerClient.stream: a LateDigest raising (the client's file changed
+    size) propagates unchanged and nothing is stored."""
+    data = os.urandom(MiB + 1)
+    name = f"trailer/late-fails-{kind}"
+    path, query = _upload_target(kind, name, len(data))
+
+    def digest() -> bytes:
+        raise OSError("the file changed size while it was sent")
+
+    async def upload() -> None:
+        client = peers()
+        try:
+            async with client.stream("PUT", address(node), path, query, body=chunks(data),
+                                     content_sha256=LateDigest(digest), bulk_size=len(data)):
+                pass
+        finally:
+            await client.aclose()
+
+    with pytest.raises(OSError, match="changed size"):
+        run(upload)
+    _assert_nothing_stored([node], name)
+
+
+@pytest.mark.parametrize("kind", ["files", "replica"])
+def test_a_trailer_is_refused_over_plain_http(node: NodeProc, kind: str) -> None:
+    data = os.urandom(4096)
+    name = f"trailer/http-{kind}"
+    path, query = _upload_target(kind, name, len(data))
+    target = target_for(path, query)
+    headers = _trailer_headers(target)  # correctly signed: refused for the framing alone
+    answer = httpx.put(f"http://{node.address}{target}", content=data, headers=headers,
+                       timeout=TIMEOUT)
+    assert answer.status_code == 400, answer.text
+    assert "needs a bulk connection" in answer.json()["error"]
+    _assert_nothing_stored([node], name, settle=0)
+
+
+def test_a_late_digest_needs_a_bulk_connection() -> None:
+    async def upload() -> None:
+        client = peers()
+        try:
+            async with client.stream("PUT", ("127.0.0.1", 9), "/v1/files/x", {"size": 1},
+                                     body=chunks(b"x"), content_sha256=LateDigest(lambda: b""),
+                                     bulk_size=None):
+                pass
+        finally:
+            await client.aclose()
+
+    with pytest.raises(ValueError, match="needs a bulk connection"):
+        run(upload)
+
+
+@pytest.mark.parametrize("trailer", [bulk.TRAILER_MAX + 1, -1, "64", 64.0, True, None])
+def test_a_bad_trailer_size_closes_the_connection(node: NodeProc, trailer: object) -> None:
+    doc = {"method": "GET", "target": "/v1/status", "headers": {}, "trailer": trailer}
+    payload = json.dumps(doc).encode()
+    assert _raw_exchange(node, bulk.MAGIC + struct.pack(">I", len(payload)) + payload) is None
+    assert httpx.get(f"http://{node.address}/metrics").status_code == 200  # still serving
+
+
+def test_a_trailer_of_the_largest_size_is_read(node: NodeProc) -> None:
+    """An announced trailer is read (and handed on) even by a request that ignores it."""
+    target = "/v1/status"
+    headers = Authenticator(KEY).sign_request("GET", target, _sha(b""), time.time())
+
+    async def status() -> tuple[int, bytes]:
+        async with bulk.request(address(node), "GET", target, headers, None, 0, TIMEOUT,
+                                (bulk.TRAILER_MAX, lambda: b"t" * bulk.TRAILER_MAX)) as answer:
+            return answer.status_code, await answer.aread()
+
+    result: tuple[int, bytes] = run(status)  # type: ignore[assignment]
+    code, body = result
+    assert code == 200 and "node_id" in json.loads(body)
+
+
+# --- relayed: a node stores a client's trailer upload on every holder ------------------------
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, list[NodeProc]]]:
+    with Cluster(tmp_path_factory.mktemp("trailer-pair"),
+                 settings=["k=1", "replication=2"]) as c:
+        nodes = [c.new_node()]
+        nodes.append(c.new_node(join=[nodes[0]]))
+        c.wait_for(lambda: all(len(c.status(n)["members"]) == 2 for n in nodes), 30, "joins")
+        yield c, nodes
+
+
+@pytest.mark.parametrize("size", [0, 100 * 1024, 2 * MiB + 3])
+def test_a_trailer_upload_is_relayed_to_every_holder(
+        pair: tuple[Cluster, list[NodeProc]], size: int) -> None:
+    c, nodes = pair
+    data = os.urandom(size)
+    name = f"relay/ok-{size}"
+    status, body = _put_late(nodes[0], "files", name, data)
+    assert status == 200, body
+    entry = json.loads(body)["tuple"]
+    assert entry["checksum"] == hashlib.sha256(data).hexdigest()
+    ids = {c.status(n)["node_id"] for n in nodes}
+    assert set(entry["holders"]) == ids  # the asked node and the other one
+    for holder in nodes:  # the other holder got the body with the asking node's trailer
+        assert _held(holder, "replica", name) == data
+    assert _fetch(nodes[1], "/v1/files/" + name)[:2] == (200, data)
+
+
+def test_the_cli_put_sends_its_digest_in_a_trailer(pair: tuple[Cluster, list[NodeProc]],
+                                                   tmp_path: Path) -> None:
+    c, nodes = pair
+    for size in (0, 5, 3 * MiB + 1):
+        data = os.urandom(size)
+        source = tmp_path / f"src-{size}"
+        source.write_bytes(data)
+        c.cli(nodes[1], "put", str(source), f"relay/cli-{size}")
+        for holder in nodes:
+            assert _held(holder, "replica", f"relay/cli-{size}") == data
+        out = tmp_path / f"out-{size}"
+        c.cli(nodes[0], "get", f"relay/cli-{size}", str(out))
+        assert out.read_bytes() == data
+
+
+@pytest.mark.parametrize(("make", "size", "expected"), [
+    (_flipped_mac, BODY_TRAILER, 401),
+    (_foreign_key, BODY_TRAILER, 401),
+    (_other_digest, BODY_TRAILER, 422),
+    (None, 0, 400),
+], ids=["flipped-mac", "foreign-key", "other-digest", "none"])
+@pytest.mark.parametrize("size_of_body", [64 * 1024, 2 * MiB + 1])
+def test_a_refused_trailer_is_stored_on_no_holder(
+        pair: tuple[Cluster, list[NodeProc]], make: MakeTrailer | None, size: int,
+        expected: int, size_of_body: int) -> None:
+    _, nodes = pair
+    name = f"relay/refused-{expected}-{getattr(make, '__name__', 'none')}-{size_of_body}"
+    rejected = _auth_rejections(nodes[0])
+    status, body = _put_with_trailer(nodes[0], "files", name, os.urandom(size_of_body), make,
+                                     size)
+    assert status == expected, body
+    assert _auth_rejections(nodes[0]) == rejected + (expected == 401)
+    _assert_nothing_stored(nodes, name)
+
+
+@pytest.mark.parametrize("how", ["shutdown", "close"])
+def test_a_relayed_upload_cut_before_its_trailer_is_stored_on_no_holder(
+        pair: tuple[Cluster, list[NodeProc]], how: str) -> None:
+    _, nodes = pair
+    name = f"relay/cut-{how}"
+    data = os.urandom(2 * MiB + 7)
+    answer = _raw_trailer_upload(nodes[0], "files", name, data, b"", how)
+    if answer is not None:
+        length = struct.unpack(">I", answer[:4])[0]
+        assert json.loads(answer[4:4 + length])["status"] != 200
+    _assert_nothing_stored(nodes, name)

@@ -14,10 +14,12 @@ from hypothesis import strategies as st
 
 from daemon.core.config import AUTH_TRAILER
 from daemon.security import (
+    BODY_TRAILER,
     MAC_HEADER,
     NONCE_HEADER,
     TIME_HEADER,
     TRAILER,
+    TRAILER_SHA256,
     Authenticator,
     AuthError,
     KeyFileError,
@@ -332,6 +334,119 @@ def test_verifying_random_headers_only_raises_auth_error(headers: dict[str, str]
                                                          target: str) -> None:
     with pytest.raises(AuthError):
         auth().verify_request(method, target, headers, BODY, NOW)
+
+
+# --- body trailers (a digest sent after a bulk body) -----------------------------------------
+
+
+def _head_mac(signer: Authenticator | None = None, target: str = "/v1/replica/f") -> str:
+    """The MAC header of an upload whose body digest travels in a trailer."""
+    headers = (signer or auth()).sign_request("PUT", target, TRAILER_SHA256, NOW)
+    return headers[MAC_HEADER]
+
+
+def test_body_trailer_roundtrip() -> None:
+    assert BODY_TRAILER == 64
+    assert hashlib.sha256(b"kelipsfs-v1 body digest in trailer").digest() == TRAILER_SHA256
+    head_mac = _head_mac()
+    trailer = auth().sign_trailer(head_mac, BODY)
+    assert len(trailer) == BODY_TRAILER and trailer[:32] == BODY
+    server = auth()
+    assert server.verify_trailer(head_mac, trailer) == BODY
+    # no replay memory: the head's nonce was admitted once; the trailer only binds to it
+    assert server.verify_trailer(head_mac, trailer) == BODY and server.seen_count == 0
+
+
+def test_the_head_signed_with_the_trailer_marker_verifies_like_any_request() -> None:
+    headers = auth().sign_request("PUT", "/v1/files/f", TRAILER_SHA256, NOW)
+    server = auth()
+    server.verify_request("PUT", "/v1/files/f", headers, TRAILER_SHA256, NOW)
+    assert reason(server.verify_request, "PUT", "/v1/files/f", headers, BODY, NOW) == "bad mac"
+
+
+def test_a_trailer_of_another_request_is_refused() -> None:
+    signer = auth(nonce_source=counter_nonces())
+    first, second = _head_mac(signer), _head_mac(signer)
+    assert first != second  # same request, another nonce: another head MAC
+    trailer = signer.sign_trailer(first, BODY)
+    assert reason(auth().verify_trailer, second, trailer) == "bad mac"
+    other_target = _head_mac(auth(nonce_source=lambda: b"\x01" * 8), "/v1/replica/g")
+    assert reason(auth().verify_trailer, other_target, trailer) == "bad mac"
+    assert auth().verify_trailer(first, trailer) == BODY
+
+
+def test_every_bit_flip_of_a_body_trailer_is_refused() -> None:
+    head_mac = _head_mac()
+    trailer = auth().sign_trailer(head_mac, BODY)
+    server = auth()
+    for index in range(len(trailer)):  # the digest (0..31) and the MAC (32..63)
+        for bit in range(8):
+            flipped = bytearray(trailer)
+            flipped[index] ^= 1 << bit
+            assert reason(server.verify_trailer, head_mac, bytes(flipped)) == "bad mac", \
+                (index, bit)
+    assert server.verify_trailer(head_mac, trailer) == BODY
+
+
+def test_a_digest_swapped_under_a_signed_mac_is_refused() -> None:
+    """Another digest under a valid MAC of the same head is refused: only the key holder
+    can make a trailer for a given digest."""
+    head_mac = _head_mac()
+    other = hashlib.sha256(b"other body").digest()
+    swapped = other + auth().sign_trailer(head_mac, BODY)[32:]
+    assert reason(auth().verify_trailer, head_mac, swapped) == "bad mac"
+    assert auth().verify_trailer(head_mac, auth().sign_trailer(head_mac, other)) == other
+
+
+@pytest.mark.parametrize("length", [0, 1, 32, 63, 65, 128])
+def test_a_trailer_of_the_wrong_length_is_malformed(length: int) -> None:
+    head_mac = _head_mac()
+    trailer = auth().sign_trailer(head_mac, BODY)
+    candidate = (trailer * 2)[:length]
+    with pytest.raises(AuthError, match=f"trailer of {length} bytes") as info:
+        auth().verify_trailer(head_mac, candidate)
+    assert info.value.reason == "malformed"
+
+
+@pytest.mark.parametrize("head_mac", ["", "00" * 31, "zz" * 32, "AB" * 32, "00" * 33])
+def test_a_malformed_head_mac_is_refused(head_mac: str) -> None:
+    trailer = auth().sign_trailer(_head_mac(), BODY)
+    assert reason(auth().verify_trailer, head_mac, trailer) == "malformed"
+
+
+def test_a_trailer_made_with_another_key_is_refused() -> None:
+    head_mac = _head_mac()
+    forged = Authenticator(OTHER_KEY).sign_trailer(head_mac, BODY)
+    assert reason(auth().verify_trailer, head_mac, forged) == "bad mac"
+    assert reason(Authenticator(OTHER_KEY).verify_trailer, head_mac,
+                  auth().sign_trailer(head_mac, BODY)) == "bad mac"
+
+
+def test_trailer_request_and_datagram_macs_are_separate() -> None:
+    """The trailer MAC uses its own subkey: a request MAC or a datagram MAC over the same
+    bytes is no trailer, and a trailer's MAC is no request signature."""
+    head_mac = _head_mac()
+    trailer = auth().sign_trailer(head_mac, BODY)
+    nonce = b"\x02" * 8
+    signer = Authenticator(KEY, nonce_source=lambda: nonce)
+    request_mac = bytes.fromhex(signer.sign_request("PUT", "/x", BODY, NOW)[MAC_HEADER])
+    assert reason(auth().verify_trailer, head_mac, BODY + request_mac) == "bad mac"
+    headers = signer.sign_request("PUT", "/x", BODY, NOW)
+    headers[MAC_HEADER] = trailer[32:].hex()
+    assert reason(auth().verify_request, "PUT", "/x", headers, BODY, NOW) == "bad mac"
+
+
+def test_signing_a_trailer_needs_a_digest() -> None:
+    with pytest.raises(ValueError, match="body_sha256"):
+        auth().sign_trailer(_head_mac(), b"short")
+
+
+@PROPS
+@given(st.binary(max_size=100))
+def test_verifying_random_trailers_only_raises_auth_error(trailer: bytes) -> None:
+    head_mac = _head_mac()
+    with pytest.raises(AuthError):
+        auth().verify_trailer(head_mac, trailer)
 
 
 # --- keys --------------------------------------------------------------------------------------

@@ -432,6 +432,112 @@ def test_checksum_mismatch_leaves_nothing(root: Path, case: str) -> None:
     assert run(lambda: read_all(store, held)) == b"held"
 
 
+class LateChecksum:
+    """A digest known only after the body (``peers.LateDigest``): records when it is called."""
+
+    def __init__(self, chunks: Chunks, result: bytes | BaseException) -> None:
+        self.chunks = chunks
+        self.result = result
+        self.calls: list[int] = []  # bytes of the body consumed at each call
+
+    def __call__(self) -> bytes:
+        self.calls.append(self.chunks.consumed)
+        if isinstance(self.result, BaseException):
+            raise self.result
+        return self.result
+
+
+@pytest.mark.parametrize("data", [b"", b"late", os.urandom(3 * MiB + 5)])
+def test_a_late_checksum_is_asked_after_the_body_and_commits(root: Path, data: bytes) -> None:
+    store = ObjectStore(root)
+    chunks = Chunks(data)
+    late = LateChecksum(chunks, sha(data))
+    obj = run(lambda: store.put("f", v(1), 0o600, 7, chunks, expected_checksum=late,
+                                expected_size=len(data)))
+    assert late.calls == [len(data)]  # once, after the whole body
+    assert obj.checksum == sha(data) and obj.size == len(data) and obj.mode == 0o600
+    assert store.get("f") == obj
+    assert run(lambda: read_all(store, obj)) == data
+    assert tmp_entries(root) == [] and object_files(root) == expected_files(store)
+    reopened = ObjectStore(root)  # committed: it survives a restart
+    assert reopened.get("f") == obj
+
+
+def test_a_wrong_late_checksum_stores_nothing(root: Path) -> None:
+    store = ObjectStore(root)
+    held = run(lambda: put_bytes(store, "f", v(1), b"held"))
+    data = os.urandom(2 * MiB)
+    chunks = Chunks(data)
+    late = LateChecksum(chunks, sha(b"something else"))
+    with pytest.raises(ChecksumMismatch, match="the data was discarded"):
+        run(lambda: store.put("f", v(2), 0o644, 0, chunks, expected_checksum=late,
+                              expected_size=len(data)))
+    assert late.calls == [len(data)]
+    assert store.get("f") == held
+    assert tmp_entries(root) == [] and object_files(root) == expected_files(store)
+    assert run(lambda: read_all(store, held)) == b"held"
+    with pytest.raises(ChecksumMismatch):  # a new name: nothing at all is left
+        run(lambda: store.put("g", v(1), 0o644, 0, Chunks(data),
+                              expected_checksum=lambda: sha(b"nope")))
+    assert store.get("g") is None and tmp_entries(root) == []
+    assert object_files(root) == expected_files(store)
+
+
+class TrailerRefused(Exception):
+    pass
+
+
+@pytest.mark.parametrize("error", [TrailerRefused("bad trailer mac"), ValueError("odd"),
+                                   ChecksumMismatch("from the caller")])
+def test_an_error_of_a_late_checksum_propagates_and_stores_nothing(
+        root: Path, error: Exception) -> None:
+    store = ObjectStore(root)
+    data = os.urandom(MiB + 1)
+    chunks = Chunks(data)
+    late = LateChecksum(chunks, error)
+    with pytest.raises(type(error), match=str(error)) as info:
+        run(lambda: store.put("f", v(1), 0o644, 0, chunks, expected_checksum=late,
+                              expected_size=len(data)))
+    assert info.value is error  # unchanged, not wrapped in a StoreError
+    assert late.calls == [len(data)]
+    assert store.get("f") is None and store.objects() == []
+    assert tmp_entries(root) == [] and object_files(root) == set()
+
+
+def test_a_late_checksum_is_not_asked_when_the_body_is_short_or_broken(root: Path) -> None:
+    """A body that ends short of its size (its trailer never came) or fails is refused
+    before the checksum is asked: a missing trailer cannot be mistaken for a bad one."""
+    store = ObjectStore(root)
+    data = b"y" * MiB
+    chunks = Chunks(data)
+    late = LateChecksum(chunks, TrailerRefused("must not be called"))
+    with pytest.raises(ChecksumMismatch, match="announced"):
+        run(lambda: store.put("f", v(1), 0o644, 0, chunks, expected_checksum=late,
+                              expected_size=len(data) + 1))
+
+    async def broken() -> AsyncIterator[bytes]:
+        yield b"a" * KiB
+        raise ConnectionError("peer went away")
+
+    with pytest.raises(ConnectionError, match="went away"):
+        run(lambda: store.put("f", v(1), 0o644, 0, broken(), expected_checksum=late))
+    assert late.calls == []
+    assert store.get("f") is None and tmp_entries(root) == [] and object_files(root) == set()
+
+
+def test_the_held_version_is_returned_without_reading_or_asking_a_late_checksum(
+        root: Path) -> None:
+    store = ObjectStore(root)
+    held = run(lambda: put_bytes(store, "f", v(3), b"held"))
+    chunks = Chunks(b"held")
+    late = LateChecksum(chunks, sha(b"held"))
+    assert run(lambda: store.put("f", v(3), 0o644, 0, chunks, expected_checksum=late)) == held
+    assert chunks.consumed == 0 and late.calls == []
+    with pytest.raises(StaleVersion):
+        run(lambda: store.put("f", v(2), 0o644, 0, chunks, expected_checksum=late))
+    assert chunks.consumed == 0 and late.calls == []
+
+
 def test_failing_or_cancelled_stream_leaves_nothing(root: Path) -> None:
     store = ObjectStore(root)
 

@@ -7,7 +7,9 @@
 2. put and get of a large object through the client library `kelipsfs put/get` use (in this
    process: starting a Python process, ~0.25 s, is not throughput), the got file fsynced,
    beside `cp` of the same file into a local directory followed by `sync`: MiB/s and the
-   ratio; and beside three such copies (a put stores r = 3 copies, on this one machine).
+   ratio; beside three such copies (a put stores r = 3 copies, on this one machine); and
+   beside plain Python peers doing the least a verified 3-copy put must do
+   (``bench.plain_peers``: one read, SHA-256 on every side, loopback TCP, fsync).
 3. kill -9 of a holder: seconds until every object it held has r live copies again.
 
 Prints a Markdown table and writes bench/results/node.json.
@@ -29,6 +31,7 @@ from typing import Any
 
 import trio
 
+from bench import plain_peers
 from kelipsfs.client import Client, resolve_target
 from tests.cluster import Cluster
 
@@ -131,7 +134,7 @@ def main() -> None:
             _write(big, size)
             copies = root / "copies"
             copies.mkdir()
-            cp_runs, cp3_runs, put_runs, get_runs = [], [], [], []
+            cp_runs, cp3_runs, plain_runs, put_runs, get_runs = [], [], [], [], []
             out = root / "big.out"
             for attempt in range(args.repeat):  # medians: these machines are noisy
                 _drop_caches()
@@ -149,6 +152,8 @@ def main() -> None:
                 for i in range(3):
                     (copies / f"big{i}.cp").unlink()
                 _drop_caches()
+                plain_runs.append(plain_peers.put(big, copies, 3))
+                _drop_caches()
                 started = time.perf_counter()
                 trio.run(_put, nodes[0].address, big, f"bench/big{attempt}")
                 put_runs.append(time.perf_counter() - started)
@@ -158,15 +163,16 @@ def main() -> None:
                 get_runs.append(time.perf_counter() - started)
                 assert out.stat().st_size == size
                 out.unlink()
-            cp_s, cp3_s, put_s, get_s = (statistics.median(x)
-                                         for x in (cp_runs, cp3_runs, put_runs, get_runs))
+            cp_s, cp3_s, plain_s, put_s, get_s = (
+                statistics.median(x) for x in (cp_runs, cp3_runs, plain_runs, put_runs, get_runs))
             mib = size / (1 << 20)
             results["large"] = {"mib": mib, "cp_mib_s": mib / cp_s, "put_mib_s": mib / put_s,
                                 "get_mib_s": mib / get_s, "put_vs_cp": cp_s / put_s,
                                 "get_vs_cp": cp_s / get_s, "cp3_mib_s": mib / cp3_s,
-                                "put_vs_cp3": cp3_s / put_s, "repeats": args.repeat,
-                                "runs_s": {"cp": cp_runs, "cp3": cp3_runs, "put": put_runs,
-                                           "get": get_runs}}
+                                "put_vs_cp3": cp3_s / put_s, "plain3_mib_s": mib / plain_s,
+                                "put_vs_plain3": plain_s / put_s, "repeats": args.repeat,
+                                "runs_s": {"cp": cp_runs, "cp3": cp3_runs, "plain3": plain_runs,
+                                           "put": put_runs, "get": get_runs}}
             shutil.rmtree(copies)
             # 3. repair time after kill -9
             for i in range(args.objects):
@@ -203,6 +209,9 @@ def main() -> None:
           f"{big_r['cp_mib_s']:.0f} MiB/s | {big_r['put_vs_cp']:.0%} |")
     print(f"| put {big_r['mib']:.0f} MiB (r = 3) | {big_r['put_mib_s']:.0f} MiB/s | 3 × cp "
           f"{big_r['cp3_mib_s']:.0f} MiB/s | {big_r['put_vs_cp3']:.0%} |")
+    print(f"| put {big_r['mib']:.0f} MiB (r = 3) | {big_r['put_mib_s']:.0f} MiB/s | plain "
+          f"Python peers, 3 copies {big_r['plain3_mib_s']:.0f} MiB/s | "
+          f"{big_r['put_vs_plain3']:.0%} |")
     print(f"| get {big_r['mib']:.0f} MiB | {big_r['get_mib_s']:.0f} MiB/s | cp "
           f"{big_r['cp_mib_s']:.0f} MiB/s | {big_r['get_vs_cp']:.0%} |")
     print(f"| kill -9 → r copies ({rep['objects_on_victim']} objects) | "

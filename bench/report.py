@@ -83,6 +83,10 @@ def _node_section(doc: dict[str, Any]) -> str:
         *([f"| `kelipsfs put` of {big['mib']:,.0f} MiB | {big['put_mib_s']:,.0f} MiB/s | 3 × "
            f"`cp` + `sync` {big['cp3_mib_s']:,.0f} MiB/s (the r = 3 copies' work) | "
            f"{big['put_vs_cp3']:.0%} | |"] if "cp3_mib_s" in big else []),
+        *([f"| `kelipsfs put` of {big['mib']:,.0f} MiB | {big['put_mib_s']:,.0f} MiB/s | plain "
+           f"Python peers storing 3 verified, fsynced copies {big['plain3_mib_s']:,.0f} MiB/s "
+           f"(`bench.plain_peers`) | {big['put_vs_plain3']:.0%} | |"]
+          if "plain3_mib_s" in big else []),
         f"| `kelipsfs get` of {big['mib']:,.0f} MiB | {big['get_mib_s']:,.0f} MiB/s | `cp` + "
         f"`sync` {big['cp_mib_s']:,.0f} MiB/s | {big['get_vs_cp']:.0%} | ≥ 40 % "
         f"{_mark(big['get_vs_cp'] >= 0.4)} |",

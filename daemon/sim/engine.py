@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -306,19 +307,25 @@ class Simulation:
         plan = node.plan_insert(name)
         if plan.local:
             return node.placement(name), 0, 0, 0.0
-        hops = attempts = 0
+        target, attempts, spent = self._first_contact(src, plan.ask)
+        if target is None:
+            return [], 0, attempts, spent
+        assert target.node is not None
+        return target.node.placement(name), 1, attempts, spent
+
+    def _first_contact(self, src: _Host, contacts: Sequence[MemberEntry]
+                       ) -> tuple[_Host | None, int, float]:
+        """Ask ``contacts`` in order until one answers: (it or None, attempts, seconds). The
+        ones that do not answer are reported unreachable to the asking node's core."""
+        assert src.node is not None
         spent = 0.0
-        for contact in plan.ask:
-            attempts += 1
+        for attempts, contact in enumerate(contacts, 1):
             target, took = self._ask(src, contact)
             spent += took
-            if target is None:
-                node.report_unreachable(self.now, contact.node_id)
-                continue
-            hops += 1
-            assert target.node is not None
-            return target.node.placement(name), hops, attempts, spent
-        return [], hops, attempts, spent
+            if target is not None:
+                return target, attempts, spent
+            src.node.report_unreachable(self.now, contact.node_id)
+        return None, len(contacts), spent
 
     def _write(self, name: str) -> None:
         if not self.live:
@@ -370,13 +377,8 @@ class Simulation:
             if found is not None:
                 holders = node.live_holders(found)
         else:
-            for contact in plan.ask:
-                attempts += 1
-                target, took = self._ask(src, contact)
-                spent += took
-                if target is None:
-                    node.report_unreachable(self.now, contact.node_id)
-                    continue
+            target, attempts, spent = self._first_contact(src, plan.ask)
+            if target is not None:
                 hops += 1
                 assert target.node is not None
                 answer = target.node.answer_lookup(name)
@@ -388,7 +390,6 @@ class Simulation:
                     hops += more
                     attempts += tried
                     spent += took
-                break
         got = None
         if found is not None:
             for entry in holders:

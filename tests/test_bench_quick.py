@@ -114,3 +114,21 @@ def test_paper_figures_follow_their_formulas() -> None:
         assert r["state"] == pytest.approx(r["group"] - 1 + r["contacts"] + r["tuples"])
         assert 1.8 < r["hops"] < 2.0
     assert rows[2]["k"] == 1000 and rows[2]["state"] == pytest.approx(999 + 1998 + 1000)
+
+
+@pytest.mark.parametrize(("events", "upper"), [(0, 3.689), (1, 5.572), (8, 15.763), (16, 25.983)])
+def test_poisson_upper_bound_matches_the_tables(events: int, upper: float) -> None:
+    """The false-declaration rate's bound: the two-sided 95 % upper end of a Poisson mean
+    (Garwood's exact interval: 3.689 for 0 events, 5.572 for 1, 15.763 for 8)."""
+    assert report.poisson_upper(events) == pytest.approx(upper, abs=1e-3)
+
+
+def test_the_fd_section_gives_false_declarations_as_a_rate_with_its_bound() -> None:
+    run = {"nodes": 1000, "groups": 32, "duration_s": 3600.0, "loss": 0.05,
+           "churn_per_min_pct": 1.0, "fd_detect_s_p50": 4.5, "fd_detect_s_p99": 6.0,
+           "fd_detections": 100, "crashes": 10, "false_positives": 8,
+           "false_positive_rate": 8 / 17621, "lookup_success_rate": 1.0, "lookups": 10,
+           "hops_p99": 2, "bytes_per_node_per_s": 6000.0, "repairs": 0, "lost_objects": 0}
+    text = report._fd_section(run)
+    pairs = 1000 * (1000 / 32 - 1)
+    assert f"{8 / pairs:.2g} (95 % upper bound {15.763 / pairs:.2g}, Poisson" in text

@@ -77,9 +77,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.core.config import MAX_REPLICATION, CoreConfig
+
 RESULTS = Path(os.environ.get("KELIPSFS_BENCH_RESULTS", Path(__file__).parent / "results"))
-T_FAIL, GOSSIP_INTERVAL, HEARTBEAT_INTERVAL = 4.0, 0.5, 1.0  # kelipsfs defaults (`config`)
-DETECT_S = T_FAIL + 4 * GOSSIP_INTERVAL + HEARTBEAT_INTERVAL
+_DEFAULTS = CoreConfig()  # the daemon's defaults: what the kelipsfs clusters run with
+DETECT_S = _DEFAULTS.t_fail + 4 * _DEFAULTS.gossip_interval + _DEFAULTS.heartbeat_interval
 GET_TIMEOUT = 30.0
 CATEGORIES = ("files_get", "lookup", "replica_get", "stat", "other")
 GET_PATH = ("files_get", "lookup", "replica_get")
@@ -623,26 +625,12 @@ class KelipsCluster(_Processes):
                                "source": sources[g.index]} for g in failed[:10]]})
 
 
-def max_replication() -> int:
-    """The largest replication the daemon accepts (``CoreConfig`` checks 1..16)."""
-    from daemon.core.config import CoreConfig
-    from daemon.core.ids import ConfigError
-    r = 1
-    while r < 1024:
-        try:
-            CoreConfig(replication=r + 1)
-        except ConfigError:
-            break
-        r += 1
-    return r
-
-
 def run_kelips(n: int, r: int, data: Dataset, victims: list[int], args: argparse.Namespace,
                root: Path) -> dict[str, Any]:
     """One kelipsfs cluster of N nodes asked for r copies: r above the daemon's maximum is
     set as that maximum, the same placement (every group member) while no group is larger."""
     k = max(1, round(math.sqrt(n)))
-    r_set = min(r, max_replication())
+    r_set = min(r, MAX_REPLICATION)
     rng = random.Random(args.seed)
     for attempt in range(5):  # ids are random: a small N can leave a group empty, and the
         # names hashed to it could not be stored; start again with new ids then

@@ -15,6 +15,10 @@ from .ids import ConfigError, validate_k
 AUTH_TRAILER = 48  # appended to every datagram: 8-byte time, 8-byte nonce, HMAC-SHA256
 
 
+#: Most copies of an object a cluster may ask for (``replication``).
+MAX_REPLICATION = 16
+
+
 @dataclass(frozen=True)
 class CoreConfig:
     """Protocol parameters shared by every node of a cluster (k and cluster_id must agree)."""
@@ -76,7 +80,7 @@ class CoreConfig:
         _positive("rtt_floor", self.rtt_floor)
         _int_range("fanout", self.fanout, 1, 16)
         _int_range("contacts_per_group", self.contacts_per_group, 1, 16)
-        _int_range("replication", self.replication, 1, 16)
+        _int_range("replication", self.replication, 1, MAX_REPLICATION)
         _int_range("probe_misses", self.probe_misses, 1, 100)
         _int_range("max_datagram", self.max_datagram, 512, 65507)
         for name in ("tuple_share", "foreign_share", "uniform_share", "explore_probability",

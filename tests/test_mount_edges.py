@@ -202,6 +202,7 @@ def test_many_threads_open_one_file(top: Path) -> None:
         t.start()
     for t in threads:
         t.join(120)
+    assert not any(t.is_alive() for t in threads), "a reader hung for 120 s"
     assert problems == []
 
 
@@ -413,6 +414,7 @@ def _kill_serving_holder(ms: Mounts, reader: Mount, holders: list[Mount], size: 
         if got >= 4 * MiB:
             break
         time.sleep(0.002)
+    assert got >= 4 * MiB, f"the fetch had only {got} bytes after 60 s"
     sent = {pid: _wchar(pid) - before for pid, before in start.items()}
     serving = max(holders, key=lambda m: sent[m.pid or 0])
     ms.kill(serving)
@@ -430,6 +432,7 @@ def _read_while_killing(ms: Mounts, reader: Mount, holders: list[Mount],
     t.start()
     got = _kill_serving_holder(ms, reader, holders, size)
     t.join(130)
+    assert box, "the read gave no answer (it hung, or failed other than with an OSError)"
     return (*box[0], got)
 
 

@@ -362,8 +362,6 @@ class _Api:
                 name, req.stream(), size, sha, req.int_arg("mode", 0o644),
                 req.int_arg("mtime_ns", 0))
         except DataError as exc:
-            if isinstance(sha, LateDigest) and isinstance(sha.error, HTTPError):
-                raise sha.error from exc  # the trailer was refused: say so, not "no holder"
             raise HTTPError(exc.status, exc.message) from exc
         return Response.json({"tuple": tuple_to_json(entry)})
 

@@ -410,15 +410,13 @@ class DataPlane:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     senders.remove(send)  # that holder gave up; the others go on
 
-        source_failed: list[Exception] = []
-
         async def feed() -> None:
             # Coalesce the server's small body chunks into large blocks: every block costs a
             # channel hop and a socket write per holder, so fewer, larger ones go faster.
             pending: list[bytes] = []
             pending_size = 0
             try:
-                async for chunk in _noting(chunks, source_failed):
+                async for chunk in chunks:
                     pending.append(chunk)
                     pending_size += len(chunk)
                     if pending_size >= _FAN_OUT_BLOCK:
@@ -432,19 +430,20 @@ class DataPlane:
                 for send in senders:
                     send.close()
 
+        source_error: Exception | None = None
         async with trio.open_nursery() as nursery:
             for holder in holders:
                 send, receive = trio.open_memory_channel[bytes](8)
                 senders.append(send)
                 nursery.start_soon(store_on, holder, receive)
             try:
-                await feed()
-            except Exception:
-                if not source_failed:
-                    raise
-                # The upload itself failed: raised below as it is, not wrapped in a group.
-        if source_failed:  # e.g. the client went away: every holder saw a short body
-            raise source_failed[0]
+                await feed()  # (fan_out absorbs holder failures: what it raises is the source's)
+            except Exception as exc:
+                source_error = exc  # raised below as it is, not wrapped in a group
+        if source_error is not None:  # e.g. the client went away: every holder saw a short body
+            raise source_error
+        if isinstance(checksum, LateDigest) and checksum.error is not None:
+            raise checksum.error  # its trailer was refused: the upload's fault, not the holders'
         if not stored and refused and all(refused):
             raise ContentMismatch(f"{name}: the body does not match its announced size or "
                                   f"SHA-256; stored nowhere: {'; '.join(errors)}")
@@ -779,17 +778,6 @@ async def _empty() -> AsyncIterator[bytes]:
     empty: tuple[bytes, ...] = ()
     for chunk in empty:
         yield chunk
-
-
-async def _noting(chunks: AsyncIterator[bytes], failed: list[Exception]
-                  ) -> AsyncIterator[bytes]:
-    """``chunks``, recording in ``failed`` what its source raised (then re-raising it)."""
-    try:
-        async for chunk in chunks:
-            yield chunk
-    except Exception as exc:
-        failed.append(exc)
-        raise
 
 
 async def _guarded(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

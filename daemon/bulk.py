@@ -94,9 +94,10 @@ class _Reader:
             raise BulkError("head is not a JSON object")
         return doc
 
-    def leftover(self) -> bytes:
-        out = bytes(self.buffer)
-        self.buffer.clear()
+    def leftover(self, limit: int | None = None) -> bytes:
+        """What was received past the head (at most ``limit`` bytes; the rest stays)."""
+        out = bytes(self.buffer[:limit])
+        del self.buffer[:limit]
         return out
 
 
@@ -156,9 +157,7 @@ async def _serve(stream: trio.abc.Stream, app: ASGIApp, client: tuple[str, int] 
         "path": unquote(path), "raw_path": path.encode("latin-1"),
         "query_string": query.encode("latin-1"), "client": client,
         "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]}
-    pending = reader.leftover()
-    reader.buffer += pending[remaining:]  # the start of the trailer, if it came along
-    pending = pending[:remaining]
+    pending = reader.leftover(remaining)  # (the start of a trailer stays in the reader)
 
     async def receive() -> dict[str, Any]:
         nonlocal remaining, pending, trailer_size

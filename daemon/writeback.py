@@ -20,7 +20,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 
 
-def start_writeback(fd: int, offset: int, length: int) -> None:
+def _start_writeback(fd: int, offset: int, length: int) -> None:
     """sync_file_range(SYNC_FILE_RANGE_WRITE): begin writing the range out, do not wait.
 
     Only a hint: an error (a filesystem without it) changes nothing, the final fsync still
@@ -33,6 +33,6 @@ def advance_writeback(fd: int, started: int, end: int) -> int:
     """The file holds bytes up to ``end`` and writeback was asked up to ``started``: ask for
     the rest when a full step is due. Returns how far writeback has now been asked."""
     if end - started >= WRITEBACK_EVERY:
-        start_writeback(fd, started, end - started)
+        _start_writeback(fd, started, end - started)
         return end
     return started

@@ -121,14 +121,9 @@ class Client:
         name = checked_name(name)
         st = local.stat()
         hasher = hashlib.sha256()
-        sent = 0
-
-        def digest() -> bytes:
-            if sent != st.st_size:
-                raise ClientError(f"{local} changed size while it was sent")
-            return hasher.digest()
-
-        sha = LateDigest(digest)
+        # Made once the body is sent, and only if it was exactly st_size bytes (bulk.request
+        # checks that first): a file that changed size fails the upload.
+        sha = LateDigest(hasher.digest)
         query = {"size": st.st_size, "mode": st.st_mode & 0o7777, "mtime_ns": st.st_mtime_ns}
         meter = _Progress(st.st_size, "put") if progress and st.st_size >= PROGRESS_MIN else None
 
@@ -138,13 +133,11 @@ class Client:
             return chunk
 
         async def body() -> AsyncIterator[bytes]:
-            nonlocal sent
             with await trio.to_thread.run_sync(open, local, "rb") as fh:
                 while True:
                     chunk = await trio.to_thread.run_sync(read_and_hash, fh)
                     if not chunk:
                         return
-                    sent += len(chunk)
                     if meter:
                         meter.add(len(chunk))
                     yield chunk

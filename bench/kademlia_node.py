@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import time
@@ -37,6 +36,8 @@ import umsgpack  # type: ignore[import-untyped]
 from kademlia.network import Server  # type: ignore[import-untyped]
 from kademlia.protocol import KademliaProtocol  # type: ignore[import-untyped]
 from kademlia.utils import digest  # type: ignore[import-untyped]
+
+from daemon.digest import digest_of
 
 GET_TIMEOUT = 30.0
 
@@ -112,8 +113,8 @@ async def handle(server: Any, doc: dict[str, Any]) -> dict[str, Any]:
         except TimeoutError:
             value = None
         seconds = time.perf_counter() - started
-        sha = hashlib.sha256(value).hexdigest() if isinstance(value, bytes) else None
-        return {"held": False, "seconds": seconds, "sha256": sha}
+        found = digest_of(value).hex() if isinstance(value, bytes) else None
+        return {"held": False, "seconds": seconds, "digest": found}
     if op == "set":
         ok = await server.set(str(doc["key"]), bytes.fromhex(doc["value"]))
         return {"ok": bool(ok)}

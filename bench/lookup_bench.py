@@ -56,7 +56,6 @@ Prints Markdown tables and writes bench/results/lookup.json (or $KELIPSFS_BENCH_
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -78,6 +77,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.core.config import MAX_REPLICATION, CoreConfig
+from daemon.digest import digest_of
 
 RESULTS = Path(os.environ.get("KELIPSFS_BENCH_RESULTS", Path(__file__).parent / "results"))
 _DEFAULTS = CoreConfig()  # the daemon's defaults: what the kelipsfs clusters run with
@@ -247,9 +247,8 @@ class RawHttp:
                 query: dict[str, object] | None = None, body: bytes = b"",
                 extra: dict[str, str] | None = None, timeout: float = GET_TIMEOUT) -> Reply:
         from daemon.peers import target_for
-        from daemon.store import EMPTY_SHA256
         target = target_for(path, query)
-        sha = hashlib.sha256(body).digest() if body else EMPTY_SHA256
+        sha = digest_of(body)
         with self._lock:
             headers = self._auth.sign_request(method, target, sha, time.time())
         headers.update(extra or {})
@@ -411,7 +410,7 @@ class Dataset:
         rng = random.Random(seed)
         values = [rng.randbytes(size) for _ in range(count)]
         return cls([f"lookup/v{i:05d}" for i in range(count)], values,
-                   [hashlib.sha256(v).hexdigest() for v in values])
+                   [digest_of(v).hex() for v in values])
 
 
 def _error_text(body: bytes) -> str:
@@ -525,7 +524,7 @@ class KelipsCluster(_Processes):
         return time.monotonic() - started
 
     def put(self, data: Dataset, rng: random.Random) -> None:
-        from daemon.peers import CONTENT_SHA_HEADER
+        from daemon.peers import CONTENT_DIGEST_HEADER
         origins = [rng.randrange(self.n) for _ in data.names]
 
         def one(i: int) -> None:
@@ -533,7 +532,7 @@ class KelipsCluster(_Processes):
             reply = self.http.request(
                 self.addrs[origins[i]], "PUT", "/v1/files/" + data.names[i],
                 {"size": len(value), "mode": 0o644, "mtime_ns": 0}, value,
-                {CONTENT_SHA_HEADER: data.sha[i]})
+                {CONTENT_DIGEST_HEADER: data.sha[i]})
             if reply.status != 200:
                 raise RuntimeError(f"put {data.names[i]}: {reply.status} {reply.body[:200]!r}")
 
@@ -577,7 +576,7 @@ class KelipsCluster(_Processes):
                     return Get(False, time.perf_counter() - started,
                                error=f"client: {type(exc).__name__}", index=i)
                 seconds = time.perf_counter() - started
-                ok = r.status == 200 and hashlib.sha256(r.body).hexdigest() == data.sha[i]
+                ok = r.status == 200 and digest_of(r.body).hex() == data.sha[i]
                 elapsed = r.headers.get("x-kelips-elapsed-us")
                 error = ""
                 if not ok:
@@ -787,8 +786,8 @@ class KademliaCluster(_Processes):
                     except OSError:
                         return Get(False, GET_TIMEOUT)
                     if not reply["held"]:
-                        ok = reply["sha256"] == data.sha[i]
-                        error = "" if ok else ("no value found" if not reply["sha256"]
+                        ok = reply["digest"] == data.sha[i]
+                        error = "" if ok else ("no value found" if not reply["digest"]
                                                else "wrong bytes")
                         return Get(ok, reply["seconds"], error=error, index=i)
                     candidates.remove(source)

@@ -1,8 +1,9 @@
 """The least work a verified, replicated put can do on this machine: a plain Python baseline.
 
-One sender process reads a file once, hashes it (SHA-256) and sends it over loopback TCP to
-``copies`` receiver processes; each receives into a reused buffer, hashes, writes, fsyncs and
-answers with its digest, which the sender checks. No framing beyond a size, no
+One sender process reads a file once, hashes it (with kelipsfs's content digest,
+``daemon.digest``, so both do the same hashing) and sends it over loopback TCP to ``copies``
+receiver processes; each receives into a reused buffer, hashes, writes, fsyncs and answers
+with its digest, which the sender checks. No framing beyond a size, no
 authentication, no event loop, no versions, no atomic commit: what is left is the data path
 itself (reads, copies, hashes, socket and page-cache work, disk writes), so ``put`` beside it
 says how much of its time is the protocol and how much is the machine.
@@ -13,7 +14,6 @@ says how much of its time is the protocol and how much is the machine.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import queue
 import socket
@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+from daemon.digest import new_hasher
 from daemon.writeback import advance_writeback
 
 BLOCK = 1 << 20
@@ -35,7 +36,7 @@ def _receive(listener: socket.socket, directory: Path) -> None:
     conn, _ = listener.accept()
     with conn:
         (size,) = _SIZE.unpack(conn.recv(_SIZE.size, socket.MSG_WAITALL))
-        hasher = hashlib.sha256()
+        hasher = new_hasher()
         buffer = bytearray(BLOCK)
         view = memoryview(buffer)
         fd, path = tempfile.mkstemp(dir=directory)
@@ -80,7 +81,7 @@ def put(source: Path, directory: Path, copies: int = 3) -> float:
         started = time.perf_counter()
         conns = [socket.create_connection(listener.getsockname()) for listener in listeners]
         size = source.stat().st_size
-        hasher = hashlib.sha256()
+        hasher = new_hasher()
         # One thread per receiver (sendall releases the GIL), each fed the same blocks.
         queues: list[queue.Queue[bytes | None]] = [queue.Queue(8) for _ in conns]
         senders = [threading.Thread(target=_send_all, args=(conn, q)) for conn, q in

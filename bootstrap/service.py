@@ -7,7 +7,6 @@ through any live member instead. Registrations are signed with the cluster key.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -19,9 +18,9 @@ import trio
 
 from daemon.asgi import HTTPError, Request, Response, Router
 from daemon.core.messages import MemberEntry
+from daemon.digest import EMPTY_DIGEST, digest_of
 from daemon.logs import fields, short_id
 from daemon.security import Authenticator, AuthError
-from daemon.store import EMPTY_SHA256
 from daemon.wire import entry_from_json, entry_to_json
 
 log = logging.getLogger("kelipsfs.bootstrap")
@@ -88,7 +87,7 @@ class Introducer:
 
         async def register(req: Request) -> Response:
             body = await req.body(64 * 1024)
-            self._verify(req, hashlib.sha256(body).digest() if body else EMPTY_SHA256)
+            self._verify(req, digest_of(body))
             try:
                 doc = json.loads(body)
                 entry = entry_from_json(doc["entry"])
@@ -100,7 +99,7 @@ class Introducer:
             return Response.json({"members": [entry_to_json(e) for e in sample]})
 
         async def members(req: Request) -> Response:
-            self._verify(req, EMPTY_SHA256)
+            self._verify(req, EMPTY_DIGEST)
             return Response.json({"members": [entry_to_json(e) for e in self.live()],
                                   "k": self.k, "cluster_id": self.cluster_id})
 

@@ -11,7 +11,6 @@ signed, replayed, oversized or malformed is refused with a 4xx, counted, and cha
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import socket
 import time
@@ -26,10 +25,11 @@ from daemon.asgi import HTTPError, Request, Response, Router
 from daemon.core import codec
 from daemon.core.messages import Snapshot, SyncRequest, Version
 from daemon.dataplane import DataError, Located
+from daemon.digest import EMPTY_DIGEST, digest_of
 from daemon.names import NameError_, validate_name, validate_prefix
-from daemon.peers import BULK_MIN, CONTENT_SHA_HEADER, TRAILER_MARK, LateDigest
-from daemon.security import MAC_HEADER, TRAILER_SHA256, AuthError
-from daemon.store import EMPTY_SHA256, ChecksumMismatch, StaleVersion, StoreError, StoreFull
+from daemon.peers import BULK_MIN, CONTENT_DIGEST_HEADER, TRAILER_MARK, LateDigest
+from daemon.security import DIGEST_IN_TRAILER, MAC_HEADER, AuthError
+from daemon.store import ChecksumMismatch, StaleVersion, StoreError, StoreFull
 from daemon.wire import entry_to_json, tuple_from_json, tuple_to_json
 
 if TYPE_CHECKING:
@@ -178,7 +178,7 @@ class _Api:
 
     async def _small_body(self, req: Request) -> bytes:
         body = await req.body(self.rt.settings.max_request_bytes)
-        self._verify(req, hashlib.sha256(body).digest() if body else EMPTY_SHA256)
+        self._verify(req, digest_of(body))
         return body
 
     async def _json(self, req: Request) -> Any:
@@ -196,16 +196,16 @@ class _Api:
             raise HTTPError(400, str(exc)) from exc
 
     def _body_checksum(self, req: Request) -> bytes | LateDigest:
-        """Authenticate an upload's head and say what its body must hash to: the SHA-256
+        """Authenticate an upload's head and say what its body must hash to: the digest
         declared (and signed) in its header, or, for a body hashed while it was sent, a
         ``LateDigest`` read from the signed trailer once the body has arrived."""
-        if req.headers.get(CONTENT_SHA_HEADER) != TRAILER_MARK:
+        if req.headers.get(CONTENT_DIGEST_HEADER) != TRAILER_MARK:
             sha = self._declared_sha(req)
             self._verify(req, sha)
             return sha
         if not req.trailer_ok:
             raise HTTPError(400, "a digest in a trailer needs a bulk connection")
-        self._verify(req, TRAILER_SHA256)
+        self._verify(req, DIGEST_IN_TRAILER)
         head_mac = req.headers[MAC_HEADER]
 
         def from_trailer() -> bytes:
@@ -220,13 +220,13 @@ class _Api:
         return LateDigest(from_trailer)
 
     def _declared_sha(self, req: Request) -> bytes:
-        raw = req.headers.get(CONTENT_SHA_HEADER, "")
+        raw = req.headers.get(CONTENT_DIGEST_HEADER, "")
         try:
             sha = bytes.fromhex(raw)
         except ValueError:
             sha = b""
         if len(sha) != 32:
-            raise HTTPError(400, f"missing or malformed {CONTENT_SHA_HEADER} header")
+            raise HTTPError(400, f"missing or malformed {CONTENT_DIGEST_HEADER} header")
         return sha
 
     def _version(self, req: Request) -> Version:
@@ -321,7 +321,7 @@ class _Api:
 
     async def get_replica(self, req: Request) -> Response:
         name = self._name(req, "/v1/replica/")
-        self._verify(req, EMPTY_SHA256)
+        self._verify(req, EMPTY_DIGEST)
         obj = self.rt.store.get(name)
         min_clock = req.int_arg("min_clock", 0)
         if obj is None or obj.tombstone or obj.version.clock < min_clock:
@@ -340,7 +340,7 @@ class _Api:
 
     async def delete_replica(self, req: Request) -> Response:
         name = self._name(req, "/v1/replica/")
-        self._verify(req, EMPTY_SHA256)
+        self._verify(req, EMPTY_DIGEST)
         try:
             await self.rt.store.delete(name, self._version(req))
         except StaleVersion as exc:
@@ -373,7 +373,7 @@ class _Api:
         object it covers the time until the first holder answered."""
         started = time.perf_counter()
         name = self._name(req, "/v1/files/")
-        self._verify(req, EMPTY_SHA256)
+        self._verify(req, EMPTY_DIGEST)
         try:
             plan = await self.rt.dataplane.read_plan(name)
             if req.query.get("direct") == "1":
@@ -409,7 +409,7 @@ class _Api:
 
     async def delete_file(self, req: Request) -> Response:
         name = self._name(req, "/v1/files/")
-        self._verify(req, EMPTY_SHA256)
+        self._verify(req, EMPTY_DIGEST)
         try:
             await self.rt.dataplane.delete(name)
         except DataError as exc:
@@ -417,14 +417,14 @@ class _Api:
         return Response.json({"deleted": name})
 
     async def list_files(self, req: Request) -> Response:
-        self._verify(req, EMPTY_SHA256)
+        self._verify(req, EMPTY_DIGEST)
         prefix = prefix_or_400(req.query.get("prefix", ""))
         objects, missing = await self.rt.dataplane.listing(prefix)
         return Response.json({"objects": objects, "unreachable_groups": missing})
 
     async def stat(self, req: Request) -> Response:
         name = self._name(req, "/v1/stat/")
-        self._verify(req, EMPTY_SHA256)
+        self._verify(req, EMPTY_DIGEST)
         try:
             found = await self.rt.dataplane.locate(name)
         except DataError as exc:
@@ -436,7 +436,7 @@ class _Api:
                               "holders": [entry_to_json(h) for h in found.holders]})
 
     async def status(self, req: Request) -> Response:
-        self._verify(req, EMPTY_SHA256)
+        self._verify(req, EMPTY_DIGEST)
         return Response.json(self.rt.status())
 
     async def metrics(self, req: Request) -> Response:

@@ -17,7 +17,7 @@ than the transfers this is for)::
                      (until the connection closes when a response declares none)
 
 The optional trailer carries what is known only once the body has been sent: an upload
-hashed while it is read sends its SHA-256 there (``security.Authenticator.sign_trailer``),
+hashed while it is read sends its digest there (``security.Authenticator.sign_trailer``),
 so nothing has to read a large file once to hash it and again to send it. The server hands
 it to the application in the last ``http.request`` message, under ``TRAILER_KEY``.
 

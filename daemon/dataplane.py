@@ -9,7 +9,6 @@ tuple never names a holder that does not have the version.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ import trio
 from daemon.core import codec
 from daemon.core.messages import LookupReply, MemberEntry, TupleEntry, Version
 from daemon.core.node import KelipsNode
+from daemon.digest import digest_of, new_hasher
 from daemon.logs import fields, short_id
 from daemon.peers import BULK_MIN, LateDigest, PeerClient, PeerError, resolved
 from daemon.store import ChecksumMismatch, StaleVersion, StoredObject, StoreFull
@@ -70,7 +70,7 @@ class InsertFailed(DataError):
 
 
 class ContentMismatch(DataError):
-    """Every holder refused the upload's bytes: they do not match its size or SHA-256."""
+    """Every holder refused the upload's bytes: they do not match its size or digest."""
 
     status = 422
 
@@ -211,7 +211,7 @@ class DataPlane:
         """The reply's inline bytes if they are exactly its tuple's content, else None."""
         t, data = reply.entry, reply.inline
         if t is None or data is None or t.tombstone or len(data) != t.size \
-                or hashlib.sha256(data).digest() != t.checksum:
+                or digest_of(data) != t.checksum:
             return None
         return data
 
@@ -360,7 +360,7 @@ class DataPlane:
         """Store a client's upload on the name's holders while it arrives: the body is teed
         into every holder's upload (and the local store when this node is a holder), with
         bounded buffers so the slowest holder sets the pace and nothing piles up in memory.
-        Each holder verifies size and SHA-256 before it commits, so a short or corrupt body
+        Each holder verifies size and digest before it commits, so a short or corrupt body
         is stored nowhere. A late checksum (the client's trailer) is passed on as one: each
         holder gets it, signed by this node, after the body."""
         holders, _ = await self.placement(name)
@@ -389,7 +389,7 @@ class DataPlane:
                     async with self.peers.stream(
                             "PUT", holder.address, "/v1/replica/" + name,
                             _version_query(version, mode, mtime_ns, size), body=body(),
-                            content_sha256=checksum,
+                            content_digest=checksum,
                             bulk_size=size if size >= BULK_MIN or late else None) as response:
                         reply = await response.aread()
                     if response.status_code != 200:
@@ -446,7 +446,7 @@ class DataPlane:
             raise checksum.error  # its trailer was refused: the upload's fault, not the holders'
         if not stored and refused and all(refused):
             raise ContentMismatch(f"{name}: the body does not match its announced size or "
-                                  f"SHA-256; stored nowhere: {'; '.join(errors)}")
+                                  f"digest; stored nowhere: {'; '.join(errors)}")
         return await self._acknowledge(name, version, holders, stored, errors, any(full), size,
                                        checksum, mode, mtime_ns)
 
@@ -535,7 +535,7 @@ class DataPlane:
     async def _stream(self, entry: TupleEntry, meta: ObjectMeta, stack: AsyncExitStack,
                       chunks: AsyncIterator[bytes], others: list[MemberEntry]
                       ) -> AsyncIterator[bytes]:
-        sha = hashlib.sha256()
+        sha = new_hasher()
         sent = 0
         errors: list[str] = []
         try:

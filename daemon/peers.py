@@ -1,13 +1,12 @@
 """Signed HTTP calls from one node to another (and from the CLI to a node).
 
 One pooled ``httpx.AsyncClient`` per process, a timeout on every call, every request signed
-with the cluster key over (method, target, time, nonce, body SHA-256). Failures to reach a peer
+with the cluster key over (method, target, time, nonce, body digest). Failures to reach a peer
 become ``PeerError`` so callers can fall back to the next contact or holder.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -20,12 +19,12 @@ import httpx
 import trio
 
 from daemon import bulk
-from daemon.security import BODY_TRAILER, MAC_HEADER, TRAILER_SHA256, Authenticator
-from daemon.store import EMPTY_SHA256
+from daemon.digest import EMPTY_DIGEST, digest_of
+from daemon.security import BODY_TRAILER, DIGEST_IN_TRAILER, MAC_HEADER, Authenticator
 
 Address = tuple[str, int]
-CONTENT_SHA_HEADER = "x-kelips-content-sha256"
-#: CONTENT_SHA_HEADER's value when the digest follows the body in a signed trailer.
+CONTENT_DIGEST_HEADER = "x-kelips-content-digest"
+#: CONTENT_DIGEST_HEADER's value when the digest follows the body in a signed trailer.
 TRAILER_MARK = "trailer"
 #: Bodies at least this large travel over a bulk connection (``daemon.bulk``), not HTTP.
 BULK_MIN = 1 << 20
@@ -40,7 +39,7 @@ class PeerError(Exception):
 
 
 class LateDigest:
-    """A body's SHA-256 that is known only once the body has been read or sent.
+    """A body's digest (``daemon.digest``) that is known only once the body has been read or sent.
 
     Why: hashing a large upload before sending it reads it twice and delays the first byte by
     the whole hash (0.2 s for 256 MiB here); hashed as it goes, the digest travels in a signed
@@ -109,7 +108,7 @@ class PeerClient:
                    ok: tuple[int, ...] = (200,)) -> tuple[httpx.Response, float]:
         """A request with a small body; returns the (fully read) response and its RTT."""
         target = target_for(path, query)
-        sha = hashlib.sha256(body).digest() if body else EMPTY_SHA256
+        sha = digest_of(body)
         headers = self._headers(method, target, sha)
         url = f"http://{addr[0]}:{addr[1]}{target}"
         started = time.perf_counter()
@@ -135,10 +134,10 @@ class PeerClient:
             raise PeerError(f"{addr[0]}:{addr[1]} sent malformed JSON") from exc
 
     async def put_file(self, addr: Address, path: str, query: Mapping[str, object],
-                       source: Path, content_sha256: bytes, size: int, chunk: int = 1 << 20
+                       source: Path, content_digest: bytes, size: int, chunk: int = 1 << 20
                        ) -> bytes:
         """Stream a local file of ``size`` bytes as the request body (a bulk connection when it
-        is large); the signature covers its SHA-256. Returns the answer's body."""
+        is large); the signature covers its digest. Returns the answer's body."""
 
         async def body() -> AsyncIterator[bytes]:
             async with await trio.open_file(source, "rb") as fh:
@@ -149,7 +148,7 @@ class PeerClient:
                     yield data
 
         async with self.stream("PUT", addr, path, query, body=body(),
-                               content_sha256=content_sha256,
+                               content_digest=content_digest,
                                bulk_size=size if size >= BULK_MIN else None) as response:
             reply = await _read(response, addr)
         if response.status_code != 200:
@@ -162,7 +161,7 @@ class PeerClient:
     async def stream(self, method: str, addr: Address, path: str,
                      query: Mapping[str, object] | None = None,
                      body: AsyncIterator[bytes] | None = None,
-                     content_sha256: bytes | LateDigest | None = None,
+                     content_digest: bytes | LateDigest | None = None,
                      bulk_size: int | None = None) -> AsyncIterator[StreamedResponse]:
         """A request whose response body is streamed (object reads, client uploads).
 
@@ -173,16 +172,16 @@ class PeerClient:
         """
         target = target_for(path, query)
         trailer: tuple[int, Callable[[], bytes]] | None = None
-        if isinstance(content_sha256, LateDigest):
+        if isinstance(content_digest, LateDigest):
             if bulk_size is None:
                 raise ValueError("a late digest needs a bulk connection (bulk_size)")
-            headers = self._headers(method, target, TRAILER_SHA256,
-                                    {CONTENT_SHA_HEADER: TRAILER_MARK})
-            late, head_mac = content_sha256, headers[MAC_HEADER]
+            headers = self._headers(method, target, DIGEST_IN_TRAILER,
+                                    {CONTENT_DIGEST_HEADER: TRAILER_MARK})
+            late, head_mac = content_digest, headers[MAC_HEADER]
             trailer = (BODY_TRAILER, lambda: self._auth.sign_trailer(head_mac, late()))
         else:
-            sha = content_sha256 if content_sha256 is not None else EMPTY_SHA256
-            extra = {CONTENT_SHA_HEADER: sha.hex()} if content_sha256 is not None else None
+            sha = content_digest if content_digest is not None else EMPTY_DIGEST
+            extra = {CONTENT_DIGEST_HEADER: sha.hex()} if content_digest is not None else None
             headers = self._headers(method, target, sha, extra)
         if bulk_size is not None:
             try:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from daemon.core.config import AUTH_TRAILER
+from daemon.digest import DIGEST_SIZE, digest_of
 
 TIME_BYTES = 8  # milliseconds since the epoch, big-endian
 NONCE_BYTES = 8
@@ -31,12 +32,12 @@ MAC_BYTES = 32  # HMAC-SHA256
 TRAILER = TIME_BYTES + NONCE_BYTES + MAC_BYTES
 assert TRAILER == AUTH_TRAILER, "the core's datagram budget must match the real trailer"
 
-#: Signed in place of the body's SHA-256 by a request whose body is hashed while it is sent
-#: (bulk uploads): the head is authenticated before any byte is read, and the digest follows
-#: the body in a trailer (``sign_trailer``) bound to the head's MAC.
-TRAILER_SHA256 = hashlib.sha256(b"kelipsfs-v1 body digest in trailer").digest()
-#: The trailer: the body's SHA-256, then an HMAC of it bound to the request's head.
-BODY_TRAILER = 32 + MAC_BYTES
+#: Signed in place of the body's digest (``daemon.digest``) by a request whose body is hashed
+#: while it is sent (bulk uploads): the head is authenticated before any byte is read, and the
+#: digest follows the body in a trailer (``sign_trailer``) bound to the head's MAC.
+DIGEST_IN_TRAILER = digest_of(b"kelipsfs-v1 body digest in trailer")
+#: The trailer: the body's digest, then an HMAC of it bound to the request's head.
+BODY_TRAILER = DIGEST_SIZE + MAC_BYTES
 
 MIN_KEY_BYTES = 16
 MIN_KEY_HEX = 2 * MIN_KEY_BYTES
@@ -206,16 +207,16 @@ class Authenticator:
 
     # HTTP requests
 
-    def sign_request(self, method: str, target: str, body_sha256: bytes,
+    def sign_request(self, method: str, target: str, body_digest: bytes,
                      now: float) -> dict[str, str]:
         """Headers authenticating one request: its method, target (path + query) and body hash."""
         stamp = _to_ms(now)
         nonce = self._nonce()
-        mac = self._request_digest(method, target, stamp, nonce, body_sha256)
+        mac = self._request_digest(method, target, stamp, nonce, body_digest)
         return {TIME_HEADER: str(stamp), NONCE_HEADER: nonce.hex(), MAC_HEADER: mac.hex()}
 
     def verify_request(self, method: str, target: str, headers: Mapping[str, str],
-                       body_sha256: bytes, now: float) -> None:
+                       body_digest: bytes, now: float) -> None:
         """Raise AuthError unless the headers sign exactly this request, freshly and once.
 
         ``now`` should be when the request arrived, not when its body finished streaming.
@@ -239,37 +240,37 @@ class Authenticator:
         if not _MAC_RE.fullmatch(mac_text):
             raise AuthError("malformed", f"{MAC_HEADER}: {mac_text[:80]!r}")
         stamp, nonce = int(time_text), bytes.fromhex(nonce_text)
-        expected = self._request_digest(method, target, stamp, nonce, body_sha256)
+        expected = self._request_digest(method, target, stamp, nonce, body_digest)
         if not hmac.compare_digest(expected, bytes.fromhex(mac_text)):
             raise AuthError("bad mac")
         self._admit(stamp, nonce, now)
 
-    def sign_trailer(self, head_mac: str, body_sha256: bytes) -> bytes:
-        """The trailer of a request signed with TRAILER_SHA256 whose MAC header is
+    def sign_trailer(self, head_mac: str, body_digest: bytes) -> bytes:
+        """The trailer of a request signed with DIGEST_IN_TRAILER whose MAC header is
         ``head_mac``: the body's digest and a MAC binding it to that one request (its nonce
         makes the head MAC unique, so a trailer cannot be moved to another request)."""
-        return body_sha256 + self._trailer_digest(head_mac, body_sha256)
+        return body_digest + self._trailer_digest(head_mac, body_digest)
 
     def verify_trailer(self, head_mac: str, trailer: bytes) -> bytes:
-        """The body's SHA-256 from an authentic trailer of the request whose (verified) MAC
+        """The body's digest from an authentic trailer of the request whose (verified) MAC
         header is ``head_mac``; AuthError otherwise. No replay memory is needed: the head's
         nonce was admitted once, and the trailer is bound to it."""
         if len(trailer) != BODY_TRAILER:
             raise AuthError("malformed", f"trailer of {len(trailer)} bytes, not {BODY_TRAILER}")
-        sha, received = trailer[:32], trailer[32:]
+        sha, received = trailer[:DIGEST_SIZE], trailer[DIGEST_SIZE:]
         if not hmac.compare_digest(self._trailer_digest(head_mac, sha), received):
             raise AuthError("bad mac", "body trailer")
         return bytes(sha)
 
     # internals
 
-    def _trailer_digest(self, head_mac: str, body_sha256: bytes) -> bytes:
+    def _trailer_digest(self, head_mac: str, body_digest: bytes) -> bytes:
         if not _MAC_RE.fullmatch(head_mac):
             raise AuthError("malformed", f"{MAC_HEADER}: {head_mac[:80]!r}")
-        if len(body_sha256) != hashlib.sha256().digest_size:
-            raise ValueError(f"body_sha256 must be a 32-byte digest, got {len(body_sha256)} bytes")
+        if len(body_digest) != DIGEST_SIZE:
+            raise ValueError(f"body_digest must be a 32-byte digest, got {len(body_digest)} bytes")
         mac = self._trailer_mac.copy()
-        mac.update(bytes.fromhex(head_mac) + body_sha256)
+        mac.update(bytes.fromhex(head_mac) + body_digest)
         return mac.digest()
 
     def _nonce(self) -> bytes:
@@ -279,14 +280,14 @@ class Authenticator:
         return nonce
 
     def _request_digest(self, method: str, target: str, stamp: int, nonce: bytes,
-                        body_sha256: bytes) -> bytes:
-        if len(body_sha256) != hashlib.sha256().digest_size:
-            raise ValueError(f"body_sha256 must be a 32-byte digest, got {len(body_sha256)} bytes")
+                        body_digest: bytes) -> bytes:
+        if len(body_digest) != DIGEST_SIZE:
+            raise ValueError(f"body_digest must be a 32-byte digest, got {len(body_digest)} bytes")
         mac = self._request_mac.copy()
         for text in (method, target):  # length-prefixed: no two (method, target) pairs collide
             part = text.encode("utf-8", "surrogatepass")
             mac.update(len(part).to_bytes(4, "big") + part)
-        mac.update(stamp.to_bytes(TIME_BYTES, "big") + nonce + body_sha256)
+        mac.update(stamp.to_bytes(TIME_BYTES, "big") + nonce + body_digest)
         return mac.digest()
 
     def _admit(self, stamp: int, nonce: bytes, now: float) -> None:

@@ -13,7 +13,7 @@ directories so none grows huge); ``clock`` is the version's clock as 16 hex digi
 
 Commit order of a put (what makes kill -9 at any instant safe):
 
-1. the content is streamed into ``tmp/<random>.part`` while SHA-256 and size are computed, then
+1. the content is streamed into ``tmp/<random>.part`` while digest and size are computed, then
    fsynced and checked against what the sender announced;
 2. the temp file is renamed to ``<stem>.data`` (invisible: no metadata names it yet);
 3. the metadata is written to ``tmp/``, fsynced and renamed to ``<stem>.meta``;
@@ -58,6 +58,7 @@ import trio
 
 from daemon.core.ids import NODE_ID_BYTES
 from daemon.core.messages import Version
+from daemon.digest import DIGEST_SIZE, EMPTY_DIGEST, digest_of, new_hasher
 from daemon.writeback import advance_writeback
 
 log = logging.getLogger("kelipsfs.store")
@@ -66,15 +67,11 @@ log = logging.getLogger("kelipsfs.store")
 WRITE_BATCH = 1 << 20
 #: Largest clock a version may carry (it is written as 16 hex digits in file names).
 MAX_CLOCK = (1 << 64) - 1
-#: SHA-256 of no bytes: the checksum a tombstone reports.
-EMPTY_SHA256 = hashlib.sha256().digest()
-
-
-def sha256_file(path: Path) -> bytes:
-    """SHA-256 of a file's content: the checksum every copy of an object is verified by."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").digest()
-META_FORMAT = 1
+#: Version of the metadata files. 1 recorded SHA-256 checksums; 2 records the content digest
+#: (``daemon.digest``). Recovery converts version 1 in place (``_upgrade_meta``).
+META_FORMAT = 2
+_SHA256_META_FORMAT = 1
+_SHA256_OF_NOTHING = hashlib.sha256().digest()
 
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _FILE_RE = re.compile(r"([0-9a-f]{40})-([0-9a-f]{16})-([0-9a-f]{40})\.(data|meta)")
@@ -97,7 +94,7 @@ class StoreFull(StoreError):
 
 
 class ChecksumMismatch(StoreError):
-    """Bytes received (or read back) do not match the expected SHA-256 or size."""
+    """Bytes received (or read back) do not match the expected digest or size."""
 
 
 class StaleVersion(StoreError):
@@ -111,7 +108,7 @@ class StoredObject:
     name: str
     version: Version
     size: int
-    checksum: bytes  # SHA-256 of the content (of no bytes for a tombstone)
+    checksum: bytes  # digest of the content (of no bytes for a tombstone)
     mode: int
     mtime_ns: int
     tombstone: bool
@@ -246,7 +243,7 @@ class _TempFile:
     def __init__(self, tmp_dir: Path) -> None:
         self.path = tmp_dir / f"{secrets.token_hex(16)}.part"
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self.hasher = hashlib.sha256()
+        self.hasher = new_hasher()
         self.size = 0
         self._written_out = 0  # how far writeback was asked (advance_writeback)
 
@@ -359,7 +356,7 @@ class ObjectStore:
         """Stream the content of ``obj`` from ``offset`` in chunks of at most ``chunk_size``.
 
         Exactly ``obj.size - offset`` bytes are read (a resumed transfer passes the offset it
-        already has). With ``verify`` (the default) and a read from offset 0, the SHA-256 is
+        already has). With ``verify`` (the default) and a read from offset 0, the digest is
         checked as the bytes go by and ChecksumMismatch is raised after the last chunk if the
         file was damaged on disk, so the consumer can abort what it forwarded; a partial read
         cannot be hashed without re-reading the skipped prefix, so it only checks the length.
@@ -375,10 +372,10 @@ class ObjectStore:
                 raise ChecksumMismatch(
                     f"stored content of {_show(obj.name)} (version "
                     f"{_show_version(obj.version)}) is truncated on disk")
-            if verify and offset == 0 and hashlib.sha256(block).digest() != obj.checksum:
+            if verify and offset == 0 and digest_of(block) != obj.checksum:
                 raise ChecksumMismatch(
                     f"stored content of {_show(obj.name)} (version {_show_version(obj.version)}) "
-                    "is corrupt: its SHA-256 no longer matches the one recorded at write time")
+                    "is corrupt: its digest no longer matches the one recorded at write time")
             if block:
                 yield block
             return
@@ -386,7 +383,7 @@ class ObjectStore:
         try:
             if offset:
                 await _in_thread(functools.partial(f.seek, offset))
-            hasher = hashlib.sha256()
+            hasher = new_hasher()
             remaining = obj.size - offset
             while remaining > 0:
                 want = min(chunk_size, remaining)
@@ -405,7 +402,7 @@ class ObjectStore:
             if verify and offset == 0 and hasher.digest() != obj.checksum:
                 raise ChecksumMismatch(
                     f"stored content of {_show(obj.name)} (version {_show_version(obj.version)}) "
-                    "is corrupt: its SHA-256 no longer matches the one recorded at write time")
+                    "is corrupt: its digest no longer matches the one recorded at write time")
         finally:
             await _shielded(f.close)
 
@@ -423,7 +420,7 @@ class ObjectStore:
             data = self._read_whole(obj, 0)
         except StoreError:
             return None
-        if len(data) != obj.size or hashlib.sha256(data).digest() != obj.checksum:
+        if len(data) != obj.size or digest_of(data) != obj.checksum:
             return None
         return data
 
@@ -446,7 +443,7 @@ class ObjectStore:
         """Store ``version`` of ``name`` with the content streamed from ``chunks``.
 
         The content goes to a temp file (never whole in memory), is fsynced and checked against
-        ``expected_checksum`` (SHA-256) and ``expected_size``, then committed atomically (see
+        ``expected_checksum`` (digest) and ``expected_size``, then committed atomically (see
         the module docstring) and older versions of the name are removed.
 
         Raises StaleVersion if a newer version is held, ChecksumMismatch if the bytes do not
@@ -466,8 +463,8 @@ class ObjectStore:
         version = _check_version(version)
         late = expected_checksum if callable(expected_checksum) else None
         early = expected_checksum if isinstance(expected_checksum, bytes) else None
-        if early is not None and len(early) != len(EMPTY_SHA256):
-            raise ValueError(f"expected_checksum must be a 32-byte SHA-256 digest, "
+        if early is not None and len(early) != DIGEST_SIZE:
+            raise ValueError(f"expected_checksum must be a 32-byte content digest, "
                              f"got {len(early)} bytes")
         if expected_size is not None and expected_size < 0:
             raise ValueError(f"expected_size must not be negative, got {expected_size}")
@@ -491,7 +488,7 @@ class ObjectStore:
             want = late() if late is not None else early
             if want is not None and checksum != want:
                 raise ChecksumMismatch(
-                    f"{_show(name)}: the received content has SHA-256 {checksum.hex()[:16]}..., "
+                    f"{_show(name)}: the received content has digest {checksum.hex()[:16]}..., "
                     f"not the expected {want.hex()[:16]}...; the data was discarded")
             obj, committed = await self._commit_temp(name, version, mode, mtime_ns, temp.size,
                                                      checksum, temp.path, want)
@@ -526,7 +523,7 @@ class ObjectStore:
                          source: Path, size: int, checksum: bytes) -> StoredObject:
         """Store ``version`` of ``name`` as a hard link to the local file ``source``: no copy.
 
-        For a caller on this machine that wrote ``source`` itself, computed its SHA-256 from
+        For a caller on this machine that wrote ``source`` itself, computed its digest from
         the bytes it wrote and never writes that inode again (the mount's spool copies itself
         before a later write): copying and re-hashing hundreds of MiB would double the cost of
         every write through the mount. The link is fsynced (the bytes may still be only in the
@@ -605,7 +602,7 @@ class ObjectStore:
                 return held
             previous = self._index.get(name)
             commit = functools.partial(self._commit, name, version, 0, mtime_ns, 0,
-                                       EMPTY_SHA256, None, previous)
+                                       EMPTY_DIGEST, None, previous)
             try:
                 obj = await _in_thread(commit)
             except OSError as exc:
@@ -644,7 +641,7 @@ class ObjectStore:
                 and held.checksum != expected_checksum):
             raise ChecksumMismatch(
                 f"{_show(name)}: version {_show_version(version)} is already stored with "
-                f"SHA-256 {held.checksum.hex()[:16]}..., not {expected_checksum.hex()[:16]}...")
+                f"digest {held.checksum.hex()[:16]}..., not {expected_checksum.hex()[:16]}...")
         return held
 
     async def _check_room(self, name: str, size: int) -> None:
@@ -867,6 +864,8 @@ class ObjectStore:
         """Parse and cross-check one metadata file; None if it is not a valid commit record."""
         try:
             doc = json.loads(meta_path.read_bytes())
+            if isinstance(doc, dict) and doc.get("format") == _SHA256_META_FORMAT:
+                doc = self._upgrade_meta(meta_path, stem, doc)
             if not isinstance(doc, dict) or doc.get("format") != META_FORMAT:
                 return None
             name, clock, writer = doc["name"], doc["clock"], bytes.fromhex(doc["writer"])
@@ -874,7 +873,7 @@ class ObjectStore:
             mode, mtime_ns, tombstone = doc["mode"], doc["mtime_ns"], doc["tombstone"]
             if not (isinstance(name, str) and isinstance(size, int) and size >= 0
                     and isinstance(mode, int) and isinstance(mtime_ns, int)
-                    and isinstance(tombstone, bool) and len(checksum) == len(EMPTY_SHA256)):
+                    and isinstance(tombstone, bool) and len(checksum) == DIGEST_SIZE):
                 return None
             version = _check_version(Version(clock, writer))
         except (OSError, ValueError, KeyError, TypeError):  # JSONDecodeError is a ValueError
@@ -885,3 +884,37 @@ class ObjectStore:
         data_path = meta_path.with_name(f"{stem}.data")
         return StoredObject(name, version, size, checksum, mode, mtime_ns, tombstone,
                             None if tombstone else data_path)
+
+    def _upgrade_meta(self, meta_path: Path, stem: str,
+                      doc: dict[str, Any]) -> dict[str, Any] | None:
+        """Rewrite a format-1 record (SHA-256 checksum) with the content digest, in place.
+
+        The content is read once and hashed both ways: only content that still matches its
+        recorded SHA-256 gets a digest (a damaged copy would otherwise be certified afresh);
+        it is dropped instead, and repair copies a good one back. A crash or an error while
+        rewriting leaves the format-1 record, which the next start converts again.
+        """
+        old = bytes.fromhex(doc["checksum"])
+        if doc.get("tombstone") is True:
+            matches, digest = old == _SHA256_OF_NOTHING, EMPTY_DIGEST
+        else:
+            old_hash, new_hash = hashlib.sha256(), new_hasher()
+            with open(meta_path.with_name(f"{stem}.data"), "rb") as fh:
+                while block := fh.read(WRITE_BATCH):
+                    old_hash.update(block)
+                    new_hash.update(block)
+            matches, digest = old_hash.digest() == old, new_hash.digest()
+        if not matches:
+            log.warning("store %s: %s no longer matches the SHA-256 recorded when it was "
+                        "written; dropped while converting the store (repair restores a copy)",
+                        self.root, _show(str(doc.get("name"))))
+            return None
+        upgraded = {**doc, "format": META_FORMAT, "checksum": digest.hex()}
+        try:
+            self._write_meta(meta_path, upgraded)
+            _fsync_dir(meta_path.parent)
+        except OSError as exc:  # e.g. a full disk: serve it converted, rewrite it next start
+            log.warning("store %s: could not rewrite the record of %s in the new format (%s); "
+                        "kept, converted again at the next start", self.root,
+                        _show(str(doc.get("name"))), exc.strerror or exc)
+        return upgraded

@@ -7,7 +7,6 @@ with the open key of the default cluster.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -21,6 +20,7 @@ from typing import Any, BinaryIO, NamedTuple
 import trio
 
 from daemon.bulk import BulkError
+from daemon.digest import new_hasher
 from daemon.names import NameError_, validate_name
 from daemon.peers import LateDigest, PeerClient, PeerError, StreamedResponse, error_of
 from daemon.security import Authenticator, load_key, open_cluster_key
@@ -120,7 +120,7 @@ class Client:
         leaves at once instead of after a whole hashing pass."""
         name = checked_name(name)
         st = local.stat()
-        hasher = hashlib.sha256()
+        hasher = new_hasher()
         # Made once the body is sent, and only if it was exactly st_size bytes (bulk.request
         # checks that first): a file that changed size fails the upload.
         sha = LateDigest(hasher.digest)
@@ -144,7 +144,7 @@ class Client:
 
         try:
             async with self.peers.stream("PUT", self.target.address, "/v1/files/" + name,
-                                         query, body=body(), content_sha256=sha,
+                                         query, body=body(), content_digest=sha,
                                          bulk_size=st.st_size) as response:
                 data = await response.aread()
         except (PeerError, BulkError) as exc:
@@ -157,7 +157,7 @@ class Client:
         return json.loads(data)
 
     async def get(self, name: str, out: BinaryIO, progress: bool) -> int:
-        """Stream an object to ``out``, verifying size and SHA-256 at the end.
+        """Stream an object to ``out``, verifying size and digest at the end.
 
         Kelips' read path: the node looks the name up (one hop) and answers a small object
         itself; a large one with its live holders, nearest first (303), instead of relaying
@@ -252,7 +252,7 @@ class _Sink:
     """Where a get's bytes go: hashed and written by a writer task in a worker thread."""
 
     def __init__(self, send: trio.MemorySendChannel[bytes], out: BinaryIO) -> None:
-        self.sha = hashlib.sha256()
+        self.sha = new_hasher()
         self.size = 0
         self._send = send
         self._out = out

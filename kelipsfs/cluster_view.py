@@ -30,7 +30,7 @@ import trio
 
 from daemon.core.messages import TupleEntry
 from daemon.dataplane import DataError, DataPlane, NotFound
-from daemon.store import sha256_file
+from daemon.digest import file_digest
 
 if TYPE_CHECKING:
     from daemon.runtime import NodeRuntime
@@ -67,7 +67,7 @@ def _materialize(source: Path, dest: Path, checksum: bytes, link: bool) -> bool:
             os.link(source, dest)
             return True
         shutil.copyfile(source, dest)
-        if sha256_file(dest) == checksum:
+        if file_digest(dest) == checksum:
             return True
         log.warning("local copy %s does not match its checksum; fetching instead", source)
     except OSError as exc:
@@ -146,7 +146,7 @@ class ClusterView:
         If this node's store holds the current version, that copy is linked (``link_ok``;
         checked while it is read unless this process wrote it, see ``StoredObject``) or
         copied and re-hashed; otherwise the bytes stream from the nearest live holder
-        (``DataPlane.open_read`` verifies size and SHA-256 at the end) in ~1 MiB writes done
+        (``DataPlane.open_read`` verifies size and digest at the end) in ~1 MiB writes done
         in worker threads, so the trio loop never blocks on the disk.
         """
         obj = self._rt.store.get(name)
@@ -290,7 +290,7 @@ class ClusterView:
 def _truncate_and_hash(path: Path, length: int) -> bytes:
     with open(path, "r+b") as fh:
         fh.truncate(length)
-    return sha256_file(path)
+    return file_digest(path)
 
 
 def _paged(values: dict[str, bytes]) -> dict[str, bytes]:

@@ -33,10 +33,11 @@ Extended attributes
 Read-only, in ``user.kelips.*``: on the root ``node_id``, ``group``, ``k``, ``members`` (one
 JSON object per line: id, address, group, state, heartbeat, role) and ``contacts`` (JSON, per
 group); on a file ``group``, ``version`` (clock:writer), ``holders`` (JSON list of id and
-address) and ``checksum`` (SHA-256 hex). A value longer than the kernel's 64 KiB limit is
-offered as ``NAME.0``, ``NAME.1``, ... (cut at line ends) instead of ``NAME``. Writes are
-refused with EPERM (``user.kelips.*``) or ENOTSUP (anything else); an unknown name is ENODATA,
-never ENOSYS (which would make the kernel switch xattrs off for the whole mount).
+address) and ``checksum`` (the content digest, BLAKE3, in hex). A value longer than the
+kernel's 64 KiB limit is offered as ``NAME.0``, ``NAME.1``, ... (cut at line ends) instead of
+``NAME``. Writes are refused with EPERM (``user.kelips.*``) or ENOTSUP (anything else); an
+unknown name is ENODATA, never ENOSYS (which would make the kernel switch xattrs off for the
+whole mount).
 
 Threads
 -------
@@ -90,8 +91,8 @@ import trio
 
 from daemon.core.messages import TupleEntry
 from daemon.dataplane import DataError, InsertFailed, NotFound
+from daemon.digest import EMPTY_DIGEST
 from daemon.names import MAX_COMPONENT_BYTES, MAX_NAME_BYTES, NameError_, validate_name
-from daemon.store import EMPTY_SHA256
 from kelipsfs.cluster_view import XATTR_PREFIX, ClusterView, DirInfo, Fetched
 from kelipsfs.fuse_buffers import answer_with_fd, tune_connection
 from kelipsfs.local_copy import CorruptCopy, LocalCopy
@@ -421,7 +422,7 @@ class KelipsOperations(mfusepy.Operations):  # type: ignore[misc]
                 raise _fail(errno.EEXIST)
             now = time.time_ns()
             self._change(self._cluster.insert, f"{name}/{DIR_MARKER}", self._empty, 0,
-                       EMPTY_SHA256, mode & 0o7777, now)
+                       EMPTY_DIGEST, mode & 0o7777, now)
         self._remember_dir(name, now)
         return 0
 

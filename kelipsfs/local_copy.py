@@ -6,11 +6,11 @@ copy is only read: bytes fetched from a holder, or a hard link to this node's ow
 
 Two things keep large files fast without giving up verification:
 
-* **Hashing as it is written.** An object's SHA-256 goes with every insert. ``cp`` writes a file
-  front to back, so the copy hashes each write that extends its verified prefix, and the flush
-  only finishes that hash instead of reading hundreds of MiB back. Any other write (a seek
-  back, a hole, a truncate to a non-zero length) drops the running hash and the flush hashes
-  the file once, as before.
+* **Hashing as it is written.** An object's digest (``daemon.digest``) goes with every insert.
+  ``cp`` writes a file front to back, so the copy hashes each write that extends its verified
+  prefix, and the flush only finishes that hash instead of reading hundreds of MiB back. Any
+  other write (a seek back, a hole, a truncate to a non-zero length) drops the running hash and
+  the flush hashes the file once, as before.
 * **Handing the spool to the store.** On a node that holds the object, the store keeps a hard
   link to the published spool file instead of a copy (``ObjectStore.adopt_file``). From then on
   the inode is the store's and must never change: the next write or truncate first moves this
@@ -27,7 +27,6 @@ Two things keep large files fast without giving up verification:
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import queue
@@ -36,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-from daemon.store import sha256_file
+from daemon.digest import file_digest, new_hasher
 from daemon.writeback import advance_writeback
 
 log = logging.getLogger("kelipsfs.fuse")
@@ -76,7 +75,7 @@ class LocalCopy:
         self.refs = 0
         self.writers = 0
         self.lock = threading.Lock()  # serializes writes against the insert that publishes them
-        # Running SHA-256 of the prefix [0, _hashed) of a spool copy; None once lost.
+        # Running digest of the prefix [0, _hashed) of a spool copy; None once lost.
         self._hasher: _SequentialHash | None = _SequentialHash() if spool and dirty else None
         self._hashed = 0
         self._written_out = 0  # the prefix already handed to advance_writeback
@@ -131,10 +130,10 @@ class LocalCopy:
             self.mtime_ns = time.time_ns()
 
     def checksum(self) -> bytes:
-        """SHA-256 of the whole content (call with ``lock`` held)."""
+        """Digest of the whole content (call with ``lock`` held)."""
         if self._hasher is not None and self._hashed == os.fstat(self.fd).st_size:
             return self._hasher.digest()
-        return sha256_file(self.path)
+        return file_digest(self.path)
 
     def _drop_hash(self) -> None:
         if self._hasher is not None:
@@ -182,7 +181,7 @@ class LocalCopy:
 
 
 class _SequentialHash:
-    """SHA-256 of the bytes written front to back, hashed beside the writes.
+    """Digest of the bytes written front to back, hashed beside the writes.
 
     Hashing a MiB costs about as much as receiving it from the kernel; done inline it would
     double the time each write request holds the writer. Large writes go to a thread of their
@@ -191,7 +190,7 @@ class _SequentialHash:
     """
 
     def __init__(self) -> None:
-        self._hasher = hashlib.sha256()
+        self._hasher = new_hasher()
         self._queue: queue.Queue[bytes | threading.Event | None] | None = None
 
     def feed(self, data: bytes) -> None:
@@ -229,7 +228,7 @@ class _SequentialHash:
 
 
 class _BackgroundCheck:
-    """SHA-256 of a file computed in a thread of its own, on a duplicate descriptor."""
+    """Digest of a file computed in a thread of its own, on a duplicate descriptor."""
 
     def __init__(self, fd: int, size: int, checksum: bytes, name: str) -> None:
         self._fd = os.dup(fd)
@@ -243,7 +242,7 @@ class _BackgroundCheck:
 
     def _run(self) -> None:
         try:
-            hasher = hashlib.sha256()
+            hasher = new_hasher()
             offset = 0
             while offset < self._size and not self._stopped:
                 block = os.pread(self._fd, CHECK_BLOCK, offset)

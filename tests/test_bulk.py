@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -16,8 +15,9 @@ import pytest
 import trio
 
 from daemon import bulk
+from daemon.digest import digest_of, new_hasher
 from daemon.peers import (
-    CONTENT_SHA_HEADER,
+    CONTENT_DIGEST_HEADER,
     TRAILER_MARK,
     LateDigest,
     PeerClient,
@@ -26,8 +26,8 @@ from daemon.peers import (
 )
 from daemon.security import (
     BODY_TRAILER,
+    DIGEST_IN_TRAILER,
     MAC_HEADER,
-    TRAILER_SHA256,
     Authenticator,
     open_cluster_key,
 )
@@ -66,14 +66,14 @@ def run(fn: object) -> object:
 
 def test_put_and_get_a_large_file_in_bulk(node: NodeProc) -> None:
     data = os.urandom(3 * MiB + 7)
-    sha = hashlib.sha256(data).digest()
+    sha = digest_of(data)
 
     async def roundtrip() -> tuple[int, bytes, dict[str, str], int]:
         client = peers()
         try:
             query = {"size": len(data), "mode": 0o640, "mtime_ns": 5}
             async with client.stream("PUT", address(node), "/v1/files/bulk/big", query,
-                                     body=chunks(data), content_sha256=sha,
+                                     body=chunks(data), content_digest=sha,
                                      bulk_size=len(data)) as put:
                 put_status = put.status_code
                 await put.aread()
@@ -89,7 +89,7 @@ def test_put_and_get_a_large_file_in_bulk(node: NodeProc) -> None:
     put_status, body, headers, status = run(roundtrip)  # type: ignore[misc]
     assert (put_status, status) == (200, 200)
     assert body == data
-    assert headers["x-kelips-checksum"] == hashlib.sha256(data).hexdigest()
+    assert headers["x-kelips-checksum"] == digest_of(data).hex()
     assert headers["x-kelips-mode"] == str(0o640)
     # the same object over plain HTTP: one API, two framings
     got = httpx.get(f"http://{node.address}/v1/status")
@@ -99,14 +99,14 @@ def test_put_and_get_a_large_file_in_bulk(node: NodeProc) -> None:
 def test_an_unsigned_upload_is_refused_early(node: NodeProc) -> None:
     """A wrong key: 401 arrives while the client is still sending, and the upload stops."""
     data = os.urandom(64 * MiB)
-    sha = hashlib.sha256(data).digest()
+    sha = digest_of(data)
 
     async def upload() -> tuple[int, bytes]:
         client = peers(key=b"k" * 32)
         try:
             async with client.stream("PUT", address(node), "/v1/files/bulk/refused",
                                      {"size": len(data)}, body=chunks(data, MiB),
-                                     content_sha256=sha, bulk_size=len(data)) as answer:
+                                     content_digest=sha, bulk_size=len(data)) as answer:
                 return answer.status_code, await answer.aread()
         finally:
             await client.aclose()
@@ -134,13 +134,13 @@ def _get_status(node: NodeProc, name: str) -> int:
 
 def test_a_short_body_stores_nothing(node: NodeProc) -> None:
     data = b"x" * MiB
-    sha = hashlib.sha256(data * 2).digest()
+    sha = digest_of(data * 2)
 
     async def short() -> None:
         client = peers()
         try:
             async with client.stream("PUT", address(node), "/v1/files/bulk/short",
-                                     {"size": 2 * MiB}, body=chunks(data), content_sha256=sha,
+                                     {"size": 2 * MiB}, body=chunks(data), content_digest=sha,
                                      bulk_size=2 * MiB):
                 pass
         finally:
@@ -160,7 +160,7 @@ def test_errors_of_the_callers_body_propagate(node: NodeProc, tmp_path: Path) ->
         client = peers()
         try:
             async with client.stream("PUT", address(node), "/v1/files/bulk/gone", {"size": 9},
-                                     body=failing(), content_sha256=b"\0" * 32, bulk_size=9):
+                                     body=failing(), content_digest=b"\0" * 32, bulk_size=9):
                 pass
         finally:
             await client.aclose()
@@ -259,7 +259,7 @@ MakeTrailer = Callable[[str, bytes], bytes]
 
 
 def _sha(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
+    return digest_of(data)
 
 
 def _good(head_mac: str, data: bytes) -> bytes:
@@ -284,7 +284,7 @@ def _foreign_key(head_mac: str, data: bytes) -> bytes:
 
 def _other_request(head_mac: str, data: bytes) -> bytes:
     """A genuine trailer, for another (signed) request of the same target: not for this one."""
-    other = Authenticator(KEY).sign_request("PUT", "/v1/files/elsewhere", TRAILER_SHA256,
+    other = Authenticator(KEY).sign_request("PUT", "/v1/files/elsewhere", DIGEST_IN_TRAILER,
                                             time.time())[MAC_HEADER]
     return Authenticator(KEY).sign_trailer(other, _sha(data))
 
@@ -299,8 +299,8 @@ def _raising(head_mac: str, data: bytes) -> bytes:
 
 def _trailer_headers(target: str) -> dict[str, str]:
     """A head signed for a digest that follows the body (what PeerClient.stream sends)."""
-    headers = Authenticator(KEY).sign_request("PUT", target, TRAILER_SHA256, time.time())
-    headers[CONTENT_SHA_HEADER] = TRAILER_MARK
+    headers = Authenticator(KEY).sign_request("PUT", target, DIGEST_IN_TRAILER, time.time())
+    headers[CONTENT_DIGEST_HEADER] = TRAILER_MARK
     return headers
 
 
@@ -331,7 +331,7 @@ def _put_with_trailer(node: NodeProc, kind: str, name: str, data: bytes,
 def _put_late(node: NodeProc, kind: str, name: str, data: bytes) -> tuple[int, bytes]:
     """The real sender's way: PeerClient.stream with a LateDigest hashed as the body goes."""
     path, query = _upload_target(kind, name, len(data))
-    hasher = hashlib.sha256()
+    hasher = new_hasher()
 
     async def hashed() -> AsyncIterator[bytes]:
         async for chunk in chunks(data):
@@ -342,7 +342,7 @@ def _put_late(node: NodeProc, kind: str, name: str, data: bytes) -> tuple[int, b
         client = peers()
         try:
             async with client.stream("PUT", address(node), path, query, body=hashed(),
-                                     content_sha256=LateDigest(hasher.digest),
+                                     content_digest=LateDigest(hasher.digest),
                                      bulk_size=len(data)) as answer:
                 return answer.status_code, await answer.aread()
         finally:
@@ -416,10 +416,10 @@ def test_an_upload_with_its_digest_in_a_trailer_is_stored(node: NodeProc, kind: 
     assert status == 200, body
     if kind == "files":
         entry = json.loads(body)["tuple"]
-        assert entry["checksum"] == hashlib.sha256(data).hexdigest() and entry["size"] == size
+        assert entry["checksum"] == digest_of(data).hex() and entry["size"] == size
         got_status, got, headers = _fetch(node, "/v1/files/" + name)
         assert got_status == 200 and got == data
-        assert headers["x-kelips-checksum"] == hashlib.sha256(data).hexdigest()
+        assert headers["x-kelips-checksum"] == digest_of(data).hex()
         assert headers["x-kelips-mode"] == str(0o640)
     else:
         assert json.loads(body) == {"stored": size}
@@ -467,7 +467,7 @@ def test_a_body_not_matching_its_trailer_is_refused(node: NodeProc, kind: str,
     rejected = _auth_rejections(node)
     status, body = _put_with_trailer(node, kind, name, data, _other_digest)
     assert status == expected, body
-    assert "SHA-256" in _error(body)
+    assert "digest" in _error(body)
     assert _auth_rejections(node) == rejected  # authentic: not an authentication failure
     _assert_nothing_stored([node], name, settle=0)
 
@@ -551,7 +551,7 @@ def test_a_late_digest_that_fails_closes_the_upload(node: NodeProc, kind: str) -
         client = peers()
         try:
             async with client.stream("PUT", address(node), path, query, body=chunks(data),
-                                     content_sha256=LateDigest(digest), bulk_size=len(data)):
+                                     content_digest=LateDigest(digest), bulk_size=len(data)):
                 pass
         finally:
             await client.aclose()
@@ -580,7 +580,7 @@ def test_a_late_digest_needs_a_bulk_connection() -> None:
         client = peers()
         try:
             async with client.stream("PUT", ("127.0.0.1", 9), "/v1/files/x", {"size": 1},
-                                     body=chunks(b"x"), content_sha256=LateDigest(lambda: b""),
+                                     body=chunks(b"x"), content_digest=LateDigest(lambda: b""),
                                      bulk_size=None):
                 pass
         finally:
@@ -635,7 +635,7 @@ def test_a_trailer_upload_is_relayed_to_every_holder(
     status, body = _put_late(nodes[0], "files", name, data)
     assert status == 200, body
     entry = json.loads(body)["tuple"]
-    assert entry["checksum"] == hashlib.sha256(data).hexdigest()
+    assert entry["checksum"] == digest_of(data).hex()
     ids = {c.status(n)["node_id"] for n in nodes}
     assert set(entry["holders"]) == ids  # the asked node and the other one
     for holder in nodes:  # the other holder got the body with the asking node's trailer

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.store import sha256_file
+from daemon.digest import file_digest
 from tests.cluster import Cluster, NodeProc, node_id_in_group, preset_identity
 
 FAST = ["t_fail=2.0", "anti_entropy_interval=10"]
@@ -242,12 +242,12 @@ def test_large_object(cluster: Cluster, tmp_path: Path) -> None:
     size = int(os.environ.get("KELIPSFS_LARGE_BYTES", str(1 << 30)))
     src = _file(tmp_path, "big.bin", size)
     cluster.cli(a, "put", str(src), "big.bin")
-    src_sha = sha256_file(src)
+    src_sha = file_digest(src)
     src.unlink()  # disk: the holders' copies and the output are enough
     out = tmp_path / "big.out"
     cluster.cli(b, "get", "big.bin", str(out))
     assert out.stat().st_size == size
-    assert sha256_file(out) == src_sha
+    assert file_digest(out) == src_sha
 
 
 

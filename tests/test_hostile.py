@@ -7,7 +7,6 @@ kills its processes whatever happens, and prints its measurements as ``LAB-RESUL
 from __future__ import annotations
 
 import functools
-import hashlib
 import random
 import shutil
 import signal
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from daemon.digest import digest_of
 from kelipsfs.client import Client as ClientT
 from kelipsfs.client import ClientError
 from tests.netlab import Host, Lab, fetch, lab_test, report
@@ -477,12 +477,12 @@ def test_hostile_input_changes_nothing_and_strangers_get_nothing(tmp_path: Path)
             for method, path, body in _http_cases("s6/f000"):
                 for signer in (None, Authenticator(b"\x02" * 32), auth):
                     headers = {} if signer is None else signer.sign_request(
-                        method, path, hashlib.sha256(body).digest(), time.time())
+                        method, path, digest_of(body), time.time())
                     response = http.request(method, path, content=body, headers=headers)
                     assert 400 <= response.status_code < 500, (method, path, response.text)
                     statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
             huge = http.post("/v1/sync", content=b"x" * (4 << 20), headers=auth.sign_request(
-                "POST", "/v1/sync", hashlib.sha256(b"x" * (4 << 20)).digest(), time.time()))
+                "POST", "/v1/sync", digest_of(b"x" * (4 << 20)), time.time()))
             assert huge.status_code == 413
         for raw in (b"GARBAGE\r\n\r\n", b"GET /v1/status HTTP/1.1\r\nHost: x\r\n"
                     + b"X-Junk: " + b"a" * 200_000 + b"\r\n\r\n",

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 from pathlib import Path
 
 import pytest
 
+from daemon.digest import digest_of
 from kelipsfs import local_copy
 from kelipsfs.local_copy import CorruptCopy, LocalCopy
 
@@ -31,7 +31,7 @@ def no_rehash(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make any hashing of the whole file fail: the running hash must be enough."""
     def refuse(path: Path) -> bytes:
         raise AssertionError(f"re-hashed {path}")
-    monkeypatch.setattr(local_copy, "sha256_file", refuse)
+    monkeypatch.setattr(local_copy, "file_digest", refuse)
 
 
 def test_front_to_back_writes_are_hashed_as_they_come(tmp_path: Path,
@@ -47,10 +47,10 @@ def test_front_to_back_writes_are_hashed_as_they_come(tmp_path: Path,
         assert f.write(block, offset, False, BIG) == len(block)
         offset += len(block)
     with f.lock:
-        assert f.checksum() == hashlib.sha256(b"".join(blocks)).digest()
+        assert f.checksum() == digest_of(b"".join(blocks))
     f.write(b"tail", 0, True, BIG)  # an append continues the running hash
     with f.lock:
-        assert f.checksum() == hashlib.sha256(b"".join(blocks) + b"tail").digest()
+        assert f.checksum() == digest_of(b"".join(blocks) + b"tail")
     f.close()
     assert not f.path.exists()
 
@@ -68,7 +68,7 @@ def test_other_writes_fall_back_to_hashing_the_file(tmp_path: Path, case: str) -
     else:
         f.truncate(5000)
     with f.lock:
-        assert f.checksum() == hashlib.sha256(f.path.read_bytes()).digest()
+        assert f.checksum() == digest_of(f.path.read_bytes())
     f.close()
 
 
@@ -80,7 +80,7 @@ def test_truncate_to_zero_starts_a_new_running_hash(tmp_path: Path,
     no_rehash(monkeypatch)
     f.write(b"fresh", 0, False, BIG)
     with f.lock:
-        assert f.checksum() == hashlib.sha256(b"fresh").digest()
+        assert f.checksum() == digest_of(b"fresh")
     f.close()
 
 
@@ -132,7 +132,7 @@ def cache_copy(tmp_path: Path, data: bytes, checksum: bytes) -> LocalCopy:
 
 def test_a_checked_copy_fails_the_read_that_reaches_the_end_if_corrupt(tmp_path: Path) -> None:
     data = random.Random(2).randbytes(3 * MiB + 5)
-    bad = cache_copy(tmp_path, data, hashlib.sha256(data[:-1] + b"?").digest())
+    bad = cache_copy(tmp_path, data, digest_of(data[:-1] + b"?"))
     assert read(bad, 4096, 0) == data[:4096]  # before the end: served
     with pytest.raises(CorruptCopy) as info:
         read(bad, MiB, len(data) - 100)
@@ -140,7 +140,7 @@ def test_a_checked_copy_fails_the_read_that_reaches_the_end_if_corrupt(tmp_path:
     with pytest.raises(CorruptCopy):
         bad.readable_fd(MiB, 3 * MiB)
     bad.close()
-    good = cache_copy(tmp_path, data, hashlib.sha256(data).digest())
+    good = cache_copy(tmp_path, data, digest_of(data))
     assert read(good, MiB, len(data) - 100) == data[-100:]
     assert good.readable_fd(10, len(data)) == good.fd
     good.close()

@@ -8,7 +8,6 @@ teardown, whatever the test did. Nodes listen on 127.0.0.x loopback addresses on
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
 import os
@@ -28,6 +27,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from daemon.digest import digest_of
 from kelipsfs.client import Client, resolve_target
 from tests.cluster import node_id_in_group, preset_identity
 
@@ -265,13 +265,13 @@ def test_writing_after_fsync_never_changes_the_stored_version(single: Mount) -> 
         fh.seek(MiB)
         fh.write(second)  # copy on write
         fh.flush()
-        # still open: the node serves version 1, intact (get verifies the SHA-256). Asked
+        # still open: the node serves version 1, intact (get verifies the digest). Asked
         # from this process: a child process would close its inherited copy of the
         # descriptor at exec, and that close is a flush, which publishes the new content.
         assert _get_in_process(single, "cow.bin") == first
     expected = first[:MiB] + second + first[2 * MiB:]
     assert path.read_bytes() == expected
-    assert xattrs(path)["user.kelips.checksum"] == hashlib.sha256(expected).hexdigest()
+    assert xattrs(path)["user.kelips.checksum"] == digest_of(expected).hex()
 
 
 def test_damage_to_a_store_file_found_after_a_restart_is_eio(tmp_path: Path) -> None:
@@ -489,8 +489,8 @@ def test_xattrs(single: Mount) -> None:
     attrs = xattrs(f)
     assert set(attrs) == {"user.kelips.group", "user.kelips.version", "user.kelips.holders",
                           "user.kelips.checksum"}
-    assert attrs["user.kelips.checksum"] == (
-        "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824")
+    assert attrs["user.kelips.checksum"] == digest_of(b"hello").hex() == (  # BLAKE3
+        "ea8f163db38682925e4491c5e58d4bb3506ef8c14eb78a86e908c5624a67200f")
     holders = json.loads(os.getxattr(f, "user.kelips.holders"))
     assert [h["address"] for h in holders] == [single.address]
     expect_errno(errno.ENODATA, os.getxattr, f, "user.kelips.nope")

@@ -9,7 +9,6 @@ with SIGKILL while a mount is fetching a large file from it.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import mmap
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.digest import digest_of, file_digest
 from tests.test_mount import (
     MiB,
     Mount,
@@ -439,15 +439,14 @@ def _read_while_killing(ms: Mounts, reader: Mount, holders: list[Mount],
 def _mounts_and_a_reader(ms: Mounts, tmp_path: Path, size: int,
                               replication: int) -> tuple[Mount, list[Mount], bytes]:
     """Mounts with ``replication`` copies per object and one mount holding none of a
-    ``size`` file written through the first: (that reader, the holders, the SHA-256)."""
+    ``size`` file written through the first: (that reader, the holders, the digest)."""
     settings = (f"replication={replication}", "t_fail=2.0")
     first = ms.new(*settings)
     everyone = [first] + [ms.new(*settings, join=first) for _ in range(replication)]
     wait_for(lambda: all(_alive_members(m) == len(everyone) for m in everyone), 30,
              "membership")
     src = random_file(tmp_path / "big.bin", size)
-    with open(src, "rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256").digest()
+    digest = file_digest(src)
     run("cp", src, first.path("big.bin"))
     src.unlink()
     by_address = {m.address: m for m in everyone}
@@ -467,7 +466,7 @@ def test_holder_killed_mid_read(tmp_path: Path) -> None:
         reader, holders, digest = _mounts_and_a_reader(ms, tmp_path, size, 2)
         data, error, got = _read_while_killing(ms, reader, holders, size)
         if data is not None:
-            assert len(data) == size and hashlib.sha256(data).digest() == digest
+            assert len(data) == size and digest_of(data) == digest
         else:
             assert error is not None and error.errno == errno.EIO, error
         print(f"holder killed at {got / MiB:.0f} MiB of the fetch: "
@@ -475,7 +474,7 @@ def test_holder_killed_mid_read(tmp_path: Path) -> None:
         del data
         again, error = _read_in_thread(reader.path("big.bin"), 120)  # the survivor serves it
         assert error is None and again is not None
-        assert hashlib.sha256(again).digest() == digest
+        assert digest_of(again) == digest
         assert list((reader.data_dir / "cache").iterdir()) == []
 
 

@@ -13,13 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.core.config import AUTH_TRAILER
+from daemon.digest import digest_of
 from daemon.security import (
     BODY_TRAILER,
+    DIGEST_IN_TRAILER,
     MAC_HEADER,
     NONCE_HEADER,
     TIME_HEADER,
     TRAILER,
-    TRAILER_SHA256,
     Authenticator,
     AuthError,
     KeyFileError,
@@ -31,7 +32,7 @@ from daemon.security import (
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
 NOW = 1_700_000_000.0
-BODY = hashlib.sha256(b"body").digest()
+BODY = digest_of(b"body")
 PROPS = settings(max_examples=300, deadline=None)
 
 
@@ -238,7 +239,7 @@ def test_header_names_are_case_insensitive() -> None:
     ("GET", "/x?a=2", BODY),
     ("GET", "/x", BODY),
     ("GET", "/X?a=1", BODY),
-    ("GET", "/x?a=1", hashlib.sha256(b"other").digest()),
+    ("GET", "/x?a=1", digest_of(b"other")),
     ("GE", "T/x?a=1", BODY),  # the length prefixes keep the split significant
 ])
 def test_any_change_of_the_request_is_rejected(method: str, target: str, body: bytes) -> None:
@@ -322,7 +323,7 @@ def test_request_and_datagram_macs_are_separate() -> None:
 
 
 def test_body_hash_must_be_a_digest() -> None:
-    with pytest.raises(ValueError, match="body_sha256"):
+    with pytest.raises(ValueError, match="body_digest"):
         auth().sign_request("GET", "/x", b"short", NOW)
 
 
@@ -341,13 +342,13 @@ def test_verifying_random_headers_only_raises_auth_error(headers: dict[str, str]
 
 def _head_mac(signer: Authenticator | None = None, target: str = "/v1/replica/f") -> str:
     """The MAC header of an upload whose body digest travels in a trailer."""
-    headers = (signer or auth()).sign_request("PUT", target, TRAILER_SHA256, NOW)
+    headers = (signer or auth()).sign_request("PUT", target, DIGEST_IN_TRAILER, NOW)
     return headers[MAC_HEADER]
 
 
 def test_body_trailer_roundtrip() -> None:
     assert BODY_TRAILER == 64
-    assert hashlib.sha256(b"kelipsfs-v1 body digest in trailer").digest() == TRAILER_SHA256
+    assert digest_of(b"kelipsfs-v1 body digest in trailer") == DIGEST_IN_TRAILER
     head_mac = _head_mac()
     trailer = auth().sign_trailer(head_mac, BODY)
     assert len(trailer) == BODY_TRAILER and trailer[:32] == BODY
@@ -358,9 +359,9 @@ def test_body_trailer_roundtrip() -> None:
 
 
 def test_the_head_signed_with_the_trailer_marker_verifies_like_any_request() -> None:
-    headers = auth().sign_request("PUT", "/v1/files/f", TRAILER_SHA256, NOW)
+    headers = auth().sign_request("PUT", "/v1/files/f", DIGEST_IN_TRAILER, NOW)
     server = auth()
-    server.verify_request("PUT", "/v1/files/f", headers, TRAILER_SHA256, NOW)
+    server.verify_request("PUT", "/v1/files/f", headers, DIGEST_IN_TRAILER, NOW)
     assert reason(server.verify_request, "PUT", "/v1/files/f", headers, BODY, NOW) == "bad mac"
 
 
@@ -392,7 +393,7 @@ def test_a_digest_swapped_under_a_signed_mac_is_refused() -> None:
     """Another digest under a valid MAC of the same head is refused: only the key holder
     can make a trailer for a given digest."""
     head_mac = _head_mac()
-    other = hashlib.sha256(b"other body").digest()
+    other = digest_of(b"other body")
     swapped = other + auth().sign_trailer(head_mac, BODY)[32:]
     assert reason(auth().verify_trailer, head_mac, swapped) == "bad mac"
     assert auth().verify_trailer(head_mac, auth().sign_trailer(head_mac, other)) == other
@@ -437,7 +438,7 @@ def test_trailer_request_and_datagram_macs_are_separate() -> None:
 
 
 def test_signing_a_trailer_needs_a_digest() -> None:
-    with pytest.raises(ValueError, match="body_sha256"):
+    with pytest.raises(ValueError, match="body_digest"):
         auth().sign_trailer(_head_mac(), b"short")
 
 

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import functools
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -31,6 +32,7 @@ import trio
 
 from daemon import store as store_mod
 from daemon.core.messages import Version
+from daemon.digest import EMPTY_DIGEST, digest_of, new_hasher
 from daemon.store import (
     ChecksumMismatch,
     ObjectStore,
@@ -62,7 +64,7 @@ def v(clock: int, writer: bytes = WRITER) -> Version:
 
 
 def sha(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
+    return digest_of(data)
 
 
 class Chunks:
@@ -113,7 +115,7 @@ def expected_files(store: ObjectStore) -> set[Path]:
 
 
 def file_sha(path: Path) -> bytes:
-    h = hashlib.sha256()
+    h = new_hasher()
     with open(path, "rb") as f:
         while block := f.read(MiB):
             h.update(block)
@@ -161,7 +163,7 @@ def test_large_object_streamed_with_bounded_memory(root: Path) -> None:
     """20 MiB in 64 KiB chunks: written and read back without ever being whole in memory."""
     store = ObjectStore(root)
     total, chunk = 20 * MiB, 64 * KiB
-    sent = hashlib.sha256()
+    sent = new_hasher()
 
     async def source() -> AsyncIterator[bytes]:
         rng = random.Random(7)
@@ -174,7 +176,7 @@ def test_large_object_streamed_with_bounded_memory(root: Path) -> None:
         tracemalloc.start()
         try:
             obj = await store.put("big", v(1), 0o600, 0, source(), expected_size=total)
-            back = hashlib.sha256()
+            back = new_hasher()
             async for block in store.read_chunks(obj):
                 assert len(block) <= MiB
                 back.update(block)
@@ -818,13 +820,67 @@ def test_recovery_tombstone_over_older_content(root: Path) -> None:
     assert object_files(root) == expected_files(store)
 
 
+def _as_format_1(store: ObjectStore, obj: StoredObject, sha256: bytes) -> None:
+    """Rewrite ``obj``'s record as stores wrote it before the content digest: format 1, with
+    the content's SHA-256 as checksum."""
+    meta = store.files_for(obj.name, obj.version)[1]
+    doc = json.loads(meta.read_bytes())
+    doc.update(format=1, checksum=sha256.hex())
+    meta.write_bytes(json.dumps(doc).encode())
+
+
+def test_recovery_converts_a_sha256_store_and_drops_what_no_longer_matches(root: Path) -> None:
+    store = ObjectStore(root)
+    content = random.Random(5).randbytes(3 * MiB + 7)
+    kept = run(lambda: put_bytes(store, "kept", v(1), content))
+    damaged = run(lambda: put_bytes(store, "damaged", v(1), b"will rot"))
+    run(lambda: put_bytes(store, "gone", v(1), b"deleted later"))
+    gone = run(lambda: store.delete("gone", v(2)))
+    _as_format_1(store, kept, hashlib.sha256(content).digest())
+    _as_format_1(store, damaged, hashlib.sha256(b"will rot").digest())
+    _as_format_1(store, gone, hashlib.sha256().digest())
+    assert damaged.path is not None
+    damaged.path.write_bytes(b"will ROT")  # same size, other bytes: only a hash can tell
+
+    converted = ObjectStore(root)
+    assert converted.get("kept") == kept and kept.checksum == digest_of(content)
+    assert run(lambda: read_all(converted, kept)) == content  # read_all verifies the digest
+    assert converted.get("gone") == gone and gone.checksum == EMPTY_DIGEST
+    assert converted.get("damaged") is None
+    assert object_files(root) == expected_files(converted)
+    for obj in converted.objects():
+        doc = json.loads(converted.files_for(obj.name, obj.version)[1].read_bytes())
+        assert doc["format"] == 2 and doc["checksum"] == obj.checksum.hex()
+    again = ObjectStore(root)  # format 2 is read as it is
+    assert sorted(again.objects(), key=lambda o: o.name) == [gone, kept]
+
+
+def test_a_record_the_conversion_cannot_rewrite_is_kept_and_converted_next_time(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ObjectStore(root)
+    kept = run(lambda: put_bytes(store, "kept", v(1), b"precious"))
+    _as_format_1(store, kept, hashlib.sha256(b"precious").digest())
+
+    def disk_full(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ObjectStore, "_write_meta", disk_full)
+        assert ObjectStore(root).get("kept") == kept  # served, still format 1 on disk
+    meta = store.files_for("kept", v(1))[1]
+    assert json.loads(meta.read_bytes())["format"] == 1
+    assert ObjectStore(root).get("kept") == kept
+    assert json.loads(meta.read_bytes())["format"] == 2
+
+
 # --- kill -9 in the middle of a put loop -----------------------------------------------------
 
 CHILD = r"""
-import hashlib, random, sys
+import random, sys
 from pathlib import Path
 import trio
 from daemon.core.messages import Version
+from daemon.digest import digest_of
 from daemon.store import ObjectStore
 
 root, run_no = Path(sys.argv[1]), int(sys.argv[2])
@@ -847,7 +903,7 @@ async def main():
         async def chunks():
             for off in range(0, len(data), 65536):
                 yield data[off:off + 65536]
-        digest = hashlib.sha256(data).digest()
+        digest = digest_of(data)
         await store.put(name, Version(clock, writer), 0o644, i, chunks(), digest, len(data))
         print(f"put {name} {clock} {digest.hex()}", flush=True)
 
@@ -880,7 +936,7 @@ def _kill_after(proc: subprocess.Popen[str], lines: int, delay: float) -> list[s
 @pytest.mark.timeout(180)
 def test_sigkill_in_the_middle_of_puts(root: Path) -> None:
     rng = random.Random(2024)
-    reported: dict[str, tuple[int, str]] = {}  # name -> (clock, sha256 hex or "-" for a tombstone)
+    reported: dict[str, tuple[int, str]] = {}  # name -> (clock, digest hex or "-" for a tombstone)
     for run_no in range(1, 6):
         proc = subprocess.Popen([sys.executable, "-c", CHILD, str(root), str(run_no)],
                                 cwd=REPO, stdout=subprocess.PIPE, text=True,

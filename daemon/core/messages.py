@@ -163,7 +163,7 @@ class LookupReply:
     ``candidates`` are the members a write would have chosen), ``holders`` its live holders,
     nearest first. ``inline`` is the content of ``entry``'s version, present only when the
     answering node stores exactly that version and it is at most ``codec.INLINE_MAX`` bytes;
-    the asker checks its size and SHA-256 against ``entry`` before using it. ``wrong_group``:
+    the asker checks its size and digest against ``entry`` before using it. ``wrong_group``:
     the name is not of the answering node's group (the asker's contact view is stale).
     """
 

@@ -40,20 +40,13 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from bench.disk import settle
 from tests.test_mount import Mount, Mounts, wait_for
 
 RESULTS = Path(os.environ.get("KELIPSFS_BENCH_RESULTS", Path(__file__).parent / "results"))
 TARGETS = ("local", "mount", "mount3")  # JSON keys: local directory, 1 node, 3 nodes
 FIGURES = ("write_s", "read_s", "create_s", "ls_s")
 MEMBERSHIP_TIMEOUT = 60.0
-
-
-def _drop_caches() -> None:
-    try:
-        subprocess.run(["sync"], check=True)
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        pass
 
 
 def _timed(cmd: str) -> float:
@@ -65,7 +58,7 @@ def _timed(cmd: str) -> float:
 def _measure(target: Path, tag: str, big: Path, small_dir: Path, files: int) -> dict[str, float]:
     out: dict[str, float] = {}
     out["write_s"] = _timed(f"cp {big} {target}/big{tag}.bin && sync")
-    _drop_caches()
+    settle()
     out["read_s"] = _timed(f"cat {target}/big{tag}.bin > /dev/null")
     dest = target / f"many{tag}"
     dest.mkdir()

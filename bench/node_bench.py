@@ -32,6 +32,7 @@ from typing import Any
 import trio
 
 from bench import plain_peers
+from bench.disk import settle
 from kelipsfs.client import Client, resolve_target
 from tests.cluster import Cluster
 
@@ -52,14 +53,6 @@ def _write(path: Path, size: int) -> None:
             left -= len(block)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _drop_caches() -> None:
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as fh:
-            fh.write("3\n")
-    except OSError:
-        pass
 
 
 async def _put(address: str, source: Path, name: str) -> None:
@@ -105,7 +98,7 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--gets", type=int, default=500)
     parser.add_argument("--objects", type=int, default=30)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="kelipsfs-bench-"))
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "nodes": 5}
@@ -137,13 +130,13 @@ def main() -> None:
             cp_runs, cp3_runs, plain_runs, put_runs, get_runs = [], [], [], [], []
             out = root / "big.out"
             for attempt in range(args.repeat):  # medians: these machines are noisy
-                _drop_caches()
+                settle()
                 started = time.perf_counter()
                 subprocess.run(["cp", str(big), str(copies / "big.cp")], check=True)
                 subprocess.run(["sync"], check=True)
                 cp_runs.append(time.perf_counter() - started)
                 (copies / "big.cp").unlink()
-                _drop_caches()
+                settle()
                 started = time.perf_counter()
                 for i in range(3):
                     subprocess.run(["cp", str(big), str(copies / f"big{i}.cp")], check=True)
@@ -151,13 +144,13 @@ def main() -> None:
                 cp3_runs.append(time.perf_counter() - started)
                 for i in range(3):
                     (copies / f"big{i}.cp").unlink()
-                _drop_caches()
+                settle()
                 plain_runs.append(plain_peers.put(big, copies, 3))
-                _drop_caches()
+                settle()
                 started = time.perf_counter()
                 trio.run(_put, nodes[0].address, big, f"bench/big{attempt}")
                 put_runs.append(time.perf_counter() - started)
-                _drop_caches()
+                settle()
                 started = time.perf_counter()
                 trio.run(_get, nodes[2].address, f"bench/big{attempt}", out)
                 get_runs.append(time.perf_counter() - started)

@@ -58,7 +58,7 @@ import trio
 
 from daemon.core.ids import NODE_ID_BYTES
 from daemon.core.messages import Version
-from daemon.digest import DIGEST_SIZE, EMPTY_DIGEST, digest_of, new_hasher
+from daemon.digest import ALGORITHM, DIGEST_SIZE, EMPTY_DIGEST, digest_of, new_hasher
 from daemon.writeback import advance_writeback
 
 log = logging.getLogger("kelipsfs.store")
@@ -136,6 +136,8 @@ class _Recovered:
     broken_meta: int = 0
     superseded: int = 0
     unknown: int = 0
+    converted: int = 0  # format-1 records rewritten with the content digest
+    converting: bool = False  # a format-1 record was met (and the start announced)
 
 
 def _show(name: str) -> str:
@@ -822,7 +824,7 @@ class ObjectStore:
 
         by_name: dict[str, list[tuple[str, StoredObject]]] = {}
         for stem, meta_path in metas.items():
-            obj = self._load_meta(meta_path, stem)
+            obj = self._load_meta(meta_path, stem, stats)
             if obj is not None and not obj.tombstone:
                 content = contents.get(stem)
                 try:
@@ -856,16 +858,19 @@ class ObjectStore:
                      "metadata or superseded, %d incomplete metadata, %d superseded versions",
                      self.root, stats.temp, stats.orphan_content, stats.broken_meta,
                      stats.superseded)
+        if stats.converted:
+            log.info("store %s: %d records converted to the content digest", self.root,
+                     stats.converted)
         if stats.unknown:
             log.warning("store %s: ignored %d unknown entries under %s", self.root,
                         stats.unknown, self._objects)
 
-    def _load_meta(self, meta_path: Path, stem: str) -> StoredObject | None:
+    def _load_meta(self, meta_path: Path, stem: str, stats: _Recovered) -> StoredObject | None:
         """Parse and cross-check one metadata file; None if it is not a valid commit record."""
         try:
             doc = json.loads(meta_path.read_bytes())
             if isinstance(doc, dict) and doc.get("format") == _SHA256_META_FORMAT:
-                doc = self._upgrade_meta(meta_path, stem, doc)
+                doc = self._upgrade_meta(meta_path, stem, doc, stats)
             if not isinstance(doc, dict) or doc.get("format") != META_FORMAT:
                 return None
             name, clock, writer = doc["name"], doc["clock"], bytes.fromhex(doc["writer"])
@@ -885,8 +890,8 @@ class ObjectStore:
         return StoredObject(name, version, size, checksum, mode, mtime_ns, tombstone,
                             None if tombstone else data_path)
 
-    def _upgrade_meta(self, meta_path: Path, stem: str,
-                      doc: dict[str, Any]) -> dict[str, Any] | None:
+    def _upgrade_meta(self, meta_path: Path, stem: str, doc: dict[str, Any],
+                      stats: _Recovered) -> dict[str, Any] | None:
         """Rewrite a format-1 record (SHA-256 checksum) with the content digest, in place.
 
         The content is read once and hashed both ways: only content that still matches its
@@ -895,6 +900,10 @@ class ObjectStore:
         rewriting leaves the format-1 record, which the next start converts again.
         """
         old = bytes.fromhex(doc["checksum"])
+        if not stats.converting:  # a long start deserves a word: every object is read once
+            log.info("store %s: converting SHA-256 records to the content digest (%s); "
+                     "every object is read once", self.root, ALGORITHM)
+            stats.converting = True
         if doc.get("tombstone") is True:
             matches, digest = old == _SHA256_OF_NOTHING, EMPTY_DIGEST
         else:
@@ -910,6 +919,7 @@ class ObjectStore:
                         self.root, _show(str(doc.get("name"))))
             return None
         upgraded = {**doc, "format": META_FORMAT, "checksum": digest.hex()}
+        stats.converted += 1
         try:
             self._write_meta(meta_path, upgraded)
             _fsync_dir(meta_path.parent)

@@ -14,6 +14,7 @@ import errno
 import functools
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -829,7 +830,8 @@ def _as_format_1(store: ObjectStore, obj: StoredObject, sha256: bytes) -> None:
     meta.write_bytes(json.dumps(doc).encode())
 
 
-def test_recovery_converts_a_sha256_store_and_drops_what_no_longer_matches(root: Path) -> None:
+def test_recovery_converts_a_sha256_store_and_drops_what_no_longer_matches(
+        root: Path, caplog: pytest.LogCaptureFixture) -> None:
     store = ObjectStore(root)
     content = random.Random(5).randbytes(3 * MiB + 7)
     kept = run(lambda: put_bytes(store, "kept", v(1), content))
@@ -842,7 +844,11 @@ def test_recovery_converts_a_sha256_store_and_drops_what_no_longer_matches(root:
     assert damaged.path is not None
     damaged.path.write_bytes(b"will ROT")  # same size, other bytes: only a hash can tell
 
-    converted = ObjectStore(root)
+    with caplog.at_level(logging.INFO, logger="kelipsfs.store"):
+        converted = ObjectStore(root)
+    assert "converting SHA-256 records to the content digest (blake3)" in caplog.text
+    assert "2 records converted" in caplog.text  # kept and gone; damaged was dropped
+    assert "'damaged' no longer matches the SHA-256" in caplog.text
     assert converted.get("kept") == kept and kept.checksum == digest_of(content)
     assert run(lambda: read_all(converted, kept)) == content  # read_all verifies the digest
     assert converted.get("gone") == gone and gone.checksum == EMPTY_DIGEST

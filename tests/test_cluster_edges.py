@@ -179,3 +179,35 @@ def test_status_table_and_json(cluster: Cluster) -> None:
     assert doc["k"] == 1 and doc["n_estimate"] == 2
     rows = {row["role"] for row in doc["members"]}
     assert rows == {"self", "member"}
+
+
+def test_a_small_object_held_here_is_read_here_and_never_served_corrupt(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """A node answers a get of a small object it holds from its own store, with no datagram
+    (``DataPlane._small_copy_here``), and checks the digest before it does: a copy damaged
+    on disk is refused, not served."""
+    a = cluster.new_node()
+    src = _file(tmp_path, "small.bin", 3000)
+    cluster.cli(a, "put", str(src), "here/small.bin")
+    for _ in range(3):
+        assert _get(cluster, a, "here/small.bin") == src.read_bytes()
+    assert _metric(_metrics(a), "kelips_inline_reads_total") == 0  # no lookup datagram
+    [content] = list((a.data_dir / "store" / "objects").rglob("*.data"))
+    content.write_bytes(bytes(3000))  # same size, other bytes: only the digest can tell
+    result = cluster.cli(a, "get", "here/small.bin", "-", check=False)
+    assert result.returncode != 0 and result.stdout == b""
+    assert b"does not match its checksum" in result.stderr, result.stderr
+
+
+def test_a_damaged_small_copy_here_is_read_from_another_holder(
+        cluster: Cluster, tmp_path: Path) -> None:
+    a = cluster.new_node()
+    others = [cluster.new_node(join=[a]) for _ in range(2)]
+    cluster.wait_for(lambda: len(cluster.status(a)["members"]) == 3, 20, "three members")
+    src = _file(tmp_path, "small.bin", 3000)
+    cluster.cli(a, "put", str(src), "here/small.bin")  # k = 1, r = 3: every node holds it
+    [content] = list((a.data_dir / "store" / "objects").rglob("*.data"))
+    content.write_bytes(bytes(3000))
+    assert _get(cluster, a, "here/small.bin") == src.read_bytes()
+    for node in others:
+        assert _get(cluster, node, "here/small.bin") == src.read_bytes()

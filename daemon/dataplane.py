@@ -268,8 +268,11 @@ class DataPlane:
                 return Located(entry, holders, 0), None  # (deleted, or no bytes wanted)
             if holders[0].node_id == node.node_id:  # held here: no network
                 here = self._small_copy_here(entry)
-                if here is not None or entry.size > codec.INLINE_MAX or len(holders) == 1:
-                    return Located(entry, holders, 0), here
+                stored = self.rt.store.get(name)
+                newer_here = stored is not None and stored.version > entry.version
+                if (here is not None or newer_here or entry.size > codec.INLINE_MAX
+                        or len(holders) == 1):
+                    return Located(entry, holders, 0), here  # (open_read streams ours)
                 holders = holders[1:] + holders[:1]  # the copy here failed its check: last
             newest, data, hops = await self._holder_datagram(entry, holders)
             if newest is not entry:

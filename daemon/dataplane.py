@@ -215,17 +215,6 @@ class DataPlane:
             return None
         return data
 
-    def _small_copy_here(self, entry: TupleEntry) -> bytes | None:
-        """The verified bytes of ``entry`` if this node stores exactly that version and it is
-        small enough to answer inline; else None (the caller reads it the usual way).
-
-        Read in the event loop (``ObjectStore.read_small``): for a few KiB from the page
-        cache that is cheaper than the worker-thread hop of a streamed read."""
-        obj = self.rt.store.get(entry.name)
-        if obj is None or obj.version != entry.version or entry.size > codec.INLINE_MAX:
-            return None
-        return self.rt.store.read_small(obj, codec.INLINE_MAX)
-
     async def _holder_datagram(self, entry: TupleEntry, holders: list[MemberEntry],
                                skip: bytes | None = None
                                ) -> tuple[TupleEntry, bytes | None, int]:
@@ -267,13 +256,16 @@ class DataPlane:
             if not holders or entry.tombstone or not want_inline:
                 return Located(entry, holders, 0), None  # (deleted, or no bytes wanted)
             if holders[0].node_id == node.node_id:  # held here: no network
-                here = self._small_copy_here(entry)
                 stored = self.rt.store.get(name)
-                newer_here = stored is not None and stored.version > entry.version
-                if (here is not None or newer_here or entry.size > codec.INLINE_MAX
-                        or len(holders) == 1):
-                    return Located(entry, holders, 0), here  # (open_read streams ours)
-                holders = holders[1:] + holders[:1]  # the copy here failed its check: last
+                if (stored is None or stored.version != entry.version
+                        or entry.size > codec.INLINE_MAX):
+                    return Located(entry, holders, 0), None  # open_read streams what we hold
+                # Small: read in the event loop (cheaper than a streamed read's thread hop),
+                # digest checked. A copy that fails its check goes last; the others are asked.
+                here = self.rt.store.read_small(stored, codec.INLINE_MAX)
+                if here is not None or len(holders) == 1:
+                    return Located(entry, holders, 0), here
+                holders = holders[1:] + holders[:1]
             newest, data, hops = await self._holder_datagram(entry, holders)
             if newest is not entry:
                 holders = node.fetch_order(tuple(node.live_holders(newest)) or tuple(holders))

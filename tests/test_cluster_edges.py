@@ -183,9 +183,9 @@ def test_status_table_and_json(cluster: Cluster) -> None:
 
 def test_a_small_object_held_here_is_read_here_and_never_served_corrupt(
         cluster: Cluster, tmp_path: Path) -> None:
-    """A node answers a get of a small object it holds from its own store, with no datagram
-    (``DataPlane._small_copy_here``), and checks the digest before it does: a copy damaged
-    on disk is refused, not served."""
+    """A node answers a get of a small object it holds from its own store, with no lookup
+    datagram, and checks the digest first: with no other holder, a copy damaged on disk is
+    refused, not served."""
     a = cluster.new_node()
     src = _file(tmp_path, "small.bin", 3000)
     cluster.cli(a, "put", str(src), "here/small.bin")

@@ -25,7 +25,7 @@ from daemon.asgi import HTTPError, Request, Response, Router
 from daemon.core import codec
 from daemon.core.messages import Snapshot, SyncRequest, Version
 from daemon.dataplane import DataError, Located
-from daemon.digest import EMPTY_DIGEST, digest_of
+from daemon.digest import DIGEST_SIZE, EMPTY_DIGEST, digest_of
 from daemon.names import NameError_, validate_name, validate_prefix
 from daemon.peers import BULK_MIN, CONTENT_DIGEST_HEADER, TRAILER_MARK, LateDigest
 from daemon.security import DIGEST_IN_TRAILER, MAC_HEADER, AuthError
@@ -168,9 +168,9 @@ class _Api:
 
     # --- helpers -------------------------------------------------------------------------------
 
-    def _verify(self, req: Request, body_sha: bytes) -> None:
+    def _verify(self, req: Request, body_digest: bytes) -> None:
         try:
-            self.rt.auth.verify_request(req.method, req.target, req.headers, body_sha,
+            self.rt.auth.verify_request(req.method, req.target, req.headers, body_digest,
                                         self.rt.wall())
         except AuthError as exc:
             self.rt.metrics.inc("kelips_rejected_packets_total", reason="http_auth")
@@ -200,9 +200,9 @@ class _Api:
         declared (and signed) in its header, or, for a body hashed while it was sent, a
         ``LateDigest`` read from the signed trailer once the body has arrived."""
         if req.headers.get(CONTENT_DIGEST_HEADER) != TRAILER_MARK:
-            sha = self._declared_sha(req)
-            self._verify(req, sha)
-            return sha
+            declared = self._declared_digest(req)
+            self._verify(req, declared)
+            return declared
         if not req.trailer_ok:
             raise HTTPError(400, "a digest in a trailer needs a bulk connection")
         self._verify(req, DIGEST_IN_TRAILER)
@@ -219,15 +219,15 @@ class _Api:
 
         return LateDigest(from_trailer)
 
-    def _declared_sha(self, req: Request) -> bytes:
+    def _declared_digest(self, req: Request) -> bytes:
         raw = req.headers.get(CONTENT_DIGEST_HEADER, "")
         try:
-            sha = bytes.fromhex(raw)
+            declared = bytes.fromhex(raw)
         except ValueError:
-            sha = b""
-        if len(sha) != 32:
+            declared = b""
+        if len(declared) != DIGEST_SIZE:
             raise HTTPError(400, f"missing or malformed {CONTENT_DIGEST_HEADER} header")
-        return sha
+        return declared
 
     def _version(self, req: Request) -> Version:
         try:
@@ -300,7 +300,7 @@ class _Api:
 
     async def put_replica(self, req: Request) -> Response:
         name = self._name(req, "/v1/replica/")
-        sha = self._body_checksum(req)
+        checksum = self._body_checksum(req)
         version = self._version(req)
         size = req.int_arg("size")
         if size < 0 or size > self.rt.settings.max_object_bytes:
@@ -308,7 +308,7 @@ class _Api:
         try:
             obj = await self.rt.store.put(name, version, req.int_arg("mode", 0o644),
                                           req.int_arg("mtime_ns", 0), req.stream(),
-                                          expected_checksum=sha, expected_size=size)
+                                          expected_checksum=checksum, expected_size=size)
         except StaleVersion as exc:
             raise HTTPError(409, str(exc)) from exc
         except StoreFull as exc:
@@ -353,13 +353,13 @@ class _Api:
 
     async def put_file(self, req: Request) -> Response:
         name = self._name(req, "/v1/files/")
-        sha = self._body_checksum(req)
+        checksum = self._body_checksum(req)
         size = req.int_arg("size")
         if size < 0 or size > self.rt.settings.max_object_bytes:
             raise HTTPError(413, f"object of {size} bytes over the limit")
         try:
             entry = await self.rt.dataplane.insert_stream(
-                name, req.stream(), size, sha, req.int_arg("mode", 0o644),
+                name, req.stream(), size, checksum, req.int_arg("mode", 0o644),
                 req.int_arg("mtime_ns", 0))
         except DataError as exc:
             raise HTTPError(exc.status, exc.message) from exc

@@ -96,9 +96,9 @@ class PeerClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    def _headers(self, method: str, target: str, body_sha: bytes,
+    def _headers(self, method: str, target: str, body_digest: bytes,
                  extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        headers = self._auth.sign_request(method, target, body_sha, self._wall())
+        headers = self._auth.sign_request(method, target, body_digest, self._wall())
         if extra:
             headers.update(extra)
         return headers
@@ -108,8 +108,7 @@ class PeerClient:
                    ok: tuple[int, ...] = (200,)) -> tuple[httpx.Response, float]:
         """A request with a small body; returns the (fully read) response and its RTT."""
         target = target_for(path, query)
-        sha = digest_of(body)
-        headers = self._headers(method, target, sha)
+        headers = self._headers(method, target, digest_of(body))
         url = f"http://{addr[0]}:{addr[1]}{target}"
         started = time.perf_counter()
         try:
@@ -180,9 +179,9 @@ class PeerClient:
             late, head_mac = content_digest, headers[MAC_HEADER]
             trailer = (BODY_TRAILER, lambda: self._auth.sign_trailer(head_mac, late()))
         else:
-            sha = content_digest if content_digest is not None else EMPTY_DIGEST
-            extra = {CONTENT_DIGEST_HEADER: sha.hex()} if content_digest is not None else None
-            headers = self._headers(method, target, sha, extra)
+            declared = content_digest if content_digest is not None else EMPTY_DIGEST
+            extra = {CONTENT_DIGEST_HEADER: declared.hex()} if content_digest is not None else None
+            headers = self._headers(method, target, declared, extra)
         if bulk_size is not None:
             try:
                 async with bulk.request(addr, method, target, headers, body, bulk_size,

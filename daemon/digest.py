@@ -49,5 +49,26 @@ def file_digest(path: str | os.PathLike[str]) -> bytes:
     return hasher.digest()
 
 
+def fd_digest(fd: int, size: int, block: int = 1 << 20) -> bytes:
+    """The content digest of the first ``size`` bytes of an open file, read with pread.
+
+    For files that someone else may change while they are read (a user's file being uploaded):
+    read into one reused buffer rather than through a memory map, because a file truncated
+    under a map kills the process with SIGBUS, where a read simply comes back short.
+    Raises EOFError if the file holds fewer than ``size`` bytes.
+    """
+    hasher = blake3()
+    buffer = bytearray(min(block, max(size, 1)))
+    view = memoryview(buffer)
+    offset = 0
+    while offset < size:
+        got = os.preadv(fd, [view[:min(len(buffer), size - offset)]], offset)
+        if got == 0:
+            raise EOFError(f"the file ended after {offset} of {size} bytes")
+        hasher.update(view[:got])
+        offset += got
+    return hasher.digest()
+
+
 #: The digest of no bytes: what a tombstone and an empty body report.
 EMPTY_DIGEST = digest_of(b"")

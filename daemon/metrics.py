@@ -25,6 +25,7 @@ _HELP = {
     "kelips_repairs_total": "Objects copied to restore the replication factor.",
     "kelips_puts_total": "Client puts, by result.",
     "kelips_reads_sent_to_holders_total": "Large reads answered with the holders to fetch from.",
+    "kelips_puts_sent_to_holders_total": "Large uploads answered with the holders to send to.",
     "kelips_inline_reads_total": "Reads answered with the object inside the lookup datagram.",
     "kelips_member_events_total": "Membership events, by kind (joined, failed, revived, ...).",
     "kelips_members": "Known own-group members (including this node), by state.",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,12 +46,21 @@ class LateDigest:
     trailer after the body (``daemon.bulk``) and every receiver checks it before it commits.
     Calling it resolves it once (``resolve``); the digest, or the same error, is kept for later
     calls, so the node that relays an upload to several holders verifies its trailer once.
+    ``ready``, when given, is set by whatever computes the digest beside the upload (a worker
+    thread hashing the file that sendfile sends): ``wait`` waits for it before resolving.
     """
 
-    def __init__(self, resolve: Callable[[], bytes]) -> None:
+    def __init__(self, resolve: Callable[[], bytes], ready: trio.Event | None = None) -> None:
         self._resolve: Callable[[], bytes] | None = resolve
+        self._ready = ready
         self._digest: bytes | None = None
         self.error: Exception | None = None
+
+    async def wait(self) -> bytes:
+        """The digest, once it can be known (after ``ready``); raises what resolving raised."""
+        if self._ready is not None:
+            await self._ready.wait()
+        return self()
 
     def __call__(self) -> bytes:
         if self._resolve is not None:
@@ -133,23 +142,25 @@ class PeerClient:
             raise PeerError(f"{addr[0]}:{addr[1]} sent malformed JSON") from exc
 
     async def put_file(self, addr: Address, path: str, query: Mapping[str, object],
-                       source: Path, content_digest: bytes, size: int, chunk: int = 1 << 20
-                       ) -> bytes:
-        """Stream a local file of ``size`` bytes as the request body (a bulk connection when it
-        is large); the signature covers its digest. Returns the answer's body."""
-
-        async def body() -> AsyncIterator[bytes]:
-            async with await trio.open_file(source, "rb") as fh:
-                while True:
-                    data = await fh.read(chunk)
-                    if not data:
-                        return
-                    yield data
-
-        async with self.stream("PUT", addr, path, query, body=body(),
-                               content_digest=content_digest,
-                               bulk_size=size if size >= BULK_MIN else None) as response:
-            reply = await _read(response, addr)
+                       source: Path, content_digest: bytes, size: int) -> bytes:
+        """Send a local file of ``size`` bytes as the request body (a bulk connection, from
+        the file with sendfile, when it is large); the signature covers its digest. Returns
+        the answer's body."""
+        if size < BULK_MIN:
+            data = await trio.Path(source).read_bytes()
+            async with self.stream("PUT", addr, path, query, body=_once(data),
+                                   content_digest=content_digest) as response:
+                reply = await _read(response, addr)
+        else:  # sent by the kernel from the file (bulk.FileBody)
+            fh = await trio.to_thread.run_sync(open, source, "rb")
+            try:
+                async with self.stream("PUT", addr, path, query,
+                                       body=bulk.FileBody(fh.fileno()),
+                                       content_digest=content_digest,
+                                       bulk_size=size) as response:
+                    reply = await _read(response, addr)
+            finally:
+                fh.close()
         if response.status_code != 200:
             raise PeerError(f"{addr[0]}:{addr[1]} refused the object: "
                             f"{_error_message(reply, response.status_code)}",
@@ -159,7 +170,7 @@ class PeerClient:
     @asynccontextmanager
     async def stream(self, method: str, addr: Address, path: str,
                      query: Mapping[str, object] | None = None,
-                     body: AsyncIterator[bytes] | None = None,
+                     body: AsyncIterator[bytes] | bulk.FileBody | None = None,
                      content_digest: bytes | LateDigest | None = None,
                      bulk_size: int | None = None) -> AsyncIterator[StreamedResponse]:
         """A request whose response body is streamed (object reads, client uploads).
@@ -170,14 +181,17 @@ class PeerClient:
         is sent and travels in the signed trailer.
         """
         target = target_for(path, query)
-        trailer: tuple[int, Callable[[], bytes]] | None = None
+        trailer: tuple[int, Callable[[], Awaitable[bytes]]] | None = None
         if isinstance(content_digest, LateDigest):
             if bulk_size is None:
                 raise ValueError("a late digest needs a bulk connection (bulk_size)")
             headers = self._headers(method, target, DIGEST_IN_TRAILER,
                                     {CONTENT_DIGEST_HEADER: TRAILER_MARK})
             late, head_mac = content_digest, headers[MAC_HEADER]
-            trailer = (BODY_TRAILER, lambda: self._auth.sign_trailer(head_mac, late()))
+
+            async def make_trailer() -> bytes:
+                return self._auth.sign_trailer(head_mac, await late.wait())
+            trailer = (BODY_TRAILER, make_trailer)
         else:
             declared = content_digest if content_digest is not None else EMPTY_DIGEST
             extra = {CONTENT_DIGEST_HEADER: declared.hex()} if content_digest is not None else None
@@ -190,6 +204,8 @@ class PeerClient:
             except bulk.BulkError as exc:
                 raise PeerError(f"{addr[0]}:{addr[1]}: bulk transfer failed: {exc}") from exc
             return
+        if isinstance(body, bulk.FileBody):
+            raise ValueError("a file body needs a bulk connection (bulk_size)")
         url = f"http://{addr[0]}:{addr[1]}{target}"
         request = self._client.build_request(method, url, headers=headers, content=body)
         try:
@@ -214,6 +230,10 @@ class StreamedResponse(Protocol):
     def aiter_bytes(self, chunk_size: int | None = None) -> AsyncIterator[bytes]: ...
 
     async def aread(self) -> bytes: ...
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 async def _read(response: StreamedResponse, addr: Address) -> bytes:

@@ -11,23 +11,24 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple, TypeVar
 
 import trio
 
-from daemon.bulk import BulkError
-from daemon.digest import new_hasher
+from daemon.bulk import BulkError, FileBody
+from daemon.digest import fd_digest, new_hasher
 from daemon.names import NameError_, validate_name
-from daemon.peers import LateDigest, PeerClient, PeerError, StreamedResponse, error_of
+from daemon.peers import BULK_MIN, LateDigest, PeerClient, PeerError, StreamedResponse, error_of
 from daemon.security import Authenticator, load_key, open_cluster_key
 from daemon.settings import DEFAULT_PORT, default_data_dir, parse_address
 
 ENDPOINT_FILE = "endpoint.json"
 PROGRESS_MIN = 8 << 20
+_T = TypeVar("_T")
 #: A get hands blocks of about this size to its writer thread ...
 GET_BLOCK = 1 << 20
 #: ... and lets this many wait while it writes.
@@ -115,46 +116,94 @@ class Client:
         return await self._json("DELETE", "/v1/files/" + checked_name(name))
 
     async def put(self, local: Path, name: str, progress: bool) -> Any:
-        """Upload a file over a bulk connection, hashed as it is read and sent (its digest
-        follows the body in the signed trailer): one pass over the file, and the first byte
-        leaves at once instead of after a whole hashing pass."""
+        """Upload a file over a bulk connection: the kernel sends it from the file (sendfile)
+        while a worker thread hashes it, and the digest follows the body in the signed
+        trailer. The first byte leaves at once, and no byte is copied through Python to be
+        sent. A file that changes while it is sent fails the upload: its size is checked by
+        the sender, its digest by every holder, so no holder stores it."""
         name = checked_name(name)
-        st = local.stat()
-        hasher = new_hasher()
-        # Made once the body is sent, and only if it was exactly st_size bytes (bulk.request
-        # checks that first): a file that changed size fails the upload.
-        sha = LateDigest(hasher.digest)
+        try:
+            fh = await trio.to_thread.run_sync(open, local, "rb")
+        except OSError as exc:
+            raise ClientError(f"{local}: {exc.strerror or exc}") from exc
+        try:
+            return await self._put_open(fh, local, name, progress)
+        finally:
+            fh.close()
+
+    async def _put_open(self, fh: BinaryIO, local: Path, name: str, progress: bool) -> Any:
+        st = os.fstat(fh.fileno())
         query = {"size": st.st_size, "mode": st.st_mode & 0o7777, "mtime_ns": st.st_mtime_ns}
         meter = _Progress(st.st_size, "put") if progress and st.st_size >= PROGRESS_MIN else None
+        hashed: list[bytes] = []
+        failed: list[str] = []
+        ready = trio.Event()
 
-        def read_and_hash(fh: BinaryIO) -> bytes:
-            chunk = fh.read(1 << 20)
-            hasher.update(chunk)
-            return chunk
+        async def hash_file() -> None:
+            try:
+                hashed.append(await trio.to_thread.run_sync(fd_digest, fh.fileno(), st.st_size))
+            except (OSError, EOFError) as exc:
+                failed.append(str(exc))
+            finally:
+                ready.set()
 
-        async def body() -> AsyncIterator[bytes]:
-            with await trio.to_thread.run_sync(open, local, "rb") as fh:
-                while True:
-                    chunk = await trio.to_thread.run_sync(read_and_hash, fh)
-                    if not chunk:
-                        return
-                    if meter:
-                        meter.add(len(chunk))
-                    yield chunk
+        def digest() -> bytes:
+            if failed:
+                raise ClientError(f"{local}: could not be read while it was sent: {failed[0]}")
+            return hashed[0]
+
+        late = LateDigest(digest, ready)
+
+        async def upload(address: tuple[str, int], direct: bool) -> tuple[int, bytes]:
+            if meter:
+                meter.restart()
+            async with self.peers.stream(
+                    "PUT", address, "/v1/files/" + name, {**query, "direct": 1} if direct
+                    else query, body=FileBody(fh.fileno(), on_sent=meter.add if meter else None),
+                    content_digest=late, bulk_size=st.st_size) as response:
+                return response.status_code, await response.aread()
+
+        async def hashed_upload() -> tuple[int, bytes]:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hash_file)
+                status, data = await upload(self.target.address, st.st_size >= BULK_MIN)
+                if status == 307:  # not a holder: it named them
+                    status, data = await self._upload_to_holders(data, upload)
+            return status, data
 
         try:
-            async with self.peers.stream("PUT", self.target.address, "/v1/files/" + name,
-                                         query, body=body(), content_digest=sha,
-                                         bulk_size=st.st_size) as response:
-                data = await response.aread()
+            status, data = await _unwrapped(hashed_upload)
         except (PeerError, BulkError) as exc:
             raise ClientError(str(exc)) from exc
         finally:
             if meter:
                 meter.done()
-        if response.status_code != 200:
-            raise ClientError(_error(data, response.status_code))
+        if status != 200:
+            raise ClientError(_error(data, status))
         return json.loads(data)
+
+    async def _upload_to_holders(
+            self, answer: bytes,
+            upload: Callable[[tuple[str, int], bool], Awaitable[tuple[int, bytes]]]
+    ) -> tuple[int, bytes]:
+        """Send the upload to the first holder the node named in ``answer`` (it stores its
+        copy and relays to the others); if that fails in any way, to the node itself, which
+        relays it to every holder and answers for the whole group (its answer is the one the
+        user then sees)."""
+        try:
+            plan = json.loads(answer)
+        except ValueError:
+            plan = None
+        holders = plan.get("holders") if isinstance(plan, dict) else None
+        if isinstance(holders, list) and holders:
+            try:
+                address = parse_address(str(holders[0]), key="holder")
+                status, data = await upload(address, False)
+                if status == 200:
+                    return status, data
+            except (PeerError, BulkError, ValueError):
+                pass
+        return await upload(self.target.address, False)
 
     async def get(self, name: str, out: BinaryIO, progress: bool) -> int:
         """Stream an object to ``out``, verifying size and digest at the end.
@@ -181,15 +230,12 @@ class Client:
 
     async def _download(self, name: str, out: BinaryIO, progress: bool
                         ) -> tuple[_Meta, _Sink]:
-        try:
+        async def into_writer() -> tuple[_Meta, _Sink]:
             async with _writer(out) as sink:
                 meta = await self._get_into(name, sink, progress)
             return meta, sink
-        except BaseExceptionGroup as group:  # the writer's nursery wraps what it raised
-            first = group.exceptions[0]
-            if len(group.exceptions) == 1 and isinstance(first, Exception):
-                raise first from None
-            raise
+
+        return await _unwrapped(into_writer)  # (the writer's nursery wraps what it raised)
 
     async def _get_into(self, name: str, sink: _Sink, progress: bool) -> _Meta:
         # A pooled HTTP request: a small object comes back in the answer; a large one is
@@ -312,6 +358,17 @@ def _meter(total: int, progress: bool) -> _Progress | None:
     return _Progress(total, "get") if progress and total >= PROGRESS_MIN else None
 
 
+async def _unwrapped(run: Callable[[], Awaitable[_T]]) -> _T:
+    """``run()``, raising the one error its nursery raised as itself, not in a group."""
+    try:
+        return await run()
+    except BaseExceptionGroup as group:
+        first = group.exceptions[0]
+        if len(group.exceptions) == 1 and isinstance(first, Exception):
+            raise first from None
+        raise
+
+
 def _hash_and_write(sha: Any, out: BinaryIO, block: bytes) -> None:
     sha.update(block)
     out.write(block)
@@ -331,6 +388,11 @@ class _Progress:
         self.seen = 0
         self.started = time.monotonic()
         self.last = 0.0
+
+    def restart(self) -> None:
+        """The transfer starts again from its first byte (sent again to another node)."""
+        self.seen = 0
+        self.started = time.monotonic()
 
     def add(self, n: int) -> None:
         self.seen += n

@@ -31,6 +31,7 @@ from daemon.security import (
     Authenticator,
     open_cluster_key,
 )
+from kelipsfs.client import Client, Target
 from tests.cluster import Cluster, NodeProc
 
 MiB = 1 << 20
@@ -226,16 +227,27 @@ def _metric(node: NodeProc, name: str) -> float:
     return sum(values)
 
 
+def _big_file(tmp_path: Path, size: int) -> tuple[Path, bytes]:
+    data = os.urandom(size)
+    source = tmp_path / "big.bin"
+    source.write_bytes(data)
+    return source, data
+
+
+def _joined(c: Cluster, count: int) -> list[NodeProc]:
+    """``count`` nodes of one cluster, each knowing all the others."""
+    nodes = [c.new_node()]
+    nodes += [c.new_node(join=[nodes[0]]) for _ in range(count - 1)]
+    c.wait_for(lambda: all(len(c.status(n)["members"]) == count for n in nodes), 30, "joins")
+    return nodes
+
+
 def test_a_large_get_is_fetched_from_the_holders(tmp_path: Path) -> None:
     """The node a client asks answers a large read with the holders (303); the client
     fetches from the nearest, and from the next ones when a holder is dead."""
-    data = os.urandom(2 * MiB + 1)
-    source = tmp_path / "big.bin"
-    source.write_bytes(data)
+    source, data = _big_file(tmp_path, 2 * MiB + 1)
     with Cluster(tmp_path / "c", settings=["k=1", "replication=2"]) as c:
-        nodes = [c.new_node()]
-        nodes += [c.new_node(join=[nodes[0]]) for _ in range(3)]
-        c.wait_for(lambda: all(len(c.status(n)["members"]) == 4 for n in nodes), 30, "joins")
+        nodes = _joined(c, 4)
         c.cli(nodes[0], "put", str(source), "big")
         ids = {c.status(n)["node_id"]: n for n in nodes}
         holders = json.loads(c.cli(nodes[0], "stat", "big").stdout)["tuple"]["holders"]
@@ -248,6 +260,96 @@ def test_a_large_get_is_fetched_from_the_holders(tmp_path: Path) -> None:
         out.unlink()
         c.cli(asker, "get", "big", str(out))
         assert out.read_bytes() == data
+
+
+def test_a_large_put_is_sent_to_a_holder(tmp_path: Path) -> None:
+    """A node that is not a holder of a large upload's name answers the client with the
+    holders (307) without reading the body; the client sends it to the first, which stores
+    it and relays it to the others. A node that is a holder stores and relays it itself."""
+    source, data = _big_file(tmp_path, 2 * MiB + 3)
+    with Cluster(tmp_path / "c", settings=["k=1", "replication=2"]) as c:
+        nodes = _joined(c, 4)
+        ids = {c.status(n)["node_id"]: n for n in nodes}
+        asker_id = c.status(nodes[0])["node_id"]
+        redirected = []
+        for i in range(16):  # each name is held by the asked node with probability 1/2
+            name = f"direct/put-{i}"
+            c.cli(nodes[0], "put", str(source), name)
+            holders = json.loads(c.cli(nodes[0], "stat", name).stdout)["tuple"]["holders"]
+            assert len(holders) == 2
+            for holder in holders:
+                assert _held(ids[holder], "replica", name) == data
+            if asker_id not in holders:
+                redirected.append(name)
+                assert _metric(nodes[0], "kelips_puts_sent_to_holders_total") == len(redirected)
+            if 2 <= len(redirected) <= i:
+                break  # two redirected and at least one stored by the asked node itself
+        assert redirected, "the asked node held every name: nothing was redirected"
+        assert _temp_files(nodes[0]) == []  # the bytes sent before the 307 were dropped
+        out = tmp_path / "out.bin"
+        c.cli(nodes[3], "get", redirected[0], str(out))
+        assert out.read_bytes() == data
+
+
+def test_a_put_goes_to_the_node_when_the_holder_named_fails() -> None:
+    """After a 307, a holder that cannot be reached, that refuses, or a 307 without usable
+    holders: the client sends the upload to the node it asked, without ``direct``, and that
+    node's answer is the put's."""
+    node_address = ("127.0.0.9", 4000)
+    client = Client(Target(node_address, KEY))
+
+    def attempt(answer: bytes, holder: int | Exception) -> list[tuple[tuple[str, int], bool]]:
+        calls: list[tuple[tuple[str, int], bool]] = []
+
+        async def upload(address: tuple[str, int], direct: bool) -> tuple[int, bytes]:
+            calls.append((address, direct))
+            if address == node_address:
+                return 200, b"{}"
+            if isinstance(holder, Exception):
+                raise holder
+            return holder, b"{}"
+
+        assert run(lambda: client._upload_to_holders(answer, upload)) == (200, b"{}")
+        return calls
+
+    named = json.dumps({"holders": ["127.0.0.7:4001", "127.0.0.8:4001"]}).encode()
+    holder = (("127.0.0.7", 4001), False)
+    node = (node_address, False)
+    assert attempt(named, 200) == [holder]
+    assert attempt(named, PeerError("unreachable")) == [holder, node]
+    assert attempt(named, bulk.BulkError("cut")) == [holder, node]
+    assert attempt(named, 503) == [holder, node]
+    assert attempt(named, 422) == [holder, node]
+    for useless in (b"not json", b"{}", b'{"holders": []}', b'{"holders": ["nonsense"]}',
+                    b"[1]"):
+        assert attempt(useless, 200) == [node], useless
+
+
+def test_a_file_body_shorter_than_announced_stores_nothing(node: NodeProc,
+                                                           tmp_path: Path) -> None:
+    """A file that shrank after its size was announced: sendfile finds its end early, the
+    request fails on the sender's side and the node keeps nothing."""
+    data = os.urandom(MiB + 10)
+    source = tmp_path / "shrunk.bin"
+    source.write_bytes(data)
+    name = "direct/shrunk"
+
+    async def upload() -> None:
+        client = peers()
+        try:
+            with open(source, "rb") as fh:
+                async with client.stream("PUT", address(node), "/v1/files/" + name,
+                                         {"size": len(data) + 5, "mode": 0o600, "mtime_ns": 1},
+                                         body=bulk.FileBody(fh.fileno()),
+                                         content_digest=digest_of(data),
+                                         bulk_size=len(data) + 5) as answer:
+                    await answer.aread()
+        finally:
+            await client.aclose()
+
+    with pytest.raises(PeerError, match="ended 5 bytes short"):
+        run(upload)
+    _assert_nothing_stored([node], name)
 
 
 # --- a body's digest in a signed trailer (hashed while sent) ---------------------------------
@@ -317,7 +419,11 @@ def _put_with_trailer(node: NodeProc, kind: str, name: str, data: bytes,
     path, query = _upload_target(kind, name, len(data))
     target = target_for(path, query)
     headers = _trailer_headers(target)
-    trailer = None if make is None else (size, lambda: make(headers[MAC_HEADER], data))
+    async def made() -> bytes:
+        assert make is not None
+        return make(headers[MAC_HEADER], data)
+
+    trailer = None if make is None else (size, made)
 
     async def upload() -> tuple[int, bytes]:
         async with bulk.request(address(node), "PUT", target, headers, chunks(data), len(data),
@@ -603,9 +709,12 @@ def test_a_trailer_of_the_largest_size_is_read(node: NodeProc) -> None:
     target = "/v1/status"
     headers = Authenticator(KEY).sign_request("GET", target, _sha(b""), time.time())
 
+    async def trailer() -> bytes:
+        return b"t" * bulk.TRAILER_MAX
+
     async def status() -> tuple[int, bytes]:
         async with bulk.request(address(node), "GET", target, headers, None, 0, TIMEOUT,
-                                (bulk.TRAILER_MAX, lambda: b"t" * bulk.TRAILER_MAX)) as answer:
+                                (bulk.TRAILER_MAX, trailer)) as answer:
             return answer.status_code, await answer.aread()
 
     result: tuple[int, bytes] = run(status)  # type: ignore[assignment]

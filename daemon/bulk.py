@@ -305,8 +305,8 @@ class BulkResponse:
 async def request(address: tuple[str, int], method: str, target: str,
                   headers: Mapping[str, str], body: AsyncIterator[bytes] | FileBody | None,
                   content_length: int, timeout: float,
-                  trailer: tuple[int, Callable[[], Awaitable[bytes]]] | None = None
-                  ) -> AsyncIterator[BulkResponse]:
+                  trailer: tuple[int, Callable[[], Awaitable[bytes]]] | None = None,
+                  connect_timeout: float | None = None) -> AsyncIterator[BulkResponse]:
     """One bulk request; yields the response once its head has arrived.
 
     The body (exactly ``content_length`` bytes, from an iterator or a ``FileBody``) is sent
@@ -314,9 +314,12 @@ async def request(address: tuple[str, int], method: str, target: str,
     upload. ``trailer`` (its size, and what makes it, awaited once the whole body is sent)
     follows the body; if making it raises, the connection is closed without it and the error
     propagates: the server sees an unfinished request and keeps nothing.
+    ``connect_timeout`` (default ``timeout``) bounds the connect alone: a caller with
+    somewhere else to go (another holder, the node it asked) need not wait long for an address
+    it cannot reach.
     """
     try:
-        with trio.fail_after(timeout):
+        with trio.fail_after(timeout if connect_timeout is None else connect_timeout):
             stream = await trio.open_tcp_stream(*address)
     except (OSError, trio.TooSlowError) as exc:
         raise BulkError(f"cannot connect: {type(exc).__name__}") from exc

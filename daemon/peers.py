@@ -172,13 +172,15 @@ class PeerClient:
                      query: Mapping[str, object] | None = None,
                      body: AsyncIterator[bytes] | bulk.FileBody | None = None,
                      content_digest: bytes | LateDigest | None = None,
-                     bulk_size: int | None = None) -> AsyncIterator[StreamedResponse]:
+                     bulk_size: int | None = None, connect_timeout: float | None = None
+                     ) -> AsyncIterator[StreamedResponse]:
         """A request whose response body is streamed (object reads, client uploads).
 
         With ``bulk_size`` (the exact body size; 0 for none) it goes over a bulk connection
         (``daemon.bulk``): the same request and answer, without HTTP's per-byte costs, for
         transfers of large objects. A ``LateDigest`` (bulk only) is resolved once the body
-        is sent and travels in the signed trailer.
+        is sent and travels in the signed trailer. ``connect_timeout`` (bulk only) bounds
+        the connect alone (``bulk.request``).
         """
         target = target_for(path, query)
         trailer: tuple[int, Callable[[], Awaitable[bytes]]] | None = None
@@ -199,7 +201,7 @@ class PeerClient:
         if bulk_size is not None:
             try:
                 async with bulk.request(addr, method, target, headers, body, bulk_size,
-                                        self._timeout, trailer) as answer:
+                                        self._timeout, trailer, connect_timeout) as answer:
                     yield answer
             except bulk.BulkError as exc:
                 raise PeerError(f"{addr[0]}:{addr[1]}: bulk transfer failed: {exc}") from exc

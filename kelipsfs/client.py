@@ -28,6 +28,11 @@ from daemon.settings import DEFAULT_PORT, default_data_dir, parse_address
 
 ENDPOINT_FILE = "endpoint.json"
 PROGRESS_MIN = 8 << 20
+#: Seconds to wait for a connection to a holder the node named (303, 307) before going on to
+#: the next one or back to the node: a holder's address may not be reachable from where the
+#: client runs (it is reachable from the node), and a silent one would hold the transfer up
+#: for the whole timeout.
+HOLDER_CONNECT_TIMEOUT = 3.0
 _T = TypeVar("_T")
 #: A get hands blocks of about this size to its writer thread ...
 GET_BLOCK = 1 << 20
@@ -160,7 +165,9 @@ class Client:
             async with self.peers.stream(
                     "PUT", address, "/v1/files/" + name, {**query, "direct": 1} if direct
                     else query, body=FileBody(fh.fileno(), on_sent=meter.add if meter else None),
-                    content_digest=late, bulk_size=st.st_size) as response:
+                    content_digest=late, bulk_size=st.st_size,
+                    connect_timeout=None if address == self.target.address
+                    else HOLDER_CONNECT_TIMEOUT) as response:
                 return response.status_code, await response.aread()
 
         async def hashed_upload() -> tuple[int, bytes]:
@@ -259,7 +266,8 @@ class Client:
                      "offset": sink.size}
             try:
                 async with self.peers.stream("GET", address, "/v1/replica/" + name, query,
-                                             bulk_size=0) as response:
+                                             bulk_size=0,
+                                             connect_timeout=HOLDER_CONNECT_TIMEOUT) as response:
                     if response.status_code != 200:
                         errors.append(f"{holder}: "
                                       f"{_error(await response.aread(), response.status_code)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -798,3 +799,32 @@ def test_a_relayed_upload_cut_before_its_trailer_is_stored_on_no_holder(
         length = struct.unpack(">I", answer[:4])[0]
         assert json.loads(answer[4:4 + length])["status"] != 200
     _assert_nothing_stored(nodes, name)
+
+
+def test_a_connect_that_gets_no_answer_gives_up_after_its_own_timeout() -> None:
+    """A holder's address that swallows the connection attempt (here: a listener whose
+    backlog is full, so the kernel drops the SYN) fails the request after ``connect_timeout``,
+    not after the whole transfer's timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        filled = []
+        for _ in range(3):  # fill the accept queue (never accepted)
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(listener.getsockname())
+            filled.append(s)
+        time.sleep(0.2)
+
+        async def attempt() -> None:
+            async with bulk.request(listener.getsockname(), "GET", "/v1/status", {}, None, 0,
+                                    60.0, connect_timeout=0.5):
+                pass
+
+        started = time.monotonic()
+        with pytest.raises(bulk.BulkError, match="cannot connect"):
+            run(attempt)
+        assert time.monotonic() - started < 5
+        for s in filled:
+            s.close()

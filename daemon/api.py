@@ -358,7 +358,7 @@ class _Api:
         if size < 0 or size > self.rt.settings.max_object_bytes:
             raise HTTPError(413, f"object of {size} bytes over the limit")
         if req.query.get("direct") == "1" and size >= BULK_MIN:
-            holders = await self._upload_holders(name)
+            holders = await self._upload_holders(name, req.target)
             if holders is not None:
                 return holders
         try:
@@ -369,13 +369,15 @@ class _Api:
             raise HTTPError(exc.status, exc.message) from exc
         return Response.json({"tuple": tuple_to_json(entry)})
 
-    async def _upload_holders(self, name: str) -> Response | None:
+    async def _upload_holders(self, name: str, target: str) -> Response | None:
         """For a client that sends large uploads to a holder itself (``direct=1``): a 307
         naming the name's holders when this node is not one of them. Why: relayed, every byte
         crosses this node first (received once, sent r times); sent to a holder, it is received
         there and sent r - 1 times, so the whole object makes one trip fewer over the network
         and through a process. The head was authenticated; the body is not read. None when
-        this node is a holder or knows none: it relays the upload, as without ``direct``."""
+        this node is a holder or knows none: it relays the upload, as without ``direct``.
+        ``location`` is the same request at the first holder (a holder never redirects), for
+        a generic HTTP client; ``kelipsfs put`` signs a new request for it."""
         try:
             holders, _ = await self.rt.dataplane.placement(name)
         except DataError:
@@ -383,7 +385,9 @@ class _Api:
         if not holders or any(h.node_id == self.rt.node.node_id for h in holders):
             return None
         self.rt.metrics.inc("kelips_puts_sent_to_holders_total")
-        return Response.json({"holders": [f"{h.host}:{h.port}" for h in holders]}, 307)
+        answer = Response.json({"holders": [f"{h.host}:{h.port}" for h in holders]}, 307)
+        answer.headers["location"] = f"http://{holders[0].host}:{holders[0].port}{target}"
+        return answer
 
     async def get_file(self, req: Request) -> Response:
         """The newest version of a file. Small objects (up to the inline limit) are read whole

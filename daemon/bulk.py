@@ -33,6 +33,7 @@ as downloads do: the bytes never pass through Python.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -60,6 +61,9 @@ SENDFILE_BLOCK = 1 << 20
 DRAIN_SECONDS = 2.0
 
 _LENGTH = struct.Struct(">I")
+#: sendfile(2) errors that are the connection's, not the file's.
+_SOCKET_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED,
+                            errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH})
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
                     Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
 
@@ -254,6 +258,11 @@ async def _sendfile(sock: trio.socket.SocketType, fd: int, offset: int, count: i
             sent = os.sendfile(sock.fileno(), fd, offset, min(count, SENDFILE_BLOCK))
         except BlockingIOError:
             continue
+        except OSError as exc:
+            if exc.errno in _SOCKET_ERRNOS:
+                raise  # the peer went away: the caller's usual connection error
+            raise BulkError(f"cannot read the file to send it: "
+                            f"{exc.strerror or exc}") from exc
         if sent == 0:
             raise BulkError(f"the file ended {count} bytes short of what was announced")
         offset += sent
@@ -286,9 +295,13 @@ class BulkResponse:
                 left -= len(first)
             yield first
         while left is None or left > 0:
-            with trio.fail_after(self._timeout):
-                chunk = await self._reader.stream.receive_some(
-                    RECV_BLOCK if left is None else min(RECV_BLOCK, left))
+            try:
+                with trio.fail_after(self._timeout):
+                    chunk = await self._reader.stream.receive_some(
+                        RECV_BLOCK if left is None else min(RECV_BLOCK, left))
+            except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
+                    OSError) as exc:
+                raise BulkError(f"the body stopped: {type(exc).__name__}") from exc
             if not chunk:
                 if left is None:
                     return

@@ -20,6 +20,7 @@ Stores written before the switch recorded SHA-256; ``daemon.store`` converts the
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from blake3 import blake3
 
@@ -49,19 +50,28 @@ def file_digest(path: str | os.PathLike[str]) -> bytes:
     return hasher.digest()
 
 
-def fd_digest(fd: int, size: int, block: int = 1 << 20) -> bytes:
+class Stopped(Exception):
+    """``fd_digest`` was told to stop before the end (its result is no longer wanted)."""
+
+
+def fd_digest(fd: int, size: int, block: int = 1 << 20,
+              stop: Callable[[], bool] | None = None) -> bytes:
     """The content digest of the first ``size`` bytes of an open file, read with pread.
 
     For files that someone else may change while they are read (a user's file being uploaded):
     read into one reused buffer rather than through a memory map, because a file truncated
     under a map kills the process with SIGBUS, where a read simply comes back short.
-    Raises EOFError if the file holds fewer than ``size`` bytes.
+    Raises EOFError if the file holds fewer than ``size`` bytes, and ``Stopped`` as soon as
+    ``stop()`` is true (checked before each block: a caller whose upload failed does not
+    wait for a large file to be read to the end).
     """
     hasher = blake3()
     buffer = bytearray(min(block, max(size, 1)))
     view = memoryview(buffer)
     offset = 0
     while offset < size:
+        if stop is not None and stop():
+            raise Stopped(f"stopped after {offset} of {size} bytes")
         got = os.preadv(fd, [view[:min(len(buffer), size - offset)]], offset)
         if got == 0:
             raise EOFError(f"the file ended after {offset} of {size} bytes")

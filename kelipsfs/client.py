@@ -7,9 +7,11 @@ with the open key of the default cluster.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -20,19 +22,31 @@ from typing import Any, BinaryIO, NamedTuple, TypeVar
 import trio
 
 from daemon.bulk import BulkError, FileBody
-from daemon.digest import fd_digest, new_hasher
+from daemon.digest import Stopped, fd_digest, new_hasher
 from daemon.names import NameError_, validate_name
-from daemon.peers import BULK_MIN, LateDigest, PeerClient, PeerError, StreamedResponse, error_of
+from daemon.peers import (
+    BULK_MIN,
+    Address,
+    LateDigest,
+    PeerClient,
+    PeerError,
+    StreamedResponse,
+    error_of,
+)
 from daemon.security import Authenticator, load_key, open_cluster_key
 from daemon.settings import DEFAULT_PORT, default_data_dir, parse_address
 
 ENDPOINT_FILE = "endpoint.json"
 PROGRESS_MIN = 8 << 20
 #: Seconds to wait for a connection to a holder the node named (303, 307) before going on to
-#: the next one or back to the node: a holder's address may not be reachable from where the
-#: client runs (it is reachable from the node), and a silent one would hold the transfer up
-#: for the whole timeout.
+#: the next holder (a get) or back to the node (a put): a holder's address may not be
+#: reachable from where the client runs (it is reachable from the node), and a silent one
+#: would hold the transfer up for the whole timeout.
 HOLDER_CONNECT_TIMEOUT = 3.0
+#: A holder's answers to a redirected put that sending it to the node instead cannot change:
+#: a bad request, too large, not matching its digest (the file changed), no space on every
+#: holder of the group.
+_FINAL_FROM_HOLDER = frozenset({400, 413, 422, 507})
 _T = TypeVar("_T")
 #: A get hands blocks of about this size to its writer thread ...
 GET_BLOCK = 1 << 20
@@ -124,8 +138,9 @@ class Client:
         """Upload a file over a bulk connection: the kernel sends it from the file (sendfile)
         while a worker thread hashes it, and the digest follows the body in the signed
         trailer. The first byte leaves at once, and no byte is copied through Python to be
-        sent. A file that changes while it is sent fails the upload: its size is checked by
-        the sender, its digest by every holder, so no holder stores it."""
+        sent. A file that changes while it is sent fails the upload: its size, mtime and
+        ctime are checked again before the trailer is signed (a file that grew would
+        otherwise be stored cut at its first size), its digest by every holder."""
         name = checked_name(name)
         try:
             fh = await trio.to_thread.run_sync(open, local, "rb")
@@ -138,16 +153,21 @@ class Client:
 
     async def _put_open(self, fh: BinaryIO, local: Path, name: str, progress: bool) -> Any:
         st = os.fstat(fh.fileno())
+        if st.st_size == 0 and os.pread(fh.fileno(), 1, 0):
+            raise ClientError(f"{local}: reports a size of 0 but has content (a /proc or "
+                              "/sys file?); copy it to a regular file first")
         query = {"size": st.st_size, "mode": st.st_mode & 0o7777, "mtime_ns": st.st_mtime_ns}
         meter = _Progress(st.st_size, "put") if progress and st.st_size >= PROGRESS_MIN else None
         hashed: list[bytes] = []
         failed: list[str] = []
         ready = trio.Event()
+        stop = threading.Event()
 
         async def hash_file() -> None:
             try:
-                hashed.append(await trio.to_thread.run_sync(fd_digest, fh.fileno(), st.st_size))
-            except (OSError, EOFError) as exc:
+                hashed.append(await trio.to_thread.run_sync(
+                    functools.partial(fd_digest, fh.fileno(), st.st_size, stop=stop.is_set)))
+            except (OSError, EOFError, Stopped) as exc:
                 failed.append(str(exc))
             finally:
                 ready.set()
@@ -155,17 +175,20 @@ class Client:
         def digest() -> bytes:
             if failed:
                 raise ClientError(f"{local}: could not be read while it was sent: {failed[0]}")
+            now = os.fstat(fh.fileno())
+            if (now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
+                    st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+                raise ClientError(f"{local}: changed while it was sent; nothing was stored")
             return hashed[0]
 
-        late = LateDigest(digest, ready)
-
-        async def upload(address: tuple[str, int], direct: bool) -> tuple[int, bytes]:
+        async def upload(address: Address, direct: bool) -> tuple[int, bytes]:
             if meter:
                 meter.restart()
             async with self.peers.stream(
                     "PUT", address, "/v1/files/" + name, {**query, "direct": 1} if direct
                     else query, body=FileBody(fh.fileno(), on_sent=meter.add if meter else None),
-                    content_digest=late, bulk_size=st.st_size,
+                    content_digest=LateDigest(digest, ready),  # (checked again each attempt)
+                    bulk_size=st.st_size,
                     connect_timeout=None if address == self.target.address
                     else HOLDER_CONNECT_TIMEOUT) as response:
                 return response.status_code, await response.aread()
@@ -173,9 +196,12 @@ class Client:
         async def hashed_upload() -> tuple[int, bytes]:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(hash_file)
-                status, data = await upload(self.target.address, st.st_size >= BULK_MIN)
-                if status == 307:  # not a holder: it named them
-                    status, data = await self._upload_to_holders(data, upload)
+                try:
+                    status, data = await upload(self.target.address, st.st_size >= BULK_MIN)
+                    if status == 307:  # not a holder: it named them
+                        status, data = await self._upload_to_holders(data, upload)
+                finally:
+                    stop.set()  # a failed upload does not wait for the whole file's hash
             return status, data
 
         try:
@@ -190,13 +216,14 @@ class Client:
         return json.loads(data)
 
     async def _upload_to_holders(
-            self, answer: bytes,
-            upload: Callable[[tuple[str, int], bool], Awaitable[tuple[int, bytes]]]
+            self, answer: bytes, upload: Callable[[Address, bool], Awaitable[tuple[int, bytes]]]
     ) -> tuple[int, bytes]:
         """Send the upload to the first holder the node named in ``answer`` (it stores its
-        copy and relays to the others); if that fails in any way, to the node itself, which
-        relays it to every holder and answers for the whole group (its answer is the one the
-        user then sees)."""
+        copy and relays to the others). If that holder cannot be reached, the transfer breaks,
+        it refuses for a reason of its own (e.g. 401: its clock is off) or the answer names
+        none, send it to the node itself, which relays it to every holder and answers for the
+        whole group. A refusal of the content itself (``_FINAL_FROM_HOLDER``) is the answer:
+        the node would meet the same one."""
         try:
             plan = json.loads(answer)
         except ValueError:
@@ -206,7 +233,7 @@ class Client:
             try:
                 address = parse_address(str(holders[0]), key="holder")
                 status, data = await upload(address, False)
-                if status == 200:
+                if status == 200 or status in _FINAL_FROM_HOLDER:
                     return status, data
             except (PeerError, BulkError, ValueError):
                 pass

@@ -11,6 +11,7 @@ from blake3 import blake3
 from daemon.digest import (
     DIGEST_SIZE,
     EMPTY_DIGEST,
+    Stopped,
     digest_of,
     fd_digest,
     file_digest,
@@ -39,7 +40,6 @@ def test_no_bytes(tmp_path: Path) -> None:
         "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262")
 
 
-
 def test_fd_digest_hashes_the_first_bytes_of_an_open_file(tmp_path: Path) -> None:
     data = random.Random(2).randbytes(2 * (1 << 20) + 5)
     path = tmp_path / "content"
@@ -56,3 +56,16 @@ def test_fd_digest_of_a_file_shorter_than_announced_fails(tmp_path: Path) -> Non
     path.write_bytes(b"x" * 1000)
     with open(path, "rb") as fh, pytest.raises(EOFError, match="1000 of 1001"):
         fd_digest(fh.fileno(), 1001)
+
+
+def test_fd_digest_stops_when_told(tmp_path: Path) -> None:
+    path = tmp_path / "content"
+    path.write_bytes(b"y" * 10_000)
+    calls = []
+
+    def stop() -> bool:
+        calls.append(1)
+        return len(calls) > 2  # two blocks read, then stop
+
+    with open(path, "rb") as fh, pytest.raises(Stopped, match="after 2000 of 10000"):
+        fd_digest(fh.fileno(), 10_000, block=1000, stop=stop)

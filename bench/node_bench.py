@@ -9,7 +9,7 @@
    beside `cp` of the same file into a local directory followed by `sync`: MiB/s and the
    ratio; beside three such copies (a put stores r = 3 copies, on this one machine); and
    beside plain Python peers doing the least a verified 3-copy put must do
-   (``bench.plain_peers``: one read, SHA-256 on every side, loopback TCP, fsync).
+   (``bench.plain_peers``: one read, the content digest on every side, loopback TCP, fsync).
 3. kill -9 of a holder: seconds until every object it held has r live copies again.
 
 Prints a Markdown table and writes bench/results/node.json.

@@ -6,7 +6,7 @@ Nothing here is guessed or copied: the parameters are ``CoreConfig()``'s default
 (daemon/core/config.py), the wire sizes are the codec's (daemon/core/codec.py), the per-message
 constants are the node's (daemon/core/node.py) and the simulator's (HTTP overhead, object names
 and checksums), all imported. Assumptions, the simulator's scenario: k = round(√N), F = N
-objects, r copies, names of 11 bytes (``obj/NNNNNNN``), SHA-256 checksums, no churn.
+objects, r copies, names of 11 bytes (``obj/NNNNNNN``), 32-byte checksums, no churn.
 
 - **state** = (N/k − 1) own-group members + c·(k − 1) contacts + F/k tuples.
 - **bandwidth** (bytes sent per node per second) = datagrams + anti-entropy, where
@@ -41,7 +41,7 @@ from daemon.sim.engine import HTTP_OVERHEAD
 
 PAPER_SIZES = (100_000, 1_000_000)
 SIM_NAME = "obj/0000000"  # the simulator's object names (daemon/sim/engine.py)
-CHECKSUM_BYTES = 32  # SHA-256
+CHECKSUM_BYTES = 32  # the content digest (daemon.digest.DIGEST_SIZE)
 
 
 def tuple_bytes(replication: int) -> int:

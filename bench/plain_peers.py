@@ -32,7 +32,7 @@ _SIZE = struct.Struct(">Q")
 
 
 def _receive(listener: socket.socket, directory: Path) -> None:
-    """One receiver: accept one upload, store it fsynced, answer with its SHA-256."""
+    """One receiver: accept one upload, store it fsynced, answer with its digest."""
     conn, _ = listener.accept()
     with conn:
         (size,) = _SIZE.unpack(conn.recv(_SIZE.size, socket.MSG_WAITALL))

@@ -35,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-from daemon.digest import file_digest, new_hasher
+from daemon.digest import Stopped, fd_digest, file_digest, new_hasher
 from daemon.writeback import advance_writeback
 
 log = logging.getLogger("kelipsfs.fuse")
@@ -242,17 +242,14 @@ class _BackgroundCheck:
 
     def _run(self) -> None:
         try:
-            hasher = new_hasher()
-            offset = 0
-            while offset < self._size and not self._stopped:
-                block = os.pread(self._fd, CHECK_BLOCK, offset)
-                if not block:
-                    break
-                hasher.update(block)
-                offset += len(block)
-            self._ok = offset == self._size and hasher.digest() == self._checksum
-            if not self._ok and not self._stopped:
+            found = fd_digest(self._fd, self._size, CHECK_BLOCK, stop=lambda: self._stopped)
+            self._ok = found == self._checksum
+            if not self._ok:
                 log.error("%s: the local copy does not match its checksum", self._name)
+        except EOFError:  # shorter than recorded
+            log.error("%s: the local copy does not match its checksum", self._name)
+        except Stopped:
+            pass
         except OSError as exc:
             log.error("%s: cannot check the local copy: %s", self._name, exc)
         finally:

@@ -29,6 +29,7 @@ from daemon.digest import DIGEST_SIZE, EMPTY_DIGEST, digest_of
 from daemon.names import NameError_, validate_name, validate_prefix
 from daemon.peers import BULK_MIN, CONTENT_DIGEST_HEADER, TRAILER_MARK, LateDigest
 from daemon.security import DIGEST_IN_TRAILER, MAC_HEADER, AuthError
+from daemon.settings import format_address
 from daemon.store import ChecksumMismatch, StaleVersion, StoreError, StoreFull
 from daemon.wire import entry_to_json, tuple_from_json, tuple_to_json
 
@@ -385,8 +386,9 @@ class _Api:
         if not holders or any(h.node_id == self.rt.node.node_id for h in holders):
             return None
         self.rt.metrics.inc("kelips_puts_sent_to_holders_total")
-        answer = Response.json({"holders": [f"{h.host}:{h.port}" for h in holders]}, 307)
-        answer.headers["location"] = f"http://{holders[0].host}:{holders[0].port}{target}"
+        named = [format_address(h.address) for h in holders]
+        answer = Response.json({"holders": named}, 307)
+        answer.headers["location"] = f"http://{named[0]}{target}"
         return answer
 
     async def get_file(self, req: Request) -> Response:
@@ -429,7 +431,7 @@ class _Api:
         self.rt.metrics.inc("kelips_reads_sent_to_holders_total")
         return Response.json({"size": entry.size, "checksum": entry.checksum.hex(),
                               "clock": entry.version.clock,
-                              "holders": [f"{h.host}:{h.port}" for h in found.holders]}, 303)
+                              "holders": [format_address(h.address) for h in found.holders]}, 303)
 
     async def delete_file(self, req: Request) -> Response:
         name = self._name(req, "/v1/files/")

@@ -23,7 +23,7 @@ from daemon.core.messages import LookupReply, MemberEntry, TupleEntry, Version
 from daemon.core.node import KelipsNode
 from daemon.digest import digest_of, new_hasher
 from daemon.logs import fields, short_id
-from daemon.peers import BULK_MIN, LateDigest, PeerClient, PeerError, resolved
+from daemon.peers import BULK_MIN, LateDigest, PeerClient, PeerError, resolved, stream_of
 from daemon.store import ChecksumMismatch, StaleVersion, StoredObject, StoreFull
 from daemon.wire import entry_from_json, tuple_from_json, tuple_to_json
 
@@ -523,7 +523,7 @@ class DataPlane:
             if found.hops:  # not a small copy read here: it came in a lookup datagram
                 self.rt.metrics.inc("kelips_inline_reads_total")
             return (ObjectMeta(entry.size, entry.checksum, entry.mode, entry.mtime_ns,
-                               entry.version.clock, False), _one(data))
+                               entry.version.clock, False), stream_of(data))
         if entry is None or entry.tombstone:
             self.rt.metrics.inc("kelips_lookups_total", result="not_found")
             raise NotFound(f"{name}: no such object")
@@ -592,7 +592,7 @@ class DataPlane:
             if same_as is not None and meta != same_as:
                 raise NotFound("local copy is another version")
             if obj.tombstone:
-                return meta, _empty()
+                return meta, stream_of(b"")
             # _stream hashes everything it passes on: a second hash here would only cost.
             return meta, self.rt.store.read_chunks(obj, offset=offset, verify=False)
         query = {"min_clock": min_clock, "offset": offset}
@@ -778,17 +778,6 @@ class ObjectMeta(NamedTuple):
     mtime_ns: int
     clock: int
     tombstone: bool
-
-
-async def _one(data: bytes) -> AsyncIterator[bytes]:
-    if data:
-        yield data
-
-
-async def _empty() -> AsyncIterator[bytes]:
-    empty: tuple[bytes, ...] = ()
-    for chunk in empty:
-        yield chunk
 
 
 async def _guarded(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

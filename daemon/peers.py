@@ -148,7 +148,7 @@ class PeerClient:
         the answer's body."""
         if size < BULK_MIN:
             data = await trio.Path(source).read_bytes()
-            async with self.stream("PUT", addr, path, query, body=_once(data),
+            async with self.stream("PUT", addr, path, query, body=stream_of(data),
                                    content_digest=content_digest) as response:
                 reply = await _read(response, addr)
         else:  # sent by the kernel from the file (bulk.FileBody)
@@ -234,8 +234,10 @@ class StreamedResponse(Protocol):
     async def aread(self) -> bytes: ...
 
 
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    yield data
+async def stream_of(data: bytes) -> AsyncIterator[bytes]:
+    """Bytes already in memory as a body stream (none at all for no bytes)."""
+    if data:
+        yield data
 
 
 async def _read(response: StreamedResponse, addr: Address) -> bytes:

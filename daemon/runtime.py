@@ -582,5 +582,6 @@ class NodeRuntime:
                 "n_estimate": node.estimated_size(), "synced": node.synced,
                 "contacts_per_group": {str(g): len(ids) for g, ids in
                                        sorted(node.contacts.items())},
+                "contact_budget": node.contact_budget(),
                 "tuples": len(node.tuples), "stored_bytes": used, "free_bytes": free,
                 "members": rows}

@@ -237,7 +237,8 @@ _DESCRIPTIONS: dict[str, str] = {
     "fanout": "own-group targets per gossip round (1..16)",
     "t_fail": "seconds without a rising heartbeat before a member is failed",
     "t_cleanup": "seconds after which a failed member is forgotten",
-    "contacts_per_group": "contacts kept per foreign group (1..16)",
+    "contacts_per_group": "most contacts kept per foreign group (1..16); fewer in some while "
+                          "the own group is above average",
     "replication": "copies of every object (1..16)",
     "max_datagram": "largest gossip datagram in bytes, MAC included (512..65507)",
     "tuple_share": "share of a gossip message's entries given to file tuples (0..1)",

@@ -61,10 +61,12 @@ MESSAGES: dict[str, Message] = {
         (tuple_entry("/a/b.txt"), tuple_entry("/été/ü.bin", holders=0, tombstone=True)),
         pull=True,
         beats=(Beat(nid(4)[:BEAT_PREFIX], 1, 9), Beat(b"\xff" * BEAT_PREFIX, 0xFF, 0xFFFF)),
+        load_excess=-163,
     ),
     "gossip-pull-only": Gossip(SENDER, 123, False, (), (), pull=True),
     "gossip-ack-only": Gossip(SENDER, 456, True, (member(5),), ()),
     "ack": Ack(SENDER, 987654),
+    "ack-load": Ack(SENDER, 1, group_members=U32, group_tuples=12345),
     "leave": Leave(SENDER),
     "sync-empty": SyncRequest(SENDER, (), ()),
     "sync": SyncRequest(SENDER, tuple(member(i) for i in range(2, 12)),
@@ -181,13 +183,25 @@ GOSSIP_FLAGS_OFFSET = codec.HEADER_SIZE + codec.MEMBER_SIZE + 4
 SENDER_PORT_OFFSET = codec.HEADER_SIZE + NODE_ID_BYTES + 4
 
 
-@pytest.mark.parametrize("flags", [4, 8, 0x80, 0xFF])
+@pytest.mark.parametrize("flags", [8, 0x80, 0xFF])
 def test_unknown_gossip_flags(flags: int) -> None:
     data = bytearray(valid("gossip-empty"))
     assert data[GOSSIP_FLAGS_OFFSET] == 0
     data[GOSSIP_FLAGS_OFFSET] = flags
     with pytest.raises(codec.DecodeError):
         codec.decode(bytes(data))
+
+
+def test_gossip_load_estimate_round_trips_and_needs_its_flag() -> None:
+    for load in (None, 0, 1, -1, 32767, -32767):
+        msg = Gossip(SENDER, 5, False, (), (), load_excess=load)
+        assert codec.decode(codec.encode(env(msg))).message == msg
+    data = bytearray(valid("gossip-empty"))
+    data[GOSSIP_FLAGS_OFFSET + 2] = 1  # an estimate (the int16 after the flags), flag unset
+    with pytest.raises(codec.DecodeError, match="load estimate"):
+        codec.decode(bytes(data))
+    with pytest.raises(codec.EncodeError):
+        codec.encode(env(Gossip(SENDER, 5, False, (), (), load_excess=40000)))
 
 
 def test_unknown_tuple_flags() -> None:

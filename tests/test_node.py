@@ -1046,9 +1046,11 @@ def test_plan_lookup_falls_back_to_a_spare_when_every_contact_is_gone() -> None:
     ask = [e.node_id for e in a.plan_lookup(name).ask]
     assert sorted(ask[:2]) == sorted(a.contacts[2]) and ask[2:] == [entries[3].node_id]
     size = a.state_entries()
-    for e in entries[:2]:
-        a.report_unreachable(1.0, e.node_id)
-    assert a.contacts[2] == []
+    a.report_unreachable(1.0, entries[0].node_id)
+    assert a.contacts[2] == [entries[1].node_id]
+    a.report_unreachable(1.0, entries[1].node_id)
+    # the group's last contact is gone: its spare takes the place at once
+    assert a.contacts[2] == [entries[3].node_id]
     assert [e.node_id for e in a.plan_lookup(name).ask] == [entries[3].node_id]
     # gossip refills the contacts: the spare becomes a contact and is not listed twice
     a.receive(2.0, wire(make_node(CoreConfig(k=k), group=0), Gossip(
@@ -1058,6 +1060,19 @@ def test_plan_lookup_falls_back_to_a_spare_when_every_contact_is_gone() -> None:
     assert len(ask) == len(set(ask)) == 2
     # the spare pool is a fixed-size cache, outside the N- and F-dependent state figure
     assert size == 2 and a.state_entries() == len(a.members) + len(a.graveyard)
+
+
+def test_a_spare_of_a_group_with_one_contact_outlives_the_others_in_the_pool() -> None:
+    k = 40
+    a = make_node(CoreConfig(k=k, contacts_per_group=2), group=0)
+    lonely = fake_entry(900, k, 1)
+    a.receive(0.0, a.envelope(Snapshot(lonely, (), ())))  # group 1: one contact
+    a._keep_spare(1, fake_entry(901, k, 1))
+    for g in range(2, 2 + 30):  # 30 groups with both contacts, each heard of once more
+        first, second, third = (fake_entry(910 + 3 * g + j, k, g) for j in range(3))
+        a.receive(0.0, a.envelope(Snapshot(first, (second, third), ())))
+    assert len(a._spares) == 16
+    assert 1 in a._spares
 
 
 def test_lookup_messages_do_not_change_membership_state() -> None:
@@ -1143,3 +1158,132 @@ def test_report_unreachable_drops_a_contact_but_not_a_group_member() -> None:
     assert [e.kind for e in a.drain_events()] == ["contact_dropped"]
     assert a.contacts[1] == []
     assert a.members[b.node_id].alive
+
+
+# --- contact budget --------------------------------------------------------------------------
+
+
+def _heavy_node(k: int, own_tuples: int) -> tuple[KelipsNode, list[MemberEntry]]:
+    """A node alone in group 0 holding ``own_tuples`` tuples, with 2 contacts in every other
+    group, the second one of each farther than the first."""
+    a = make_node(CoreConfig(k=k, contacts_per_group=2), group=0)
+    for i in range(own_tuples):
+        a.merge_tuple(0.0, tuple_for(find_name(k, 0, f"/heavy{i}"), [a.node_id]))
+    entries = [fake_entry(600 + 2 * g + j, k, g) for g in range(1, k) for j in range(2)]
+    a.receive(0.0, a.envelope(Snapshot(entries[0], tuple(entries[1:]), ())))
+    for i, e in enumerate(entries):
+        a.record_rtt(e.node_id, 0.001 * (1 + i % 2) * (1 + i / 100))
+    assert a.contact_budget() == len(a._all_contacts()) == 2 * (k - 1)
+    return a, entries
+
+
+_REPORTERS = iter(range(800, 100_000))
+
+
+def _ack_from(a: KelipsNode, entry: MemberEntry, members: int, tuples: int) -> None:
+    """An ack reporting a group's load, from a node of ``entry``'s group that is no contact
+    (its RTT sample must not reorder the contacts)."""
+    reporter = fake_entry(next(_REPORTERS), a.config.k, group_of_node(entry.node_id, a.config.k))
+    a.receive(a._next_scan, a.envelope(Ack(reporter, 0, members, tuples)))
+
+
+# The budget is recomputed every scan; called directly, so that no time passes (unanswered
+# probes would drop contacts and leave graves, which count against the budget too).
+
+
+def test_a_heavier_group_gives_up_its_farthest_second_contacts() -> None:
+    """Every member of a group keeps all the group's tuples; one whose group holds more than
+    the average keeps as many fewer contacts (and one more, for the estimate's noise), so its
+    state stays at most the average node's."""
+    k = 6
+    a, entries = _heavy_node(k, own_tuples=3)
+    before = a.state_entries()
+    for e in entries[:6]:  # each foreign group: 1 member, no tuples -> ours is 3 heavier
+        _ack_from(a, e, 1, 0)
+    a._update_contact_budget(a._next_scan)
+    assert a.contact_budget() == 2 * (k - 1) - 4
+    assert a.state_entries() == before - 4
+    kept = a._all_contacts()
+    assert all(len(a.contacts[g]) >= 1 for g in range(1, k))
+    # the dropped ones are the four farthest, each a second contact of its group
+    dropped = [e.node_id for e in entries if e.node_id not in kept]
+    assert len(dropped) == 4
+    assert set(dropped) <= {e.node_id for e in entries[1::2]}
+    assert dropped == [e.node_id for e in entries[1::2]][-4:]
+    # no second contact comes back while trimmed, even if gossip offers one
+    newcomer = fake_entry(700, k, 5)
+    assert len(a.contacts[5]) == 1
+    a.receive(a._next_scan, wire(make_node(CoreConfig(k=k), group=0),
+                                 Gossip(newcomer, 0, False, (), ())))
+    assert len(a.contacts[5]) == 1
+    # the other groups catch up and pass ours: the budget comes back, gossip refills
+    for _ in range(40):
+        _ack_from(a, entries[0], 1, 4)
+    a._update_contact_budget(a._next_scan)
+    assert a.contact_budget() == 2 * (k - 1)
+    a.receive(a._next_scan, wire(make_node(CoreConfig(k=k), group=0),
+                                 Gossip(newcomer._replace(heartbeat=2), 0, False, (), ())))
+    assert newcomer.node_id in a.contacts[5]
+
+
+def test_every_group_keeps_its_first_contact_however_heavy_the_own_group() -> None:
+    k = 5
+    a, entries = _heavy_node(k, own_tuples=50)
+    for e in entries[:8]:
+        _ack_from(a, e, 1, 0)
+    a._update_contact_budget(a._next_scan)
+    assert a.contact_budget() == k - 1
+    assert [len(a.contacts[g]) for g in range(1, k)] == [1] * (k - 1)
+    assert all(plan.ask for plan in (a.plan_lookup(find_name(k, g, "/far")) for g in range(1, k)))
+
+
+def test_a_write_burst_in_every_group_trims_nothing() -> None:
+    """The own group's load is read at the moment each report arrives: when every group fills
+    alike, the difference stays 0 however fast they fill."""
+    k = 6
+    a, entries = _heavy_node(k, own_tuples=0)
+    for i in range(30):
+        a.merge_tuple(0.0, tuple_for(find_name(k, 0, f"/burst{i}"), [a.node_id]))
+        _ack_from(a, entries[(2 * i) % len(entries)], 1, len(a.tuples))
+        a._update_contact_budget(a._next_scan)
+        assert a.contact_budget() == 2 * (k - 1)
+    assert len(a._all_contacts()) == 2 * (k - 1)
+
+
+def test_no_trimming_before_enough_reports_and_reports_from_the_own_group_count_not() -> None:
+    k = 6
+    a, entries = _heavy_node(k, own_tuples=10)
+    b = make_node(CoreConfig(k=k), group=0)
+    for _ in range(10):  # a member of our own group reports our own load: no information
+        _ack_from(a, b.entry(), 1, 0)
+    for e in entries[:3]:  # three foreign reports: not enough to act on
+        _ack_from(a, e, 1, 0)
+    a._update_contact_budget(a._next_scan)
+    assert a.contact_budget() == 2 * (k - 1)
+    _ack_from(a, entries[3], 1, 0)
+    a._update_contact_budget(a._next_scan)
+    assert a.contact_budget() == k - 1  # 10 heavier: every second contact goes
+
+
+def test_members_of_a_group_average_their_load_estimates() -> None:
+    """Gossip in the own group carries the sender's estimate (sixteenths of an entry); a
+    node without reports of its own takes it, one with reports averages with it; foreign
+    gossip is not the own group's estimate and is ignored."""
+    k = 12
+    a, entries = _heavy_node(k, own_tuples=0)
+    b = make_node(CoreConfig(k=k), group=0)
+    gossip = [o.message for o in a.tick(a._next_gossip) if isinstance(o.message, Gossip)]
+    assert gossip and all(g.load_excess is None for g in gossip)
+    a.receive(a._next_scan, wire(b, Gossip(b.entry(), 0, False, (), (), load_excess=8 * 16)))
+    a._update_contact_budget(a._next_scan)
+    assert a.contact_budget() == 2 * (k - 1) - 8 - 1
+    a.receive(a._next_scan, wire(b, Gossip(b.entry(), 0, False, (), (), load_excess=0)))
+    a._update_contact_budget(a._next_scan)
+    assert a.contact_budget() == 2 * (k - 1) - 4 - 1
+    foreign = entries[0]._replace(heartbeat=9)
+    a.receive(a._next_scan, a.envelope(Gossip(foreign, 0, False, (), (), load_excess=-800)))
+    a._update_contact_budget(a._next_scan)
+    assert a.contact_budget() == 2 * (k - 1) - 4 - 1
+    sent = [o.message for o in a.tick(a._next_gossip + 1) if isinstance(o.message, Gossip)
+            and o.dest == b.address]
+    assert sent and sent[0].load_excess == 4 * 16

@@ -47,7 +47,7 @@ from .messages import (
     Version,
 )
 
-PROTOCOL_VERSION = 2  # 2: 7-byte heartbeat digests
+PROTOCOL_VERSION = 3  # 2: 7-byte heartbeat digests; 3: acks report their group's load
 MAX_NAME_BYTES = 4096
 MAX_CHECKSUM_BYTES = 64
 MAX_HOLDERS = 64
@@ -65,7 +65,7 @@ _TUPLE_FIXED = struct.Struct(f">Q{NODE_ID_BYTES}sIQIQB")
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
-_GOSSIP_FIXED = struct.Struct(">IB")
+_GOSSIP_FIXED = struct.Struct(">IBh")
 _BEAT = struct.Struct(f">{BEAT_PREFIX}sBH")
 _LOOKUP_FIXED = struct.Struct(">QB")
 
@@ -74,7 +74,7 @@ MEMBER_SIZE = _MEMBER.size
 TUPLE_FIXED_SIZE = 2 + _TUPLE_FIXED.size + 1 + 1  # name length, fixed part, checksum len, holders
 BEAT_SIZE = _BEAT.size
 GOSSIP_OVERHEAD = HEADER_SIZE + MEMBER_SIZE + _GOSSIP_FIXED.size + 2 + 2 + 2
-ACK_SIZE = HEADER_SIZE + MEMBER_SIZE + 4
+ACK_SIZE = HEADER_SIZE + MEMBER_SIZE + 4 + 4 + 4
 LEAVE_SIZE = HEADER_SIZE + MEMBER_SIZE
 LOOKUP_REQUEST_OVERHEAD = HEADER_SIZE + _LOOKUP_FIXED.size + 2
 LOOKUP_REPLY_OVERHEAD = HEADER_SIZE + _LOOKUP_FIXED.size + 2 + 2
@@ -152,8 +152,11 @@ def encode(envelope: Envelope) -> bytes:
             raise EncodeError("cluster tag must be 4 bytes")
         if isinstance(message, Gossip):
             parts.append(_member(message.sender))
-            flags = (1 if message.want_ack else 0) | (2 if message.pull else 0)
-            parts.append(_GOSSIP_FIXED.pack(message.ts_ms & _U32_MAX, flags))
+            load = message.load_excess
+            flags = ((1 if message.want_ack else 0) | (2 if message.pull else 0)
+                     | (4 if load is not None else 0))
+            parts.append(_GOSSIP_FIXED.pack(message.ts_ms & _U32_MAX, flags,
+                                            0 if load is None else load))
             _members(parts, message.members)
             parts.append(_U16.pack(len(message.beats)))
             if any(len(b.prefix) != BEAT_PREFIX for b in message.beats):
@@ -163,6 +166,8 @@ def encode(envelope: Envelope) -> bytes:
         elif isinstance(message, Ack):
             parts.append(_member(message.sender))
             parts.append(_U32.pack(message.echo_ts_ms & _U32_MAX))
+            parts.append(_U32.pack(message.group_members))
+            parts.append(_U32.pack(message.group_tuples))
         elif isinstance(message, Leave):
             parts.append(_member(message.sender))
         elif isinstance(message, (SyncRequest, Snapshot)):
@@ -301,18 +306,23 @@ def _decode(data: bytes) -> Envelope:
     message: Message
     if code == 1:
         sender = _read_member(reader)
-        ts_ms, flags = reader.unpack(_GOSSIP_FIXED)
-        if flags & ~3:
+        ts_ms, flags, load = reader.unpack(_GOSSIP_FIXED)
+        if flags & ~7:
             raise DecodeError("unknown gossip flags")
+        if load and not flags & 4:
+            raise DecodeError("a load estimate without its flag")
         members = _read_members(reader, wide=False)
         n_beats = reader.count(False, BEAT_SIZE)
         beats = tuple(Beat(*reader.unpack(_BEAT)) for _ in range(n_beats))
         tuples = _read_tuples(reader, wide=False)
-        message = Gossip(sender, ts_ms, bool(flags & 1), members, tuples, bool(flags & 2), beats)
+        message = Gossip(sender, ts_ms, bool(flags & 1), members, tuples, bool(flags & 2), beats,
+                         load if flags & 4 else None)
     elif code == 2:
         sender = _read_member(reader)
         (echo,) = reader.unpack(_U32)
-        message = Ack(sender, echo)
+        (group_members,) = reader.unpack(_U32)
+        (group_tuples,) = reader.unpack(_U32)
+        message = Ack(sender, echo, group_members, group_tuples)
     elif code == 3:
         message = Leave(_read_member(reader))
     elif code in (4, 5):

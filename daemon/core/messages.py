@@ -96,14 +96,25 @@ class Gossip:
     pull: bool = False
     #: Heartbeat digests of own-group members.
     beats: tuple[Beat, ...] = ()
+    #: The sender's estimate of how far its group's members + tuples are above the average
+    #: group's, in sixteenths of an entry (None: no estimate yet). Members of a group average
+    #: their estimates through this field (``KelipsNode``'s contact budget).
+    load_excess: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """Answer to a Gossip with want_ack: proves the sender alive and measures RTT."""
+    """Answer to a Gossip with want_ack: proves the sender alive and measures RTT.
+
+    It also reports the load of the sender's group -- live members (the sender included)
+    and file tuples -- so a node can tell how far its own group is above the average and
+    keep fewer contacts when it is (``KelipsNode``'s contact budget). 0 members: no report.
+    """
 
     sender: MemberEntry
     echo_ts_ms: int
+    group_members: int = 0
+    group_tuples: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ Driver contract:
 from __future__ import annotations
 
 import bisect
+import math
 import random
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -64,6 +65,16 @@ _CANDIDATES = 8
 _SPARE_POOL = 16  # foreign members heard of beyond the contacts, one per group at most
 _HOLDER_RTT_SLACK = 2.0  # a likely-holder contact is asked first if within 2x the nearest's RTT
 _HOLDER_RTT_FLOOR = 0.001  # ... plus this (seconds): on a LAN every contact qualifies
+# Contact budget (see _update_contact_budget): how fast the estimate of the own group's load
+# above the average follows the acks' reports and the own group's estimates, how many
+# reports before it is used, the entries a node above average stays below the average
+# node's state (room for the estimate's noise), and the hysteresis before a trimmed node
+# takes second contacts again.
+_LOAD_WEIGHT = 1 / 8  # an ack's report (one foreign group: noisy)
+_PEER_LOAD_WEIGHT = 1 / 2  # an own-group member's estimate (already an average)
+_LOAD_MIN_REPORTS = 4
+_STATE_MARGIN = 1
+_CONTACT_REFILL = 2
 
 
 class Event(NamedTuple):
@@ -169,7 +180,7 @@ class KelipsNode:
         self._own_cursor = 0
         self._contact_list: list[NodeId] | None = None
         self._contact_cursor = 0
-        self._probe_cursor = 0
+        self._probe_cursor = -1
         self._probes: dict[NodeId, _Probe] = {}
         self._candidates: deque[MemberEntry] = deque(maxlen=_CANDIDATES)
         # Foreign members heard of lately beyond the contacts, per group: asked when every
@@ -191,6 +202,12 @@ class KelipsNode:
         # instead of waiting for the next anti-entropy (up to a minute).
         self._resync: set[NodeId] = set()
         self._rounds = 0
+        # How many entries the own group (members + tuples) holds above the groups that
+        # answered our probes (moving average); and the contacts we allow ourselves.
+        self._load_excess = 0.0
+        self._load_reports = 0
+        self._load_known = False
+        self._contact_cap = self._full_contacts()
         budget = config.max_datagram - AUTH_TRAILER - codec.GOSSIP_OVERHEAD
         if budget < codec.MEMBER_SIZE * 4:
             raise ValueError("max_datagram leaves no room for member entries")
@@ -237,6 +254,11 @@ class KelipsNode:
         left out and stated beside every state figure."""
         return len(self.members) + len(self.tuples) + len(self.graveyard) + len(self._departed)
 
+    def contact_budget(self) -> int:
+        """Contacts this node allows itself now: ``contacts_per_group`` in every foreign group,
+        minus the second (third...) contacts given up while its group is heavier than average."""
+        return self._contact_cap
+
     def group_size(self) -> int:
         """Live members of the own group, this node included: what it tells a node that
         weighs its candidate ids by group size (``daemon.core.balance``)."""
@@ -261,6 +283,7 @@ class KelipsNode:
                                        now + 0.5 * cfg.heartbeat_interval)
         if now >= self._next_scan:
             self._scan(now)
+            self._update_contact_budget(now)
             self._next_scan = now + 0.5 * cfg.heartbeat_interval
         if now >= self._next_gossip:
             self._next_gossip = max(self._next_gossip + cfg.gossip_interval,
@@ -342,12 +365,14 @@ class KelipsNode:
         targets = self._pick_targets(now, cfg.fanout)
         if targets:
             members, tuples, beats = self._build_own_message(now)
+            load = self._load_field()
             # Spatial weighting sends less to far members; one that hears nothing for two
             # rounds asks its targets to answer with gossip, so no view goes stale.
             pull = now - self._last_group_gossip > 2 * cfg.gossip_interval
             for target in targets:
                 want_ack = target.rtt is None or self.rng.random() < cfg.rtt_refresh_probability
-                msg = Gossip(self.entry(), _ms(now), want_ack, members, tuples, pull, beats)
+                msg = Gossip(self.entry(), _ms(now), want_ack, members, tuples, pull, beats,
+                             load)
                 if want_ack and target.node_id not in self._probes:
                     self._probes[target.node_id] = _Probe(now, False, target.entry())
                 out.append(Outgoing(target.address, msg))
@@ -567,6 +592,10 @@ class KelipsNode:
 
     def _next_contact_to_probe(self) -> Member | None:
         ids = self._all_contacts()
+        if self._probe_cursor < 0 and ids:
+            # Start the rotation anywhere: nodes that learned their contacts in the same order
+            # must not all probe (and hear the load of) the same groups at the same time.
+            self._probe_cursor = self.rng.randrange(len(ids))
         for _ in range(len(ids)):
             if self._probe_cursor >= len(ids):
                 self._probe_cursor = 0
@@ -637,12 +666,16 @@ class KelipsNode:
         own_sender = sender is not None and sender.own
         if own_sender:
             self._last_group_gossip = now
+            if msg.load_excess is not None:
+                self._observe_peer_load(msg.load_excess)
         out: list[Outgoing] = []
         if msg.want_ack:
-            out.append(Outgoing(msg.sender.address, Ack(self.entry(), msg.ts_ms)))
+            out.append(Outgoing(msg.sender.address, Ack(self.entry(), msg.ts_ms,
+                                                        self.group_size(), len(self.tuples))))
         if msg.pull and own_sender:
             members, tuples, beats = self._build_own_message(now)
-            reply = Gossip(self.entry(), _ms(now), False, members, tuples, False, beats)
+            reply = Gossip(self.entry(), _ms(now), False, members, tuples, False, beats,
+                           self._load_field())
             out.append(Outgoing(msg.sender.address, reply))
         return out
 
@@ -652,6 +685,9 @@ class KelipsNode:
         sample = ((_ms(now) - msg.echo_ts_ms) & 0xFFFFFFFF) / 1000.0
         probe = self._probes.pop(entry.node_id, None)
         m = self.members.get(entry.node_id)
+        if msg.group_members and (not m.own if m is not None
+                                  else group_of_node(entry.node_id, self.config.k) != self.group):
+            self._observe_load(msg.group_members + msg.group_tuples)
         if m is not None:
             if sample < 60.0:
                 m.observe_rtt(sample)
@@ -718,7 +754,7 @@ class KelipsNode:
         contacts = self.contacts.get(group)
         if contacts is None:
             contacts = self.contacts[group] = []
-        if len(contacts) < self.config.contacts_per_group:
+        if self._room_for_contact(contacts):
             self.graveyard.forget(nid)
             self._forget_spare(group, nid)
             self._add_member(Member(entry, group, False, now))
@@ -726,10 +762,7 @@ class KelipsNode:
             self._contact_list = None
             self._events.append(Event("contact_added", nid, now))
         else:
-            self._spares[group] = entry
-            self._spares.move_to_end(group)
-            if len(self._spares) > _SPARE_POOL:
-                self._spares.popitem(last=False)
+            self._keep_spare(group, entry)
             if len(self._candidates) < _CANDIDATES or self.rng.random() < 0.1:
                 self._candidates.append(entry)
 
@@ -751,7 +784,7 @@ class KelipsNode:
         if group == self.group or self.graveyard.blocks(entry):
             return
         contacts = self.contacts.setdefault(group, [])
-        if len(contacts) < self.config.contacts_per_group:
+        if self._room_for_contact(contacts):
             worst = None
         else:
             current = [self.members[nid] for nid in contacts]
@@ -767,6 +800,92 @@ class KelipsNode:
         self._contact_list = None
         self._events.append(Event("contact_added", entry.node_id, now))
 
+    # --- contact budget -----------------------------------------------------------------------
+
+    def _full_contacts(self) -> int:
+        return self.config.contacts_per_group * (self.config.k - 1)
+
+    def _room_for_contact(self, contacts: list[NodeId]) -> bool:
+        """May this group's contact list grow? Its first contact always (every group must stay
+        one hop away); more up to ``contacts_per_group`` while the budget allows."""
+        if not contacts:
+            return True
+        if len(contacts) >= self.config.contacts_per_group:
+            return False
+        cap = self._contact_cap
+        if cap < self._full_contacts():
+            cap -= _CONTACT_REFILL  # trimmed lately: no flapping around the cap
+        return len(self._all_contacts()) < cap
+
+    def _observe_load(self, foreign: int) -> None:
+        """A node of another group reported its group's members + tuples: fold the difference
+        to our own group's at this moment into the moving estimate of how far above average
+        we are."""
+        own = self.group_size() + len(self.tuples)
+        self._load_reports += 1
+        weight = max(_LOAD_WEIGHT, 1.0 / self._load_reports)
+        self._load_excess += weight * ((own - foreign) - self._load_excess)
+        if self._load_reports >= _LOAD_MIN_REPORTS:
+            self._load_known = True
+
+    def _observe_peer_load(self, sixteenths: int) -> None:
+        """An own-group member's estimate of the same excess: average with it. One report is
+        one foreign group, whose load is as uneven as ours; averaged over the group's members
+        the estimate is as good as ~n_g times the reports, so no member trims on noise."""
+        peer = sixteenths / 16
+        if not self._load_known:
+            self._load_excess = peer
+            self._load_known = True
+        else:
+            self._load_excess += _PEER_LOAD_WEIGHT * (peer - self._load_excess)
+
+    def _load_field(self) -> int | None:
+        if not self._load_known:
+            return None
+        return max(-32767, min(32767, round(self._load_excess * 16)))
+
+    def _update_contact_budget(self, now: float) -> None:
+        """Keep this node's state at most the average node's: (N/k - 1) + c(k - 1) + F/k.
+
+        Names and ids are hashed onto groups, so some groups hold more members and, above
+        all, more file tuples than the average (the fullest of 100 groups has ~3 standard
+        deviations more), and every member of such a group would keep that excess on top of
+        c contacts in every other group. Instead, a node whose group is heavier gives up as
+        many second contacts as its excess, its failed members, graves and forgotten members,
+        plus ``_STATE_MARGIN``: the farthest first, kept as lookup spares. One contact per
+        group always stays, so lookups keep their one hop.
+
+        The excess is a moving estimate: every ack reports the load of its sender's group
+        (``Ack.group_members`` / ``group_tuples``: the contact probed every round answers one),
+        compared with the own group's counts at the same moment -- so a write burst that fills
+        every group alike trims nothing -- and averaged with the estimates of the own group's
+        members carried by their gossip (``Gossip.load_excess``), which takes the noise of
+        single reports out. Re-computed at every scan; hysteresis of ``_CONTACT_REFILL``.
+        """
+        full = self._full_contacts()
+        trim = 0
+        if self._load_known:
+            contacts = len(self._all_contacts())
+            failed_own = len(self.members) - len(self.own_alive()) - contacts
+            extras = failed_own + len(self.graveyard) + len(self._departed)
+            above = self._load_excess + extras
+            trim = round(above + _STATE_MARGIN) if above > 0 else 0
+        k = self.config.k
+        self._contact_cap = max(k - 1, full - trim)
+        excess = len(self._all_contacts()) - self._contact_cap
+        if excess <= 0:
+            return
+        doubled = [self.members[nid] for ids in self.contacts.values() if len(ids) > 1
+                   for nid in ids]
+        doubled.sort(key=lambda m: m.rtt if m.rtt is not None else math.inf, reverse=True)
+        for m in doubled:
+            if excess <= 0:
+                break
+            if len(self.contacts[m.group]) > 1:
+                self._drop_contact(m, now, bury=False)
+                self._keep_spare(m.group, m.entry())  # alive: asked if the other one dies
+                excess -= 1
+
     def _drop_contact(self, m: Member, now: float, bury: bool = True) -> None:
         """Stop using a contact (unreachable or replaced by a closer one); keep its place free."""
         contacts = self.contacts.get(m.group, [])
@@ -780,6 +899,30 @@ class KelipsNode:
             self.graveyard.bury(m.node_id, (m.incarnation, m.heartbeat),
                                 now + self.config.graveyard_ttl)
         self._events.append(Event("contact_dropped", m.node_id, now))
+        if bury and not contacts and m.group in self.contacts:
+            # The group's last contact is gone: its spare takes the place at once, rather
+            # than the group staying unreachable until gossip names another of its members.
+            spare = self._spares.pop(m.group, None)
+            if spare is not None and not self.graveyard.blocks(spare) \
+                    and spare.node_id not in self.members:
+                self._add_member(Member(spare, m.group, False, now))
+                contacts.append(spare.node_id)
+                self._events.append(Event("contact_added", spare.node_id, now))
+
+    def _keep_spare(self, group: int, entry: MemberEntry) -> None:
+        """Remember a member of ``group`` beyond its contacts. When the pool is full the
+        oldest spare of a group that has all its contacts goes first: a group left with one
+        contact (by the budget, or by a failure) needs its spare most."""
+        self._spares[group] = entry
+        self._spares.move_to_end(group)
+        if len(self._spares) > _SPARE_POOL:
+            full = self.config.contacts_per_group
+            victim = next((g for g in self._spares
+                           if len(self.contacts.get(g, ())) >= full), None)
+            if victim is None:
+                self._spares.popitem(last=False)
+            else:
+                del self._spares[victim]
 
     def _forget_spare(self, group: int, node_id: NodeId) -> None:
         spare = self._spares.get(group)

@@ -73,6 +73,8 @@ MESSAGES: dict[str, Message] = {
                         tuple(tuple_entry(f"/f{i}") for i in range(5))),
     "snapshot": Snapshot(SENDER, (member(2), member(3)), (tuple_entry("/x", clock=U64),)),
     "snapshot-empty": Snapshot(SENDER, (), ()),
+    "snapshot-load": Snapshot(SENDER, (member(2),), (), load_excess=-32767),
+    "sync-load": SyncRequest(SENDER, (), (), load_excess=160),
     "refusal": Refusal("join refused: this cluster uses k=4 affinity groups"),
     "refusal-empty": Refusal(""),
     "refusal-utf8": Refusal("refusé: k=3 ≠ k=4"),

@@ -1287,3 +1287,21 @@ def test_members_of_a_group_average_their_load_estimates() -> None:
     sent = [o.message for o in a.tick(a._next_gossip + 1) if isinstance(o.message, Gossip)
             and o.dest == b.address]
     assert sent and sent[0].load_excess == 4 * 16
+
+
+def test_a_joiner_takes_its_group_estimate_from_the_snapshot_and_trims_at_once() -> None:
+    """A node joining a heavy group gets the group's contacts and its estimate in one
+    snapshot: it keeps no more than the budget from the start."""
+    k = 6
+    a, _ = _heavy_node(k, own_tuples=0)
+    joiner = make_node(CoreConfig(k=k, contacts_per_group=2), group=0)
+    joiner.join_request()
+    for _ in range(8):  # reports heard before the join says anything: not our group's yet
+        joiner.receive(0.0, joiner.envelope(Ack(fake_entry(next(_REPORTERS), k, 1), 0, 1, 50)))
+    a._load_excess, a._load_known = 3.0, True
+    snap = a.snapshot(joiner.node_id)
+    assert snap.load_excess == 3 * 16
+    joiner.receive(0.0, wire(a, snap))
+    assert joiner.synced
+    assert joiner.contact_budget() == 2 * (k - 1) - 4
+    assert len(joiner._all_contacts()) == joiner.contact_budget()

@@ -65,6 +65,7 @@ _TUPLE_FIXED = struct.Struct(f">Q{NODE_ID_BYTES}sIQIQB")
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
+_LOAD = struct.Struct(">Bh")  # a bulk message's load estimate: present (0/1), sixteenths
 _GOSSIP_FIXED = struct.Struct(">IBh")
 _BEAT = struct.Struct(f">{BEAT_PREFIX}sBH")
 _LOOKUP_FIXED = struct.Struct(">QB")
@@ -125,7 +126,7 @@ def message_size(message: Message) -> int:
     if isinstance(message, Leave):
         return LEAVE_SIZE
     if isinstance(message, (SyncRequest, Snapshot)):
-        return (HEADER_SIZE + MEMBER_SIZE + 8 + MEMBER_SIZE * len(message.members)
+        return (HEADER_SIZE + MEMBER_SIZE + 8 + _LOAD.size + MEMBER_SIZE * len(message.members)
                 + sum(map(tuple_size, message.tuples)))
     if isinstance(message, LookupRequest):
         return (LOOKUP_REQUEST_OVERHEAD + len(message.name.encode("utf-8"))
@@ -174,6 +175,8 @@ def encode(envelope: Envelope) -> bytes:
             parts.append(_member(message.sender))
             _members(parts, message.members, wide=True)
             _tuples(parts, message.tuples, wide=True)
+            load = message.load_excess
+            parts.append(_LOAD.pack(0 if load is None else 1, 0 if load is None else load))
         elif isinstance(message, LookupRequest):
             flags = (1 if message.want_inline else 0) | (2 if message.reply_to else 0)
             parts.append(_LOOKUP_FIXED.pack(message.request_id, flags))
@@ -329,7 +332,11 @@ def _decode(data: bytes) -> Envelope:
         sender = _read_member(reader)
         members = _read_members(reader, wide=True)
         tuples = _read_tuples(reader, wide=True)
-        message = (SyncRequest if code == 4 else Snapshot)(sender, members, tuples)
+        present, load = reader.unpack(_LOAD)
+        if present > 1 or (load and not present):
+            raise DecodeError("bad load estimate")
+        message = (SyncRequest if code == 4 else Snapshot)(sender, members, tuples,
+                                                           load if present else None)
     elif code == 6:
         (n,) = reader.unpack(_U16)
         if n > MAX_REASON_BYTES:

@@ -131,6 +131,8 @@ class SyncRequest:
     sender: MemberEntry
     members: tuple[MemberEntry, ...]
     tuples: tuple[TupleEntry, ...]
+    #: As ``Gossip.load_excess``: a member joining or re-syncing learns its group's estimate.
+    load_excess: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +142,8 @@ class Snapshot:
     sender: MemberEntry
     members: tuple[MemberEntry, ...]
     tuples: tuple[TupleEntry, ...]
+    #: As ``Gossip.load_excess``: a member joining or re-syncing learns its group's estimate.
+    load_excess: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

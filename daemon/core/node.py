@@ -633,6 +633,11 @@ class KelipsNode:
         if isinstance(message, (LookupRequest, LookupReply)):
             return []  # the data path's: see answer_lookup_request
         self._merge_bulk(now, message.sender, message.members, message.tuples)
+        if message.load_excess is not None \
+                and group_of_node(message.sender.node_id, self.config.k) == self.group:
+            self._observe_peer_load(message.load_excess)
+        if self._load_known:
+            self._update_contact_budget(now)  # a joiner trims before it gossips its contacts
         if isinstance(message, SyncRequest):
             return [Outgoing(message.sender.address, self.snapshot(message.sender.node_id))]
         if not self.synced and (
@@ -685,7 +690,7 @@ class KelipsNode:
         sample = ((_ms(now) - msg.echo_ts_ms) & 0xFFFFFFFF) / 1000.0
         probe = self._probes.pop(entry.node_id, None)
         m = self.members.get(entry.node_id)
-        if msg.group_members and (not m.own if m is not None
+        if msg.group_members and self.synced and (not m.own if m is not None
                                   else group_of_node(entry.node_id, self.config.k) != self.group):
             self._observe_load(msg.group_members + msg.group_tuples)
         if m is not None:
@@ -962,7 +967,7 @@ class KelipsNode:
         members = tuple(m.entry() for m in self.members.values() if m.alive)
         same_group = for_node is None or group_of_node(for_node, self.config.k) == self.group
         tuples = tuple(self.tuples) if same_group else ()
-        return Snapshot(self.entry(), members, tuples)
+        return Snapshot(self.entry(), members, tuples, self._load_field() if same_group else None)
 
     def _note_return(self, nid: NodeId) -> None:
         """A member we had failed or forgotten is back; the lower id of the pair reconciles."""
@@ -975,7 +980,7 @@ class KelipsNode:
             m = self.members.get(nid)
             if m is not None and m.alive:
                 out.append(Outgoing(m.address, SyncRequest(self.entry(), snap.members,
-                                                           snap.tuples)))
+                                                           snap.tuples, snap.load_excess)))
         self._resync.clear()
 
     def _send_sync(self, now: float, out: list[Outgoing]) -> None:
@@ -994,7 +999,8 @@ class KelipsNode:
         target = min(pool, key=lambda m: m.rtt if m.rtt is not None else 1e9) \
             if not self.synced else self.rng.choice(pool)
         snap = self.snapshot()
-        out.append(Outgoing(target.address, SyncRequest(self.entry(), snap.members, snap.tuples)))
+        out.append(Outgoing(target.address, SyncRequest(self.entry(), snap.members, snap.tuples,
+                                                        snap.load_excess)))
 
     # --- data path planning -------------------------------------------------------------------
 

@@ -53,7 +53,7 @@ _FRESH_SENDS = 3  # messages that carry a newly learned member's full entry
 _PROBE_ENTRIES = 8  # own-group entries a probe carries to a foreign node (its candidates)
 _SPARES = 3  # extra repair candidates offered beyond the copies needed
 _DEPARTED_EVERY = 4  # rounds between probes of a forgotten member (partition healing)
-_DEPARTED_MAX = 16  # one answer from the other side of a partition is enough
+_DEPARTED_MAX = 4  # one answer from the other side of a partition is enough
 _DEPARTED_TTL = 3600.0
 _RUMOR_SENDS = 3  # messages that carry a changed tuple (x fanout deliveries: e^-6 miss)
 _FRESH_PER_MESSAGE = 4  # at most this many such entries in one message
@@ -876,7 +876,10 @@ class KelipsNode:
             above = self._load_excess + extras
             trim = round(above + _STATE_MARGIN) if above > 0 else 0
         k = self.config.k
-        self._contact_cap = max(k - 1, full - trim)
+        # Two contacts stay in at least half the groups: enough for the tuple excess of the
+        # fullest of ~sqrt(N) groups, while a small cluster, whose state is nearly all tuples,
+        # does not give up its redundancy for a few entries.
+        self._contact_cap = max(full - (full - (k - 1)) // 2, full - trim)
         excess = len(self._all_contacts()) - self._contact_cap
         if excess <= 0:
             return

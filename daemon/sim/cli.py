@@ -34,7 +34,7 @@ metrics (measured after --warmup; --json prints them as one JSON object on the l
                            per live node per second
   data_bytes_per_node_per_s  lookup and placement requests/answers (object bytes not counted)
   state_entries_per_node_max  largest soft state seen on any node (members alive or failed,
-                           contacts, file tuples, graveyard, up to 16 forgotten members kept
+                           contacts, file tuples, graveyard, up to 4 forgotten members kept
                            for partition healing; not the fixed 24-entry caches of candidate
                            and spare contacts), sampled every 10 s
   state_bound              3*sqrt(N) + files/k, the bound that state is checked against

@@ -108,6 +108,9 @@ def test_groups_and_contacts(tmp_path: Path) -> None:
                 other = 1 - status["group"]
                 if status["contacts_per_group"].get(str(other), 0) < 1:
                     return False
+                # k = 2, c = 2: one foreign group, whose two contacts the budget never trims
+                # (two contacts stay in at least half the groups)
+                assert status["contact_budget"] == 2
             return True
 
         c.wait_for(everyone_has_contacts, 20, "contacts in the other group")

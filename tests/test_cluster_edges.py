@@ -177,6 +177,7 @@ def test_status_table_and_json(cluster: Cluster) -> None:
     assert "HEARTBEAT" in table and "alive" in table
     doc = json.loads(cluster.cli(a, "status", "--json").stdout)
     assert doc["k"] == 1 and doc["n_estimate"] == 2
+    assert doc["contact_budget"] == 0  # k = 1: no foreign group
     rows = {row["role"] for row in doc["members"]}
     assert rows == {"self", "member"}
 

@@ -74,6 +74,7 @@ _LOAD_WEIGHT = 1 / 8  # an ack's report (one foreign group: noisy)
 _PEER_LOAD_WEIGHT = 1 / 2  # an own-group member's estimate (already an average)
 _LOAD_MIN_REPORTS = 4
 _STATE_MARGIN = 1
+_BUDGET_MIN_GROUPS = 8  # fewer foreign groups: each contact matters, the state is all tuples
 _CONTACT_REFILL = 2
 
 
@@ -858,7 +859,9 @@ class KelipsNode:
         c contacts in every other group. Instead, a node whose group is heavier gives up as
         many second contacts as its excess, its failed members, graves and forgotten members,
         plus ``_STATE_MARGIN``: the farthest first, kept as lookup spares. One contact per
-        group always stays, so lookups keep their one hop.
+        group always stays, so lookups keep their one hop. A cluster of fewer than
+        ``_BUDGET_MIN_GROUPS`` + 1 groups trims nothing: there each contact is a large share of
+        a node's reach, and its state is nearly all tuples.
 
         The excess is a moving estimate: every ack reports the load of its sender's group
         (``Ack.group_members`` / ``group_tuples``: the contact probed every round answers one),
@@ -869,7 +872,7 @@ class KelipsNode:
         """
         full = self._full_contacts()
         trim = 0
-        if self._load_known:
+        if self._load_known and self.config.k - 1 >= _BUDGET_MIN_GROUPS:
             contacts = len(self._all_contacts())
             failed_own = len(self.members) - len(self.own_alive()) - contacts
             extras = failed_own + len(self.graveyard) + len(self._departed)

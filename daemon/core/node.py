@@ -762,11 +762,7 @@ class KelipsNode:
             contacts = self.contacts[group] = []
         if self._room_for_contact(contacts):
             self.graveyard.forget(nid)
-            self._forget_spare(group, nid)
-            self._add_member(Member(entry, group, False, now))
-            contacts.append(nid)
-            self._contact_list = None
-            self._events.append(Event("contact_added", nid, now))
+            self._add_contact(Member(entry, group, False, now), now)
         else:
             self._keep_spare(group, entry)
             if len(self._candidates) < _CANDIDATES or self.rng.random() < 0.1:
@@ -800,11 +796,15 @@ class KelipsNode:
             self._drop_contact(worst, now, bury=False)
         member = Member(entry, group, False, now)
         member.observe_rtt(rtt)
-        self._forget_spare(group, entry.node_id)
+        self._add_contact(member, now)
+
+    def _add_contact(self, member: Member, now: float) -> None:
+        """Make a member of a foreign group a contact (the caller checked the room)."""
+        self._forget_spare(member.group, member.node_id)
         self._add_member(member)
-        contacts.append(entry.node_id)
+        self.contacts.setdefault(member.group, []).append(member.node_id)
         self._contact_list = None
-        self._events.append(Event("contact_added", entry.node_id, now))
+        self._events.append(Event("contact_added", member.node_id, now))
 
     # --- contact budget -----------------------------------------------------------------------
 
@@ -916,9 +916,7 @@ class KelipsNode:
             spare = self._spares.pop(m.group, None)
             if spare is not None and not self.graveyard.blocks(spare) \
                     and spare.node_id not in self.members:
-                self._add_member(Member(spare, m.group, False, now))
-                contacts.append(spare.node_id)
-                self._events.append(Event("contact_added", spare.node_id, now))
+                self._add_contact(Member(spare, m.group, False, now), now)
 
     def _keep_spare(self, group: int, entry: MemberEntry) -> None:
         """Remember a member of ``group`` beyond its contacts. When the pool is full the

@@ -366,9 +366,7 @@ def format_status(doc: dict[str, Any]) -> str:
                      f"{row['last_heard_s']:>9.1f}s {rtt:>9} {row['objects']:>7}")
     per_group = doc["contacts_per_group"]
     if per_group:
-        budget = doc.get("contact_budget")
-        kept = f" (budget {budget})" if budget is not None else ""
-        lines.append(f"contacts per group{kept}: "
+        lines.append(f"contacts per group (budget {doc['contact_budget']}): "
                      + ", ".join(f"{g}:{n}" for g, n in per_group.items()))
     return "\n".join(lines)
 

@@ -76,6 +76,7 @@ _LOAD_MIN_REPORTS = 4
 _STATE_MARGIN = 1
 _BUDGET_MIN_GROUPS = 8  # fewer foreign groups: each contact matters, the state is all tuples
 _CONTACT_REFILL = 2
+_LOAD_SCALE = 16  # the wire carries load estimates in sixteenths of an entry (int16)
 
 
 class Event(NamedTuple):
@@ -691,8 +692,8 @@ class KelipsNode:
         sample = ((_ms(now) - msg.echo_ts_ms) & 0xFFFFFFFF) / 1000.0
         probe = self._probes.pop(entry.node_id, None)
         m = self.members.get(entry.node_id)
-        if msg.group_members and self.synced and (not m.own if m is not None
-                                  else group_of_node(entry.node_id, self.config.k) != self.group):
+        group = m.group if m is not None else group_of_node(entry.node_id, self.config.k)
+        if msg.group_members and self.synced and group != self.group:
             self._observe_load(msg.group_members + msg.group_tuples)
         if m is not None:
             if sample < 60.0:
@@ -838,7 +839,7 @@ class KelipsNode:
         """An own-group member's estimate of the same excess: average with it. One report is
         one foreign group, whose load is as uneven as ours; averaged over the group's members
         the estimate is as good as ~n_g times the reports, so no member trims on noise."""
-        peer = sixteenths / 16
+        peer = sixteenths / _LOAD_SCALE
         if not self._load_known:
             self._load_excess = peer
             self._load_known = True
@@ -848,7 +849,7 @@ class KelipsNode:
     def _load_field(self) -> int | None:
         if not self._load_known:
             return None
-        return max(-32767, min(32767, round(self._load_excess * 16)))
+        return max(-32767, min(32767, round(self._load_excess * _LOAD_SCALE)))
 
     def _update_contact_budget(self, now: float) -> None:
         """Keep this node's state at most the average node's: (N/k - 1) + c(k - 1) + F/k.

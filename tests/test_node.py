@@ -1210,6 +1210,11 @@ def test_a_heavier_group_gives_up_its_farthest_second_contacts() -> None:
     assert len(dropped) == 4
     assert set(dropped) <= {e.node_id for e in entries[1::2]}
     assert dropped == [e.node_id for e in entries[1::2]][-4:]
+    # ... and kept as the lookup spares of their groups, asked after the remaining contact
+    assert all(a._spares[group_of_node(d, k)].node_id == d for d in dropped)
+    far_group = group_of_node(dropped[-1], k)
+    ask = [e.node_id for e in a.plan_lookup(find_name(k, far_group, "/spared")).ask]
+    assert ask == [*a.contacts[far_group], dropped[-1]]
     # no second contact comes back while trimmed, even if gossip offers one
     newcomer = fake_entry(700, k, 11)
     assert len(a.contacts[11]) == 1

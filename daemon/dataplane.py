@@ -88,6 +88,7 @@ class DataPlane:
     def __init__(self, runtime: NodeRuntime) -> None:
         self.rt = runtime
         self._repair_wake = trio.Event()
+        self._next_repair = 0.0
 
     @property
     def node(self) -> KelipsNode:
@@ -690,11 +691,18 @@ class DataPlane:
     def wake_repair(self) -> None:
         self._repair_wake.set()
 
+    def repair_tick(self, now: float) -> None:
+        """Wake the repair loop once a ``REPAIR_PERIOD``. Called by the runtime's timer loop
+        at every wakeup it makes anyway (at least every gossip interval), so the periodic
+        repair check costs no wakeup of its own; a failure wakes the loop at once."""
+        if now + 0.25 * REPAIR_PERIOD >= self._next_repair:
+            self._next_repair = now + REPAIR_PERIOD
+            self._repair_wake.set()
+
     async def repair_loop(self) -> None:
         next_reconcile = self.rt.now() + RECONCILE_PERIOD
         while True:
-            with trio.move_on_after(REPAIR_PERIOD):
-                await self._repair_wake.wait()
+            await self._repair_wake.wait()
             self._repair_wake = trio.Event()
             for task in self.node.repair_tasks(self.rt.now()):
                 try:

@@ -368,6 +368,8 @@ class NodeRuntime:
             now = self.now()
             await self.dispatch(self.node.tick(now))
             self._drain_events()
+            if self._dataplane is not None:
+                self._dataplane.repair_tick(now)
             await trio.sleep_until(max(self.node.next_deadline(), now + 0.005))
 
     async def dispatch(self, outs: list[Outgoing]) -> None:

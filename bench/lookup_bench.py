@@ -85,6 +85,7 @@ DETECT_S = _DEFAULTS.t_fail + 4 * _DEFAULTS.gossip_interval + _DEFAULTS.heartbea
 GET_TIMEOUT = 30.0
 CATEGORIES = ("files_get", "lookup", "replica_get", "stat", "other")
 GET_PATH = ("files_get", "lookup", "replica_get")
+MIN_GETS_P99 = 100  # fewer gets: their nearest-rank p99 is their maximum
 
 
 # --- counting inside a kelipsfs node process ---------------------------------------------------
@@ -905,13 +906,24 @@ def report(runs: list[dict[str, Any]]) -> list[str]:
                     f"{_ratio(a['bytes_per_get'], b['bytes_per_get'])} | "
                     f"{_mark(a['messages_per_get'] <= b['messages_per_get'] / 3)} | "
                     f"{_mark(a['requests_per_get'] <= b['requests_per_get'] / 3)} | "
-                    f"{_mark(a['p50_ms'] < b['p50_ms'] and a['p99_ms'] < b['p99_ms'])} | "
+                    f"{_latency_mark(a, b)} | "
                     f"{_mark(a['success'] >= b['success'])} |")
     return out
 
 
 def _mark(ok: bool) -> str:
     return "✔" if ok else "✘"
+
+
+def _latency_mark(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """p50 and p99 below Kademlia's. A p99 is judged only when both sides had at least
+    ``MIN_GETS_P99`` gets: below that the nearest-rank p99 is the largest value seen (Kademlia
+    ksize = 20 at N = 20 holds nearly every value on every node, which leaves ~50 gets from a
+    non-holder), one sample, not a percentile."""
+    fewest = min(a["gets"], b["gets"])
+    if fewest < MIN_GETS_P99:
+        return f"{_mark(a['p50_ms'] < b['p50_ms'])} (p50; p99 of {fewest} gets not judged)"
+    return _mark(a["p50_ms"] < b["p50_ms"] and a["p99_ms"] < b["p99_ms"])
 
 
 @contextmanager

@@ -132,3 +132,18 @@ def test_the_fd_section_gives_false_declarations_as_a_rate_with_its_bound() -> N
     text = report._fd_section(run)
     pairs = 1000 * (1000 / 32 - 1)
     assert f"{8 / pairs:.2g} (95 % upper bound {15.763 / pairs:.2g}, Poisson" in text
+
+
+def test_a_p99_of_fewer_than_100_gets_is_not_judged() -> None:
+    """With fewer than 100 gets a nearest-rank p99 is the largest of them: the lookup report
+    judges the p50 alone there and says so; with enough gets on both sides it judges both."""
+    from bench import lookup_bench
+
+    def row(gets: int, p50: float, p99: float) -> dict[str, object]:
+        return {"gets": gets, "p50_ms": p50, "p99_ms": p99}
+
+    assert lookup_bench._latency_mark(row(1000, 1.0, 2.5), row(53, 1.2, 1.8)) \
+        == "✔ (p50; p99 of 53 gets not judged)"
+    assert lookup_bench._latency_mark(row(1000, 1.0, 2.5), row(1000, 1.2, 1.8)) == "✘"
+    assert lookup_bench._latency_mark(row(1000, 1.0, 1.5), row(1000, 1.2, 1.8)) == "✔"
+    assert lookup_bench._pct([float(i) for i in range(53)], 99) == 52.0  # the maximum

@@ -1325,35 +1325,3 @@ def test_a_cluster_of_few_groups_keeps_every_contact() -> None:
     a._update_contact_budget(a._next_scan)
     assert a.contact_budget() == len(a._all_contacts()) == 2 * (k - 1)
 
-
-def _wakeups(node: KelipsNode, seconds: float) -> tuple[int, float]:
-    """Drive ``node`` as the runtime's timer loop does (sleep until the next deadline, tick):
-    the number of wakeups in ``seconds`` and the heartbeat's rise per second."""
-    start, beat = node.next_deadline(), node.heartbeat
-    now, wakeups = start, 0
-    while now < start + seconds:
-        node.tick(now)
-        wakeups += 1
-        now = max(node.next_deadline(), now + 0.005)
-    return wakeups, (node.heartbeat - beat) / seconds
-
-
-def test_scan_and_gossip_share_one_wakeup_with_the_default_intervals() -> None:
-    """Each wakeup of a node is CPU every other node on the machine waits for: with the default
-    intervals (heartbeat 1 s, scan 0.5 s, gossip 0.5 s) a node wakes at most three times a
-    second (scan and gossip together; the heartbeat at its own phase unless it falls within
-    the slack of a gossip round), not four, and still beats once a second."""
-    for seed in range(20):
-        node = make_node(CoreConfig(k=2), now=0.0, seed=seed)
-        wakeups, beats_per_s = _wakeups(node, 100.0)
-        assert 199 <= wakeups <= 301
-        assert beats_per_s == pytest.approx(1.0, abs=0.02)
-
-
-def test_duties_keep_their_own_rates_when_the_intervals_are_not_multiples() -> None:
-    node = make_node(CoreConfig(k=2, heartbeat_interval=0.7, gossip_interval=0.3), now=0.0)
-    wakeups, beats_per_s = _wakeups(node, 100.0)
-    assert beats_per_s == pytest.approx(1 / 0.7, rel=0.02)
-    # gossip every 0.3 s, scan every 0.35 s, heartbeat every 0.7 s: merged only where they
-    # fall within 0.03 s of each other
-    assert 100 / 0.3 <= wakeups <= 100 / 0.3 + 100 / 0.35 + 100 / 0.7

@@ -76,7 +76,6 @@ _LOAD_MIN_REPORTS = 4
 _STATE_MARGIN = 1
 _BUDGET_MIN_GROUPS = 8  # fewer foreign groups: each contact matters, the state is all tuples
 _CONTACT_REFILL = 2
-_TIMER_SLACK = 0.1  # of a gossip interval: duties due this soon run in the current wakeup
 _LOAD_SCALE = 16  # the wire carries load estimates in sixteenths of an entry (int16)
 
 
@@ -171,15 +170,9 @@ class KelipsNode:
         self.synced = True  # False while a join still needs a snapshot from the own group
         self._events: list[Event] = []
         gi = config.gossip_interval
-        # Scan and gossip share one phase (random, so nodes do not gossip in step): with the
-        # default intervals (0.5 s each) they cost one wakeup, not two (see ``tick``). The
-        # heartbeat keeps a phase of its own: bumped right before every other gossip round it
-        # raised the simulator's false declarations from 2.5 to 5.7 per 600 s (N = 1,000,
-        # 5 % loss; 10 vs 17 in 4 and 3 seeded runs).
-        first = now + rng.uniform(0, gi)
-        self._next_gossip = first
         self._next_heartbeat = now + config.heartbeat_interval
-        self._next_scan = first + config.heartbeat_interval
+        self._next_gossip = now + rng.uniform(0, gi)
+        self._next_scan = now + config.heartbeat_interval
         self._next_anti_entropy = now + rng.uniform(0.5, 1.0) * config.anti_entropy_interval
         self._next_sync = now
         self._changed: OrderedDict[NodeId, float] = OrderedDict()
@@ -286,22 +279,15 @@ class KelipsNode:
         """Advance timers: heartbeat, failure detection, probes, gossip, anti-entropy."""
         out: list[Outgoing] = []
         cfg = self.config
-        # A duty falling due within ``_TIMER_SLACK`` of a gossip interval runs now, with the
-        # ones already due: a node idles between wakeups, and on a shared machine every
-        # wakeup of every node is CPU the others wait for (each costs ~0.3 ms of a cold
-        # Python). Deadlines keep their phase (next = previous + interval), so duties that
-        # started together stay together.
-        due = now + _TIMER_SLACK * cfg.gossip_interval
-        if due >= self._next_heartbeat:
+        if now >= self._next_heartbeat:
             self.heartbeat += 1
             self._next_heartbeat = max(self._next_heartbeat + cfg.heartbeat_interval,
                                        now + 0.5 * cfg.heartbeat_interval)
-        if due >= self._next_scan:
+        if now >= self._next_scan:
             self._scan(now)
             self._update_contact_budget(now)
-            self._next_scan = max(self._next_scan + 0.5 * cfg.heartbeat_interval,
-                                  now + 0.25 * cfg.heartbeat_interval)
-        if due >= self._next_gossip:
+            self._next_scan = now + 0.5 * cfg.heartbeat_interval
+        if now >= self._next_gossip:
             self._next_gossip = max(self._next_gossip + cfg.gossip_interval,
                                     now + 0.5 * cfg.gossip_interval)
             self._expire_probes(now, out)

@@ -155,8 +155,12 @@ class Net:
         return [e for e in self.events[node.node_id]
                 if e.kind == kind and (about is None or e.node_id == about.node_id)]
 
-    def sent_by(self, node: KelipsNode, since: float = -1.0) -> list[tuple[float, Outgoing]]:
-        return [(t, o) for t, nid, o in self.sent if nid == node.node_id and t >= since]
+    def sent_by(self, node: KelipsNode, since: float = -1.0,
+                after: int = 0) -> list[tuple[float, Outgoing]]:
+        """What ``node`` sent at ``since`` or later, among the messages from position ``after``
+        of the log on (``len(net.sent)`` taken at a moment: what came after it, even at the
+        same instant)."""
+        return [(t, o) for t, nid, o in self.sent[after:] if nid == node.node_id and t >= since]
 
 
 def own_ids(node: KelipsNode) -> set[NodeId]:
@@ -517,7 +521,7 @@ def test_leave_marks_failed_at_once() -> None:
     assert sorted(o.dest for o in outs) == sorted([a.address, b.address])
     assert all(isinstance(o.message, Leave) for o in outs)
     net.stop(c)
-    sent_before_leave = len(net.sent)  # (a gossip of the same instant went out before it)
+    sent_before_leave = len(net.sent)  # by position: a gossip of this instant may precede it
     net.post(c, outs)
     left_at = net.now
     net.flush()
@@ -532,9 +536,7 @@ def test_leave_marks_failed_at_once() -> None:
         assert c.node_id not in x.members
         assert not net.of_kind(x, "failed", c)
         assert not net.of_kind(x, "revived", c)
-        for _, sender, out in net.sent[sent_before_leave:]:
-            if sender != x.node_id:
-                continue
+        for _, out in net.sent_by(x, after=sent_before_leave):
             assert not _mentions(out.message, c)
             if out.dest == c.address:
                 _assert_departed_probe(out.message)

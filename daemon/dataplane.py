@@ -694,7 +694,9 @@ class DataPlane:
     def repair_tick(self, now: float) -> None:
         """Wake the repair loop once a ``REPAIR_PERIOD``. Called by the runtime's timer loop
         at every wakeup it makes anyway (at least every gossip interval), so the periodic
-        repair check costs no wakeup of its own; a failure wakes the loop at once."""
+        repair check costs no wakeup of its own; a failure wakes the loop at once. A check due
+        within a quarter period runs now: the wakeups come a little after their deadlines,
+        and a strict comparison would put every other check off by a whole gossip interval."""
         if now + 0.25 * REPAIR_PERIOD >= self._next_repair:
             self._next_repair = now + REPAIR_PERIOD
             self._repair_wake.set()

@@ -119,7 +119,7 @@ class DataPlane:
     async def _ask_contacts(self, name: str, path: str, query: dict[str, object]
                             ) -> tuple[Any, int]:
         """Ask the target group's contacts in RTT order; (answer, hops)."""
-        plan = self.node.plan_lookup(name)
+        plan = self.node.plan_lookup(name, self.rt.now())
         if not plan.ask:
             raise Unavailable(f"no live member of group {plan.group} is known yet; the cluster "
                               f"may still be forming (k={self.node.config.k})")
@@ -146,7 +146,7 @@ class DataPlane:
         return [entry_from_json(e) for e in doc["holders"]], hops
 
     async def locate(self, name: str) -> Located:
-        plan = self.node.plan_lookup(name)
+        plan = self.node.plan_lookup(name, self.rt.now())
         self.rt.metrics.inc("kelips_lookups_total", result="started")
         if plan.local:
             entry = plan.entry
@@ -247,7 +247,7 @@ class DataPlane:
         newest tuple seen on the way.
         """
         node = self.node
-        plan = node.plan_lookup(name)
+        plan = node.plan_lookup(name, self.rt.now())
         if plan.local:
             entry = plan.entry
             if entry is None:

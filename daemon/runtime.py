@@ -352,9 +352,13 @@ class NodeRuntime:
                 self._pending.pop(rid, None)
 
     def lookup_timeout(self, node_id: bytes) -> float:
-        """How long to wait for a lookup reply from a member: 3 RTT within [50 ms, 500 ms]."""
+        """How long to wait for a lookup reply from a member: 3 RTT within [50 ms, 500 ms].
+        A node never measured (a spare) is expected at the own group's median RTT."""
         m = self.node.members.get(node_id)
-        rtt = m.rtt if m is not None and m.rtt is not None else 0.1
+        if m is not None:
+            rtt = m.rtt if m.rtt is not None else 0.1
+        else:
+            rtt = self.node.typical_rtt() or 0.1
         return min(0.5, max(0.05, 3 * rtt))
 
     def _reject(self, reason: str, message: str, peer: Address) -> None:

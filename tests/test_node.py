@@ -1067,12 +1067,82 @@ def test_plan_lookup_falls_back_to_a_spare_when_every_contact_is_gone() -> None:
     assert size == 2 and a.state_entries() == len(a.members) + len(a.graveyard)
 
 
+def _spare_setup(own_rtt: float) -> tuple[KelipsNode, list[MemberEntry], MemberEntry]:
+    """A node of group 0 with 2 contacts in group 2 (RTT 2 ms), a spare there heard of at
+    t = 0, and 4 own-group members at ``own_rtt``."""
+    k = 4
+    a = make_node(CoreConfig(k=k, contacts_per_group=2), group=0)
+    own = [fake_entry(400 + i, k, 0) for i in range(4)]
+    entries = [fake_entry(300 + i, k, 2) for i in range(3)]
+    a.receive(0.0, a.envelope(Snapshot(entries[0], (*entries[1:], *own), ())))
+    assert a.contacts[2] == [entries[0].node_id, entries[1].node_id]
+    for e in entries[:2]:
+        a.members[e.node_id].observe_rtt(0.002)
+    for e in own:
+        a.members[e.node_id].observe_rtt(own_rtt)
+    return a, entries[:2], entries[2]
+
+
+def _names_by_spare_rank(contacts: list[MemberEntry], spare: MemberEntry) -> tuple[str, str]:
+    """A name of group 2 that the spare outranks both contacts for, and one it does not."""
+    ids = [spare.node_id, *(c.node_id for c in contacts)]
+    first = [placement.rank(f"/s-{i}", ids)[0] == spare.node_id
+             if group_of_name(f"/s-{i}", 4) == 2 else None for i in range(2000)]
+    return f"/s-{first.index(True)}", f"/s-{first.index(False)}"
+
+
+def test_a_fresh_spare_that_outranks_the_contacts_is_asked_first_on_a_lan() -> None:
+    """Holders are the group's top r by rendezvous weight, so the best-ranked of the
+    contacts and the spare holds the object whenever any of them does: asking it first saves
+    the contact's forward to a holder. Only while the spare is fresh (gossip names live members
+    only) and an unmeasured member is expected near (the own group's median RTT within the
+    slack of the nearest contact's)."""
+    a, contacts, spare = _spare_setup(own_rtt=0.003)
+    outranked, not_outranked = _names_by_spare_rank(contacts, spare)
+    contact_ids = {c.node_id for c in contacts}
+
+    def ask(name: str, now: float | None) -> list[NodeId]:
+        return [e.node_id for e in a.plan_lookup(name, now).ask]
+
+    assert ask(outranked, 0.5)[0] == spare.node_id
+    assert set(ask(outranked, 0.5)[1:]) == contact_ids
+    # ranked below a contact, or stale (not heard of for more than two gossip intervals),
+    # or with no time given: asked last, as a fallback only
+    assert ask(not_outranked, 0.5)[2] == spare.node_id
+    assert ask(outranked, 2 * a.config.gossip_interval + 0.01)[2] == spare.node_id
+    assert ask(outranked, None)[2] == spare.node_id
+    # heard of again: fresh again
+    a.receive(3.0, a.envelope(Snapshot(contacts[0], (spare._replace(heartbeat=2),), ())))
+    assert ask(outranked, 3.5)[0] == spare.node_id
+
+
+def test_typical_rtt_is_the_median_over_the_own_group_measured() -> None:
+    k = 4
+    a = make_node(CoreConfig(k=k), group=0)
+    assert a.typical_rtt() is None
+    own = [fake_entry(500 + i, k, 0) for i in range(4)]
+    a.receive(0.0, a.envelope(Snapshot(own[0], tuple(own[1:]), ())))
+    assert a.typical_rtt() is None  # nobody measured yet
+    for e, rtt in zip(own[:3], (0.004, 0.001, 0.009), strict=True):
+        a.members[e.node_id].observe_rtt(rtt)
+    assert a.typical_rtt() == 0.004
+
+
+def test_a_spare_of_unknown_distance_is_not_asked_first_across_a_wide_area() -> None:
+    """Contacts are the nearest members of their group; the own group's members are placed
+    at random, so their median RTT is what an unmeasured spare costs. Far above the nearest
+    contact's (a wide area), the spare waits its turn."""
+    a, contacts, spare = _spare_setup(own_rtt=0.030)
+    outranked, _ = _names_by_spare_rank(contacts, spare)
+    assert a.plan_lookup(outranked, 0.5).ask[2].node_id == spare.node_id
+
+
 def test_a_spare_of_a_group_with_one_contact_outlives_the_others_in_the_pool() -> None:
     k = 40
     a = make_node(CoreConfig(k=k, contacts_per_group=2), group=0)
     lonely = fake_entry(900, k, 1)
     a.receive(0.0, a.envelope(Snapshot(lonely, (), ())))  # group 1: one contact
-    a._keep_spare(1, fake_entry(901, k, 1))
+    a._keep_spare(1, fake_entry(901, k, 1), 0.0)
     for g in range(2, 2 + 30):  # 30 groups with both contacts, each heard of once more
         first, second, third = (fake_entry(910 + 3 * g + j, k, g) for j in range(3))
         a.receive(0.0, a.envelope(Snapshot(first, (second, third), ())))
@@ -1216,7 +1286,7 @@ def test_a_heavier_group_gives_up_its_farthest_second_contacts() -> None:
     assert set(dropped) <= {e.node_id for e in entries[1::2]}
     assert dropped == [e.node_id for e in entries[1::2]][-4:]
     # ... and kept as the lookup spares of their groups, asked after the remaining contact
-    assert all(a._spares[group_of_node(d, k)].node_id == d for d in dropped)
+    assert all(a._spares[group_of_node(d, k)].entry.node_id == d for d in dropped)
     far_group = group_of_node(dropped[-1], k)
     ask = [e.node_id for e in a.plan_lookup(find_name(k, far_group, "/spared")).ask]
     assert ask == [*a.contacts[far_group], dropped[-1]]

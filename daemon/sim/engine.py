@@ -384,7 +384,7 @@ class Simulation:
         assert node is not None
         hops = attempts = 0
         spent = 0.0
-        plan = node.plan_lookup(name)
+        plan = node.plan_lookup(name, self.now)
         holders: list[MemberEntry] = []
         found = None
         if plan.local:

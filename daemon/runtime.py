@@ -9,6 +9,7 @@ as a signed datagram or a signed HTTP call. The data path (inserts, lookups, rep
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import random
@@ -98,6 +99,20 @@ class _Waiter:
         self.event = trio.Event()
         self.reply: LookupReply | None = None
         self.source: Address | None = None
+
+
+def _freeze_startup_objects() -> None:
+    """Move every object alive once the node is up out of the cyclic collector's sight.
+
+    The modules, the app and the joined state are some 36,000 objects that live as long as
+    the process; every full (oldest-generation) collection walked all of them again: 4-9 ms
+    of CPU each, and 75-255 ms of wall time (a stall of every request the node serves) when
+    50 nodes shared 2 cores during a write burst. Frozen, a full collection walks only what
+    was made since. The cost is that garbage cycles among those startup objects are never
+    collected, and there are few such objects: the process does not fork.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class NodeRuntime:
@@ -190,6 +205,7 @@ class NodeRuntime:
                     nursery.start_soon(self._bootstrap_loop)
                 await self._join()
                 self.ready.set()
+                _freeze_startup_objects()
                 log.info("node up", extra=fields(
                     event="node_up", node_id=self.node.node_id.hex(),
                     address=format_address((host, port)), group=self.node.group, k=s.core.k,

@@ -106,7 +106,7 @@ def _freeze_startup_objects() -> None:
 
     The modules, the app and the joined state are some 36,000 objects that live as long as
     the process; every full (oldest-generation) collection walked all of them again: 4-9 ms
-    of CPU each, and 75-255 ms of wall time (a stall of every request the node serves) when
+    of CPU each, and 75-305 ms of wall time (a stall of every request the node serves) when
     50 nodes shared 2 cores during a write burst. Frozen, a full collection walks only what
     was made since. The cost is that garbage cycles among those startup objects are never
     collected, and there are few such objects: the process does not fork.

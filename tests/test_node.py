@@ -1137,6 +1137,19 @@ def test_a_spare_of_unknown_distance_is_not_asked_first_across_a_wide_area() -> 
     assert a.plan_lookup(outranked, 0.5).ask[2].node_id == spare.node_id
 
 
+def test_the_spare_is_weighed_against_the_nearest_contact_not_the_one_asked_first() -> None:
+    """The likely-holder contact may go first while farther than the nearest (within the
+    slack); the spare's expected distance is still compared with the nearest one's."""
+    a, contacts, spare = _spare_setup(own_rtt=0.006)
+    outranked, _ = _names_by_spare_rank(contacts, spare)
+    likely = placement.rank(outranked, [c.node_id for c in contacts])[0]
+    for c in contacts:  # the likely holder at 4 ms, the other at 2 ms: 4 <= 2 * 2 + 1
+        a.members[c.node_id].rtt = 0.004 if c.node_id == likely else 0.002
+    ask = [e.node_id for e in a.plan_lookup(outranked, 0.5).ask]
+    assert ask[0] == likely  # the likely holder goes first among the contacts ...
+    assert ask[2] == spare.node_id  # ... and 6 ms > 2 * 2 + 1: the spare is expected too far
+
+
 def test_a_spare_of_a_group_with_one_contact_outlives_the_others_in_the_pool() -> None:
     k = 40
     a = make_node(CoreConfig(k=k, contacts_per_group=2), group=0)

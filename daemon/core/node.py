@@ -1075,7 +1075,8 @@ class KelipsNode:
         ids = [spare.node_id, *(m.node_id for m in contacts)]
         if placement.rank(name, ids)[0] != spare.node_id:
             return False
-        typical, nearest = self.typical_rtt(), contacts[0].rtt
+        typical = self.typical_rtt()
+        nearest = min((m.rtt for m in contacts if m.rtt is not None), default=None)
         return typical is not None and nearest is not None \
             and typical <= _HOLDER_RTT_SLACK * nearest + _HOLDER_RTT_FLOOR
 

@@ -20,7 +20,7 @@ import trio
 
 from daemon.core import codec
 from daemon.core.messages import LookupReply, MemberEntry, TupleEntry, Version
-from daemon.core.node import KelipsNode
+from daemon.core.node import KelipsNode, LookupPlan
 from daemon.digest import digest_of, new_hasher
 from daemon.logs import fields, short_id
 from daemon.peers import BULK_MIN, LateDigest, PeerClient, PeerError, resolved, stream_of
@@ -116,10 +116,13 @@ class DataPlane:
 
     # --- placement and lookup -----------------------------------------------------------------
 
-    async def _ask_contacts(self, name: str, path: str, query: dict[str, object]
+    async def _ask_contacts(self, plan: LookupPlan, path: str, query: dict[str, object]
                             ) -> tuple[Any, int]:
-        """Ask the target group's contacts in RTT order; (answer, hops)."""
-        plan = self.node.plan_lookup(name, self.rt.now())
+        """Ask the contacts of ``plan`` (a foreign group's) in order; (answer, hops).
+
+        Placement and the tuple are what any member of the group answers alike, so these
+        plans are made without a time: the measured contacts go first and the spare last (its
+        head start is for the one-datagram lookup, where a holder answers with the bytes)."""
         if not plan.ask:
             raise Unavailable(f"no live member of group {plan.group} is known yet; the cluster "
                               f"may still be forming (k={self.node.config.k})")
@@ -142,11 +145,11 @@ class DataPlane:
         plan = self.node.plan_insert(name)
         if plan.local:
             return self.node.placement(name), 0
-        doc, hops = await self._ask_contacts(name, "/v1/placement", {"name": name})
+        doc, hops = await self._ask_contacts(plan, "/v1/placement", {"name": name})
         return [entry_from_json(e) for e in doc["holders"]], hops
 
     async def locate(self, name: str) -> Located:
-        plan = self.node.plan_lookup(name, self.rt.now())
+        plan = self.node.plan_lookup(name)
         self.rt.metrics.inc("kelips_lookups_total", result="started")
         if plan.local:
             entry = plan.entry
@@ -157,7 +160,7 @@ class DataPlane:
             candidates = [e for e in self.node.placement(name) if e.node_id != self.node.node_id]
             entry, holders, hops = await self._ask_candidates(name, candidates)
             return Located(entry, holders, hops)
-        doc, hops = await self._ask_contacts(name, "/v1/lookup", {"name": name})
+        doc, hops = await self._ask_contacts(plan, "/v1/lookup", {"name": name})
         entry = tuple_from_json(doc["tuple"]) if doc.get("tuple") else None
         holders = self.node.fetch_order(tuple(entry_from_json(e) for e in doc["holders"]))
         if entry is None:

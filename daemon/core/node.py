@@ -1039,7 +1039,8 @@ class KelipsNode:
         rarely across a wide area), a spare that outranks the contacts goes first. With 2
         contacts and a spare in a group of 5 and r = 3 one of the three always holds the
         object; in a group of 8, all but 10 times in 56 (2 contacts alone: all but 10 times
-        in 28). Without ``now`` the spare's age is unknown and it goes last.
+        in 28). Without ``now`` the spare's age is unknown and it goes last: the plans of
+        questions any member answers alike (placement, the tuple over HTTP) are made so.
         """
         group = self.group_of(name)
         if group == self.group:

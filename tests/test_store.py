@@ -160,6 +160,45 @@ def test_roundtrip_small_and_empty(root: Path) -> None:
     assert reopened.objects() == store.objects()
 
 
+def test_small_reads_are_kept_in_memory_for_exactly_the_version_read(root: Path) -> None:
+    """``read_small`` (the one-datagram lookup's read) is served from memory with what a put
+    stored or a read verified, only for that same version: a newer version, a delete or a
+    drop forgets it, and the byte budget drops the least recently used first."""
+    store = ObjectStore(root, small_cache_bytes=2500)
+
+    async def main() -> None:
+        first = await store.put("n", v(1), 0o644, 0, Chunks(b"a" * 1000))
+        assert first.path is not None
+        first.path.write_bytes(b"b" * 1000)  # what a disk read would now refuse
+        assert store.read_small(first, 8192) == b"a" * 1000  # kept by the put
+
+        big = await store.put("big", v(1), 0o644, 0, Chunks(b"z" * 9000))
+        assert big.path is not None
+        big.path.write_bytes(b"y" * 9000)
+        assert store.read_small(big, 9000) is None  # above SMALL_KEEP: read from disk, refused
+
+        second = await store.put("n", v(2), 0o644, 0, Chunks(b"c" * 1000))
+        assert store.read_small(second, 8192) == b"c" * 1000
+        assert store.read_small(first, 8192) is None  # the old version is gone from disk
+
+        other = await store.put("o", v(1), 0o644, 0, Chunks(b"d" * 1000))
+        assert store.read_small(second, 8192) == b"c" * 1000  # "n" is now the most recent
+        third = await store.put("p", v(1), 0o644, 0, Chunks(b"e" * 1000))  # 3,000 B: "o" goes
+        assert other.path is not None and third.path is not None
+        other.path.write_bytes(b"x" * 1000)
+        third.path.write_bytes(b"x" * 1000)
+        assert store.read_small(other, 8192) is None  # read from disk again: refused
+        assert store.read_small(third, 8192) == b"e" * 1000  # still in memory
+
+        await store.delete("p", v(2))
+        assert store.read_small(third, 8192) is None
+        await store.drop("n")
+        assert store.read_small(second, 8192) is None
+        assert store.get("n") is None
+
+    run(main)
+
+
 def test_large_object_streamed_with_bounded_memory(root: Path) -> None:
     """20 MiB in 64 KiB chunks: written and read back without ever being whole in memory."""
     store = ObjectStore(root)

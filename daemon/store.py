@@ -88,8 +88,10 @@ _SMALL_READ = 256 * 1024  # objects up to this size are read in one thread hop
 #: ``read_small`` read and verified. Why: a one-datagram lookup answers from the event loop,
 #: and reading a 1 KiB file there (open, read, close, digest) was about half the holder's
 #: Python time per answer in a 50-node cluster (0.11 of 0.20 ms, median). Versions are
-#: immutable, so a kept copy is exactly the bytes of its version, and it is served only while
-#: that version is the one held.
+#: immutable, so a kept copy is exactly the bytes of its version; it is served only while that
+#: version is the one held and its file is unchanged (same inode, size and mtime: one stat
+#: instead of open, read, close and digest), so a copy damaged on disk by a write is
+#: still found out by the next read, as when every read went to the file.
 SMALL_CACHE_BYTES = 16 << 20
 #: Largest object whose bytes a put keeps: what a lookup reply can carry inline.
 SMALL_KEEP = INLINE_MAX
@@ -130,6 +132,30 @@ class StoredObject:
     #: recovery found on disk at start: content a crash or the disk may have damaged since,
     #: which a local reader checks before trusting it (``kelipsfs.local_copy``).
     written_here: bool = field(default=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class _KeptSmall:
+    """A small object's verified bytes and the signature of its file when they were taken."""
+
+    obj: StoredObject
+    data: bytes
+    signature: tuple[int, ...]
+
+
+def _signature(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is written to or replaced: inode, size, mtime (Linux gives a
+    file that was stat'ed since its last change a fine-grained time on its next change, so
+    even a write right after the signature was taken changes it). Not ctime: the commit's
+    rename changes it, and the put takes the signature before, in its worker thread."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _file_signature(path: Path) -> tuple[int, ...] | None:
+    try:
+        return _signature(os.stat(path))
+    except OSError:
+        return None
 
 
 @dataclass
@@ -262,6 +288,7 @@ class _TempFile:
         self.size = 0
         self._written_out = 0  # how far writeback was asked (advance_writeback)
         self.small: bytes | None = None  # the whole content, if it came in one small write
+        self.signature: tuple[int, ...] | None = None  # of the finished file
 
     def write(self, blocks: list[bytes]) -> None:
         data = blocks[0] if len(blocks) == 1 else b"".join(blocks)
@@ -274,6 +301,7 @@ class _TempFile:
     def finish(self) -> None:
         """fsync and close: after this the bytes are on disk, whatever happens to the process."""
         os.fsync(self.fd)
+        self.signature = _signature(os.fstat(self.fd))
         fd, self.fd = self.fd, -1
         os.close(fd)
 
@@ -306,8 +334,8 @@ class ObjectStore:
         self._live = 0
         self._bytes = 0
         self._locks: dict[str, _NameLock] = {}
-        # name -> (the index's object it was read for, its verified bytes); see read_small
-        self._small: OrderedDict[str, tuple[StoredObject, bytes]] = OrderedDict()
+        # name -> the verified bytes of the index's object for it; see read_small
+        self._small: OrderedDict[str, _KeptSmall] = OrderedDict()
         self._small_bytes = 0
         self._small_cap = small_cache_bytes
         try:
@@ -434,40 +462,46 @@ class ObjectStore:
         For the one-datagram lookup, which answers from the event loop: one open() and read()
         of at most ``limit`` bytes (8 KiB) served from the page cache costs less than the
         thread hop ``read_chunks`` makes, and a reader that gets None simply falls back.
-        What was read and verified is kept in memory (``SMALL_CACHE_BYTES``) for the next
-        reader of the same version: only while ``obj`` is the index's entry for its name
-        (a new version, a delete or a drop replaces the entry and forgets the bytes).
+        What a put stored or a read verified is kept in memory (``SMALL_CACHE_BYTES``) and
+        served instead of the file while ``obj`` is the index's entry for its name (a new
+        version, a delete or a drop replaces the entry and forgets the bytes) and the file
+        is unchanged since (one stat).
         """
         if obj.tombstone or obj.path is None or obj.size > limit:
             return None
-        cached = self._small.get(obj.name)
-        if cached is not None and cached[0] is obj:
-            self._small.move_to_end(obj.name)
-            return cached[1]
+        kept = self._small.get(obj.name)
+        if kept is not None and kept.obj is obj:
+            if _file_signature(obj.path) == kept.signature:
+                self._small.move_to_end(obj.name)
+                return kept.data
+            self._forget_small(obj.name)  # written to since: read and check it again
         try:
-            data = self._read_whole(obj, 0)
-        except StoreError:
+            with self.open_content(obj) as fh:
+                signature = _signature(os.fstat(fh.fileno()))
+                data = fh.read(obj.size)
+        except (StoreError, OSError):
             return None
         if len(data) != obj.size or digest_of(data) != obj.checksum:
             return None
         if self._index.get(obj.name) is obj:
-            self._remember_small(obj, data)
+            self._remember_small(obj, data, signature)
         return data
 
-    def _remember_small(self, obj: StoredObject, data: bytes) -> None:
+    def _remember_small(self, obj: StoredObject, data: bytes,
+                        signature: tuple[int, ...] | None) -> None:
         self._forget_small(obj.name)
-        if len(data) > self._small_cap:
+        if signature is None or len(data) > self._small_cap:
             return
-        self._small[obj.name] = (obj, data)
+        self._small[obj.name] = _KeptSmall(obj, data, signature)
         self._small_bytes += len(data)
         while self._small_bytes > self._small_cap:
-            _, (_, dropped) = self._small.popitem(last=False)
-            self._small_bytes -= len(dropped)
+            _, dropped = self._small.popitem(last=False)
+            self._small_bytes -= len(dropped.data)
 
     def _forget_small(self, name: str) -> None:
-        cached = self._small.pop(name, None)
-        if cached is not None:
-            self._small_bytes -= len(cached[1])
+        kept = self._small.pop(name, None)
+        if kept is not None:
+            self._small_bytes -= len(kept.data)
 
     def _read_whole(self, obj: StoredObject, offset: int) -> bytes:
         with self.open_content(obj) as fh:
@@ -538,7 +572,7 @@ class ObjectStore:
             obj, committed = await self._commit_temp(name, version, mode, mtime_ns, temp.size,
                                                      checksum, temp.path, want)
             if committed and temp.small is not None and self._index.get(name) is obj:
-                self._remember_small(obj, temp.small)  # (hashed above: it is the content)
+                self._remember_small(obj, temp.small, temp.signature)  # (hashed above)
             return obj
         finally:
             if not committed:

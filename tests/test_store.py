@@ -26,7 +26,7 @@ import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import pytest
 import trio
@@ -160,35 +160,52 @@ def test_roundtrip_small_and_empty(root: Path) -> None:
     assert reopened.objects() == store.objects()
 
 
-def test_small_reads_are_kept_in_memory_for_exactly_the_version_read(root: Path) -> None:
+def test_small_reads_are_kept_in_memory_for_exactly_the_version_read(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``read_small`` (the one-datagram lookup's read) is served from memory with what a put
-    stored or a read verified, only for that same version: a newer version, a delete or a
-    drop forgets it, and the byte budget drops the least recently used first."""
+    stored or a read verified: only for that same version, and only while its file is
+    unchanged (a write to it is found out by the next read, as before). A newer version, a
+    delete or a drop forgets it, and the byte budget drops the least recently used first."""
+    import daemon.store as store_module
+
+    opened: list[Path] = []
+    real_open = store_module._open_read
+
+    def counting_open(path: Path) -> BinaryIO:
+        opened.append(path)
+        return real_open(path)
+
+    monkeypatch.setattr(store_module, "_open_read", counting_open)
     store = ObjectStore(root, small_cache_bytes=2500)
 
     async def main() -> None:
         first = await store.put("n", v(1), 0o644, 0, Chunks(b"a" * 1000))
+        for _ in range(3):
+            assert store.read_small(first, 8192) == b"a" * 1000
+        assert opened == []  # kept by the put: no file opened
         assert first.path is not None
-        first.path.write_bytes(b"b" * 1000)  # what a disk read would now refuse
-        assert store.read_small(first, 8192) == b"a" * 1000  # kept by the put
+        first.path.write_bytes(b"b" * 1000)  # damaged on disk: same size, other bytes
+        assert store.read_small(first, 8192) is None  # read again, and refused
+        assert opened == [first.path]
 
         big = await store.put("big", v(1), 0o644, 0, Chunks(b"z" * 9000))
-        assert big.path is not None
-        big.path.write_bytes(b"y" * 9000)
-        assert store.read_small(big, 9000) is None  # above SMALL_KEEP: read from disk, refused
+        assert store.read_small(big, 9000) == b"z" * 9000  # above SMALL_KEEP: from the file
+        assert opened[-1] == big.path
 
         second = await store.put("n", v(2), 0o644, 0, Chunks(b"c" * 1000))
         assert store.read_small(second, 8192) == b"c" * 1000
-        assert store.read_small(first, 8192) is None  # the old version is gone from disk
-
+        assert store.read_small(first, 8192) is None  # the old version is gone
         other = await store.put("o", v(1), 0o644, 0, Chunks(b"d" * 1000))
         assert store.read_small(second, 8192) == b"c" * 1000  # "n" is now the most recent
         third = await store.put("p", v(1), 0o644, 0, Chunks(b"e" * 1000))  # 3,000 B: "o" goes
-        assert other.path is not None and third.path is not None
-        other.path.write_bytes(b"x" * 1000)
-        third.path.write_bytes(b"x" * 1000)
-        assert store.read_small(other, 8192) is None  # read from disk again: refused
-        assert store.read_small(third, 8192) == b"e" * 1000  # still in memory
+        opened.clear()
+        assert store.read_small(third, 8192) == b"e" * 1000
+        assert store.read_small(second, 8192) == b"c" * 1000
+        assert opened == []
+        assert store.read_small(other, 8192) == b"d" * 1000  # evicted: from the file ...
+        assert opened == [other.path]
+        assert store.read_small(other, 8192) == b"d" * 1000  # ... and kept again
+        assert opened == [other.path]
 
         await store.delete("p", v(2))
         assert store.read_small(third, 8192) is None

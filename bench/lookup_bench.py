@@ -46,7 +46,8 @@ Why it is built this way (fairness, the point of the exercise):
   kelipsfs's gossip (UDP) and any HTTP that is not on a get's path (repairs after the kill)
   are reported as background, per second, not charged to gets;
 - failures: a failed get records the HTTP status and the node's message (``failures`` and
-  ``failed_examples`` in the JSON), and whether any live node still held the value;
+  ``failed_examples`` in the JSON), and for both systems how many failed gets were of a
+  value no live node held any more (``failed_no_live_copy``: every copy killed);
 - after the kill (SIGKILL of the same share of nodes in both systems) both wait the same
   detection time: kelipsfs's t_fail + 4 gossip periods + 1 heartbeat = 7 s.
 
@@ -785,7 +786,7 @@ class KademliaCluster(_Processes):
                         reply = self.call(source, {"op": "get", "key": data.names[i]},
                                           timeout=GET_TIMEOUT + 10)
                     except OSError:
-                        return Get(False, GET_TIMEOUT)
+                        return Get(False, GET_TIMEOUT, error="driver: no answer", index=i)
                     if not reply["held"]:
                         ok = reply["digest"] == data.sha[i]
                         error = "" if ok else ("no value found" if not reply["digest"]
@@ -803,9 +804,13 @@ class KademliaCluster(_Processes):
         nbytes = {k: v - before["bytes"].get(k, 0) for k, v in after["bytes"].items()}
         n = len(gets)
         requests = sum(v for k, v in dgrams.items() if k.startswith("req:"))
+        failed = [g for g in gets if not g.ok]
         return Window(gets, seconds, messages=sum(dgrams.values()), requests=requests,
                       bytes=sum(nbytes.values()), skipped=len(done) - n,
                       detail={"live_holders_mean": _mean_size(held),
+                              # as for kelipsfs: no live node stored the value (all copies
+                              # killed), from the nodes' stores before the gets
+                              "failed_no_live_copy": sum(not held[g.index] for g in failed),
                               "datagrams_by_kind_per_get":
                               {k: v / n for k, v in sorted(dgrams.items()) if v}})
 
@@ -834,6 +839,8 @@ def _brief(row: dict[str, Any]) -> str:
     if row["p50_ms"] is None:
         return "every get failed"
     failed = f", failures {row['failures']}" if row["failures"] else ""
+    if row.get("failed_no_live_copy"):
+        failed += f" ({row['failed_no_live_copy']} with no live copy)"
     return (f"success {row['success']:.1%}, {row['messages_per_get']:.2f} msgs/get, "
             f"p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
             f"{row['bytes_per_get']:.0f} B/get{failed}")

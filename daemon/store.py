@@ -571,8 +571,8 @@ class ObjectStore:
                     f"not the expected {want.hex()[:16]}...; the data was discarded")
             obj, committed = await self._commit_temp(name, version, mode, mtime_ns, temp.size,
                                                      checksum, temp.path, want)
-            if committed and temp.small is not None and self._index.get(name) is obj:
-                self._remember_small(obj, temp.small, temp.signature)  # (hashed above)
+            if committed and temp.small is not None:  # (hashed above; installed by then)
+                self._remember_small(obj, temp.small, temp.signature)
             return obj
         finally:
             if not committed:

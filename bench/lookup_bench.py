@@ -333,6 +333,13 @@ class Get:
     index: int = -1
 
 
+def _no_live_copy(failed: list[Get], held: list[set[int]]) -> int:
+    """Failed gets of a value no live node held when the window began (every copy killed):
+    no system could have served them. ``held`` is per value the live nodes holding it
+    (kelipsfs: as its tuple names them; Kademlia: from the nodes' stores)."""
+    return sum(not held[g.index] for g in failed)
+
+
 @dataclass
 class Window:
     """One measured phase of one system: the gets and the traffic counted around them."""
@@ -618,8 +625,7 @@ class KelipsCluster(_Processes):
                           "other_http_requests": d["requests:other"] + d["requests:stat"],
                           "tcp_connect_errors": d["tcp_connect_errors"],
                           "sources_holding": sum(sources[i] in held[i] for i in range(n)),
-                          # a failed get whose value no live node holds (all copies killed)
-                          "failed_no_live_copy": sum(not held[g.index] for g in failed),
+                          "failed_no_live_copy": _no_live_copy(failed, held),
                           "failed_examples": [
                               {"name": data.names[g.index], "error": g.error,
                                "live_holders": sorted(held[g.index]),
@@ -808,9 +814,7 @@ class KademliaCluster(_Processes):
         return Window(gets, seconds, messages=sum(dgrams.values()), requests=requests,
                       bytes=sum(nbytes.values()), skipped=len(done) - n,
                       detail={"live_holders_mean": _mean_size(held),
-                              # as for kelipsfs: no live node stored the value (all copies
-                              # killed), from the nodes' stores before the gets
-                              "failed_no_live_copy": sum(not held[g.index] for g in failed),
+                              "failed_no_live_copy": _no_live_copy(failed, held),
                               "datagrams_by_kind_per_get":
                               {k: v / n for k, v in sorted(dgrams.items()) if v}})
 

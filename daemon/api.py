@@ -311,7 +311,7 @@ class _Api:
                                           req.int_arg("mtime_ns", 0), req.stream(),
                                           expected_checksum=checksum, expected_size=size)
         except StaleVersion as exc:
-            raise HTTPError(409, str(exc)) from exc
+            raise HTTPError(409, str(exc), {"held_clock": exc.held.clock}) from exc
         except StoreFull as exc:
             raise HTTPError(507, str(exc)) from exc
         except ChecksumMismatch as exc:
@@ -345,7 +345,7 @@ class _Api:
         try:
             await self.rt.store.delete(name, self._version(req))
         except StaleVersion as exc:
-            raise HTTPError(409, str(exc)) from exc
+            raise HTTPError(409, str(exc), {"held_clock": exc.held.clock}) from exc
         except StoreError as exc:
             raise HTTPError(500, str(exc)) from exc
         return Response.json({"deleted": True})

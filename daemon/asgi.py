@@ -29,12 +29,14 @@ TRAILER_KEY = "kelips.trailer"
 
 
 class HTTPError(Exception):
-    """Raised by handlers: becomes a JSON error response with this status."""
+    """Raised by handlers: becomes a JSON error response with this status; ``detail`` adds
+    fields a program needs beside the message (e.g. the version a refusal names)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, detail: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.detail = detail or {}
 
 
 class Request:
@@ -156,7 +158,7 @@ class Router:
         try:
             response = await self._dispatch(request)
         except HTTPError as exc:
-            response = Response.json({"error": exc.message}, exc.status)
+            response = Response.json({**exc.detail, "error": exc.message}, exc.status)
         except Exception as exc:  # a bug must answer 500, not kill the server
             if self._on_error is not None:
                 self._on_error(request, exc)

@@ -9,9 +9,10 @@ tuple never names a holder that does not have the version.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -23,7 +24,15 @@ from daemon.core.messages import LookupReply, MemberEntry, TupleEntry, Version
 from daemon.core.node import KelipsNode, LookupPlan
 from daemon.digest import digest_of, new_hasher
 from daemon.logs import fields, short_id
-from daemon.peers import BULK_MIN, LateDigest, PeerClient, PeerError, resolved, stream_of
+from daemon.peers import (
+    BULK_MIN,
+    LateDigest,
+    PeerClient,
+    PeerError,
+    refusal,
+    resolved,
+    stream_of,
+)
 from daemon.store import ChecksumMismatch, StaleVersion, StoredObject, StoreFull
 from daemon.wire import entry_from_json, tuple_from_json, tuple_to_json
 
@@ -36,6 +45,9 @@ REPAIR_PERIOD = 1.0
 _HEDGE = 3  # members asked one after the other (each after the previous one's timeout)
 RECONCILE_PERIOD = 10.0
 _FAN_OUT_BLOCK = 1 << 20  # bytes per block teed to the holders of an upload
+#: Attempts of an insert from a file whose holders keep a newer version each time (each one
+#: stamped above the newest they named); more would mean writers overtaking it without end.
+INSERT_ATTEMPTS = 3
 
 
 class DataError(Exception):
@@ -67,6 +79,14 @@ class InsertFailed(DataError):
         self.full = full
         if full:
             self.status = 507
+
+
+class Superseded(DataError):
+    """No holder stored an upload because they hold a newer version of the name: another
+    writer's, written meanwhile. Versions stamped by this node are above it from now on, so
+    sending the same bytes again makes them the newest."""
+
+    status = 409
 
 
 class ContentMismatch(DataError):
@@ -340,10 +360,22 @@ class DataPlane:
         holders, _ = await self.placement(name)
         if not holders:
             raise InsertFailed(f"{name}: no holder available in its group")
+        return await _until_not_overtaken(functools.partial(
+            self._insert_once, name, holders, source, size, checksum, mode, mtime_ns, link_ok))
+
+    async def _insert_once(self, name: str, holders: list[MemberEntry], source: Path, size: int,
+                           checksum: bytes, mode: int, mtime_ns: int, link_ok: bool
+                           ) -> TupleEntry:
+        """One attempt of ``insert`` with a version stamped now. Superseded when no holder
+        stored it because they hold a newer version (written concurrently, or stamped by a
+        clock ahead of ours): the writer, which still has the bytes, tries again above it,
+        so the write that finished last is the one that stays (what ``cp`` over a file
+        promises), and no close reports a failure for a write that was only overtaken."""
         version = self.node.new_version(int(self.rt.wall() * 1000))
         stored: list[MemberEntry] = []
         errors: list[str] = []
         full: list[bool] = []
+        newer: list[int] = []  # clocks of the newer versions holders refused ours for
 
         async def store_on(holder: MemberEntry) -> None:
             try:
@@ -361,12 +393,24 @@ class DataPlane:
             except Exception as exc:  # a peer or local store failure only removes that holder
                 errors.append(f"{holder.host}:{holder.port}: {exc}")
                 full.append(_out_of_space(exc))
+                _note_newer(exc, newer)
 
         async with trio.open_nursery() as nursery:
             for holder in holders:
                 nursery.start_soon(store_on, holder)
+        self._overtaken(name, stored, newer)
         return await self._acknowledge(name, version, holders, stored, errors, any(full), size,
                                        checksum, mode, mtime_ns)
+
+    def _overtaken(self, name: str, stored: list[MemberEntry], newer: list[int]) -> None:
+        """After an upload: versions stamped here from now on are above every newer version a
+        holder refused ours for; Superseded if that is why no holder stored it."""
+        if not newer:
+            return
+        self.node.observe_version(max(newer))
+        if not stored:
+            raise Superseded(f"{name}: a newer version is already stored on its holders "
+                             "(written meanwhile by another writer); nothing was changed")
 
     async def insert_stream(self, name: str, chunks: AsyncIterator[bytes], size: int,
                             checksum: bytes | LateDigest, mode: int, mtime_ns: int
@@ -386,6 +430,7 @@ class DataPlane:
         full: list[bool] = []
         senders: list[trio.MemorySendChannel[bytes]] = []
         refused: list[bool] = []  # per failed holder: it refused the bytes as not matching
+        newer: list[int] = []  # clocks of the newer versions holders refused ours for
         late = isinstance(checksum, LateDigest)  # only a bulk connection carries its trailer
 
         async def store_on(holder: MemberEntry,
@@ -407,13 +452,13 @@ class DataPlane:
                             bulk_size=size if size >= BULK_MIN or late else None) as response:
                         reply = await response.aread()
                     if response.status_code != 200:
-                        raise PeerError(f"refused the object: {reply[:200]!r}",
-                                        response.status_code)
+                        raise refusal(holder.address, reply, response.status_code)
                 stored.append(holder)
             except Exception as exc:  # any holder failure only removes that holder
                 errors.append(f"{holder.host}:{holder.port}: {exc}")
                 full.append(_out_of_space(exc))
                 refused.append(_not_matching(exc))
+                _note_newer(exc, newer)
             finally:
                 receive.close()
 
@@ -461,6 +506,9 @@ class DataPlane:
         if not stored and refused and all(refused):
             raise ContentMismatch(f"{name}: the body does not match its announced size or "
                                   f"digest; stored nowhere: {'; '.join(errors)}")
+        # (The body is consumed: the client, which has it, may send it again; that attempt
+        # is stamped above the version that overtook this one.)
+        self._overtaken(name, stored, newer)
         return await self._acknowledge(name, version, holders, stored, errors, any(full), size,
                                        checksum, mode, mtime_ns)
 
@@ -622,16 +670,28 @@ class DataPlane:
     # --- delete ------------------------------------------------------------------------------
 
     async def delete(self, name: str) -> TupleEntry:
+        """Delete ``name``: a tombstone, stamped above the version found, on its holders.
+        Holders that keep a newer version (written meanwhile, or by a clock ahead of ours)
+        refuse it; when that is why none took it, the delete is stamped above that version
+        and tried again, like an overwrite (``insert``): the operation that finished last
+        is the one that stays."""
         found = await self.locate(name)
         entry = found.entry
         if entry is None or entry.tombstone:
             raise NotFound(f"{name}: no such object")
-        version = self.node.new_version(int(self.rt.wall() * 1000))
+        self.node.observe_version(entry.version.clock)
         placed, _ = await self.placement(name)
         targets = {h.node_id: h for h in [*found.holders, *placed]}
+        return await _until_not_overtaken(functools.partial(
+            self._delete_once, name, entry, list(targets.values())))
+
+    async def _delete_once(self, name: str, entry: TupleEntry, targets: list[MemberEntry]
+                           ) -> TupleEntry:
+        version = self.node.new_version(int(self.rt.wall() * 1000))
         tombstone = TupleEntry(name, version, 1, 0, entry.mode, time.time_ns(), b"",
-                               tuple(sorted(targets)), True)
+                               tuple(sorted(h.node_id for h in targets)), True)
         done: list[MemberEntry] = []
+        newer: list[int] = []
 
         async def drop_on(holder: MemberEntry) -> None:
             try:
@@ -645,10 +705,12 @@ class DataPlane:
             except (PeerError, OSError, StaleVersion) as exc:
                 log.warning("delete of %s on %s:%d failed: %s", name, holder.host,
                             holder.port, exc)
+                _note_newer(exc, newer)
 
         async with trio.open_nursery() as nursery:
-            for holder in targets.values():
+            for holder in targets:
                 nursery.start_soon(drop_on, holder)
+        self._overtaken(name, done, newer)
         if not done:
             raise Unavailable(f"{name}: no holder reachable to delete it")
         await self.publish(tombstone, done)
@@ -803,6 +865,30 @@ async def _guarded(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         if isinstance(exc, PeerError):
             raise
         raise PeerError(f"transfer broke: {type(exc).__name__}") from exc
+
+
+async def _until_not_overtaken(attempt: Callable[[], Awaitable[TupleEntry]]) -> TupleEntry:
+    """Run a write or delete (``attempt`` stamps its version anew each time) again while it
+    is Superseded: every holder kept a newer version, and the node now stamps above it.
+    Unavailable after ``INSERT_ATTEMPTS``: newer writes kept overtaking it."""
+    for tries in range(1, INSERT_ATTEMPTS + 1):
+        try:
+            return await attempt()
+        except Superseded as exc:
+            if tries == INSERT_ATTEMPTS:
+                raise Unavailable(f"{exc.message}; gave up after {tries} attempts, each "
+                                  "overtaken by a newer write") from exc
+            log.info("%s; trying again above that version", exc.message)
+    raise AssertionError("unreachable")
+
+
+def _note_newer(exc: BaseException, newer: list[int]) -> None:
+    """Keep the clock of the newer version a holder refused an upload for (ours or a peer's
+    409), if that is why it refused."""
+    if isinstance(exc, StaleVersion):
+        newer.append(exc.held.clock)
+    elif isinstance(exc, PeerError) and exc.status == 409 and exc.held_clock is not None:
+        newer.append(exc.held_clock)
 
 
 def _out_of_space(exc: BaseException) -> bool:

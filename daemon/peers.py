@@ -33,9 +33,12 @@ BULK_MIN = 1 << 20
 class PeerError(Exception):
     """The peer could not be reached, timed out, or answered with an error status."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None,
+                 held_clock: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        #: A refusal as stale (409): the clock of the newer version the peer holds.
+        self.held_clock = held_clock
 
 
 class LateDigest:
@@ -128,7 +131,8 @@ class PeerClient:
         rtt = time.perf_counter() - started
         if response.status_code not in ok:
             raise PeerError(f"{addr[0]}:{addr[1]} answered {response.status_code}: "
-                            f"{_error_text(response)}", response.status_code)
+                            f"{_error_text(response)}", response.status_code,
+                            held_clock_of(response.content, response.status_code))
         return response, rtt
 
     async def call_json(self, method: str, addr: Address, path: str,
@@ -162,9 +166,7 @@ class PeerClient:
             finally:
                 fh.close()
         if response.status_code != 200:
-            raise PeerError(f"{addr[0]}:{addr[1]} refused the object: "
-                            f"{_error_message(reply, response.status_code)}",
-                            response.status_code)
+            raise refusal(addr, reply, response.status_code)
         return reply
 
     @asynccontextmanager
@@ -258,6 +260,27 @@ def error_of(body: bytes) -> str | None:
 
 def _error_message(body: bytes, status: int) -> str:
     return error_of(body) or f"HTTP {status}: {body[:200]!r}"
+
+
+def held_clock_of(body: bytes, status: int) -> int | None:
+    """The clock of the newer version a holder keeps, from its refusal of an older write or
+    delete as stale (409), so the writer can stamp its retry above it; else None."""
+    if status != 409:
+        return None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    value = doc.get("held_clock") if isinstance(doc, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def refusal(addr: Address, body: bytes, status: int) -> PeerError:
+    """A holder's refusal of an object upload (with the held clock of a 409)."""
+    return PeerError(f"{addr[0]}:{addr[1]} refused the object: {_error_message(body, status)}",
+                     status, held_clock_of(body, status))
 
 
 def _error_text(response: httpx.Response) -> str:

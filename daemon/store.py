@@ -113,7 +113,14 @@ class ChecksumMismatch(StoreError):
 
 
 class StaleVersion(StoreError):
-    """The store already holds a newer version of the name than the one offered."""
+    """The store already holds a newer version of the name than the one offered: ``held``.
+
+    It travels with the refusal so that a writer whose version lost (a concurrent write,
+    or its clock behind the other writer's) can stamp its next attempt above it."""
+
+    def __init__(self, message: str, held: Version) -> None:
+        super().__init__(message)
+        self.held = held
 
 
 @dataclass(frozen=True, slots=True)
@@ -717,7 +724,8 @@ class ObjectStore:
             return None
         if held.version > version:
             raise StaleVersion(f"{_show(name)}: version {_show_version(version)} is older than "
-                               f"the version {_show_version(held.version)} already stored")
+                               f"the version {_show_version(held.version)} already stored",
+                               held.version)
         if (expected_checksum is not None and not held.tombstone
                 and held.checksum != expected_checksum):
             raise ChecksumMismatch(

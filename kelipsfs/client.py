@@ -44,9 +44,12 @@ PROGRESS_MIN = 8 << 20
 #: would hold the transfer up for the whole timeout.
 HOLDER_CONNECT_TIMEOUT = 3.0
 #: A holder's answers to a redirected put that sending it to the node instead cannot change:
-#: a bad request, too large, not matching its digest (the file changed), no space on every
-#: holder of the group.
-_FINAL_FROM_HOLDER = frozenset({400, 413, 422, 507})
+#: a bad request, overtaken by a newer version (409: ``put`` sends it again, and the holder
+#: now stamps above that version), too large, not matching its digest (the file changed), no
+#: space on every holder of the group.
+_FINAL_FROM_HOLDER = frozenset({400, 409, 413, 422, 507})
+#: Uploads of one ``put`` overtaken each time by a newer version on the holders (409).
+PUT_ATTEMPTS = 3
 _T = TypeVar("_T")
 #: A get hands blocks of about this size to its writer thread ...
 GET_BLOCK = 1 << 20
@@ -56,6 +59,12 @@ GET_QUEUE_BLOCKS = 8
 
 class ClientError(Exception):
     """Something the user should read: the node's refusal or why it could not be reached."""
+
+
+class _Overtaken(ClientError):
+    """The holders keep a newer version than the one the upload was stamped with (409): a
+    concurrent writer's, or one stamped by a clock ahead of the node's. The node now stamps
+    above it, so sending the file again makes it the newest."""
 
 
 @dataclass(frozen=True)
@@ -147,7 +156,13 @@ class Client:
         except OSError as exc:
             raise ClientError(f"{local}: {exc.strerror or exc}") from exc
         try:
-            return await self._put_open(fh, local, name, progress)
+            for attempt in range(1, PUT_ATTEMPTS + 1):
+                try:
+                    return await self._put_open(fh, local, name, progress)
+                except _Overtaken as exc:
+                    if attempt == PUT_ATTEMPTS:
+                        raise ClientError(f"{exc}; gave up after {attempt} attempts") from exc
+            raise AssertionError("unreachable")
         finally:
             fh.close()
 
@@ -211,6 +226,8 @@ class Client:
         finally:
             if meter:
                 meter.done()
+        if status == 409:
+            raise _Overtaken(_error(data, status))
         if status != 200:
             raise ClientError(_error(data, status))
         return json.loads(data)

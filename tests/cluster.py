@@ -40,6 +40,38 @@ def preset_identity(data_dir: Path, node_id_hex: str) -> None:
     (data_dir / "node.json").write_text(json.dumps({"node_id": node_id_hex, "incarnation": 0}))
 
 
+def store_version_ahead(address: str, name: str, data: bytes, ahead_s: float) -> int:
+    """Put ``data`` straight into a node's store as a version stamped ``ahead_s`` seconds
+    ahead of now (a replica upload, as a holder receives it): what a writer whose clock runs
+    ahead, or one writing at this very moment, leaves on the holders before its tuple is
+    known. Returns that version's clock. (Open cluster: the key derives from the id.)"""
+    import trio
+
+    from daemon.digest import digest_of
+    from daemon.peers import PeerClient, stream_of
+    from daemon.security import Authenticator, open_cluster_key
+
+    clock = int((time.time() + ahead_s) * 1000) << 16
+    host, port = address.rsplit(":", 1)
+    query = {"clock": clock, "writer": "ab" * 20, "size": len(data), "mode": 0o644,
+             "mtime_ns": 1}
+
+    async def upload() -> None:
+        peers = PeerClient(Authenticator(open_cluster_key("kelipsfs")), 20.0)
+        try:
+            with trio.fail_after(30):
+                async with peers.stream("PUT", (host, int(port)), "/v1/replica/" + name,
+                                        query, body=stream_of(data),
+                                        content_digest=digest_of(data)) as response:
+                    answer = await response.aread()
+                    assert response.status_code == 200, answer
+        finally:
+            await peers.aclose()
+
+    trio.run(upload)
+    return clock
+
+
 @dataclass
 class NodeProc:
     index: int

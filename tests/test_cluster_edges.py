@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from daemon.core.ids import group_of_name
-from tests.cluster import Cluster, NodeProc
+from tests.cluster import Cluster, NodeProc, store_version_ahead
 from tests.test_cluster import FAST, _file, _get
 
 
@@ -51,6 +51,26 @@ def test_read_after_write_and_overwrite_from_every_node(cluster: Cluster, tmp_pa
         cluster.cli(nodes[round_], "put", str(src), "shared.bin")
         for node in nodes:  # at once: no waiting for gossip
             assert _get(cluster, node, "shared.bin") == src.read_bytes()
+
+
+def test_a_put_or_rm_overtaken_by_a_newer_version_is_stamped_above_it(cluster: Cluster,
+                                                                      tmp_path: Path) -> None:
+    """The holders keep a newer version than the one a put was stamped with (a concurrent
+    writer's, or one from a clock ahead of this node's): the node learns that version from
+    the refusal and the client sends the file again, stamped above it, so `kelipsfs put`
+    succeeds and its content is what stays. `kelipsfs rm` likewise."""
+    node = cluster.new_node()
+    first, second = _file(tmp_path, "a", 5000, seed=1), _file(tmp_path, "b", 300_000, seed=2)
+    cluster.cli(node, "put", str(first), "ahead.bin")
+    ahead = store_version_ahead(node.address, "ahead.bin", b"from a clock ahead", 60)
+    cluster.cli(node, "put", str(second), "ahead.bin")
+    assert _get(cluster, node, "ahead.bin") == second.read_bytes()
+    stat = json.loads(cluster.cli(node, "stat", "ahead.bin").stdout)
+    assert stat["tuple"]["clock"] > ahead
+    store_version_ahead(node.address, "ahead.bin", b"ahead again", 120)
+    cluster.cli(node, "rm", "ahead.bin")
+    gone = cluster.cli(node, "get", "ahead.bin", "-", check=False)
+    assert gone.returncode != 0 and b"no such object" in gone.stderr
 
 
 def test_small_objects_come_inline_and_never_stale(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ import trio
 
 from daemon.digest import digest_of
 from kelipsfs.client import Client, resolve_target
-from tests.cluster import node_id_in_group, preset_identity
+from tests.cluster import node_id_in_group, preset_identity, store_version_ahead
 
 pytestmark = pytest.mark.skipif(
     not (Path("/dev/fuse").exists() and shutil.which("fusermount3") and os.geteuid() == 0),
@@ -417,6 +417,25 @@ def test_rm_truncate_append_overwrite(single: Mount) -> None:
     expect_errno(errno.ENOENT, os.stat, f)
     expect_errno(errno.ENOENT, os.unlink, f)
     assert os.listdir(top) == []
+
+
+def test_an_overwrite_or_delete_overtaken_by_a_newer_version_is_stored_above_it(
+        single: Mount) -> None:
+    """A holder that keeps a newer version than the one a write or delete was stamped with
+    refuses it (a concurrent writer got there first, or its clock runs ahead of ours). The
+    writer still has the bytes: it stamps the write again above that version, so ``cp``
+    succeeds and its content is what stays (the write that finished last wins), instead of
+    close() failing with EIO for a write that was only overtaken. The same for ``rm``."""
+    f = single.path("overtaken.txt")
+    f.write_text("first\n")
+    ahead = store_version_ahead(single.address, "overtaken.txt", b"from a clock ahead\n", 60)
+    run("sh", "-c", f"echo second > {f}")  # close() must succeed
+    assert f.read_text() == "second\n"
+    version = xattrs(f)["user.kelips.version"]
+    assert int(version.split(":")[0]) > ahead
+    store_version_ahead(single.address, "overtaken.txt", b"ahead again\n", 120)
+    run("rm", f)
+    expect_errno(errno.ENOENT, os.stat, f)
 
 
 def test_o_excl_and_metadata(single: Mount) -> None:

@@ -1173,6 +1173,11 @@ class KelipsNode:
     def new_version(self, wall_ms: int) -> Version:
         return make_version(self.clock, wall_ms, self.node_id)
 
+    def observe_version(self, clock: int) -> None:
+        """A holder keeps a version stamped ``clock`` (it refused an older one): every
+        version stamped here from now on is above it."""
+        self.clock.observe(clock)
+
     # --- tuples and repair --------------------------------------------------------------------
 
     def merge_tuple(self, now: float, t: TupleEntry) -> bool:

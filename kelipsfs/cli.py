@@ -225,15 +225,23 @@ def _run_client(ns: argparse.Namespace, what: str, work: Any) -> int:
 
 
 def cmd_put(argv: list[str]) -> int:
-    p = _client_parser("put", "Store a local file in the cluster under NAME.")
+    p = _client_parser("put", "Store a local file in the cluster under NAME "
+                              "('-' = standard input).")
     p.add_argument("local")
     p.add_argument("name")
     ns = p.parse_args(argv)
+    if ns.local == "-":
+        return _put_stdin(ns)
     local = Path(ns.local)
     if not local.is_file():
-        print(f"kelipsfs put: {local}: not a regular file", file=sys.stderr)
+        why = ("no such file" if not local.exists() else
+               "a directory" if local.is_dir() else "not a regular file")
+        print(f"kelipsfs put: {local}: {why}", file=sys.stderr)
         return 2
+    return _put_file(ns, local)
 
+
+def _put_file(ns: argparse.Namespace, local: Path) -> int:
     async def work(client: Any) -> int:
         doc = await client.put(local, ns.name, sys.stderr.isatty())
         t = doc["tuple"]
@@ -241,6 +249,23 @@ def cmd_put(argv: list[str]) -> int:
         return 0
 
     return _run_client(ns, "put", work)
+
+
+def _put_stdin(ns: argparse.Namespace) -> int:
+    """``put - NAME``: standard input is read to its end into a temporary file ($TMPDIR)
+    first, because an upload announces its size and is sent and hashed from a file; the
+    temporary file is removed whatever happens."""
+    import shutil
+    import tempfile
+    with tempfile.NamedTemporaryFile(prefix="kelipsfs-put-") as spool:
+        try:
+            shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
+            spool.flush()
+        except OSError as exc:
+            print(f"kelipsfs put: could not read standard input into {spool.name}: {exc}",
+                  file=sys.stderr)
+            return 1
+        return _put_file(ns, Path(spool.name))
 
 
 def cmd_get(argv: list[str]) -> int:

@@ -73,6 +73,25 @@ def test_a_put_or_rm_overtaken_by_a_newer_version_is_stamped_above_it(cluster: C
     assert gone.returncode != 0 and b"no such object" in gone.stderr
 
 
+def test_put_from_standard_input_and_clear_errors_for_bad_sources(cluster: Cluster,
+                                                                  tmp_path: Path) -> None:
+    """`kelipsfs put - NAME` stores standard input (any size, empty too) and leaves no
+    temporary file behind; a missing file or a directory is named as such, storing nothing."""
+    node = cluster.new_node()
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    spools = set(Path("/tmp").glob("kelipsfs-put-*"))
+    cluster.cli(node, "put", "-", "piped.bin", input_bytes=data)
+    cluster.cli(node, "put", "-", "empty.bin", input_bytes=b"")
+    assert _get(cluster, node, "piped.bin") == data
+    assert _get(cluster, node, "empty.bin") == b""
+    assert set(Path("/tmp").glob("kelipsfs-put-*")) == spools
+    for source, why in ((tmp_path / "missing", b"no such file"), (tmp_path, b"a directory")):
+        result = cluster.cli(node, "put", str(source), "never.bin", check=False)
+        assert result.returncode == 2 and why in result.stderr
+    listed = cluster.cli(node, "ls").stdout.split()
+    assert listed == [b"empty.bin", b"piped.bin"]
+
+
 def test_small_objects_come_inline_and_never_stale(tmp_path: Path) -> None:
     """k = 3 groups, 1 KiB objects: gets are answered by lookup datagrams with the bytes
     inline, and a read from every node right after each acknowledged overwrite sees it."""

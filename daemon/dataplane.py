@@ -277,6 +277,11 @@ class DataPlane:
                 candidates = [e for e in node.placement(name) if e.node_id != node.node_id]
                 return await self._from_candidates(name, candidates, 0, want_inline)
             holders = node.live_holders(entry)
+            if holders and holders[0].node_id == node.node_id and not node.placed_here(name):
+                # Our copy is a leftover (the placement moved): an overwrite went to the new
+                # placement and its tuple reaches us only by gossip, so the other holders
+                # (who answer with their newest tuple) come first, our copy last.
+                holders = holders[1:] + holders[:1]
             if not holders or entry.tombstone or not want_inline:
                 return Located(entry, holders, 0), None  # (deleted, or no bytes wanted)
             if holders[0].node_id == node.node_id:  # held here: no network

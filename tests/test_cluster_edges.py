@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -15,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from daemon.core.ids import group_of_name
-from tests.cluster import Cluster, NodeProc, store_version_ahead
-from tests.test_cluster import FAST, _file, _get
+from daemon.core.placement import rank
+from tests.cluster import Cluster, NodeProc, preset_identity, store_version_ahead
+from tests.test_cluster import FAST, _file, _get, _holders
 
 
 @pytest.fixture
@@ -90,6 +92,48 @@ def test_put_from_standard_input_and_clear_errors_for_bad_sources(cluster: Clust
         assert result.returncode == 2 and why in result.stderr
     listed = cluster.cli(node, "ls").stdout.split()
     assert listed == [b"empty.bin", b"piped.bin"]
+
+
+def test_a_copy_left_outside_the_placement_never_answers_for_a_newer_write(
+        tmp_path: Path) -> None:
+    """A member that ranks higher for a name joins: the next write of the name goes to the
+    new placement, and the old holder it displaced learns the new tuple only by gossip (slow
+    here: 3 s rounds). A read on that old holder right after the write must still get the
+    new version: its own copy is a leftover and is asked last, after the other holders."""
+    with Cluster(tmp_path, settings=["k=1", "gossip_interval=3", "t_fail=15"]) as c:
+        nodes = [c.new_node()]
+        nodes += [c.new_node(join=[nodes[0]]) for _ in range(3)]
+        c.wait_for(lambda: all(len(c.status(n)["members"]) == 4 for n in nodes), 60,
+                   "4 members")
+        ids = {bytes.fromhex(c.status(n)["node_id"]): n for n in nodes}
+        old = nodes[3]
+        old_id = bytes.fromhex(c.status(old)["node_id"])
+        moved = [f"moved{i}" for i in range(10_000)
+                 if rank(f"moved{i}", ids)[2] == old_id]  # old: the 3rd of r = 3
+        newcomer = next(nid for nid in (hashlib.sha1(f"new-{j}".encode()).digest()
+                                        for j in range(10_000))
+                        if all(old_id not in rank(n, [*ids, nid])[:3] for n in moved[:2]))
+        # a small object (answered in a lookup datagram) and a large one (streamed)
+        objects = {moved[0]: (_file(tmp_path, "s1", 900, 1), _file(tmp_path, "s2", 700, 2)),
+                   moved[1]: (_file(tmp_path, "l1", 300_000, 3),
+                              _file(tmp_path, "l2", 200_000, 4))}
+        for name, (first, _) in objects.items():
+            c.cli(old, "put", str(first), name)
+            assert old_id.hex() in _holders(c, old, name)
+        preset_identity(tmp_path / "node4", newcomer.hex())
+        new = c.new_node(join=[nodes[0]])
+
+        def everyone_knows_the_newcomer() -> bool:
+            return all(any(m["id"] == newcomer.hex() and m["state"] == "alive"
+                           for m in c.status(n)["members"]) for n in nodes)
+
+        c.wait_for(everyone_knows_the_newcomer, 60, "the newcomer known to all")
+        writer = next(n for n in nodes if n is not old)
+        for name, (_, second) in objects.items():
+            c.cli(writer, "put", str(second), name)
+            assert old_id.hex() not in _holders(c, writer, name)
+            assert _get(c, old, name) == second.read_bytes()
+            assert _get(c, new, name) == second.read_bytes()
 
 
 def test_small_objects_come_inline_and_never_stale(tmp_path: Path) -> None:

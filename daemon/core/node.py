@@ -1166,6 +1166,12 @@ class KelipsNode:
         ranked = placement.choose(name, by_id, self.config.replication)
         return [by_id[nid] for nid in ranked]
 
+    def placed_here(self, name: str) -> bool:
+        """Whether this node is one of the r members that should hold ``name`` now. A copy
+        kept here when it is not (a member that ranks higher joined) is a leftover: the next
+        write of the name goes to the new placement, and only gossip would tell this node."""
+        return any(e.node_id == self.node_id for e in self.placement(name))
+
     def plan_insert(self, name: str) -> LookupPlan:
         """Own group: the holders are computed here; else ask a contact for ``placement``."""
         return self.plan_lookup(name)

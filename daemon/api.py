@@ -295,8 +295,10 @@ class _Api:
         except (KeyError, TypeError, ValueError) as exc:
             raise HTTPError(400, f"malformed tuples: {exc}") from exc
         now = self.rt.now()
+        announce = req.query.get("announce") == "1"  # (the writer is of another group)
         for t in entries:
-            self.rt.node.record_write(now, t)
+            if self.rt.node.record_write(now, t) and announce:
+                await self.rt.dispatch(self.rt.node.announce(now, t))
         return Response.json({"ok": True})
 
     async def put_replica(self, req: Request) -> Response:

@@ -535,23 +535,28 @@ class DataPlane:
         return entry
 
     async def publish(self, entry: TupleEntry, holders: list[MemberEntry]) -> None:
-        """Give the tuple to its holders (and to our own core when the group is ours)."""
+        """Give the tuple to its holders (and to our own core when the group is ours), and
+        have it announced to the whole group (``KelipsNode.announce``): by this node when the
+        group is ours, else by the first holder told."""
         now = self.rt.now()
-        if self.node.group_of(entry.name) == self.node.group:
+        ours = self.node.group_of(entry.name) == self.node.group
+        if ours:
             self.node.record_write(now, entry)
+            await self.rt.dispatch(self.node.announce(now, entry))
+        others = [h for h in holders if h.node_id != self.node.node_id]
 
-        async def tell(holder: MemberEntry) -> None:
+        async def tell(holder: MemberEntry, announce: bool) -> None:
             try:
                 await self.peers.call_json("POST", holder.address, "/v1/tuple",
+                                           {"announce": 1} if announce else None,
                                            doc={"tuples": [tuple_to_json(entry)]})
             except PeerError as exc:
                 log.warning("could not publish %s to %s:%d: %s", entry.name, holder.host,
                             holder.port, exc)
 
         async with trio.open_nursery() as nursery:
-            for holder in holders:
-                if holder.node_id != self.node.node_id:
-                    nursery.start_soon(tell, holder)
+            for i, holder in enumerate(others):
+                nursery.start_soon(tell, holder, not ours and i == 0)
 
     # --- read --------------------------------------------------------------------------------
 

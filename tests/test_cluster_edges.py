@@ -136,6 +136,34 @@ def test_a_copy_left_outside_the_placement_never_answers_for_a_newer_write(
             assert _get(c, new, name) == second.read_bytes()
 
 
+def test_every_member_lists_a_write_or_delete_as_soon_as_it_is_acknowledged(
+        tmp_path: Path) -> None:
+    """A member that holds no copy learns a new tuple from the writer's announce, not from
+    gossip (slow here: 3 s rounds): right after `put` returns, `ls` through it lists the
+    file, and right after `rm` returns, it neither lists nor stats it."""
+    with Cluster(tmp_path, settings=["k=1", "gossip_interval=3", "t_fail=15"]) as c:
+        nodes = [c.new_node()]
+        nodes += [c.new_node(join=[nodes[0]]) for _ in range(4)]
+        c.wait_for(lambda: all(len(c.status(n)["members"]) == 5 for n in nodes), 60,
+                   "5 members")
+        src = _file(tmp_path, "f", 2000)
+        for i in range(4):
+            name = f"seen/now{i}"
+            writer = nodes[i % 5]
+            c.cli(writer, "put", str(src), name)
+            holders = set(_holders(c, writer, name))
+            readers = [n for n in nodes
+                       if n is not writer and c.status(n)["node_id"] not in holders]
+            assert readers  # 5 members, 3 copies
+            for reader in readers:
+                assert name.encode() in c.cli(reader, "ls", "seen/").stdout.split()
+            c.cli(writer, "rm", name)
+            for reader in readers:
+                assert name.encode() not in c.cli(reader, "ls", "seen/").stdout.split()
+                gone = c.cli(reader, "stat", name, check=False)
+                assert gone.returncode != 0 and b"no such object" in gone.stderr
+
+
 def test_small_objects_come_inline_and_never_stale(tmp_path: Path) -> None:
     """k = 3 groups, 1 KiB objects: gets are answered by lookup datagrams with the bytes
     inline, and a read from every node right after each acknowledged overwrite sees it."""

@@ -740,6 +740,33 @@ def test_receive_changes_only_what_the_message_carries() -> None:
     assert [e.kind for e in a.drain_events()] == ["joined"]
 
 
+def test_a_written_tuple_is_announced_to_the_whole_group_at_once() -> None:
+    """``announce``: one datagram per live own-group member carrying only the new tuple, and
+    its receiver knows the tuple at once; nothing for a foreign name or one too long for a
+    datagram. An announce is not a gossip round: it does not stop the receiver's pull."""
+    cfg = CoreConfig(k=2)
+    nodes = [make_node(cfg, group=0) for _ in range(4)]
+    net = Net(*nodes)
+    converge(net, nodes, 8.0)
+    writer, reader = nodes[0], nodes[1]
+    name = find_name(2, 0, "/announced")
+    t = tuple_for(name, [writer.node_id])
+    writer.record_write(net.now, t)
+    out = writer.announce(net.now, t)
+    assert sorted(o.dest for o in out) == sorted(n.address for n in nodes[1:])
+    for o in out:
+        assert isinstance(o.message, Gossip) and o.message.tuples == (t,)
+        assert o.message.members == () and o.message.beats == ()
+        assert len(codec.encode(writer.envelope(o.message))) <= cfg.max_datagram
+    quiet_since = reader._last_group_gossip
+    reader.receive(net.now + 0.01, wire(writer, out[0].message))
+    assert reader.tuples.get(name) == t
+    assert reader._last_group_gossip == quiet_since
+    assert writer.announce(net.now, tuple_for(find_name(2, 1), [writer.node_id])) == []
+    assert writer.announce(net.now, tuple_for(find_name(2, 0, "/" + "x" * 1500),
+                                              [writer.node_id])) == []
+
+
 def test_gossip_with_want_ack_and_pull_gets_answers() -> None:
     cfg = CoreConfig(k=1)
     a, b = make_node(cfg), make_node(cfg)

@@ -680,7 +680,8 @@ class KelipsNode:
         sender = self.members.get(msg.sender.node_id)
         own_sender = sender is not None and sender.own
         if own_sender:
-            self._last_group_gossip = now
+            if msg.members or msg.beats:  # (an announce is not a gossip round)
+                self._last_group_gossip = now
             if msg.load_excess is not None:
                 self._observe_peer_load(msg.load_excess)
         out: list[Outgoing] = []
@@ -1199,6 +1200,23 @@ class KelipsNode:
     def record_write(self, now: float, t: TupleEntry) -> bool:
         """A holder stored (fsynced) the bytes of ``t``: publish the tuple to the group."""
         return self.merge_tuple(now, t)
+
+    def announce(self, now: float, t: TupleEntry) -> list[Outgoing]:
+        """A tuple just written or deleted, pushed at once to every live member of the own
+        group (one gossip datagram each, carrying only it).
+
+        Why: the write was told to its holders only; every other member learns it by gossip,
+        a round or more later, and meanwhile answers a stat or a listing from its old tuple
+        (a file just created missing from ``ls`` on another mount, one just removed still
+        there). Pushed, they know it before the writer acknowledges, barring a lost
+        datagram, which the gossip still covers. Nothing for another group's tuple or for one
+        too large for a datagram (a very long name): gossip alone spreads those.
+        """
+        if group_of_name(t.name, self.config.k) != self.group \
+                or codec.MEMBER_SIZE + codec.tuple_size(t) > self._budget:
+            return []
+        message = Gossip(self.entry(), _ms(now), False, (), (t,))
+        return [Outgoing(m.address, message) for m in self.own_alive()]
 
     def repair_tasks(self, now: float) -> list[RepairTask]:
         """Copies this node must make: tuples with fewer than r live holders where this node

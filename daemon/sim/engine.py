@@ -367,6 +367,11 @@ class Simulation:
             self.disks[host.node_id][name] = version.clock
             assert host.node is not None
             host.node.record_write(self.now, t)
+        # announced to the group as the daemon does (DataPlane.publish): by the writer when
+        # the name is of its group, else by the first holder told
+        announcer = writer if node.group_of(name) == node.group else stored[0]
+        assert announcer.node is not None
+        self.send(announcer, announcer.node.announce(self.now, t))
         self.current[name] = version.clock
         self.written_at[name] = self.now
         return t

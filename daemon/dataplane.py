@@ -89,6 +89,12 @@ class Superseded(DataError):
     status = 409
 
 
+class Changed(DataError):
+    """A conditional delete found another version than the one it was for: not deleted."""
+
+    status = 409
+
+
 class ContentMismatch(DataError):
     """Every holder refused the upload's bytes: they do not match its size or digest."""
 
@@ -679,16 +685,22 @@ class DataPlane:
 
     # --- delete ------------------------------------------------------------------------------
 
-    async def delete(self, name: str) -> TupleEntry:
+    async def delete(self, name: str, only_clock: int | None = None) -> TupleEntry:
         """Delete ``name``: a tombstone, stamped above the version found, on its holders.
         Holders that keep a newer version (written meanwhile, or by a clock ahead of ours)
         refuse it; when that is why none took it, the delete is stamped above that version
         and tried again, like an overwrite (``insert``): the operation that finished last
-        is the one that stays."""
+        is the one that stays.
+
+        ``only_clock``: delete only that version; Changed if the name holds another one by
+        now (a rename's copy is of that version: a write that came after it must stay)."""
         found = await self.locate(name)
         entry = found.entry
         if entry is None or entry.tombstone:
             raise NotFound(f"{name}: no such object")
+        if only_clock is not None and entry.version.clock != only_clock:
+            raise Changed(f"{name}: written again since (version {entry.version.clock}, not "
+                          f"{only_clock}); not deleted")
         self.node.observe_version(entry.version.clock)
         placed, _ = await self.placement(name)
         targets = {h.node_id: h for h in [*found.holders, *placed]}

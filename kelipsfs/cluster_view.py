@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 import trio
 
 from daemon.core.messages import TupleEntry
-from daemon.dataplane import DataError, DataPlane, NotFound
+from daemon.dataplane import Changed, DataError, DataPlane, NotFound
 from daemon.digest import file_digest
 
 if TYPE_CHECKING:
@@ -222,14 +222,20 @@ class ClusterView:
             await trio.to_thread.run_sync(tmp.unlink, True)
 
     async def move_file(self, old: str, new: str) -> None:
-        """Rename one object: copy it (content and metadata) under ``new``, then delete ``old``."""
+        """Rename one object: copy it (content and metadata) under ``new``, then delete ``old``
+        if it is still the version copied. A write to ``old`` through another mount that
+        landed after the copy stays (as if it came after the rename) instead of being
+        deleted with the copied version; the window left is the delete's own few ms."""
         tmp = self._spool / f"mv-{secrets.token_hex(8)}"
         try:
             meta = await self.fetch(old, tmp, link_ok=True)
             await self.insert(new, tmp, meta.size, meta.checksum, meta.mode, meta.mtime_ns)
         finally:
             await trio.to_thread.run_sync(tmp.unlink, True)
-        await self._dp.delete(old)
+        try:
+            await self._dp.delete(old, only_clock=meta.clock)
+        except Changed as exc:
+            log.info("rename of %s: %s", old, exc.message)
 
     async def move_tree(self, old: str, new: str) -> None:
         """Rename a directory: every object under ``old/`` moves under ``new/``."""

@@ -392,6 +392,33 @@ def test_rename_file_and_directory(single: Mount) -> None:
     expect_errno(errno.ENOTEMPTY, os.rename, top / "e", top / "full")
 
 
+def test_a_write_to_a_file_being_renamed_is_never_lost(tmp_path: Path) -> None:
+    """A rename copies the object (to the other node too), then deletes the source. Another
+    mount overwrites the source meanwhile: whenever its write lands, the result is one of
+    the two orders, never a lost write. The delete removes only the version that was copied,
+    so a write that lands after the copy stays under the old name."""
+    with Mounts(tmp_path / "mounts", base=125) as ms:
+        a = ms.new()
+        b = ms.new(join=a)
+        a.path("mvrace").mkdir()
+        small = b"written during the rename\n"
+        kept = 0
+        for i in range(4):
+            src = random_file(a.path(f"mvrace/big{i}"), 150 * MiB)
+            old = src.read_bytes()
+            mover = subprocess.Popen(["mv", str(src), str(a.path(f"mvrace/moved{i}"))])
+            time.sleep(0.05 * i)
+            b.path(f"mvrace/big{i}").write_bytes(small)
+            assert mover.wait(timeout=CLI_TIMEOUT) == 0
+            moved = a.path(f"mvrace/moved{i}").read_bytes()
+            if moved == old:  # the rename came first: the write stays under the old name
+                assert a.path(f"mvrace/big{i}").read_bytes() == small
+                kept += 1
+            else:  # the write came first and was moved with the file
+                assert moved == small and not a.path(f"mvrace/big{i}").exists()
+        print(f"writes kept under the old name: {kept} of 4")
+
+
 def test_rm_truncate_append_overwrite(single: Mount) -> None:
     top = single.path("edit")
     top.mkdir()

@@ -33,7 +33,7 @@ from daemon.peers import (
     resolved,
     stream_of,
 )
-from daemon.store import ChecksumMismatch, StaleVersion, StoredObject, StoreFull
+from daemon.store import ChecksumMismatch, StaleVersion, StoredObject, StoreError, StoreFull
 from daemon.wire import entry_from_json, tuple_from_json, tuple_to_json
 
 if TYPE_CHECKING:
@@ -361,18 +361,24 @@ class DataPlane:
     # --- insert ------------------------------------------------------------------------------
 
     async def insert(self, name: str, source: Path, size: int, checksum: bytes, mode: int,
-                     mtime_ns: int, *, link_ok: bool = False) -> TupleEntry:
+                     mtime_ns: int, *, link_ok: bool = False, overwrite: bool = True
+                     ) -> TupleEntry:
         """Store ``source`` under ``name`` on the name's holders; returns the published tuple.
 
         ``link_ok``: the caller computed ``checksum`` from the bytes it wrote and never writes
         ``source`` again, so this node's own copy (when it is a holder) may be a hard link to it
         (``ObjectStore.adopt_file``) instead of a copy.
+        ``overwrite``: when a newer version overtakes this one on every holder, stamp it again
+        above (new content: the write that finishes last stays). False for content made from
+        an older version (a chmod, a truncate): Superseded instead, not stored over a write it
+        never saw.
         """
         holders, _ = await self.placement(name)
         if not holders:
             raise InsertFailed(f"{name}: no holder available in its group")
-        return await _until_not_overtaken(functools.partial(
-            self._insert_once, name, holders, source, size, checksum, mode, mtime_ns, link_ok))
+        once = functools.partial(self._insert_once, name, holders, source, size, checksum, mode,
+                                 mtime_ns, link_ok)
+        return await (_until_not_overtaken(once) if overwrite else once())
 
     async def _insert_once(self, name: str, holders: list[MemberEntry], source: Path, size: int,
                            checksum: bytes, mode: int, mtime_ns: int, link_ok: bool
@@ -625,7 +631,7 @@ class DataPlane:
                         sent += len(chunk)
                         yield chunk
                     break
-                except (PeerError, OSError) as exc:
+                except (PeerError, OSError, StoreError) as exc:  # (our copy replaced: StoreError)
                     errors.append(str(exc))
                 await stack.aclose()
                 stack = AsyncExitStack()

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 import trio
 
 from daemon.core.messages import TupleEntry
-from daemon.dataplane import Changed, DataError, DataPlane, NotFound
+from daemon.dataplane import Changed, DataError, DataPlane, NotFound, Unavailable
 from daemon.digest import file_digest
 
 if TYPE_CHECKING:
@@ -159,6 +159,14 @@ class ClusterView:
                     _materialize, obj.path, dest, obj.checksum, link_ok):
                 return Fetched(obj.size, obj.checksum, obj.mode, obj.mtime_ns, obj.version.clock,
                                verify=link_ok and not obj.written_here)
+        try:
+            return await self._fetch_streamed(name, dest)
+        except Unavailable as exc:  # e.g. the copy being read was replaced by a newer write
+            log.info("%s; reading it again", exc.message)
+            return await self._fetch_streamed(name, dest)
+
+    async def _fetch_streamed(self, name: str, dest: Path) -> Fetched:
+        """``fetch`` from the nearest live holder (this node's store included)."""
         meta, stream_of = await self._dp.open_read(name)
         # An async generator (DataPlane._stream): closing it releases the holder's connection.
         chunks = cast(AsyncGenerator[bytes, None], stream_of)
@@ -197,18 +205,22 @@ class ClusterView:
         await self._dp.delete(name)
 
     async def rewrite(self, name: str, mode: int | None, mtime_ns: int | None) -> None:
-        """Store the current content again with new metadata (chmod, utimens)."""
+        """Store the current content again with new metadata (chmod, utimens). Not stamped
+        again above a newer version that overtakes it (``overwrite=False``): that would store
+        the old content over another writer's; it fails instead (EIO), as a race lost."""
         tmp = self._spool / f"meta-{secrets.token_hex(8)}"
         try:
             meta = await self.fetch(name, tmp, link_ok=True)
-            await self.insert(name, tmp, meta.size, meta.checksum,
-                              meta.mode if mode is None else mode,
-                              meta.mtime_ns if mtime_ns is None else mtime_ns)
+            await self._dp.insert(name, tmp, meta.size, meta.checksum,
+                                  meta.mode if mode is None else mode,
+                                  meta.mtime_ns if mtime_ns is None else mtime_ns,
+                                  link_ok=True, overwrite=False)
         finally:
             await trio.to_thread.run_sync(tmp.unlink, True)
 
     async def truncate(self, name: str, length: int) -> None:
-        """Cut (or zero-extend, sparsely) the stored object to ``length`` bytes."""
+        """Cut (or zero-extend, sparsely) the stored object to ``length`` bytes (made from the
+        current content unless ``length`` is 0: not stamped again over a newer version)."""
         entry: TupleEntry = await self._dp.stat(name)
         tmp = self._spool / f"trunc-{secrets.token_hex(8)}"
         try:
@@ -217,7 +229,8 @@ class ClusterView:
             else:
                 await self.fetch(name, tmp, link_ok=False)
             checksum = await trio.to_thread.run_sync(_truncate_and_hash, tmp, length)
-            await self.insert(name, tmp, length, checksum, entry.mode, time.time_ns())
+            await self._dp.insert(name, tmp, length, checksum, entry.mode, time.time_ns(),
+                                  link_ok=True, overwrite=length == 0)
         finally:
             await trio.to_thread.run_sync(tmp.unlink, True)
 

@@ -419,6 +419,20 @@ def test_a_write_to_a_file_being_renamed_is_never_lost(tmp_path: Path) -> None:
         print(f"writes kept under the old name: {kept} of 4")
 
 
+def test_a_chmod_overtaken_by_a_newer_version_never_stores_old_content_over_it(
+        single: Mount) -> None:
+    """chmod by path stores the object again, made from the version it fetched. If every
+    holder already keeps a newer version (another writer's), the chmod must not be stamped
+    again above it as a new write is (that would put the old content back): it fails, and
+    the newer version stays."""
+    f = single.path("remade.txt")
+    f.write_text("first\n")
+    store_version_ahead(single.address, "remade.txt", b"a newer write\n", 60)
+    assert run("chmod", "600", f, check=False).returncode != 0
+    got = run_cli("get", "remade.txt", "-", "--node", single.address).stdout
+    assert got == "a newer write\n"
+
+
 def test_rm_truncate_append_overwrite(single: Mount) -> None:
     top = single.path("edit")
     top.mkdir()

@@ -757,14 +757,23 @@ def test_a_written_tuple_is_announced_to_the_whole_group_at_once() -> None:
     for o in out:
         assert isinstance(o.message, Gossip) and o.message.tuples == (t,)
         assert o.message.members == () and o.message.beats == ()
-        assert len(codec.encode(writer.envelope(o.message))) <= cfg.max_datagram
+        assert len(codec.encode(writer.envelope(o.message))) + AUTH_TRAILER <= cfg.max_datagram
     quiet_since = reader._last_group_gossip
     reader.receive(net.now + 0.01, wire(writer, out[0].message))
     assert reader.tuples.get(name) == t
     assert reader._last_group_gossip == quiet_since
     assert writer.announce(net.now, tuple_for(find_name(2, 1), [writer.node_id])) == []
-    assert writer.announce(net.now, tuple_for(find_name(2, 0, "/" + "x" * 1500),
-                                              [writer.node_id])) == []
+    # the longest name that fits the datagram is announced; one byte more is left to gossip
+    room = cfg.max_datagram - AUTH_TRAILER - codec.GOSSIP_OVERHEAD
+    length = room - codec.tuple_size(tuple_for("", [writer.node_id]))
+    for size, announced in ((length, True), (length + 1, False)):
+        name = next(n for n in (f"/{i:06d}".ljust(size, "x") for i in range(10_000))
+                    if group_of_name(n, 2) == 0)
+        sent = writer.announce(net.now, tuple_for(name, [writer.node_id]))
+        assert bool(sent) == announced
+        if announced:
+            assert len(codec.encode(writer.envelope(sent[0].message))) + AUTH_TRAILER \
+                == cfg.max_datagram
 
 
 def test_gossip_with_want_ack_and_pull_gets_answers() -> None:

@@ -1213,7 +1213,7 @@ class KelipsNode:
         too large for a datagram (a very long name): gossip alone spreads those.
         """
         if group_of_name(t.name, self.config.k) != self.group \
-                or codec.MEMBER_SIZE + codec.tuple_size(t) > self._budget:
+                or codec.tuple_size(t) > self._budget:  # (the budget counts the sender)
             return []
         message = Gossip(self.entry(), _ms(now), False, (), (t,))
         return [Outgoing(m.address, message) for m in self.own_alive()]

@@ -45,8 +45,9 @@ REPAIR_PERIOD = 1.0
 _HEDGE = 3  # members asked one after the other (each after the previous one's timeout)
 RECONCILE_PERIOD = 10.0
 _FAN_OUT_BLOCK = 1 << 20  # bytes per block teed to the holders of an upload
-#: Attempts of an insert from a file whose holders keep a newer version each time (each one
-#: stamped above the newest they named); more would mean writers overtaking it without end.
+#: Attempts of an insert from a file or a delete whose holders keep a newer version each time
+#: (each one stamped above the newest they named); more would mean writers overtaking it
+#: without end.
 INSERT_ATTEMPTS = 3
 
 
@@ -66,6 +67,11 @@ class NotFound(DataError):
 
 class Unavailable(DataError):
     status = 503
+
+
+class TransferFailed(Unavailable):
+    """A read broke on every holder of the version it started on (e.g. each copy was
+    replaced by a newer write while it was read): reading the name again may succeed."""
 
 
 class InsertFailed(DataError):
@@ -645,7 +651,7 @@ class DataPlane:
                         stack = AsyncExitStack()
                         errors.append(f"{holder.host}:{holder.port}: {exc}")
                 else:
-                    raise Unavailable(f"{entry.name}: transfer failed on every holder: "
+                    raise TransferFailed(f"{entry.name}: transfer failed on every holder: "
                                       f"{'; '.join(errors)}")
             if sent != meta.size or sha.digest() != meta.checksum:
                 raise DataError(f"{entry.name}: content does not match its checksum")

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 import trio
 
 from daemon.core.messages import TupleEntry
-from daemon.dataplane import Changed, DataError, DataPlane, NotFound, Unavailable
+from daemon.dataplane import Changed, DataError, DataPlane, NotFound, TransferFailed
 from daemon.digest import file_digest
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ class ClusterView:
                                verify=link_ok and not obj.written_here)
         try:
             return await self._fetch_streamed(name, dest)
-        except Unavailable as exc:  # e.g. the copy being read was replaced by a newer write
+        except TransferFailed as exc:  # e.g. the copy being read was replaced by a newer write
             log.info("%s; reading it again", exc.message)
             return await self._fetch_streamed(name, dest)
 

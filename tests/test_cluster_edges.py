@@ -8,6 +8,7 @@ import os
 import random
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -81,12 +82,13 @@ def test_put_from_standard_input_and_clear_errors_for_bad_sources(cluster: Clust
     temporary file behind; a missing file or a directory is named as such, storing nothing."""
     node = cluster.new_node()
     data = os.urandom(3 * 1024 * 1024 + 5)
-    spools = set(Path("/tmp").glob("kelipsfs-put-*"))
+    tmp = Path(tempfile.gettempdir())  # where the CLI, with this environment, spools
+    spools = set(tmp.glob("kelipsfs-put-*"))
     cluster.cli(node, "put", "-", "piped.bin", input_bytes=data)
     cluster.cli(node, "put", "-", "empty.bin", input_bytes=b"")
     assert _get(cluster, node, "piped.bin") == data
     assert _get(cluster, node, "empty.bin") == b""
-    assert set(Path("/tmp").glob("kelipsfs-put-*")) == spools
+    assert set(tmp.glob("kelipsfs-put-*")) == spools
     for source, why in ((tmp_path / "missing", b"no such file"), (tmp_path, b"a directory")):
         result = cluster.cli(node, "put", str(source), "never.bin", check=False)
         assert result.returncode == 2 and why in result.stderr

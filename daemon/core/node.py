@@ -1209,8 +1209,9 @@ class KelipsNode:
         a round or more later, and meanwhile answers a stat or a listing from its old tuple
         (a file just created missing from ``ls`` on another mount, one just removed still
         there). Pushed before the writer acknowledges, it reaches them in one datagram's
-        delivery instead of gossip rounds; a lost one is covered by the gossip. Nothing for another group's tuple or for one
-        too large for a datagram (a very long name): gossip alone spreads those.
+        delivery instead of gossip rounds; a lost one is covered by the gossip. Nothing for
+        another group's tuple or for one too large for a datagram (a very long name): gossip
+        alone spreads those.
         """
         if group_of_name(t.name, self.config.k) != self.group \
                 or codec.tuple_size(t) > self._budget:  # (the budget counts the sender)

@@ -30,6 +30,7 @@ import errno
 import logging
 import os
 import queue
+import secrets
 import shutil
 import threading
 import time
@@ -44,6 +45,10 @@ log = logging.getLogger("kelipsfs.fuse")
 CHECK_BLOCK = 1 << 20
 #: A write at least this large starts the copy's hashing thread (smaller ones hash inline).
 HASH_THREAD_MIN = 256 * 1024
+#: Seconds a descriptor replaced by copy on write stays open for a read already handed it.
+RETIRED_GRACE = 5.0
+#: At most this many are kept (each one outlived a publish since: long past any such read).
+RETIRED_MAX = 16
 #: Written blocks waiting for the hashing thread before a writer waits for it.
 HASH_QUEUE_BLOCKS = 32
 class CorruptCopy(OSError):
@@ -80,7 +85,8 @@ class LocalCopy:
         self._hashed = 0
         self._written_out = 0  # the prefix already handed to advance_writeback
         self._shared = False  # the inode is also the store's committed object
-        self._retired: list[int] = []  # descriptors of files replaced by copy on write
+        #: (when, descriptor) of files replaced by copy on write, closed after RETIRED_GRACE
+        self._retired: list[tuple[float, int]] = []
         # A cache copy linked to this node's store file is checked while it is read.
         self._size = size
         self._check = (_BackgroundCheck(fd, size, checksum, name)
@@ -151,10 +157,16 @@ class LocalCopy:
         """Copy on write: move to a private file before changing an inode the store holds."""
         if not self._shared:
             return
-        fresh = self.path.with_name(self.path.name + "w")
+        fresh = self.path.with_name(f"{self.path.name.split('.')[0]}.{secrets.token_hex(4)}")
         shutil.copyfile(self.path, fresh)
         fd = os.open(fresh, os.O_RDWR | os.O_CLOEXEC)
-        self._retired.append(self.fd)  # a reader in another thread may still be using it
+        now = time.monotonic()
+        # A reader in another thread may still be using the old descriptor (libfuse reads
+        # from it right after ``readable_fd`` returned): closed once that moment is long past.
+        self._retired.append((now, self.fd))
+        while self._retired and (now - self._retired[0][0] > RETIRED_GRACE
+                                 or len(self._retired) > RETIRED_MAX):
+            os.close(self._retired.pop(0)[1])
         self.path.unlink(missing_ok=True)
         self.path, self.fd, self._shared = fresh, fd, False
 
@@ -174,7 +186,7 @@ class LocalCopy:
         if self._check is not None:
             self._check.stop()
         self._drop_hash()
-        for fd in [self.fd, *self._retired]:
+        for fd in [self.fd, *(fd for _, fd in self._retired)]:
             os.close(fd)
         self._retired.clear()
         self.path.unlink(missing_ok=True)

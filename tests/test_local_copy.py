@@ -144,3 +144,25 @@ def test_a_checked_copy_fails_the_read_that_reaches_the_end_if_corrupt(tmp_path:
     assert read(good, MiB, len(data) - 100) == data[-100:]
     assert good.readable_fd(10, len(data)) == good.fd
     good.close()
+
+
+def test_ten_thousand_write_and_publish_cycles_on_one_copy(tmp_path: Path) -> None:
+    """Every publish hands the inode to the store; the next write copies it. The copy's
+    file name and its open descriptors must not grow with the number of cycles."""
+    f = new_spool(tmp_path)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    stored = tmp_path / "store"
+    stored.mkdir()
+    for cycle in range(10_000):
+        f.write(cycle.to_bytes(4, "big"), (cycle % 64) * 4, False, BIG)
+        with f.lock:
+            f.checksum()
+            f.published(cycle + 1, linked=True)
+        link = stored / "current"
+        link.unlink(missing_ok=True)
+        os.link(f.path, link)  # what ObjectStore.adopt_file does
+    assert len(f.path.name) < 40
+    assert len(os.listdir("/proc/self/fd")) <= fds_before + local_copy.RETIRED_MAX + 2
+    assert os.pread(f.fd, 4, 63 * 4) == (9_999 - 16).to_bytes(4, "big")
+    f.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]

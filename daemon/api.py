@@ -27,6 +27,7 @@ from daemon.core.messages import Snapshot, SyncRequest, Version
 from daemon.dataplane import DataError, Located
 from daemon.digest import DIGEST_SIZE, EMPTY_DIGEST, digest_of
 from daemon.names import NameError_, validate_name, validate_prefix
+from daemon.namespace.http import add_routes as add_namespace_routes
 from daemon.peers import BULK_MIN, CONTENT_DIGEST_HEADER, TRAILER_MARK, LateDigest
 from daemon.security import DIGEST_IN_TRAILER, MAC_HEADER, AuthError
 from daemon.settings import format_address
@@ -160,6 +161,7 @@ def build_app(rt: NodeRuntime) -> Router:
     router.add("GET", "/v1/stat/", api.stat)
     router.add("GET", "/v1/status", api.status)
     router.add("GET", "/metrics", api.metrics)
+    add_namespace_routes(router, rt, api.read_json, api.verify)
     return router
 
 
@@ -169,7 +171,7 @@ class _Api:
 
     # --- helpers -------------------------------------------------------------------------------
 
-    def _verify(self, req: Request, body_digest: bytes) -> None:
+    def verify(self, req: Request, body_digest: bytes) -> None:
         try:
             self.rt.auth.verify_request(req.method, req.target, req.headers, body_digest,
                                         self.rt.wall())
@@ -179,10 +181,10 @@ class _Api:
 
     async def _small_body(self, req: Request) -> bytes:
         body = await req.body(self.rt.settings.max_request_bytes)
-        self._verify(req, digest_of(body))
+        self.verify(req, digest_of(body))
         return body
 
-    async def _json(self, req: Request) -> Any:
+    async def read_json(self, req: Request) -> Any:
         import json
         body = await self._small_body(req)
         try:
@@ -202,11 +204,11 @@ class _Api:
         ``LateDigest`` read from the signed trailer once the body has arrived."""
         if req.headers.get(CONTENT_DIGEST_HEADER) != TRAILER_MARK:
             declared = self._declared_digest(req)
-            self._verify(req, declared)
+            self.verify(req, declared)
             return declared
         if not req.trailer_ok:
             raise HTTPError(400, "a digest in a trailer needs a bulk connection")
-        self._verify(req, DIGEST_IN_TRAILER)
+        self.verify(req, DIGEST_IN_TRAILER)
         head_mac = req.headers[MAC_HEADER]
 
         def from_trailer() -> bytes:
@@ -229,6 +231,16 @@ class _Api:
         if len(declared) != DIGEST_SIZE:
             raise HTTPError(400, f"missing or malformed {CONTENT_DIGEST_HEADER} header")
         return declared
+
+    @staticmethod
+    def _attrs(req: Request) -> bytes:
+        try:
+            attrs = bytes.fromhex(req.query.get("attrs", ""))
+        except ValueError as exc:
+            raise HTTPError(400, "attrs must be hex") from exc
+        if len(attrs) > codec.MAX_ATTRS_BYTES:
+            raise HTTPError(400, f"attrs are at most {codec.MAX_ATTRS_BYTES} bytes")
+        return attrs
 
     def _version(self, req: Request) -> Version:
         try:
@@ -287,7 +299,7 @@ class _Api:
         return Response.json({"objects": self.rt.dataplane.local_listing(prefix)})
 
     async def tuples(self, req: Request) -> Response:
-        doc = await self._json(req)
+        doc = await self.read_json(req)
         try:
             entries = [tuple_from_json(t) for t in doc["tuples"]]
             for t in entries:
@@ -311,7 +323,8 @@ class _Api:
         try:
             obj = await self.rt.store.put(name, version, req.int_arg("mode", 0o644),
                                           req.int_arg("mtime_ns", 0), req.stream(),
-                                          expected_checksum=checksum, expected_size=size)
+                                          expected_checksum=checksum, expected_size=size,
+                                          attrs=self._attrs(req))
         except StaleVersion as exc:
             raise HTTPError(409, str(exc), {"held_clock": exc.held.clock}) from exc
         except StoreFull as exc:
@@ -324,7 +337,7 @@ class _Api:
 
     async def get_replica(self, req: Request) -> Response:
         name = self._name(req, "/v1/replica/")
-        self._verify(req, EMPTY_DIGEST)
+        self.verify(req, EMPTY_DIGEST)
         obj = self.rt.store.get(name)
         min_clock = req.int_arg("min_clock", 0)
         if obj is None or obj.tombstone or obj.version.clock < min_clock:
@@ -343,7 +356,7 @@ class _Api:
 
     async def delete_replica(self, req: Request) -> Response:
         name = self._name(req, "/v1/replica/")
-        self._verify(req, EMPTY_DIGEST)
+        self.verify(req, EMPTY_DIGEST)
         try:
             await self.rt.store.delete(name, self._version(req))
         except StaleVersion as exc:
@@ -401,7 +414,7 @@ class _Api:
         object it covers the time until the first holder answered."""
         started = time.perf_counter()
         name = self._name(req, "/v1/files/")
-        self._verify(req, EMPTY_DIGEST)
+        self.verify(req, EMPTY_DIGEST)
         try:
             plan = await self.rt.dataplane.read_plan(name)
             if req.query.get("direct") == "1":
@@ -437,7 +450,7 @@ class _Api:
 
     async def delete_file(self, req: Request) -> Response:
         name = self._name(req, "/v1/files/")
-        self._verify(req, EMPTY_DIGEST)
+        self.verify(req, EMPTY_DIGEST)
         try:
             await self.rt.dataplane.delete(name)
         except DataError as exc:
@@ -445,14 +458,14 @@ class _Api:
         return Response.json({"deleted": name})
 
     async def list_files(self, req: Request) -> Response:
-        self._verify(req, EMPTY_DIGEST)
+        self.verify(req, EMPTY_DIGEST)
         prefix = prefix_or_400(req.query.get("prefix", ""))
         objects, missing = await self.rt.dataplane.listing(prefix)
         return Response.json({"objects": objects, "unreachable_groups": missing})
 
     async def stat(self, req: Request) -> Response:
         name = self._name(req, "/v1/stat/")
-        self._verify(req, EMPTY_DIGEST)
+        self.verify(req, EMPTY_DIGEST)
         try:
             found = await self.rt.dataplane.locate(name)
         except DataError as exc:
@@ -464,7 +477,7 @@ class _Api:
                               "holders": [entry_to_json(h) for h in found.holders]})
 
     async def status(self, req: Request) -> Response:
-        self._verify(req, EMPTY_DIGEST)
+        self.verify(req, EMPTY_DIGEST)
         return Response.json(self.rt.status())
 
     async def metrics(self, req: Request) -> Response:

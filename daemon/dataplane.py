@@ -144,7 +144,7 @@ class DataPlane:
     @staticmethod
     def _tuple_for(obj: StoredObject, holders: tuple[bytes, ...], seq: int) -> TupleEntry:
         return TupleEntry(obj.name, obj.version, seq, obj.size, obj.mode, obj.mtime_ns,
-                          obj.checksum, tuple(sorted(holders)), obj.tombstone)
+                          obj.checksum, tuple(sorted(holders)), obj.tombstone, obj.attrs)
 
     # --- placement and lookup -----------------------------------------------------------------
 
@@ -355,20 +355,31 @@ class DataPlane:
         return (Located(None, [], hops), None) if answered else None
 
     async def stat(self, name: str) -> TupleEntry:
-        """The name's tuple: lookup datagrams (no content), HTTP if none was answered. A stat
-        of a name nobody has written (every create) asks the placement candidates whether a
-        write just happened there: a datagram each, not an HTTP request each."""
+        """The name's tuple (``find``); NotFound if it has none or it is deleted."""
+        entry = await self.find(name)
+        if entry is None or entry.tombstone:
+            raise NotFound(f"{name}: no such object")
+        return entry
+
+    async def find(self, name: str) -> TupleEntry | None:
+        """The name's newest tuple (a tombstone too): lookup datagrams (no content), HTTP if
+        none was answered. A name nobody has written (every create) makes the placement
+        candidates be asked whether a write just happened there: a datagram each, not an
+        HTTP request each."""
         fast = await self._locate_fast(name, want_inline=False)
         found = fast[0] if fast is not None else await self.locate(name)
-        if found.entry is None or found.entry.tombstone:
-            raise NotFound(f"{name}: no such object")
         return found.entry
+
+    async def ask_group(self, name: str, path: str, query: dict[str, object]) -> Any:
+        """A question only the members of ``name``'s group can answer (another group than
+        this node's): asked of its contacts, nearest first."""
+        return (await self._ask_contacts(self.node.plan_lookup(name), path, query))[0]
 
     # --- insert ------------------------------------------------------------------------------
 
     async def insert(self, name: str, source: Path, size: int, checksum: bytes, mode: int,
-                     mtime_ns: int, *, link_ok: bool = False, overwrite: bool = True
-                     ) -> TupleEntry:
+                     mtime_ns: int, *, link_ok: bool = False, overwrite: bool = True,
+                     attrs: bytes = b"") -> TupleEntry:
         """Store ``source`` under ``name`` on the name's holders; returns the published tuple.
 
         ``link_ok``: the caller computed ``checksum`` from the bytes it wrote and never writes
@@ -383,12 +394,12 @@ class DataPlane:
         if not holders:
             raise InsertFailed(f"{name}: no holder available in its group")
         once = functools.partial(self._insert_once, name, holders, source, size, checksum, mode,
-                                 mtime_ns, link_ok)
+                                 mtime_ns, link_ok, attrs)
         return await (_until_not_overtaken(once) if overwrite else once())
 
     async def _insert_once(self, name: str, holders: list[MemberEntry], source: Path, size: int,
-                           checksum: bytes, mode: int, mtime_ns: int, link_ok: bool
-                           ) -> TupleEntry:
+                           checksum: bytes, mode: int, mtime_ns: int, link_ok: bool,
+                           attrs: bytes) -> TupleEntry:
         """One attempt of ``insert`` with a version stamped now. Superseded when no holder
         stored it because they hold a newer version (written concurrently, or stamped by a
         clock ahead of ours): the writer, which still has the bytes, tries again above it,
@@ -404,13 +415,15 @@ class DataPlane:
             try:
                 if holder.node_id == self.node.node_id and link_ok:
                     await self.rt.store.adopt_file(name, version, mode, mtime_ns, source, size,
-                                                   checksum)
+                                                   checksum, attrs)
                 elif holder.node_id == self.node.node_id:
                     await self.rt.store.put_file(name, version, mode, mtime_ns, source,
-                                                 expected_checksum=checksum, expected_size=size)
+                                                 expected_checksum=checksum, expected_size=size,
+                                                 attrs=attrs)
                 else:
                     await self.peers.put_file(holder.address, "/v1/replica/" + name,
-                                              _version_query(version, mode, mtime_ns, size),
+                                              _version_query(version, mode, mtime_ns, size,
+                                                             attrs),
                                               source, checksum, size)
                 stored.append(holder)
             except Exception as exc:  # a peer or local store failure only removes that holder
@@ -423,7 +436,7 @@ class DataPlane:
                 nursery.start_soon(store_on, holder)
         self._overtaken(name, stored, newer)
         return await self._acknowledge(name, version, holders, stored, errors, any(full), size,
-                                       checksum, mode, mtime_ns)
+                                       checksum, mode, mtime_ns, attrs)
 
     def _overtaken(self, name: str, stored: list[MemberEntry], newer: list[int]) -> None:
         """After an upload: versions stamped here from now on are above every newer version a
@@ -436,8 +449,8 @@ class DataPlane:
                              "(written meanwhile by another writer); nothing was changed")
 
     async def insert_stream(self, name: str, chunks: AsyncIterator[bytes], size: int,
-                            checksum: bytes | LateDigest, mode: int, mtime_ns: int
-                            ) -> TupleEntry:
+                            checksum: bytes | LateDigest, mode: int, mtime_ns: int,
+                            attrs: bytes = b"") -> TupleEntry:
         """Store a client's upload on the name's holders while it arrives: the body is teed
         into every holder's upload (and the local store when this node is a holder), with
         bounded buffers so the slowest holder sets the pace and nothing piles up in memory.
@@ -466,11 +479,12 @@ class DataPlane:
             try:
                 if holder.node_id == self.node.node_id:
                     await self.rt.store.put(name, version, mode, mtime_ns, body(),
-                                            expected_checksum=checksum, expected_size=size)
+                                            expected_checksum=checksum, expected_size=size,
+                                            attrs=attrs)
                 else:
                     async with self.peers.stream(
                             "PUT", holder.address, "/v1/replica/" + name,
-                            _version_query(version, mode, mtime_ns, size), body=body(),
+                            _version_query(version, mode, mtime_ns, size, attrs), body=body(),
                             content_digest=checksum,
                             bulk_size=size if size >= BULK_MIN or late else None) as response:
                         reply = await response.aread()
@@ -533,11 +547,11 @@ class DataPlane:
         # is stamped above the version that overtook this one.)
         self._overtaken(name, stored, newer)
         return await self._acknowledge(name, version, holders, stored, errors, any(full), size,
-                                       checksum, mode, mtime_ns)
+                                       checksum, mode, mtime_ns, attrs)
 
     async def _acknowledge(self, name: str, version: Version, holders: list[MemberEntry],
                            stored: list[MemberEntry], errors: list[str], full: bool, size: int,
-                           checksum: bytes | LateDigest, mode: int, mtime_ns: int
+                           checksum: bytes | LateDigest, mode: int, mtime_ns: int, attrs: bytes
                            ) -> TupleEntry:
         """Publish the tuple if the write quorum holds the bytes; else fail the insert."""
         quorum = self.rt.settings.write_quorum or 1
@@ -547,34 +561,39 @@ class DataPlane:
                                f"{quorum} required: {'; '.join(errors) or 'no holder'}", full)
         # A holder stored it: a late checksum resolved and matched there.
         entry = TupleEntry(name, version, 1, size, mode, mtime_ns, resolved(checksum),
-                           tuple(sorted(h.node_id for h in stored)), False)
+                           tuple(sorted(h.node_id for h in stored)), False, attrs)
         await self.publish(entry, stored)
         self.rt.metrics.inc("kelips_puts_total", result="ok")
         return entry
+
+    async def publish_many(self, entries: list[TupleEntry], holders: list[MemberEntry]) -> None:
+        """``publish`` for the records of one namespace operation: one request per holder."""
+        now = self.rt.now()
+        ours = bool(entries) and self.node.group_of(entries[0].name) == self.node.group
+        if ours:
+            for entry in entries:
+                self.node.record_write(now, entry)
+                await self.rt.dispatch(self.node.announce(now, entry))
+        others = [h for h in holders if h.node_id != self.node.node_id]
+        doc = {"tuples": [tuple_to_json(e) for e in entries]}
+
+        async def tell(holder: MemberEntry, announce: bool) -> None:
+            try:
+                await self.peers.call_json("POST", holder.address, "/v1/tuple",
+                                           {"announce": 1} if announce else None, doc=doc)
+            except PeerError as exc:
+                log.warning("could not publish %d records to %s:%d: %s", len(entries),
+                            holder.host, holder.port, exc)
+
+        async with trio.open_nursery() as nursery:
+            for i, holder in enumerate(others):
+                nursery.start_soon(tell, holder, not ours and i == 0)
 
     async def publish(self, entry: TupleEntry, holders: list[MemberEntry]) -> None:
         """Give the tuple to its holders (and to our own core when the group is ours), and
         have it announced to the whole group (``KelipsNode.announce``): by this node when the
         group is ours, else by the first holder told."""
-        now = self.rt.now()
-        ours = self.node.group_of(entry.name) == self.node.group
-        if ours:
-            self.node.record_write(now, entry)
-            await self.rt.dispatch(self.node.announce(now, entry))
-        others = [h for h in holders if h.node_id != self.node.node_id]
-
-        async def tell(holder: MemberEntry, announce: bool) -> None:
-            try:
-                await self.peers.call_json("POST", holder.address, "/v1/tuple",
-                                           {"announce": 1} if announce else None,
-                                           doc={"tuples": [tuple_to_json(entry)]})
-            except PeerError as exc:
-                log.warning("could not publish %s to %s:%d: %s", entry.name, holder.host,
-                            holder.port, exc)
-
-        async with trio.open_nursery() as nursery:
-            for i, holder in enumerate(others):
-                nursery.start_soon(tell, holder, not ours and i == 0)
+        await self.publish_many([entry], holders)
 
     # --- read --------------------------------------------------------------------------------
 
@@ -852,7 +871,8 @@ class DataPlane:
             try:
                 await self.peers.put_file(target.address, "/v1/replica/" + entry.name,
                                           _version_query(entry.version, entry.mode,
-                                                         entry.mtime_ns, entry.size),
+                                                         entry.mtime_ns, entry.size,
+                                                         entry.attrs),
                                           obj.path, entry.checksum, entry.size)
                 added.append(target.node_id)
             except PeerError as exc:
@@ -936,9 +956,13 @@ def _not_matching(exc: BaseException) -> bool:
                                                  and exc.status == 422)
 
 
-def _version_query(version: Version, mode: int, mtime_ns: int, size: int) -> dict[str, object]:
-    return {"clock": version.clock, "writer": version.writer.hex(), "mode": mode,
-            "mtime_ns": mtime_ns, "size": size}
+def _version_query(version: Version, mode: int, mtime_ns: int, size: int, attrs: bytes = b""
+                   ) -> dict[str, object]:
+    query: dict[str, object] = {"clock": version.clock, "writer": version.writer.hex(),
+                                "mode": mode, "mtime_ns": mtime_ns, "size": size}
+    if attrs:
+        query["attrs"] = attrs.hex()
+    return query
 
 
 def _listing(t: TupleEntry) -> dict[str, Any]:

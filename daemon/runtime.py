@@ -46,6 +46,7 @@ from daemon.wire import entry_from_json, entry_to_json
 
 if TYPE_CHECKING:
     from daemon.dataplane import DataPlane
+    from daemon.namespace.primary import Primary
 
 log = logging.getLogger("kelipsfs.node")
 
@@ -137,6 +138,7 @@ class NodeRuntime:
         self.auth = Authenticator(key, settings.auth_window)
         self.peers: PeerClient | None = None
         self._dataplane: DataPlane | None = None
+        self._primary: Primary | None = None
         self.started_at = time.time()
         # request id -> (address asked, waiter): replies from elsewhere or for unknown ids are
         # dropped. Bounded by MAX_PENDING_LOOKUPS; entries leave when their lookup ends.
@@ -153,6 +155,12 @@ class NodeRuntime:
     def dataplane(self) -> DataPlane:
         assert self._dataplane is not None, "node not started"
         return self._dataplane
+
+    @property
+    def primary(self) -> Primary:
+        """Applies namespace operations on the inodes this node holds."""
+        assert self._primary is not None, "node not started"
+        return self._primary
 
     @property
     def store(self) -> ObjectStore:
@@ -174,6 +182,7 @@ class NodeRuntime:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from daemon.api import build_app, serve_http
         from daemon.dataplane import DataPlane
+        from daemon.namespace.primary import Primary
 
         s = self.settings
         new_id = None if s.core.k == 1 or has_identity(s.data_dir) else await self._first_id()
@@ -185,6 +194,7 @@ class NodeRuntime:
                                 self.identity.incarnation, self.rng, self.now())
         self.peers = PeerClient(self.auth, s.http_timeout, self.wall)
         self._dataplane = dataplane = DataPlane(self)
+        self._primary = Primary(self)
         self._register_gauges()
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:

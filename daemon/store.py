@@ -70,8 +70,13 @@ WRITE_BATCH = 1 << 20
 #: Largest clock a version may carry (it is written as 16 hex digits in file names).
 MAX_CLOCK = (1 << 64) - 1
 #: Version of the metadata files. 1 recorded SHA-256 checksums; 2 records the content digest
-#: (``daemon.digest``). Recovery converts version 1 in place (``_upgrade_meta``).
-META_FORMAT = 2
+#: (``daemon.digest``) of an object named by its path in the mount; 3 is a record of the
+#: namespace (``daemon.core.inodes``: inodes, directory entries, file data) with its attrs.
+#: Recovery converts version 1 in place (``_upgrade_meta``) into version 2; version 2
+#: objects are *legacy*, which the node converts into records once it has joined
+#: (``daemon.namespace.migrate``).
+META_FORMAT = 3
+_PATH_META_FORMAT = 2
 _SHA256_META_FORMAT = 1
 _SHA256_OF_NOTHING = hashlib.sha256().digest()
 
@@ -139,6 +144,10 @@ class StoredObject:
     #: recovery found on disk at start: content a crash or the disk may have damaged since,
     #: which a local reader checks before trusting it (``kelipsfs.local_copy``).
     written_here: bool = field(default=False, compare=False)
+    #: The record kind's own fields (``TupleEntry.attrs``).
+    attrs: bytes = b""
+    #: Stored by a version that named objects by their path (metadata format 2).
+    legacy: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,7 +534,7 @@ class ObjectStore:
     async def put(self, name: str, version: Version, mode: int, mtime_ns: int,
                   chunks: AsyncIterable[bytes],
                   expected_checksum: bytes | Callable[[], bytes] | None = None,
-                  expected_size: int | None = None) -> StoredObject:
+                  expected_size: int | None = None, attrs: bytes = b"") -> StoredObject:
         """Store ``version`` of ``name`` with the content streamed from ``chunks``.
 
         The content goes to a temp file (never whole in memory), is fsynced and checked against
@@ -577,7 +586,7 @@ class ObjectStore:
                     f"{_show(name)}: the received content has digest {checksum.hex()[:16]}..., "
                     f"not the expected {want.hex()[:16]}...; the data was discarded")
             obj, committed = await self._commit_temp(name, version, mode, mtime_ns, temp.size,
-                                                     checksum, temp.path, want)
+                                                     checksum, temp.path, want, attrs)
             if committed and temp.small is not None:  # (hashed above; installed by then)
                 self._remember_small(obj, temp.small, temp.signature)
             return obj
@@ -587,7 +596,8 @@ class ObjectStore:
 
     async def _commit_temp(self, name: str, version: Version, mode: int, mtime_ns: int,
                            size: int, checksum: bytes, temp_path: Path,
-                           expected_checksum: bytes | None) -> tuple[StoredObject, bool]:
+                           expected_checksum: bytes | None, attrs: bytes
+                           ) -> tuple[StoredObject, bool]:
         """Commit a verified, fsynced temp file under the name's lock; (object, committed).
 
         Not committed (the caller removes the temp file) when the same version was committed
@@ -599,7 +609,7 @@ class ObjectStore:
                 return held, False
             previous = self._index.get(name)
             commit = functools.partial(self._commit, name, version, mode, mtime_ns, size,
-                                       checksum, temp_path, previous)
+                                       checksum, temp_path, previous, attrs)
             try:
                 obj = await _in_thread(commit)
             except OSError as exc:
@@ -608,7 +618,8 @@ class ObjectStore:
             return obj, True
 
     async def adopt_file(self, name: str, version: Version, mode: int, mtime_ns: int,
-                         source: Path, size: int, checksum: bytes) -> StoredObject:
+                         source: Path, size: int, checksum: bytes, attrs: bytes = b""
+                         ) -> StoredObject:
         """Store ``version`` of ``name`` as a hard link to the local file ``source``: no copy.
 
         For a caller on this machine that wrote ``source`` itself, computed its digest from
@@ -631,7 +642,8 @@ class ObjectStore:
             await _shielded(functools.partial(_unlink_quietly, temp_path))
             if exc.errno in (errno.EXDEV, errno.EMLINK, errno.EPERM):
                 return await self.put_file(name, version, mode, mtime_ns, source,
-                                           expected_checksum=checksum, expected_size=size)
+                                           expected_checksum=checksum, expected_size=size,
+                                           attrs=attrs)
             raise self._io_error(exc, f"cannot store {_show(name)} from {source}") from exc
         committed = False
         try:
@@ -639,7 +651,7 @@ class ObjectStore:
                 raise ChecksumMismatch(f"{_show(name)}: {source} has {linked} bytes, not the "
                                        f"{size} announced; nothing was stored")
             obj, committed = await self._commit_temp(name, version, mode, mtime_ns, size,
-                                                     checksum, temp_path, checksum)
+                                                     checksum, temp_path, checksum, attrs)
             return obj
         finally:
             if not committed:
@@ -647,7 +659,7 @@ class ObjectStore:
 
     async def put_file(self, name: str, version: Version, mode: int, mtime_ns: int,
                        source: Path, expected_checksum: bytes | None = None,
-                       expected_size: int | None = None) -> StoredObject:
+                       expected_size: int | None = None, attrs: bytes = b"") -> StoredObject:
         """Store ``version`` of ``name`` with a copy of the local file ``source``.
 
         Same rules as ``put`` (the copy streams in 1 MiB blocks); if ``source`` cannot be read
@@ -673,7 +685,7 @@ class ObjectStore:
         async with contextlib.aclosing(blocks()) as stream:
             return await self.put(name, version, mode, mtime_ns, stream,
                                   expected_checksum=expected_checksum,
-                                  expected_size=expected_size)
+                                  expected_size=expected_size, attrs=attrs)
 
     async def delete(self, name: str, version: Version, *, mtime_ns: int = 0) -> StoredObject:
         """Commit a tombstone for ``name`` at ``version`` and remove older versions' content.
@@ -690,7 +702,7 @@ class ObjectStore:
                 return held
             previous = self._index.get(name)
             commit = functools.partial(self._commit, name, version, 0, mtime_ns, 0,
-                                       EMPTY_DIGEST, None, previous)
+                                       EMPTY_DIGEST, None, previous, b"")
             try:
                 obj = await _in_thread(commit)
             except OSError as exc:
@@ -823,7 +835,7 @@ class ObjectStore:
 
     def _commit(self, name: str, version: Version, mode: int, mtime_ns: int, size: int,
                 checksum: bytes, content: Path | None,
-                previous: StoredObject | None) -> StoredObject:
+                previous: StoredObject | None, attrs: bytes) -> StoredObject:
         """Steps 2-5 of the commit order (worker thread). ``content`` None means a tombstone.
 
         On failure everything this call made visible is removed again before raising.
@@ -835,7 +847,8 @@ class ObjectStore:
             _fsync_dir(self._objects)
         doc = {"format": META_FORMAT, "name": name, "clock": version.clock,
                "writer": version.writer.hex(), "size": size, "checksum": checksum.hex(),
-               "mode": mode, "mtime_ns": mtime_ns, "tombstone": content is None}
+               "mode": mode, "mtime_ns": mtime_ns, "tombstone": content is None,
+               "attrs": attrs.hex()}
         try:
             if content is not None:
                 os.replace(content, data_path)
@@ -853,7 +866,8 @@ class ObjectStore:
                 log.warning("could not remove superseded version %s of %s: %s",
                             _show_version(previous.version), _show(name), exc.strerror or exc)
         return StoredObject(name, version, size, checksum, mode, mtime_ns, content is None,
-                            None if content is None else data_path, written_here=True)
+                            None if content is None else data_path, written_here=True,
+                            attrs=attrs)
 
     def _write_meta(self, meta_path: Path, doc: dict[str, Any]) -> None:
         """Write the metadata to tmp/, fsync it, rename it into place (worker thread)."""
@@ -959,11 +973,13 @@ class ObjectStore:
             doc = json.loads(meta_path.read_bytes())
             if isinstance(doc, dict) and doc.get("format") == _SHA256_META_FORMAT:
                 doc = self._upgrade_meta(meta_path, stem, doc, stats)
-            if not isinstance(doc, dict) or doc.get("format") != META_FORMAT:
+            if not isinstance(doc, dict) or doc.get("format") not in (META_FORMAT,
+                                                                      _PATH_META_FORMAT):
                 return None
             name, clock, writer = doc["name"], doc["clock"], bytes.fromhex(doc["writer"])
             size, checksum = doc["size"], bytes.fromhex(doc["checksum"])
             mode, mtime_ns, tombstone = doc["mode"], doc["mtime_ns"], doc["tombstone"]
+            attrs = bytes.fromhex(doc.get("attrs", ""))
             if not (isinstance(name, str) and isinstance(size, int) and size >= 0
                     and isinstance(mode, int) and isinstance(mtime_ns, int)
                     and isinstance(tombstone, bool) and len(checksum) == DIGEST_SIZE):
@@ -976,7 +992,8 @@ class ObjectStore:
             return None
         data_path = meta_path.with_name(f"{stem}.data")
         return StoredObject(name, version, size, checksum, mode, mtime_ns, tombstone,
-                            None if tombstone else data_path)
+                            None if tombstone else data_path, attrs=attrs,
+                            legacy=doc["format"] == _PATH_META_FORMAT)
 
     def _upgrade_meta(self, meta_path: Path, stem: str, doc: dict[str, Any],
                       stats: _Recovered) -> dict[str, Any] | None:
@@ -1006,7 +1023,7 @@ class ObjectStore:
                         "written; dropped while converting the store (repair restores a copy)",
                         self.root, _show(str(doc.get("name"))))
             return None
-        upgraded = {**doc, "format": META_FORMAT, "checksum": digest.hex()}
+        upgraded = {**doc, "format": _PATH_META_FORMAT, "checksum": digest.hex()}
         stats.converted += 1
         try:
             self._write_meta(meta_path, upgraded)

@@ -21,11 +21,12 @@ def tuple_to_json(t: TupleEntry) -> dict[str, Any]:
     return {"name": t.name, "clock": t.version.clock, "writer": t.version.writer.hex(),
             "holder_seq": t.holder_seq, "size": t.size, "mode": t.mode, "mtime_ns": t.mtime_ns,
             "checksum": t.checksum.hex(), "holders": [h.hex() for h in t.holders],
-            "tombstone": t.tombstone}
+            "tombstone": t.tombstone, "attrs": t.attrs.hex()}
 
 
 def tuple_from_json(doc: Any) -> TupleEntry:
     return TupleEntry(str(doc["name"]), Version(int(doc["clock"]), bytes.fromhex(doc["writer"])),
                       int(doc["holder_seq"]), int(doc["size"]), int(doc["mode"]),
                       int(doc["mtime_ns"]), bytes.fromhex(doc["checksum"]),
-                      tuple(bytes.fromhex(h) for h in doc["holders"]), bool(doc["tombstone"]))
+                      tuple(bytes.fromhex(h) for h in doc["holders"]), bool(doc["tombstone"]),
+                      bytes.fromhex(doc.get("attrs", "")))

@@ -66,36 +66,28 @@ class LocalCopy:
     """
 
     def __init__(self, name: str, path: Path, fd: int, *, spool: bool, clock: int | None,
-                 mode: int, mtime_ns: int, dirty: bool, checksum: bytes | None = None,
-                 size: int = 0, verify: bool = False) -> None:
+                 mtime_ns: int, dirty: bool, checksum: bytes | None = None,
+                 size: int = 0, verify: bool = False, shared: bool = False) -> None:
         self.name = name
         self.path = path
         self.fd = fd
         self.spool = spool
         self.clock = clock
-        self.mode = mode
         self.mtime_ns = mtime_ns
         self.dirty = dirty
         self.unlinked = False  # deleted while open: keep serving the handles, never re-insert
-        self.refs = 0
-        self.writers = 0
         self.lock = threading.Lock()  # serializes writes against the insert that publishes them
         # Running digest of the prefix [0, _hashed) of a spool copy; None once lost.
         self._hasher: _SequentialHash | None = _SequentialHash() if spool and dirty else None
         self._hashed = 0
         self._written_out = 0  # the prefix already handed to advance_writeback
-        self._shared = False  # the inode is also the store's committed object
+        self._shared = shared  # the inode is also the store's committed object
         #: (when, descriptor) of files replaced by copy on write, closed after RETIRED_GRACE
         self._retired: list[tuple[float, int]] = []
         # A cache copy linked to this node's store file is checked while it is read.
         self._size = size
         self._check = (_BackgroundCheck(fd, size, checksum, name)
                        if verify and checksum is not None else None)
-
-    @property
-    def busy(self) -> bool:
-        """Its state is newer than (or about to replace) the cluster's: answer locally."""
-        return self.spool and (self.dirty or self.writers > 0)
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
@@ -135,6 +127,11 @@ class LocalCopy:
             self.dirty = True
             self.mtime_ns = time.time_ns()
 
+    def locked_checksum(self) -> bytes:
+        """``checksum`` taking the lock itself (for a worker thread)."""
+        with self.lock:
+            return self.checksum()
+
     def checksum(self) -> bytes:
         """Digest of the whole content (call with ``lock`` held)."""
         if self._hasher is not None and self._hashed == os.fstat(self.fd).st_size:
@@ -152,6 +149,16 @@ class LocalCopy:
         self.dirty = False
         self.clock = clock
         self._shared = self._shared or linked
+
+    @property
+    def shared(self) -> bool:
+        """The next write or truncate copies the file first (``unshare``)."""
+        return self._shared
+
+    def unshare(self) -> None:
+        """Copy on write, ahead of a write (a caller on an event loop runs it in a thread)."""
+        with self.lock:
+            self._unshare()
 
     def _unshare(self) -> None:
         """Copy on write: move to a private file before changing an inode the store holds."""
@@ -171,6 +178,11 @@ class LocalCopy:
         self.path, self.fd, self._shared = fresh, fd, False
 
     # --- reads ----------------------------------------------------------------------------
+
+    def check_pending(self, size: int, offset: int) -> bool:
+        """Whether ``readable_fd`` for this range would wait for the background check."""
+        check = self._check
+        return check is not None and offset + size >= self._size and not check.done
 
     def readable_fd(self, size: int, offset: int) -> int:
         """The descriptor to read ``size`` bytes at ``offset`` from, once it is safe to: a
@@ -267,6 +279,10 @@ class _BackgroundCheck:
         finally:
             os.close(self._fd)
             self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
 
     def matches(self) -> bool:
         """Wait for the result (at disk or page-cache speed, for the rest of the file)."""

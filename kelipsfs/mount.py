@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import functools
 import hashlib
 import json
 import logging
@@ -32,7 +31,7 @@ import shutil
 import signal
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -40,12 +39,17 @@ from daemon.logs import fields
 from daemon.runtime import NodeRuntime
 from daemon.settings import NodeSettings
 
+if TYPE_CHECKING:
+    from kelipsfs.fuse_ops import KelipsOperations
+
 log = logging.getLogger("kelipsfs.mount")
 
 #: Seconds allowed for the kernel to show the mount once the FUSE loop started.
 MOUNT_READY_TIMEOUT = 20.0
 #: Seconds the FUSE loop gets to return after an unmount before its thread is abandoned.
 UNMOUNT_WAIT = 10.0
+#: Seconds a new mount waits for the cluster to answer for its root directory.
+ROOT_WAIT = 30.0
 #: Seconds the node gets to tell its group it leaves.
 LEAVE_WAIT = 10.0
 FUSE_DEVICE = Path("/dev/fuse")
@@ -78,30 +82,26 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"no permission to open {FUSE_DEVICE}")
 
 
-def fuse_options(options: list[str]) -> tuple[dict[str, Any], bool]:
-    """libfuse options for mfusepy's FUSE(...) from ``-o`` words; (options, read-only).
+def fuse_options(options: list[str]) -> tuple[set[str], bool]:
+    """libfuse mount options for pyfuse3 from ``-o`` words; (options, read-only).
 
-    ``attr_timeout``/``entry_timeout``/``negative_timeout`` are 0: another mount can change any
-    file at any moment and the kernel cannot be told, so anything it caches may be wrong
-    (kelipsfs.fuse_ops keeps its own short, locally invalidated caches instead). A user's
-    ``-o attr_timeout=N`` still wins, for a mount known to be the cluster's only writer.
-    No ``hard_remove``: with it, fstat of a file unlinked while open fails (ESTALE); libfuse
-    instead renames such a file to ``.fuse_hidden*``, which kelipsfs.fuse_ops turns into
-    "delete the object, keep the local copy for the open handles".
+    ``default_permissions`` is always on: the kernel checks every access against the mode
+    bits, owners and sticky directories, as on a local disk. ``allow_other`` lets other
+    users (and tools that switch users) reach the mount. Entry and attribute timeouts are
+    given per answer by ``kelipsfs.fuse_ops``, not here.
     """
-    opts: dict[str, Any] = {"fsname": "kelipsfs", "subtype": "kelipsfs", "auto_unmount": True,
-                            "attr_timeout": 0, "entry_timeout": 0, "negative_timeout": 0}
+    opts: set[str] = {"fsname=kelipsfs", "subtype=kelipsfs", "auto_unmount",
+                      "default_permissions"}
+    readonly = False
     for word in options:
         for item in word.split(","):
             item = item.strip()
             if not item:
                 continue
-            key, sep, value = item.partition("=")
-            opts[key] = value if sep else True
-    if opts.get("allow_other"):
-        # Other users reach the mount: let the kernel check the mode bits for us.
-        opts["default_permissions"] = True
-    return opts, bool(opts.get("ro"))
+            if item == "ro":
+                readonly = True
+            opts.add(item)
+    return opts, readonly
 
 
 async def unmount(mountpoint: Path) -> bool:
@@ -162,7 +162,7 @@ async def run_mount(settings: NodeSettings, mountpoint: Path, *, foreground: boo
     mountpoint = mountpoint.absolute()
     check_mountpoint(mountpoint)
     fusermount()
-    fuse_kwargs, readonly = fuse_options(options)
+    fuse_opts, readonly = fuse_options(options)
     # libfuse changes the working directory once mounted: every path must be absolute first.
     settings = absolute_paths(settings)
     if settings.data_dir.resolve().is_relative_to(mountpoint.resolve()):
@@ -170,7 +170,7 @@ async def run_mount(settings: NodeSettings, mountpoint: Path, *, foreground: boo
                          "would store its objects in its own filesystem")
     lock_fd = lock_data_dir(settings.data_dir)
     try:
-        await _serve(settings, mountpoint, foreground, fuse_kwargs, readonly, task_status)
+        await _serve(settings, mountpoint, foreground, fuse_opts, readonly, task_status)
     finally:
         os.close(lock_fd)
 
@@ -196,18 +196,17 @@ def lock_data_dir(data_dir: Path) -> int:
 
 
 async def _serve(settings: NodeSettings, mountpoint: Path, foreground: bool,
-                 fuse_kwargs: dict[str, Any], readonly: bool,
+                 fuse_opts: set[str], readonly: bool,
                  task_status: trio.TaskStatus[None]) -> None:
+    import pyfuse3
+
     from kelipsfs.client import write_endpoint
-    from kelipsfs.cluster_view import ClusterView, prepare_local_dirs
-    from kelipsfs.fuse_ops import KelipsOperations, serve
 
     runtime = NodeRuntime(settings)
     stop = trio.Event()
     node_finished = trio.Event()
     fuse_finished = trio.Event()
     fuse_error: list[BaseException] = []
-    fuse_scope = trio.CancelScope()
     fuse_started = False
     registered: Path | None = None
 
@@ -231,32 +230,29 @@ async def _serve(settings: NodeSettings, mountpoint: Path, foreground: bool,
                 finally:
                     node_finished.set()
 
-            async def run_fuse(ops: KelipsOperations) -> None:
-                with fuse_scope:
-                    try:
-                        await trio.to_thread.run_sync(
-                            functools.partial(serve, ops, mountpoint, fuse_kwargs),
-                            abandon_on_cancel=True)
-                    except Exception as exc:
-                        fuse_error.append(exc)
-                        log.error("the FUSE loop failed: %s", exc)
-                    finally:
-                        fuse_finished.set()
-                        stop.set()
+            async def run_fuse() -> None:
+                try:
+                    await pyfuse3.main()
+                except Exception as exc:
+                    fuse_error.append(exc)
+                    log.error("the FUSE loop failed: %s", exc)
+                finally:
+                    fuse_finished.set()
+                    stop.set()
                 log.info("FUSE loop ended")
 
             signal_scope: trio.CancelScope = await nursery.start(watch_signals)
             try:
                 with startup:
                     await nursery.start(run_node)
-                    spool, cache = await trio.to_thread.run_sync(prepare_local_dirs,
-                                                                 settings.data_dir)
-                    ops = KelipsOperations(
-                        ClusterView(runtime, spool), trio.lowlevel.current_trio_token(),
-                        spool_dir=spool, cache_dir=cache, readonly=readonly,
-                        max_size=settings.max_object_bytes)
-                    nursery.start_soon(run_fuse, ops)
+                    ops = await _operations(runtime, settings, readonly)
+                    try:
+                        pyfuse3.init(ops, str(mountpoint), fuse_opts)
+                    except RuntimeError as exc:
+                        raise MountError(f"FUSE could not mount {mountpoint}: {exc} (see "
+                                         "libfuse's message above)") from exc
                     fuse_started = True
+                    nursery.start_soon(run_fuse)
                     await _wait_mounted(mountpoint, fuse_finished, fuse_error)
                 if startup.cancelled_caught:
                     raise MountError("interrupted before the mount was ready")
@@ -273,15 +269,12 @@ async def _serve(settings: NodeSettings, mountpoint: Path, foreground: bool,
                 await stop.wait()
             finally:
                 with trio.CancelScope(shield=True):
-                    if fuse_started and not fuse_finished.is_set():
-                        if not await unmount(mountpoint):
-                            log.error("could not unmount %s", mountpoint)
-                        with trio.move_on_after(UNMOUNT_WAIT):
-                            await fuse_finished.wait()
+                    if fuse_started:
                         if not fuse_finished.is_set():
-                            log.warning("the FUSE loop did not return (the mount is still in "
-                                        "use); abandoning it")
-                            fuse_scope.cancel()
+                            pyfuse3.terminate()
+                            with trio.move_on_after(UNMOUNT_WAIT):
+                                await fuse_finished.wait()
+                        pyfuse3.close(unmount=True)
                     runtime.shutdown()
                     with trio.move_on_after(LEAVE_WAIT):
                         await node_finished.wait()
@@ -291,6 +284,40 @@ async def _serve(settings: NodeSettings, mountpoint: Path, foreground: bool,
                 if not node_finished.is_set():
                     nursery.cancel_scope.cancel()
     log.info("stopped")
+
+
+async def _operations(runtime: NodeRuntime, settings: NodeSettings,
+                      readonly: bool) -> KelipsOperations:
+    """The FUSE operations over a running node, once the cluster has a root directory."""
+    from daemon.core.inodes import FsError
+    from daemon.namespace.cluster import ClusterRecords
+    from daemon.namespace.vfs import Caller, Namespace
+    from kelipsfs.content import Content
+    from kelipsfs.fuse_ops import KelipsOperations
+    from kelipsfs.open_files import OpenFiles
+
+    spool = await trio.to_thread.run_sync(prepare_spool, settings.data_dir)
+    namespace = Namespace(ClusterRecords(runtime))
+    with trio.move_on_after(ROOT_WAIT):
+        while True:
+            try:
+                await namespace.ensure_root(Caller(os.getuid(), os.getgid()))
+                break
+            except FsError as exc:
+                log.info("the cluster has no root directory yet: %s", exc.message)
+                await trio.sleep(0.5)
+    files = OpenFiles(Content(runtime), spool, settings.max_object_bytes)
+    return KelipsOperations(namespace, files, runtime, readonly=readonly)
+
+
+def prepare_spool(data_dir: Path) -> Path:
+    """The mount's directory of local copies under ``data_dir``, emptied: leftovers of a
+    crashed mount are garbage."""
+    spool = data_dir / "spool"
+    for stale in (spool, data_dir / "cache"):
+        shutil.rmtree(stale, ignore_errors=True)
+    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return spool
 
 
 async def _wait_mounted(mountpoint: Path, fuse_finished: trio.Event,

@@ -212,9 +212,22 @@ def test_unknown_tuple_flags() -> None:
     # the tuple's flag byte sits right before its checksum length and checksum
     flag_at = len(data) - 1 - 32 - 1 - 1
     assert data[flag_at] == 0
-    data[flag_at] = 2
-    with pytest.raises(codec.DecodeError):
+    data[flag_at] = 4
+    with pytest.raises(codec.DecodeError, match="unknown tuple flags"):
         codec.decode(bytes(data))
+
+
+def test_tuple_attrs_roundtrip_and_limits() -> None:
+    plain = tuple_entry("i/00000000000000ab", holders=2)
+    rich = plain._replace(attrs=bytes(range(200)))
+    for t in (plain, rich):
+        msg = Gossip(SENDER, 0, False, (), (t,))
+        data = codec.encode(env(msg))
+        assert codec.decode(data).message == msg
+        assert len(data) == codec.message_size(msg)
+    assert codec.tuple_size(rich) == codec.tuple_size(plain) + 201
+    with pytest.raises(codec.EncodeError):
+        codec.encode(env(Gossip(SENDER, 0, False, (), (plain._replace(attrs=b"x" * 256),))))
 
 
 @pytest.mark.parametrize("name", ["gossip-empty", "ack", "leave", "sync-empty", "snapshot"])
@@ -340,6 +353,7 @@ tuple_entries = st.builds(
     st.binary(min_size=32, max_size=32),
     st.lists(ids, max_size=5).map(tuple),
     st.booleans(),
+    st.binary(max_size=255),
 )
 beats = st.builds(Beat, st.binary(min_size=BEAT_PREFIX, max_size=BEAT_PREFIX),
                   st.integers(0, 0xFF), st.integers(0, 0xFFFF))

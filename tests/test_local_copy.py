@@ -19,7 +19,7 @@ BIG = 64 * MiB
 def new_spool(tmp_path: Path, name: str = "f") -> LocalCopy:
     path = tmp_path / f"spool-{name}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    return LocalCopy(name, path, fd, spool=True, clock=None, mode=0o644, mtime_ns=0, dirty=True)
+    return LocalCopy(name, path, fd, spool=True, clock=None, mtime_ns=0, dirty=True)
 
 
 def read(f: LocalCopy, size: int, offset: int) -> bytes:
@@ -126,7 +126,7 @@ def cache_copy(tmp_path: Path, data: bytes, checksum: bytes) -> LocalCopy:
     path = tmp_path / "cache"
     path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
-    return LocalCopy("c", path, fd, spool=False, clock=1, mode=0o644, mtime_ns=0,
+    return LocalCopy("c", path, fd, spool=False, clock=1, mtime_ns=0,
                      dirty=False, checksum=checksum, size=len(data), verify=True)
 
 

@@ -47,9 +47,11 @@ from .messages import (
     Version,
 )
 
-PROTOCOL_VERSION = 3  # 2: 7-byte heartbeat digests; 3: acks report their group's load
+#: 2: 7-byte heartbeat digests; 3: acks report their group's load; 4: tuples carry attrs
+PROTOCOL_VERSION = 4
 MAX_NAME_BYTES = 4096
 MAX_CHECKSUM_BYTES = 64
+MAX_ATTRS_BYTES = 255
 MAX_HOLDERS = 64
 MAX_REASON_BYTES = 1024
 #: Largest object a LookupReply carries inline (bytes of content).
@@ -108,7 +110,7 @@ def _reason_bytes(reason: str) -> bytes:
 def tuple_size(entry: TupleEntry) -> int:
     """Encoded size of one file tuple."""
     return (TUPLE_FIXED_SIZE + len(entry.name.encode("utf-8")) + len(entry.checksum)
-            + NODE_ID_BYTES * len(entry.holders))
+            + NODE_ID_BYTES * len(entry.holders) + (1 + len(entry.attrs) if entry.attrs else 0))
 
 
 def gossip_size(n_members: int, n_beats: int, tuples_bytes: int) -> int:
@@ -227,18 +229,23 @@ def _name(name: str) -> bytes:
 
 
 def _tuple(parts: list[bytes], t: TupleEntry) -> None:
-    if len(t.checksum) > MAX_CHECKSUM_BYTES or len(t.holders) > MAX_HOLDERS:
+    if (len(t.checksum) > MAX_CHECKSUM_BYTES or len(t.holders) > MAX_HOLDERS
+            or len(t.attrs) > MAX_ATTRS_BYTES):
         raise EncodeError(f"tuple {t.name!r} exceeds a wire limit")
     ids = (*t.holders, t.version.writer)
     if any(len(h) != NODE_ID_BYTES for h in ids):
         raise EncodeError("node id must be 20 bytes")
     parts.append(_name(t.name))
     parts.append(_TUPLE_FIXED.pack(t.version.clock, t.version.writer, t.holder_seq, t.size,
-                                   t.mode, t.mtime_ns, 1 if t.tombstone else 0))
+                                   t.mode, t.mtime_ns,
+                                   (1 if t.tombstone else 0) | (2 if t.attrs else 0)))
     parts.append(_U8.pack(len(t.checksum)))
     parts.append(t.checksum)
     parts.append(_U8.pack(len(t.holders)))
     parts.extend(t.holders)
+    if t.attrs:
+        parts.append(_U8.pack(len(t.attrs)))
+        parts.append(bytes(t.attrs))
 
 
 def _lookup_reply(parts: list[bytes], message: LookupReply) -> None:
@@ -393,7 +400,7 @@ def _read_name(reader: _Reader) -> str:
 def _read_tuple(reader: _Reader) -> TupleEntry:
     name = _read_name(reader)
     clock, writer, holder_seq, size, mode, mtime_ns, flags = reader.unpack(_TUPLE_FIXED)
-    if flags & ~1:
+    if flags & ~3:
         raise DecodeError("unknown tuple flags")
     (cs_len,) = reader.unpack(_U8)
     if cs_len > MAX_CHECKSUM_BYTES:
@@ -403,8 +410,14 @@ def _read_tuple(reader: _Reader) -> TupleEntry:
     if n_holders > MAX_HOLDERS:
         raise DecodeError("too many holders")
     holders = tuple(reader.take(NODE_ID_BYTES) for _ in range(n_holders))
+    attrs = b""
+    if flags & 2:
+        (n_attrs,) = reader.unpack(_U8)
+        if n_attrs == 0:
+            raise DecodeError("empty attrs announced")
+        attrs = reader.take(n_attrs)
     return TupleEntry(name, Version(clock, writer), holder_seq, size, mode, mtime_ns,
-                      checksum, holders, bool(flags & 1))
+                      checksum, holders, bool(flags & 1), attrs)
 
 
 def _read_lookup_reply(reader: _Reader) -> LookupReply:

@@ -11,6 +11,8 @@ import functools
 import hashlib
 import random
 
+from .keys import placement_key
+
 NODE_ID_BYTES = 20
 MAX_GROUPS = 65535  # k travels as an unsigned 16-bit field on the wire
 
@@ -59,8 +61,8 @@ def group_of_node(node_id: NodeId, k: int) -> int:
 
 
 def group_of_name(name: str, k: int) -> int:
-    """The affinity group of an object name (its path in the mount, UTF-8)."""
-    return group_of_bytes(name.encode("utf-8"), k)
+    """The affinity group of a record name: that of its placement key (``keys``)."""
+    return group_of_bytes(placement_key(name).encode("utf-8"), k)
 
 
 def cluster_tag(cluster_id: str) -> bytes:

@@ -65,7 +65,7 @@ class Version(NamedTuple):
 
 
 class TupleEntry(NamedTuple):
-    """The Kelips file tuple of one object name, as kept by every member of its group."""
+    """The Kelips tuple of one record name, as kept by every member of its group."""
 
     name: str
     version: Version
@@ -76,6 +76,9 @@ class TupleEntry(NamedTuple):
     checksum: bytes
     holders: tuple[NodeId, ...]
     tombstone: bool
+    #: What the record kind adds to the fixed fields, opaque to the protocol (an inode's
+    #: owner, link count and times; a directory entry's child): ``daemon.core.inodes``.
+    attrs: bytes = b""
 
     @property
     def order_key(self) -> tuple[Version, int, tuple[NodeId, ...], bool]:

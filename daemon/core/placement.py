@@ -11,11 +11,13 @@ import hashlib
 from collections.abc import Iterable
 
 from .ids import NodeId
+from .keys import placement_key
 
 
 def rank(name: str, node_ids: Iterable[NodeId]) -> list[NodeId]:
-    """Node ids ordered by their rendezvous weight for ``name`` (best first)."""
-    key = name.encode("utf-8")
+    """Node ids ordered by their rendezvous weight for ``name`` (best first): the weight of
+    its placement key (``keys``), so every record of an inode has the same holders."""
+    key = placement_key(name).encode("utf-8")
     return sorted(node_ids, key=lambda nid: hashlib.sha1(key + nid).digest(), reverse=True)
 
 

@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 from .ids import NodeId
+from .keys import parse_entry
 from .messages import TupleEntry, Version
 
 
@@ -44,7 +45,8 @@ class TupleStore:
     change is dropped before it was forwarded; cold tuples rotate slowly behind them.
     """
 
-    __slots__ = ("_cursor", "_cursor_names", "_hot", "_tomb_since", "_tuples", "rumor_sends")
+    __slots__ = ("_cursor", "_cursor_names", "_entries", "_hot", "_tomb_since", "_tuples",
+                 "rumor_sends")
 
     def __init__(self, rumor_sends: int = 6) -> None:
         self._tuples: dict[str, TupleEntry] = {}
@@ -52,6 +54,9 @@ class TupleStore:
         self._cursor_names: list[str] | None = None
         self._cursor = 0
         self._tomb_since: dict[str, float] = {}
+        # directory inode -> names of its entry records (``keys``): a listing reads these
+        # instead of every tuple of the group
+        self._entries: dict[int, set[str]] = {}
         self.rumor_sends = rumor_sends
 
     def __len__(self) -> int:
@@ -65,6 +70,11 @@ class TupleStore:
 
     def names(self) -> list[str]:
         return list(self._tuples)
+
+    def entries(self, directory: int) -> list[TupleEntry]:
+        """The tuples of every entry record of ``directory`` (tombstones included)."""
+        names = self._entries.get(directory, ())
+        return [self._tuples[name] for name in names]
 
     @property
     def hot_count(self) -> int:
@@ -93,6 +103,9 @@ class TupleStore:
             return False
         if old is None:
             self._cursor_names = None
+            parsed = parse_entry(entry.name)
+            if parsed is not None:
+                self._entries.setdefault(parsed[0], set()).add(entry.name)
         self._tuples[entry.name] = entry
         self._hot[entry.name] = self.rumor_sends
         if entry.tombstone:
@@ -107,6 +120,13 @@ class TupleStore:
             del self._tomb_since[name]
             del self._tuples[name]
             self._hot.pop(name, None)
+            parsed = parse_entry(name)
+            if parsed is not None:
+                names = self._entries.get(parsed[0])
+                if names is not None:
+                    names.discard(name)
+                    if not names:
+                        del self._entries[parsed[0]]
         if gone:
             self._cursor_names = None
         return gone

@@ -1,0 +1,122 @@
+"""The namespace's records on the cluster: ``daemon.namespace.vfs.Records`` for a node.
+
+Reads come from where Kelips keeps tuples: a record of this node's own group from its own
+tuple table (no network: announced to every member before the write that made it returns);
+another group's by one lookup datagram to a contact of that group (``DataPlane.find``); a
+directory's entries from one member of the directory's group. Operations go to the inode's
+primary (``daemon.namespace.primary``): the first of its holders that answers.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+from typing import TYPE_CHECKING
+
+from daemon.core.inodes import Entry, FsError, Inode, entry_from_record
+from daemon.core.keys import data_name, entry_name, entry_prefix, inode_name
+from daemon.core.messages import TupleEntry
+from daemon.dataplane import DataError, NotFound, Unavailable
+from daemon.namespace import ops
+from daemon.namespace.ops import Op, Result
+from daemon.namespace.primary import NotPrimary
+from daemon.peers import PeerError
+from daemon.wire import tuple_from_json
+
+if TYPE_CHECKING:
+    from daemon.runtime import NodeRuntime
+
+log = logging.getLogger("kelipsfs.namespace")
+
+
+class ClusterRecords:
+    """The records of the namespace, read and changed through this node."""
+
+    def __init__(self, runtime: NodeRuntime) -> None:
+        self.rt = runtime
+
+    async def record(self, name: str) -> TupleEntry | None:
+        """The newest tuple of ``name`` this node can learn (tombstones included)."""
+        node = self.rt.node
+        if node.group_of(name) == node.group:
+            return node.tuples.get(name)
+        return await self.rt.dataplane.find(name)
+
+    async def inode(self, ino: int) -> Inode | None:
+        t = await self.record(inode_name(ino))
+        if t is None or t.tombstone:
+            return None
+        try:
+            found = Inode.from_record(ino, t)
+        except ValueError:
+            log.warning("inode record %s is malformed; treated as missing", t.name)
+            return None
+        if not stat.S_ISREG(found.mode):
+            return found
+        return found.join(await self.record(data_name(ino)))
+
+    async def entry(self, directory: int, name: str) -> Entry | None:
+        t = await self.record(entry_name(directory, name))
+        return entry_from_record(t) if t is not None else None
+
+    async def entries(self, directory: int) -> list[Entry]:
+        node = self.rt.node
+        prefix = entry_prefix(directory)
+        if node.group_of(prefix) == node.group:
+            tuples = node.tuples.entries(directory)
+        else:
+            doc = await self.rt.dataplane.ask_group(prefix, "/v1/entries",
+                                                    {"dir": directory})
+            tuples = [tuple_from_json(t) for t in doc["entries"]]
+        found = (entry_from_record(t) for t in tuples)
+        return sorted((e for e in found if e is not None), key=lambda e: e.name)
+
+    async def small_content(self, name: str) -> bytes:
+        try:
+            meta, stream = await self.rt.dataplane.open_read(name)
+            data = b"".join([chunk async for chunk in stream])
+        except NotFound as exc:
+            raise FsError(errno.ENOENT, exc.message) from exc
+        except DataError as exc:
+            raise FsError(errno.EIO, exc.message) from exc
+        if len(data) != meta.size:
+            raise FsError(errno.EIO, f"{name}: short content")
+        return data
+
+    async def apply(self, op: Op) -> Result:
+        """Run ``op`` at the inode's primary: its holders in placement order, the first that
+        answers (this node itself when it is that holder)."""
+        dp = self.rt.dataplane
+        node = self.rt.node
+        try:
+            holders, _ = await dp.placement(inode_name(op.key))
+        except DataError as exc:
+            raise FsError(errno.EIO, exc.message) from exc
+        errors: list[str] = []
+        for holder in holders:
+            if holder.node_id == node.node_id:
+                try:
+                    result, _ = await self.rt.primary.apply(op)
+                except (NotPrimary, Unavailable) as exc:
+                    errors.append(f"here: {exc.message}")
+                    continue
+                except DataError as exc:
+                    raise FsError(errno.EIO, exc.message) from exc
+                return result
+            try:
+                doc, _ = await dp.peers.call_json("POST", holder.address, "/v1/ns/op",
+                                                  doc=ops.to_json(op))
+            except PeerError as exc:
+                errors.append(f"{holder.host}:{holder.port}: {exc}")
+                if exc.status in (None, 421, 503):
+                    continue
+                raise FsError(errno.EIO, str(exc)) from exc
+            if doc.get("errno"):
+                raise FsError(int(doc["errno"]), str(doc.get("message", "")))
+            now = self.rt.now()
+            for t in doc.get("tuples", []):
+                node.merge_tuple(now, tuple_from_json(t))  # read-your-writes in this group
+            return ops.result_from_json(doc["result"])
+        raise FsError(errno.EIO, f"no holder of inode {op.key:x} could apply {op.kind}: "
+                                 f"{'; '.join(errors) or 'none known'}")

@@ -1,0 +1,144 @@
+"""The content of regular files, between the cluster and a mount's local files.
+
+A file's bytes are the content record ``d/<ino>`` (``daemon.core.keys``), written whole at
+every publish (the last writer wins) and read whole into a local file at open. ``fetch`` puts
+the current version into a new local file (a hard link to this node's own store file when it
+holds that version, else streamed from the nearest live holder, verified); ``publish`` stores a
+local file as the new version on the inode's holders (acknowledged once the write quorum has it
+fsynced). Disk work runs in worker threads, so the event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple, cast
+
+import trio
+
+from daemon.core.keys import data_name
+from daemon.core.messages import TupleEntry
+from daemon.dataplane import NotFound, TransferFailed
+from daemon.digest import file_digest
+
+if TYPE_CHECKING:
+    from daemon.runtime import NodeRuntime
+
+log = logging.getLogger("kelipsfs.fuse")
+
+#: Bytes gathered from a remote holder before one write to the local file.
+FETCH_BATCH = 1 << 20
+
+
+class Fetched(NamedTuple):
+    """What was fetched into a local file."""
+
+    size: int
+    checksum: bytes
+    clock: int
+    #: A link to a store file this process did not write: check it while it is read.
+    verify: bool = False
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
+
+def _materialize(source: Path, dest: Path, checksum: bytes, link: bool) -> bool:
+    """Make ``dest`` a copy of a local store file (worker thread); False if that failed.
+
+    A hard link when ``link`` (no bytes copied: the store never writes a committed file
+    again, and the link keeps the inode when the store replaces the version; its reads are
+    checked as they go, ``kelipsfs.local_copy``); otherwise a real copy, verified now.
+    """
+    try:
+        if link:
+            os.link(source, dest)
+            return True
+        shutil.copyfile(source, dest)
+        if file_digest(dest) == checksum:
+            return True
+        log.warning("local copy %s does not match its checksum; fetching instead", source)
+    except OSError as exc:
+        log.debug("cannot use the local copy %s: %s", source, exc)
+    dest.unlink(missing_ok=True)
+    return False
+
+
+class Content:
+    """Fetch and publish the content records of regular files through one node."""
+
+    def __init__(self, runtime: NodeRuntime) -> None:
+        self._rt = runtime
+
+    async def fetch(self, ino: int, dest: Path, *, link_ok: bool) -> Fetched | None:
+        """Put the current content of ``ino`` into the new file ``dest``; None (and no file)
+        if the inode has no content record yet (a file never written: empty)."""
+        name = data_name(ino)
+        obj = self._rt.store.get(name)
+        if obj is not None and not obj.tombstone and obj.path is not None:
+            entry = await self._rt.dataplane.find(name)
+            if entry is None or entry.tombstone:
+                return None
+            if obj.version >= entry.version and await trio.to_thread.run_sync(
+                    _materialize, obj.path, dest, obj.checksum, link_ok):
+                return Fetched(obj.size, obj.checksum, obj.version.clock,
+                               verify=link_ok and not obj.written_here)
+        try:
+            return await self._streamed(name, dest)
+        except NotFound:
+            return None
+        except TransferFailed as exc:  # e.g. the copy read was replaced by a newer write
+            log.info("%s; reading it again", exc.message)
+            return await self._streamed(name, dest)
+
+    async def _streamed(self, name: str, dest: Path) -> Fetched:
+        meta, stream_of = await self._rt.dataplane.open_read(name)
+        # An async generator (DataPlane._stream): closing it releases the holder's connection.
+        chunks = cast(AsyncGenerator[bytes, None], stream_of)
+        fd = await trio.to_thread.run_sync(
+            os.open, dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        ok = False
+        try:
+            pending: list[bytes] = []
+            size = 0
+            async with contextlib.aclosing(chunks) as stream:
+                async for chunk in stream:
+                    pending.append(chunk)
+                    size += len(chunk)
+                    if size >= FETCH_BATCH:
+                        block, pending, size = b"".join(pending), [], 0
+                        await trio.to_thread.run_sync(_write_all, fd, block)
+            if pending:
+                await trio.to_thread.run_sync(_write_all, fd, b"".join(pending))
+            ok = True
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(os.close, fd)
+                if not ok:
+                    await trio.to_thread.run_sync(dest.unlink, True)
+        return Fetched(meta.size, meta.checksum, meta.clock)
+
+    async def current(self, ino: int) -> TupleEntry | None:
+        """The content record's tuple (None: never written, or removed)."""
+        entry = await self._rt.dataplane.find(data_name(ino))
+        return None if entry is None or entry.tombstone else entry
+
+    async def publish(self, ino: int, source: Path, size: int, checksum: bytes,
+                      mtime_ns: int) -> TupleEntry:
+        """Store a local file this mount wrote and will not write again as the content of
+        ``ino`` (``DataPlane.insert``'s ``link_ok``: the local copy copies itself before a
+        later write)."""
+        entry: TupleEntry = await self._rt.dataplane.insert(
+            data_name(ino), source, size, checksum, 0, mtime_ns, link_ok=True)
+        return entry

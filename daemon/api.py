@@ -1,9 +1,11 @@
 """The node's HTTP endpoints (served by hypercorn's trio worker on the node's port).
 
 Node-to-node: /v1/sync (join, anti-entropy), /v1/lookup, /v1/placement, /v1/list,
-/v1/replica/NAME (store, read, delete a copy), /v1/tuple (publish tuples).
-Clients (the CLI, the mount): /v1/files/NAME (put, get, delete), /v1/files?prefix= (list),
-/v1/stat/NAME, /v1/status. /metrics is the Prometheus text format.
+/v1/replica/NAME (store, read, delete a copy), /v1/tuple (publish tuples); the namespace's
+own (``daemon.namespace.http``).
+Clients: the filesystem by path (``daemon.namespace.paths``: /v1/files/PATH, /v1/stat/PATH),
+the DHT's raw objects (/v1/objects/NAME, /v1/objects-stat/NAME), /v1/status. /metrics is the
+Prometheus text format.
 
 Every request except /metrics must be signed with the cluster key; anything unsigned, wrongly
 signed, replayed, oversized or malformed is refused with a 4xx, counted, and changes nothing.
@@ -28,6 +30,7 @@ from daemon.dataplane import DataError, Located
 from daemon.digest import DIGEST_SIZE, EMPTY_DIGEST, digest_of
 from daemon.names import NameError_, validate_name, validate_prefix
 from daemon.namespace.http import add_routes as add_namespace_routes
+from daemon.namespace.paths import add_routes as add_path_routes
 from daemon.peers import BULK_MIN, CONTENT_DIGEST_HEADER, TRAILER_MARK, LateDigest
 from daemon.security import DIGEST_IN_TRAILER, MAC_HEADER, AuthError
 from daemon.settings import format_address
@@ -41,6 +44,9 @@ log = logging.getLogger("kelipsfs.http")
 
 #: Microseconds the node spent on a GET /v1/files (lookup + fetch), measured inside the node.
 ELAPSED_HEADER = "x-kelips-elapsed-us"
+#: Raw objects (``/v1/objects/NAME``) are records named with this prefix: the key-value space of
+#: the DHT, apart from the namespace's records (``daemon.core.keys``).
+OBJECT_PREFIX = "o/"
 META_HEADERS = ("x-kelips-size", "x-kelips-mode", "x-kelips-mtime-ns", "x-kelips-checksum",
                 "x-kelips-clock")
 
@@ -154,14 +160,13 @@ def build_app(rt: NodeRuntime) -> Router:
     router.add("PUT", "/v1/replica/", api.put_replica)
     router.add("GET", "/v1/replica/", api.get_replica)
     router.add("DELETE", "/v1/replica/", api.delete_replica)
-    router.add("PUT", "/v1/files/", api.put_file)
-    router.add("GET", "/v1/files/", api.get_file)
-    router.add("DELETE", "/v1/files/", api.delete_file)
-    router.add("GET", "/v1/files", api.list_files)
-    router.add("GET", "/v1/stat/", api.stat)
+    router.add("PUT", "/v1/objects/", api.put_object)
+    router.add("GET", "/v1/objects/", api.get_object)
+    router.add("GET", "/v1/objects-stat/", api.stat_object)
     router.add("GET", "/v1/status", api.status)
     router.add("GET", "/metrics", api.metrics)
     add_namespace_routes(router, rt, api.read_json, api.verify)
+    add_path_routes(router, rt, api)
     return router
 
 
@@ -192,13 +197,13 @@ class _Api:
         except ValueError as exc:
             raise HTTPError(400, "body is not JSON") from exc
 
-    def _name(self, req: Request, prefix: str) -> str:
+    def name_of(self, req: Request, prefix: str) -> str:
         try:
             return validate_name(req.path[len(prefix):])
         except NameError_ as exc:
             raise HTTPError(400, str(exc)) from exc
 
-    def _body_checksum(self, req: Request) -> bytes | LateDigest:
+    def body_checksum(self, req: Request) -> bytes | LateDigest:
         """Authenticate an upload's head and say what its body must hash to: the digest
         declared (and signed) in its header, or, for a body hashed while it was sent, a
         ``LateDigest`` read from the signed trailer once the body has arrived."""
@@ -314,8 +319,8 @@ class _Api:
         return Response.json({"ok": True})
 
     async def put_replica(self, req: Request) -> Response:
-        name = self._name(req, "/v1/replica/")
-        checksum = self._body_checksum(req)
+        name = self.name_of(req, "/v1/replica/")
+        checksum = self.body_checksum(req)
         version = self._version(req)
         size = req.int_arg("size")
         if size < 0 or size > self.rt.settings.max_object_bytes:
@@ -336,7 +341,7 @@ class _Api:
         return Response.json({"stored": obj.size})
 
     async def get_replica(self, req: Request) -> Response:
-        name = self._name(req, "/v1/replica/")
+        name = self.name_of(req, "/v1/replica/")
         self.verify(req, EMPTY_DIGEST)
         obj = self.rt.store.get(name)
         min_clock = req.int_arg("min_clock", 0)
@@ -345,7 +350,7 @@ class _Api:
         offset = req.int_arg("offset", 0)
         if not 0 <= offset <= obj.size:
             raise HTTPError(416, "offset outside the object")
-        headers = _meta_headers(obj.size, obj.mode, obj.mtime_ns, obj.checksum,
+        headers = meta_headers(obj.size, obj.mode, obj.mtime_ns, obj.checksum,
                                 obj.version.clock)
         headers["content-length"] = str(obj.size - offset)
         # Not hashed here: every reader of a replica (DataPlane._stream) hashes what it
@@ -355,7 +360,7 @@ class _Api:
                         file=obj.path, file_offset=offset)
 
     async def delete_replica(self, req: Request) -> Response:
-        name = self._name(req, "/v1/replica/")
+        name = self.name_of(req, "/v1/replica/")
         self.verify(req, EMPTY_DIGEST)
         try:
             await self.rt.store.delete(name, self._version(req))
@@ -365,69 +370,78 @@ class _Api:
             raise HTTPError(500, str(exc)) from exc
         return Response.json({"deleted": True})
 
-    # --- clients ---------------------------------------------------------------------------
+    # --- clients: the raw objects of the DHT (the filesystem is daemon.namespace.paths) ------
 
-    async def put_file(self, req: Request) -> Response:
-        name = self._name(req, "/v1/files/")
-        checksum = self._body_checksum(req)
-        size = req.int_arg("size")
-        if size < 0 or size > self.rt.settings.max_object_bytes:
-            raise HTTPError(413, f"object of {size} bytes over the limit")
+    async def put_object(self, req: Request) -> Response:
+        record = OBJECT_PREFIX + self.name_of(req, "/v1/objects/")
+        checksum = self.body_checksum(req)
+        size = self.upload_size(req)
         if req.query.get("direct") == "1" and size >= BULK_MIN:
-            holders = await self._upload_holders(name, req.target)
+            holders = await self.upload_redirect(record, req.target)
             if holders is not None:
                 return holders
         try:
             entry = await self.rt.dataplane.insert_stream(
-                name, req.stream(), size, checksum, req.int_arg("mode", 0o644),
+                record, req.stream(), size, checksum, req.int_arg("mode", 0o644),
                 req.int_arg("mtime_ns", 0))
         except DataError as exc:
             raise HTTPError(exc.status, exc.message) from exc
         return Response.json({"tuple": tuple_to_json(entry)})
 
-    async def _upload_holders(self, name: str, target: str) -> Response | None:
+    def upload_size(self, req: Request) -> int:
+        size = req.int_arg("size")
+        if size < 0 or size > self.rt.settings.max_object_bytes:
+            raise HTTPError(413, f"object of {size} bytes over the limit")
+        return size
+
+    async def upload_redirect(self, record: str, target: str,
+                              extra: dict[str, object] | None = None) -> Response | None:
         """For a client that sends large uploads to a holder itself (``direct=1``): a 307
-        naming the name's holders when this node is not one of them. Why: relayed, every byte
-        crosses this node first (received once, sent r times); sent to a holder, it is received
-        there and sent r - 1 times, so the whole object makes one trip fewer over the network
-        and through a process. The head was authenticated; the body is not read. None when
-        this node is a holder or knows none: it relays the upload, as without ``direct``.
+        naming the record's holders when this node is not one of them. Why: relayed, every
+        byte crosses this node first (received once, sent r times); sent to a holder, it is
+        received there and sent r - 1 times, so the whole object makes one trip fewer over the
+        network and through a process. The head was authenticated; the body is not read. None
+        when this node is a holder or knows none: it relays the upload, as without ``direct``.
+        ``extra`` is what the client must add to its request (a new file's inode number).
         ``location`` is the same request at the first holder (a holder never redirects), for
         a generic HTTP client; ``kelipsfs put`` signs a new request for it."""
         try:
-            holders, _ = await self.rt.dataplane.placement(name)
+            holders, _ = await self.rt.dataplane.placement(record)
         except DataError:
             return None  # (insert_stream meets the same failure and says so)
         if not holders or any(h.node_id == self.rt.node.node_id for h in holders):
             return None
         self.rt.metrics.inc("kelips_puts_sent_to_holders_total")
         named = [format_address(h.address) for h in holders]
-        answer = Response.json({"holders": named}, 307)
+        answer = Response.json({"holders": named, "query": extra or {}}, 307)
         answer.headers["location"] = f"http://{named[0]}{target}"
         return answer
 
-    async def get_file(self, req: Request) -> Response:
-        """The newest version of a file. Small objects (up to the inline limit) are read whole
+    async def get_object(self, req: Request) -> Response:
+        started = time.perf_counter()
+        record = OBJECT_PREFIX + self.name_of(req, "/v1/objects/")
+        self.verify(req, EMPTY_DIGEST)
+        return await self.read_answer(req, record, started)
+
+    async def read_answer(self, req: Request, record: str, started: float) -> Response:
+        """The newest version of a record. Small ones (up to the inline limit) are read whole
         before the answer starts, so a failed transfer is an error status rather than a cut
         body, and ``x-kelips-elapsed-us`` (the node's own time from the request's arrival to
         the verified bytes in hand: lookup plus fetch) covers the whole read; for a larger
-        object it covers the time until the first holder answered."""
-        started = time.perf_counter()
-        name = self._name(req, "/v1/files/")
-        self.verify(req, EMPTY_DIGEST)
+        one it covers the time until the first holder answered."""
         try:
-            plan = await self.rt.dataplane.read_plan(name)
+            plan = await self.rt.dataplane.read_plan(record)
             if req.query.get("direct") == "1":
                 holders = self._holders_answer(plan[0])
                 if holders is not None:
                     return holders
-            meta, stream = await self.rt.dataplane.open_read(name, plan)
+            meta, stream = await self.rt.dataplane.open_read(record, plan)
             body: bytes | None = None
             if meta.size <= codec.INLINE_MAX:
                 body = b"".join([chunk async for chunk in stream])
         except DataError as exc:
             raise HTTPError(exc.status, exc.message) from exc
-        headers = _meta_headers(meta.size, meta.mode, meta.mtime_ns, meta.checksum, meta.clock)
+        headers = meta_headers(meta.size, meta.mode, meta.mtime_ns, meta.checksum, meta.clock)
         headers[ELAPSED_HEADER] = str(int((time.perf_counter() - started) * 1e6))
         if body is not None:
             return Response(200, body, headers)  # content-length from the body
@@ -436,44 +450,31 @@ class _Api:
 
     def _holders_answer(self, found: Located) -> Response | None:
         """For a client that fetches large objects from a holder itself (``direct=1``): a 303
-        naming the version and its live holders, nearest first (this node among them when it
-        holds it), so the bytes go from a holder's file to the client in one bulk transfer
-        (sendfile on the holder) instead of being relayed through this node. None for small
-        objects, which this node answers itself (one request, often one datagram)."""
+        naming the record, its version and its live holders, nearest first (this node among
+        them when it holds it), so the bytes go from a holder's file to the client in one
+        bulk transfer (sendfile on the holder) instead of being relayed through this node.
+        None for small objects, which this node answers itself (one request, often one
+        datagram)."""
         entry = found.entry
         if entry is None or entry.tombstone or entry.size < BULK_MIN or not found.holders:
             return None  # (a missing object: open_read says so, and counts it)
         self.rt.metrics.inc("kelips_reads_sent_to_holders_total")
-        return Response.json({"size": entry.size, "checksum": entry.checksum.hex(),
-                              "clock": entry.version.clock,
+        return Response.json({"name": entry.name, "size": entry.size,
+                              "checksum": entry.checksum.hex(), "clock": entry.version.clock,
                               "holders": [format_address(h.address) for h in found.holders]}, 303)
 
-    async def delete_file(self, req: Request) -> Response:
-        name = self._name(req, "/v1/files/")
+    async def stat_object(self, req: Request) -> Response:
+        name = self.name_of(req, "/v1/objects-stat/")
+        record = OBJECT_PREFIX + name
         self.verify(req, EMPTY_DIGEST)
         try:
-            await self.rt.dataplane.delete(name)
-        except DataError as exc:
-            raise HTTPError(exc.status, exc.message) from exc
-        return Response.json({"deleted": name})
-
-    async def list_files(self, req: Request) -> Response:
-        self.verify(req, EMPTY_DIGEST)
-        prefix = prefix_or_400(req.query.get("prefix", ""))
-        objects, missing = await self.rt.dataplane.listing(prefix)
-        return Response.json({"objects": objects, "unreachable_groups": missing})
-
-    async def stat(self, req: Request) -> Response:
-        name = self._name(req, "/v1/stat/")
-        self.verify(req, EMPTY_DIGEST)
-        try:
-            found = await self.rt.dataplane.locate(name)
+            found = await self.rt.dataplane.locate(record)
         except DataError as exc:
             raise HTTPError(exc.status, exc.message) from exc
         if found.entry is None or found.entry.tombstone:
             raise HTTPError(404, f"{name}: no such object")
         return Response.json({"tuple": tuple_to_json(found.entry), "group":
-                              self.rt.node.group_of(name), "hops": found.hops,
+                              self.rt.node.group_of(record), "hops": found.hops,
                               "holders": [entry_to_json(h) for h in found.holders]})
 
     async def status(self, req: Request) -> Response:
@@ -498,7 +499,7 @@ def prefix_or_400(prefix: str) -> str:
         raise HTTPError(400, str(exc)) from exc
 
 
-def _meta_headers(size: int, mode: int, mtime_ns: int, checksum: bytes, clock: int
+def meta_headers(size: int, mode: int, mtime_ns: int, checksum: bytes, clock: int
                   ) -> dict[str, str]:
     return {"content-type": "application/octet-stream", "x-kelips-size": str(size),
             "x-kelips-mode": str(mode), "x-kelips-mtime-ns": str(mtime_ns),

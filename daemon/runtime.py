@@ -23,6 +23,7 @@ import trio
 from daemon.core import codec
 from daemon.core.config import AUTH_TRAILER
 from daemon.core.ids import group_of_node
+from daemon.core.keys import is_metadata
 from daemon.core.messages import (
     DATAGRAM_TYPES,
     Address,
@@ -182,6 +183,7 @@ class NodeRuntime:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from daemon.api import build_app, serve_http
         from daemon.dataplane import DataPlane
+        from daemon.namespace.migrate import migrate_loop
         from daemon.namespace.primary import Primary
 
         s = self.settings
@@ -214,6 +216,7 @@ class NodeRuntime:
                 if s.bootstrap is not None:
                     nursery.start_soon(self._bootstrap_loop)
                 await self._join()
+                nursery.start_soon(migrate_loop, self)
                 self.ready.set()
                 _freeze_startup_objects()
                 log.info("node up", extra=fields(
@@ -591,7 +594,7 @@ class NodeRuntime:
         now = self.now()
         held: dict[bytes, int] = {}
         for t in node.tuples:
-            if not t.tombstone:
+            if not t.tombstone and not is_metadata(t.name):
                 for h in t.holders:
                     held[h] = held.get(h, 0) + 1
         objects, used, free = self.store.usage()

@@ -59,6 +59,7 @@ import trio
 
 from daemon.core.codec import INLINE_MAX
 from daemon.core.ids import NODE_ID_BYTES
+from daemon.core.keys import is_metadata
 from daemon.core.messages import Version
 from daemon.digest import ALGORITHM, DIGEST_SIZE, EMPTY_DIGEST, digest_of, new_hasher
 from daemon.writeback import advance_writeback
@@ -384,7 +385,9 @@ class ObjectStore:
     def usage(self) -> tuple[int, int, int]:
         """(live objects, content bytes they hold, bytes free to this process on the filesystem).
 
-        Tombstones count as neither objects nor bytes; free space is statvfs ``f_bavail``.
+        Objects are file contents and raw objects: the namespace's inode, entry and
+        extended-attribute records are not counted. Tombstones count as neither objects nor
+        bytes; free space is statvfs ``f_bavail``.
         """
         st = os.statvfs(self.root)
         return self._live, self._bytes, st.f_bavail * st.f_frsize
@@ -823,14 +826,14 @@ class ObjectStore:
         self._uninstall(obj.name)
         self._index[obj.name] = obj
         if not obj.tombstone:
-            self._live += 1
+            self._live += not is_metadata(obj.name)
             self._bytes += obj.size
 
     def _uninstall(self, name: str) -> None:
         self._forget_small(name)
         old = self._index.pop(name, None)
         if old is not None and not old.tombstone:
-            self._live -= 1
+            self._live -= not is_metadata(name)
             self._bytes -= old.size
 
     def _commit(self, name: str, version: Version, mode: int, mtime_ns: int, size: int,

@@ -245,7 +245,8 @@ def _put_file(ns: argparse.Namespace, local: Path) -> int:
     async def work(client: Any) -> int:
         doc = await client.put(local, ns.name, sys.stderr.isatty())
         t = doc["tuple"]
-        print(f"stored {t['name']} ({t['size']} bytes) on {len(t['holders'])} holder(s)")
+        print(f"stored {doc.get('path', t['name'])} ({t['size']} bytes) on "
+              f"{len(t['holders'])} holder(s)")
         return 0
 
     return _run_client(ns, "put", work)

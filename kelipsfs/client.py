@@ -196,12 +196,14 @@ class Client:
                 raise ClientError(f"{local}: changed while it was sent; nothing was stored")
             return hashed[0]
 
-        async def upload(address: Address, direct: bool) -> tuple[int, bytes]:
+        async def upload(address: Address, direct: bool,
+                         extra: dict[str, object] | None = None) -> tuple[int, bytes]:
             if meter:
                 meter.restart()
+            asked = {**query, **(extra or {})}
             async with self.peers.stream(
-                    "PUT", address, "/v1/files/" + name, {**query, "direct": 1} if direct
-                    else query, body=FileBody(fh.fileno(), on_sent=meter.add if meter else None),
+                    "PUT", address, "/v1/files/" + name, {**asked, "direct": 1} if direct
+                    else asked, body=FileBody(fh.fileno(), on_sent=meter.add if meter else None),
                     content_digest=LateDigest(digest, ready),  # (checked again each attempt)
                     bulk_size=st.st_size,
                     connect_timeout=None if address == self.target.address
@@ -233,7 +235,9 @@ class Client:
         return json.loads(data)
 
     async def _upload_to_holders(
-            self, answer: bytes, upload: Callable[[Address, bool], Awaitable[tuple[int, bytes]]]
+            self, answer: bytes,
+            upload: Callable[[Address, bool, dict[str, object] | None],
+                             Awaitable[tuple[int, bytes]]]
     ) -> tuple[int, bytes]:
         """Send the upload to the first holder the node named in ``answer`` (it stores its
         copy and relays to the others). If that holder cannot be reached, the transfer breaks,
@@ -246,15 +250,17 @@ class Client:
         except ValueError:
             plan = None
         holders = plan.get("holders") if isinstance(plan, dict) else None
+        extra = plan.get("query") if isinstance(plan, dict) else None
+        extra = extra if isinstance(extra, dict) else {}
         if isinstance(holders, list) and holders:
             try:
                 address = parse_address(str(holders[0]), key="holder")
-                status, data = await upload(address, False)
+                status, data = await upload(address, False, extra)
                 if status == 200 or status in _FINAL_FROM_HOLDER:
                     return status, data
             except (PeerError, BulkError, ValueError):
                 pass
-        return await upload(self.target.address, False)
+        return await upload(self.target.address, False, extra)
 
     async def get(self, name: str, out: BinaryIO, progress: bool) -> int:
         """Stream an object to ``out``, verifying size and digest at the end.
@@ -304,12 +310,13 @@ class Client:
         meter = _meter(int(plan["size"]), progress)
         meta: _Meta | None = None
         errors: list[str] = []
+        record = str(plan.get("name", name))  # the content record the node named
         for holder in plan["holders"]:
             address = parse_address(str(holder), key="holder")
             query = {"min_clock": plan["clock"] if meta is None else meta.clock,
                      "offset": sink.size}
             try:
-                async with self.peers.stream("GET", address, "/v1/replica/" + name, query,
+                async with self.peers.stream("GET", address, "/v1/replica/" + record, query,
                                              bulk_size=0,
                                              connect_timeout=HOLDER_CONNECT_TIMEOUT) as response:
                     if response.status_code != 200:

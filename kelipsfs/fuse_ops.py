@@ -25,6 +25,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -45,6 +46,9 @@ log = logging.getLogger("kelipsfs.fuse")
 IO_BLOCK = 1 << 20
 #: The longest name of one directory entry (bytes).
 NAME_MAX = 255
+#: relatime: an access is recorded when the last one is older than this, even if nothing
+#: changed since.
+RELATIME_AGE_NS = 24 * 3600 * 1_000_000_000
 _T = TypeVar("_T")
 
 
@@ -76,12 +80,14 @@ class KelipsOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, namespace: Namespace, files: OpenFiles, runtime: Any, *,
-                 readonly: bool = False) -> None:
+                 readonly: bool = False, background: trio.Nursery | None = None) -> None:
         super().__init__()
         self._ns = namespace
         self._files = files
         self._rt = runtime
         self._readonly = readonly
+        self._background = background
+        self._atime_pending: set[int] = set()
         self._dirs: dict[int, _DirHandle] = {}
         # The last attributes seen of each inode open here: fstat of a file unlinked while
         # open answers from them (with no links left).
@@ -173,6 +179,9 @@ class KelipsOperations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
                       ctx: Any) -> pyfuse3.EntryAttributes:
         self._writable()
+        last = self._last.get(inode)
+        if last is not None and self._files.is_unlinked(inode):
+            return await self._setattr_unlinked(last, attr, fields)
         current = await self._inode(inode)
         mode: int | None = None
         if fields.update_size:
@@ -199,6 +208,23 @@ class KelipsOperations(pyfuse3.Operations):
             else:
                 return self._attrs(current)
         return self._attrs(await self._call(self._ns.setattr, inode, change))
+
+    async def _setattr_unlinked(self, last: Inode, attr: Any,
+                                fields: Any) -> pyfuse3.EntryAttributes:
+        """ftruncate, fchmod... of a file unlinked while open: its local copy and the
+        attributes this mount last saw take the change (nothing is stored any more)."""
+        if fields.update_size:
+            await self._call(self._files.truncate, last.ino, attr.st_size)
+        changed = replace(
+            last, nlink=0,
+            mode=stat.S_IFMT(last.mode) | (attr.st_mode & 0o7777) if fields.update_mode
+            else last.mode,
+            uid=attr.st_uid if fields.update_uid else last.uid,
+            gid=attr.st_gid if fields.update_gid else last.gid,
+            atime_ns=attr.st_atime_ns if fields.update_atime else last.atime_ns,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else last.mtime_ns)
+        self._last[last.ino] = changed
+        return self._attrs(changed)
 
     async def _truncate(self, inode: Inode, length: int) -> None:
         if length < 0:
@@ -307,8 +333,31 @@ class KelipsOperations(pyfuse3.Operations):
         fh = await self._call(self._files.open, inode, writable, truncate,
                               bool(flags & os.O_APPEND))
         self._last[inode] = found
+        if flags & os.O_ACCMODE != os.O_WRONLY:
+            self._accessed(found)
         # keep_cache off: pages another mount's write made stale are dropped at every open
         return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+
+    def _accessed(self, inode: Inode) -> None:
+        """relatime: the first read after a change (or a day after the last) records the
+        access time, in the background so the open does not wait for it."""
+        now = time.time_ns()
+        due = (inode.atime_ns <= max(inode.mtime_ns, inode.ctime_ns)
+               or now - inode.atime_ns > RELATIME_AGE_NS)
+        if (not due or self._readonly or self._background is None
+                or inode.ino in self._atime_pending):
+            return
+        self._atime_pending.add(inode.ino)
+
+        async def record() -> None:
+            try:
+                await self._ns.setattr(inode.ino, AttrChange(atime_ns=now))
+            except (FsError, DataError) as exc:
+                log.debug("access time of %x not recorded: %s", inode.ino, exc)
+            finally:
+                self._atime_pending.discard(inode.ino)
+
+        self._background.start_soon(record)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
@@ -344,6 +393,7 @@ class KelipsOperations(pyfuse3.Operations):
         found = await self._inode(inode)
         if not found.is_dir:
             raise _fail(errno.ENOTDIR)
+        self._accessed(found)
         fh = self._next_dir
         self._next_dir += 1
         self._dirs[fh] = _DirHandle(inode)

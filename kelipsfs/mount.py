@@ -245,7 +245,7 @@ async def _serve(settings: NodeSettings, mountpoint: Path, foreground: bool,
             try:
                 with startup:
                     await nursery.start(run_node)
-                    ops = await _operations(runtime, settings, readonly)
+                    ops = await _operations(runtime, settings, readonly, nursery)
                     try:
                         pyfuse3.init(ops, str(mountpoint), fuse_opts)
                     except RuntimeError as exc:
@@ -286,8 +286,8 @@ async def _serve(settings: NodeSettings, mountpoint: Path, foreground: bool,
     log.info("stopped")
 
 
-async def _operations(runtime: NodeRuntime, settings: NodeSettings,
-                      readonly: bool) -> KelipsOperations:
+async def _operations(runtime: NodeRuntime, settings: NodeSettings, readonly: bool,
+                      background: trio.Nursery) -> KelipsOperations:
     """The FUSE operations over a running node, once the cluster has a root directory."""
     from daemon.core.inodes import FsError
     from daemon.namespace.cluster import ClusterRecords
@@ -307,7 +307,8 @@ async def _operations(runtime: NodeRuntime, settings: NodeSettings,
                 log.info("the cluster has no root directory yet: %s", exc.message)
                 await trio.sleep(0.5)
     files = OpenFiles(Content(runtime), spool, settings.max_object_bytes)
-    return KelipsOperations(namespace, files, runtime, readonly=readonly)
+    return KelipsOperations(namespace, files, runtime, readonly=readonly,
+                            background=background)
 
 
 def prepare_spool(data_dir: Path) -> Path:

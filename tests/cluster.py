@@ -72,6 +72,43 @@ def store_version_ahead(address: str, name: str, data: bytes, ahead_s: float) ->
     return clock
 
 
+def object_call(address: str, method: str, name: str, data: bytes | None = None) -> Any:
+    """A raw object of the DHT (``/v1/objects/NAME``, stored as record ``o/NAME``): put
+    ``data`` (returns the answer's JSON), get it (``data`` None: returns the bytes), or with
+    method "STAT" its tuple and holders. (Open cluster: the key derives from the id.)"""
+    import trio
+
+    from daemon.digest import digest_of
+    from daemon.peers import PeerClient, stream_of
+    from daemon.security import Authenticator, open_cluster_key
+
+    host, port = address.rsplit(":", 1)
+    where = (host, int(port))
+
+    async def call() -> Any:
+        peers = PeerClient(Authenticator(open_cluster_key("kelipsfs")), 20.0)
+        try:
+            with trio.fail_after(60):
+                if method == "PUT":
+                    assert data is not None
+                    async with peers.stream("PUT", where, "/v1/objects/" + name,
+                                            {"size": len(data), "mode": 0o644, "mtime_ns": 1},
+                                            body=stream_of(data),
+                                            content_digest=digest_of(data)) as response:
+                        answer = await response.aread()
+                        assert response.status_code == 200, answer
+                        return json.loads(answer)
+                if method == "STAT":
+                    doc, _ = await peers.call_json("GET", where, "/v1/objects-stat/" + name)
+                    return doc
+                response, _ = await peers.call("GET", where, "/v1/objects/" + name)
+                return response.content
+        finally:
+            await peers.aclose()
+
+    return trio.run(call)
+
+
 @dataclass
 class NodeProc:
     index: int

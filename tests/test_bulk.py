@@ -76,12 +76,12 @@ def test_put_and_get_a_large_file_in_bulk(node: NodeProc) -> None:
         client = peers()
         try:
             query = {"size": len(data), "mode": 0o640, "mtime_ns": 5}
-            async with client.stream("PUT", address(node), "/v1/files/bulk/big", query,
+            async with client.stream("PUT", address(node), "/v1/objects/bulk/big", query,
                                      body=chunks(data), content_digest=sha,
                                      bulk_size=len(data)) as put:
                 put_status = put.status_code
                 await put.aread()
-            async with client.stream("GET", address(node), "/v1/files/bulk/big",
+            async with client.stream("GET", address(node), "/v1/objects/bulk/big",
                                      bulk_size=0) as got:
                 body = await got.aread()
                 headers = dict(got.headers)
@@ -108,7 +108,7 @@ def test_an_unsigned_upload_is_refused_early(node: NodeProc) -> None:
     async def upload() -> tuple[int, bytes]:
         client = peers(key=b"k" * 32)
         try:
-            async with client.stream("PUT", address(node), "/v1/files/bulk/refused",
+            async with client.stream("PUT", address(node), "/v1/objects/bulk/refused",
                                      {"size": len(data)}, body=chunks(data, MiB),
                                      content_digest=sha, bulk_size=len(data)) as answer:
                 return answer.status_code, await answer.aread()
@@ -125,7 +125,7 @@ def _get_status(node: NodeProc, name: str) -> int:
     async def get() -> int:
         client = peers()
         try:
-            async with client.stream("GET", address(node), "/v1/files/" + name,
+            async with client.stream("GET", address(node), "/v1/objects/" + name,
                                      bulk_size=0) as answer:
                 await answer.aread()
                 return answer.status_code
@@ -143,7 +143,7 @@ def test_a_short_body_stores_nothing(node: NodeProc) -> None:
     async def short() -> None:
         client = peers()
         try:
-            async with client.stream("PUT", address(node), "/v1/files/bulk/short",
+            async with client.stream("PUT", address(node), "/v1/objects/bulk/short",
                                      {"size": 2 * MiB}, body=chunks(data), content_digest=sha,
                                      bulk_size=2 * MiB):
                 pass
@@ -163,7 +163,7 @@ def test_errors_of_the_callers_body_propagate(node: NodeProc, tmp_path: Path) ->
     async def put() -> None:
         client = peers()
         try:
-            async with client.stream("PUT", address(node), "/v1/files/bulk/gone", {"size": 9},
+            async with client.stream("PUT", address(node), "/v1/objects/bulk/gone", {"size": 9},
                                      body=failing(), content_digest=b"\0" * 32, bulk_size=9):
                 pass
         finally:
@@ -281,7 +281,7 @@ def test_a_large_put_is_sent_to_a_holder(tmp_path: Path) -> None:
             holders = json.loads(c.cli(nodes[0], "stat", name).stdout)["tuple"]["holders"]
             assert len(holders) == 2
             for holder in holders:
-                assert _held(ids[holder], "replica", name) == data
+                assert _held(ids[holder], "replica", _content_record(c, nodes[0], name)) == data
             if asker_id not in holders:
                 redirected.append(name)
             # sent to a holder, not relayed by the asked node after all: it stored (and
@@ -308,7 +308,8 @@ def test_a_put_goes_to_the_node_when_the_holder_named_fails() -> None:
     def attempt(answer: bytes, holder: int | Exception) -> list[tuple[tuple[str, int], bool]]:
         calls: list[tuple[tuple[str, int], bool]] = []
 
-        async def upload(address: tuple[str, int], direct: bool) -> tuple[int, bytes]:
+        async def upload(address: tuple[str, int], direct: bool,
+                         extra: dict[str, object] | None = None) -> tuple[int, bytes]:
             calls.append((address, direct))
             if address == node_address:
                 return 200, b"{}"
@@ -490,8 +491,8 @@ def _trailer_headers(target: str) -> dict[str, str]:
 
 
 def _upload_target(kind: str, name: str, size: int) -> tuple[str, dict[str, object]]:
-    if kind == "files":
-        return "/v1/files/" + name, {"size": size, "mode": 0o640, "mtime_ns": 11}
+    if kind == "objects":
+        return "/v1/objects/" + name, {"size": size, "mode": 0o640, "mtime_ns": 11}
     return "/v1/replica/" + name, {"clock": time.time_ns() // 1000, "writer": WRITER,
                                    "size": size, "mode": 0o640, "mtime_ns": 11}
 
@@ -555,9 +556,20 @@ def _fetch(node: NodeProc, path: str) -> tuple[int, bytes, dict[str, str]]:
     return result
 
 
+def _stored_as(kind: str, name: str) -> str:
+    """The record an upload of ``kind`` named ``name`` is stored as."""
+    return "o/" + name if kind == "objects" else name
+
+
+def _content_record(c: Cluster, node: NodeProc, path: str) -> str:
+    """The record holding the content of the file at ``path`` (what ``stat`` names)."""
+    return str(json.loads(c.cli(node, "stat", path).stdout)["tuple"]["name"])
+
+
 def _held(node: NodeProc, kind: str, name: str) -> bytes | None:
-    """The bytes ``node`` serves for ``name`` (its replica, or the file); None if absent."""
-    status, body, _ = _fetch(node, ("/v1/replica/" if kind == "replica" else "/v1/files/")
+    """The bytes ``node`` serves for ``name`` (its replica, or the object); None if
+    absent."""
+    status, body, _ = _fetch(node, ("/v1/replica/" if kind == "replica" else "/v1/objects/")
                              + name)
     assert status in (200, 404), (status, body[:200])
     return body if status == 200 else None
@@ -573,8 +585,9 @@ def _assert_nothing_stored(nodes: list[NodeProc], name: str, settle: float = 1.0
     deadline = time.monotonic() + settle
     while True:
         for node in nodes:
-            assert _held(node, "replica", name) is None, f"{name} stored on {node.address}"
-        assert _held(nodes[0], "files", name) is None
+            for record in (name, "o/" + name):
+                assert _held(node, "replica", record) is None, f"{name} stored on {node.address}"
+        assert _held(nodes[0], "objects", name) is None
         leftovers = {node.address: _temp_files(node) for node in nodes}
         if time.monotonic() >= deadline and not any(leftovers.values()):
             return
@@ -595,7 +608,7 @@ def _error(body: bytes) -> str:
     return message
 
 
-@pytest.mark.parametrize("kind", ["files", "replica"])
+@pytest.mark.parametrize("kind", ["objects", "replica"])
 @pytest.mark.parametrize("size", [0, 1, 100 * 1024, 2 * MiB + 3])
 def test_an_upload_with_its_digest_in_a_trailer_is_stored(node: NodeProc, kind: str,
                                                           size: int) -> None:
@@ -603,29 +616,29 @@ def test_an_upload_with_its_digest_in_a_trailer_is_stored(node: NodeProc, kind: 
     name = f"trailer/ok-{kind}-{size}"
     status, body = _put_late(node, kind, name, data)
     assert status == 200, body
-    if kind == "files":
+    if kind == "objects":
         entry = json.loads(body)["tuple"]
         assert entry["checksum"] == digest_of(data).hex() and entry["size"] == size
-        got_status, got, headers = _fetch(node, "/v1/files/" + name)
+        got_status, got, headers = _fetch(node, "/v1/objects/" + name)
         assert got_status == 200 and got == data
         assert headers["x-kelips-checksum"] == digest_of(data).hex()
         assert headers["x-kelips-mode"] == str(0o640)
     else:
         assert json.loads(body) == {"stored": size}
-    assert _held(node, "replica", name) == data
+    assert _held(node, "replica", _stored_as(kind, name)) == data
     assert _temp_files(node) == []
 
 
-@pytest.mark.parametrize("kind", ["files", "replica"])
+@pytest.mark.parametrize("kind", ["objects", "replica"])
 def test_a_hand_made_trailer_is_accepted_like_the_clients(node: NodeProc, kind: str) -> None:
     """The wire form on its own (bulk.request + sign_trailer), not only PeerClient's."""
     data = os.urandom(300 * 1024)
     status, body = _put_with_trailer(node, kind, f"trailer/hand-{kind}", data, _good)
     assert status == 200, body
-    assert _held(node, "replica", f"trailer/hand-{kind}") == data
+    assert _held(node, "replica", _stored_as(kind, f"trailer/hand-{kind}")) == data
 
 
-@pytest.mark.parametrize("kind", ["files", "replica"])
+@pytest.mark.parametrize("kind", ["objects", "replica"])
 @pytest.mark.parametrize(("make", "size", "words"), [
     (_flipped_mac, BODY_TRAILER, "bad mac"),
     (_flipped_digest, BODY_TRAILER, "bad mac"),
@@ -646,7 +659,7 @@ def test_a_trailer_that_is_not_authentic_is_refused(node: NodeProc, kind: str,
     _assert_nothing_stored([node], name, settle=0)
 
 
-@pytest.mark.parametrize(("kind", "expected"), [("files", 422), ("replica", 422)])
+@pytest.mark.parametrize(("kind", "expected"), [("objects", 422), ("replica", 422)])
 def test_a_body_not_matching_its_trailer_is_refused(node: NodeProc, kind: str,
                                                     expected: int) -> None:
     """An authentic trailer for other bytes: the holder's store refuses it (ChecksumMismatch:
@@ -661,7 +674,7 @@ def test_a_body_not_matching_its_trailer_is_refused(node: NodeProc, kind: str,
     _assert_nothing_stored([node], name, settle=0)
 
 
-@pytest.mark.parametrize("kind", ["files", "replica"])
+@pytest.mark.parametrize("kind", ["objects", "replica"])
 def test_a_head_announcing_no_trailer_is_a_bad_request(node: NodeProc, kind: str) -> None:
     data = os.urandom(64 * 1024)
     name = f"trailer/none-{kind}"
@@ -687,7 +700,7 @@ def _raw_trailer_upload(node: NodeProc, kind: str, name: str, data: bytes, trail
         return _half_close_and_read(sock)
 
 
-@pytest.mark.parametrize("kind", ["files", "replica"])
+@pytest.mark.parametrize("kind", ["objects", "replica"])
 @pytest.mark.parametrize("sent", [0, 10, BODY_TRAILER - 1])
 @pytest.mark.parametrize("how", ["shutdown", "close"])
 def test_a_connection_closed_before_the_whole_trailer_stores_nothing(
@@ -708,14 +721,14 @@ def test_a_file_upload_cut_before_its_trailer_is_a_client_abort(node: NodeProc,
     """A client going away mid-upload is answered 499 (as a replica upload is), not a 500
     with a traceback in the log."""
     name = f"trailer/abort-{sent}"
-    answer = _raw_trailer_upload(node, "files", name, os.urandom(MiB + 3), b"\0" * sent,
+    answer = _raw_trailer_upload(node, "objects", name, os.urandom(MiB + 3), b"\0" * sent,
                                  "shutdown")
     assert answer is not None
     length = struct.unpack(">I", answer[:4])[0]
     assert json.loads(answer[4:4 + length])["status"] == 499, answer[4 + length:]
 
 
-@pytest.mark.parametrize("kind", ["files", "replica"])
+@pytest.mark.parametrize("kind", ["objects", "replica"])
 def test_a_trailer_that_cannot_be_made_closes_the_upload(node: NodeProc, kind: str) -> None:
     """``make()`` raises once the body is sent: its error propagates, no trailer is sent and
     the node keeps nothing."""
@@ -725,7 +738,7 @@ def test_a_trailer_that_cannot_be_made_closes_the_upload(node: NodeProc, kind: s
     _assert_nothing_stored([node], name)
 
 
-@pytest.mark.parametrize("kind", ["files", "replica"])
+@pytest.mark.parametrize("kind", ["objects", "replica"])
 def test_a_late_digest_that_fails_closes_the_upload(node: NodeProc, kind: str) -> None:
     """The same through PeerClient.stream: a LateDigest raising (the client's file changed
     size) propagates unchanged and nothing is stored."""
@@ -750,7 +763,7 @@ def test_a_late_digest_that_fails_closes_the_upload(node: NodeProc, kind: str) -
     _assert_nothing_stored([node], name)
 
 
-@pytest.mark.parametrize("kind", ["files", "replica"])
+@pytest.mark.parametrize("kind", ["objects", "replica"])
 def test_a_trailer_is_refused_over_plain_http(node: NodeProc, kind: str) -> None:
     data = os.urandom(4096)
     name = f"trailer/http-{kind}"
@@ -824,15 +837,15 @@ def test_a_trailer_upload_is_relayed_to_every_holder(
     c, nodes = pair
     data = os.urandom(size)
     name = f"relay/ok-{size}"
-    status, body = _put_late(nodes[0], "files", name, data)
+    status, body = _put_late(nodes[0], "objects", name, data)
     assert status == 200, body
     entry = json.loads(body)["tuple"]
     assert entry["checksum"] == digest_of(data).hex()
     ids = {c.status(n)["node_id"] for n in nodes}
     assert set(entry["holders"]) == ids  # the asked node and the other one
     for holder in nodes:  # the other holder got the body with the asking node's trailer
-        assert _held(holder, "replica", name) == data
-    assert _fetch(nodes[1], "/v1/files/" + name)[:2] == (200, data)
+        assert _held(holder, "replica", "o/" + name) == data
+    assert _fetch(nodes[1], "/v1/objects/" + name)[:2] == (200, data)
 
 
 def test_the_cli_put_sends_its_digest_in_a_trailer(pair: tuple[Cluster, list[NodeProc]],
@@ -843,8 +856,9 @@ def test_the_cli_put_sends_its_digest_in_a_trailer(pair: tuple[Cluster, list[Nod
         source = tmp_path / f"src-{size}"
         source.write_bytes(data)
         c.cli(nodes[1], "put", str(source), f"relay/cli-{size}")
+        record = _content_record(c, nodes[0], f"relay/cli-{size}")
         for holder in nodes:
-            assert _held(holder, "replica", f"relay/cli-{size}") == data
+            assert _held(holder, "replica", record) == data
         out = tmp_path / f"out-{size}"
         c.cli(nodes[0], "get", f"relay/cli-{size}", str(out))
         assert out.read_bytes() == data
@@ -863,7 +877,7 @@ def test_a_refused_trailer_is_stored_on_no_holder(
     _, nodes = pair
     name = f"relay/refused-{expected}-{getattr(make, '__name__', 'none')}-{size_of_body}"
     rejected = _auth_rejections(nodes[0])
-    status, body = _put_with_trailer(nodes[0], "files", name, os.urandom(size_of_body), make,
+    status, body = _put_with_trailer(nodes[0], "objects", name, os.urandom(size_of_body), make,
                                      size)
     assert status == expected, body
     assert _auth_rejections(nodes[0]) == rejected + (expected == 401)
@@ -876,7 +890,7 @@ def test_a_relayed_upload_cut_before_its_trailer_is_stored_on_no_holder(
     _, nodes = pair
     name = f"relay/cut-{how}"
     data = os.urandom(2 * MiB + 7)
-    answer = _raw_trailer_upload(nodes[0], "files", name, data, b"", how)
+    answer = _raw_trailer_upload(nodes[0], "objects", name, data, b"", how)
     if answer is not None:
         length = struct.unpack(">I", answer[:4])[0]
         assert json.loads(answer[4:4 + length])["status"] != 200

@@ -18,7 +18,13 @@ import pytest
 
 from daemon.core.ids import group_of_name
 from daemon.core.placement import rank
-from tests.cluster import Cluster, NodeProc, preset_identity, store_version_ahead
+from tests.cluster import (
+    Cluster,
+    NodeProc,
+    object_call,
+    preset_identity,
+    store_version_ahead,
+)
 from tests.test_cluster import FAST, _file, _get, _holders
 
 
@@ -56,24 +62,33 @@ def test_read_after_write_and_overwrite_from_every_node(cluster: Cluster, tmp_pa
             assert _get(cluster, node, "shared.bin") == src.read_bytes()
 
 
+def _stored_clock(node: NodeProc, record: str) -> int:
+    """The clock of the version of ``record`` in ``node``'s store (0: none)."""
+    key = hashlib.sha1(record.encode()).hexdigest()
+    metas = list((node.data_dir / "store" / "objects" / key[:2]).glob(f"{key}-*.meta"))
+    return max((int(m.name.split("-")[1], 16) for m in metas), default=0)
+
+
 def test_a_put_or_rm_overtaken_by_a_newer_version_is_stamped_above_it(cluster: Cluster,
                                                                       tmp_path: Path) -> None:
-    """The holders keep a newer version than the one a put was stamped with (a concurrent
-    writer's, or one from a clock ahead of this node's): the node learns that version from
-    the refusal and the client sends the file again, stamped above it, so `kelipsfs put`
-    succeeds and its content is what stays. `kelipsfs rm` likewise."""
+    """A holder keeps a newer version of the directory entry a put binds (a concurrent
+    writer's while the network was split, or one from a clock ahead of this node's): the
+    primary learns that version from the refusal and applies the operation again, stamped
+    above it, so `kelipsfs put` succeeds and its file is what stays. `kelipsfs rm`
+    likewise."""
     node = cluster.new_node()
     first, second = _file(tmp_path, "a", 5000, seed=1), _file(tmp_path, "b", 300_000, seed=2)
     cluster.cli(node, "put", str(first), "ahead.bin")
-    ahead = store_version_ahead(node.address, "ahead.bin", b"from a clock ahead", 60)
+    entry = "e/0000000000000001/ahead.bin"  # the root directory's entry
+    ahead = store_version_ahead(node.address, entry, b"from a clock ahead", 60)
     cluster.cli(node, "put", str(second), "ahead.bin")
     assert _get(cluster, node, "ahead.bin") == second.read_bytes()
-    stat = json.loads(cluster.cli(node, "stat", "ahead.bin").stdout)
-    assert stat["tuple"]["clock"] > ahead
-    store_version_ahead(node.address, "ahead.bin", b"ahead again", 120)
+    assert _stored_clock(node, entry) > ahead
+    ahead = store_version_ahead(node.address, entry, b"ahead again", 120)
     cluster.cli(node, "rm", "ahead.bin")
     gone = cluster.cli(node, "get", "ahead.bin", "-", check=False)
-    assert gone.returncode != 0 and b"no such object" in gone.stderr
+    assert gone.returncode != 0 and b"no such file or directory" in gone.stderr
+    assert _stored_clock(node, entry) > ahead
 
 
 def test_put_from_standard_input_and_clear_errors_for_bad_sources(cluster: Cluster,
@@ -110,18 +125,20 @@ def test_a_copy_left_outside_the_placement_never_answers_for_a_newer_write(
         ids = {bytes.fromhex(c.status(n)["node_id"]): n for n in nodes}
         old = nodes[3]
         old_id = bytes.fromhex(c.status(old)["node_id"])
+        # raw objects of the DHT (record o/NAME): their placement follows their name
         moved = [f"moved{i}" for i in range(10_000)
-                 if rank(f"moved{i}", ids)[2] == old_id]  # old: the 3rd of r = 3
+                 if rank(f"o/moved{i}", ids)[2] == old_id]  # old: the 3rd of r = 3
         newcomer = next(nid for nid in (hashlib.sha1(f"new-{j}".encode()).digest()
                                         for j in range(10_000))
-                        if all(old_id not in rank(n, [*ids, nid])[:3] for n in moved[:2]))
+                        if all(old_id not in rank(f"o/{n}", [*ids, nid])[:3]
+                               for n in moved[:2]))
         # a small object (answered in a lookup datagram) and a large one (streamed)
         objects = {moved[0]: (_file(tmp_path, "s1", 900, 1), _file(tmp_path, "s2", 700, 2)),
                    moved[1]: (_file(tmp_path, "l1", 300_000, 3),
                               _file(tmp_path, "l2", 200_000, 4))}
         for name, (first, _) in objects.items():
-            c.cli(old, "put", str(first), name)
-            assert old_id.hex() in _holders(c, old, name)
+            object_call(old.address, "PUT", name, first.read_bytes())
+            assert old_id.hex() in object_call(old.address, "STAT", name)["tuple"]["holders"]
         preset_identity(tmp_path / "node4", newcomer.hex())
         new = c.new_node(join=[nodes[0]])
 
@@ -132,10 +149,11 @@ def test_a_copy_left_outside_the_placement_never_answers_for_a_newer_write(
         c.wait_for(everyone_knows_the_newcomer, 60, "the newcomer known to all")
         writer = next(n for n in nodes if n is not old)
         for name, (_, second) in objects.items():
-            c.cli(writer, "put", str(second), name)
-            assert old_id.hex() not in _holders(c, writer, name)
-            assert _get(c, old, name) == second.read_bytes()
-            assert _get(c, new, name) == second.read_bytes()
+            object_call(writer.address, "PUT", name, second.read_bytes())
+            holders = object_call(writer.address, "STAT", name)["tuple"]["holders"]
+            assert old_id.hex() not in holders
+            assert object_call(old.address, "GET", name) == second.read_bytes()
+            assert object_call(new.address, "GET", name) == second.read_bytes()
 
 
 def test_every_member_lists_a_write_or_delete_as_soon_as_it_is_acknowledged(
@@ -163,7 +181,7 @@ def test_every_member_lists_a_write_or_delete_as_soon_as_it_is_acknowledged(
             for reader in readers:
                 assert name.encode() not in c.cli(reader, "ls", "seen/").stdout.split()
                 gone = c.cli(reader, "stat", name, check=False)
-                assert gone.returncode != 0 and b"no such object" in gone.stderr
+                assert gone.returncode != 0 and b"no such file or directory" in gone.stderr
 
 
 def test_small_objects_come_inline_and_never_stale(tmp_path: Path) -> None:
@@ -306,7 +324,8 @@ def test_a_small_object_held_here_is_read_here_and_never_served_corrupt(
     for _ in range(3):
         assert _get(cluster, a, "here/small.bin") == src.read_bytes()
     assert _metric(_metrics(a), "kelips_inline_reads_total") == 0  # no lookup datagram
-    [content] = list((a.data_dir / "store" / "objects").rglob("*.data"))
+    [content] = [p for p in (a.data_dir / "store" / "objects").rglob("*.data")
+                 if p.stat().st_size == 3000]
     content.write_bytes(bytes(3000))  # same size, other bytes: only the digest can tell
     result = cluster.cli(a, "get", "here/small.bin", "-", check=False)
     assert result.returncode != 0 and result.stdout == b""
@@ -320,7 +339,8 @@ def test_a_damaged_small_copy_here_is_read_from_another_holder(
     cluster.wait_for(lambda: len(cluster.status(a)["members"]) == 3, 20, "three members")
     src = _file(tmp_path, "small.bin", 3000)
     cluster.cli(a, "put", str(src), "here/small.bin")  # k = 1, r = 3: every node holds it
-    [content] = list((a.data_dir / "store" / "objects").rglob("*.data"))
+    [content] = [p for p in (a.data_dir / "store" / "objects").rglob("*.data")
+                 if p.stat().st_size == 3000]
     content.write_bytes(bytes(3000))
     assert _get(cluster, a, "here/small.bin") == src.read_bytes()
     for node in others:

@@ -83,3 +83,11 @@ def placement_key(name: str) -> str:
             return name  # "e/<ino>" with no entry: not a record of the namespace
         return INODE + name[2:18]
     return name
+
+
+def is_metadata(name: str) -> bool:
+    """An inode, entry or extended-attributes record: no file's bytes (``objects`` counts
+    the rest: file contents and raw objects)."""
+    if name[:2] == ENTRY:
+        return parse_entry(name) is not None
+    return name[:2] in (INODE, XATTRS) and record_ino(name) is not None

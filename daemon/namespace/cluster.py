@@ -1,8 +1,9 @@
 """The namespace's records on the cluster: ``daemon.namespace.vfs.Records`` for a node.
 
-Reads come from where Kelips keeps tuples: a record of this node's own group from its own
-tuple table (no network: announced to every member before the write that made it returns);
-another group's by one lookup datagram to a contact of that group (``DataPlane.find``); a
+Reads come from where Kelips keeps tuples (``DataPlane.find``): a record of this node's own
+group from its own tuple table (announced to every member before the write that made it
+returns; a name not heard of is asked of the members that would hold it, in case that
+announce was lost), another group's by one lookup datagram to a contact of that group; a
 directory's entries from one member of the directory's group. Operations go to the inode's
 primary (``daemon.namespace.primary``): the first of its holders that answers.
 """
@@ -37,10 +38,10 @@ class ClusterRecords:
         self.rt = runtime
 
     async def record(self, name: str) -> TupleEntry | None:
-        """The newest tuple of ``name`` this node can learn (tombstones included)."""
-        node = self.rt.node
-        if node.group_of(name) == node.group:
-            return node.tuples.get(name)
+        """The newest tuple of ``name`` this node can learn (tombstones included): from its
+        own tuples in its own group (a name it has not heard of is asked of the members that
+        would hold it, in case the announce of a write that just happened was lost), else
+        through a contact of the name's group."""
         return await self.rt.dataplane.find(name)
 
     async def inode(self, ino: int) -> Inode | None:
@@ -97,13 +98,13 @@ class ClusterRecords:
         for holder in holders:
             if holder.node_id == node.node_id:
                 try:
-                    result, _ = await self.rt.primary.apply(op)
+                    result, written = await self.rt.primary.apply(op)
                 except (NotPrimary, Unavailable) as exc:
                     errors.append(f"here: {exc.message}")
                     continue
                 except DataError as exc:
                     raise FsError(errno.EIO, exc.message) from exc
-                return result
+                return Result(result.inode, result.entry, tuple(written))
             try:
                 doc, _ = await dp.peers.call_json("POST", holder.address, "/v1/ns/op",
                                                   doc=ops.to_json(op))
@@ -115,8 +116,10 @@ class ClusterRecords:
             if doc.get("errno"):
                 raise FsError(int(doc["errno"]), str(doc.get("message", "")))
             now = self.rt.now()
-            for t in doc.get("tuples", []):
-                node.merge_tuple(now, tuple_from_json(t))  # read-your-writes in this group
-            return ops.result_from_json(doc["result"])
+            written = [tuple_from_json(t) for t in doc.get("tuples", [])]
+            for t in written:
+                node.merge_tuple(now, t)  # read-your-writes in this group
+            result = ops.result_from_json(doc["result"])
+            return Result(result.inode, result.entry, tuple(written))
         raise FsError(errno.EIO, f"no holder of inode {op.key:x} could apply {op.kind}: "
                                  f"{'; '.join(errors) or 'none known'}")

@@ -57,10 +57,10 @@ def add_routes(router: Router, rt: NodeRuntime, read_json: ReadJson, verify: Ver
         except (KeyError, TypeError, ValueError, NameError_) as exc:
             raise HTTPError(400, f"malformed records: {exc}") from exc
         try:
-            await store_records(rt, records)
+            newer = await store_records(rt, records)
         except StoreFull as exc:
             raise HTTPError(507, str(exc)) from exc
-        return Response.json({"stored": len(records)})
+        return Response.json({"stored": len(records) - len(newer), "newer": newer})
 
     async def entries(req: Request) -> Response:
         verify(req, EMPTY_DIGEST)

@@ -92,8 +92,9 @@ class MemoryRecords:
         # Through the wire form, as between nodes: what cannot travel fails here too.
         outcome: Outcome = run(from_json(to_json(op)), _View(self), now, clock)
         self.ops.append(op)
-        self._keep(stamp_writes(outcome.writes, Version(clock, self._writer), ()))
-        return Result(outcome.inode, outcome.entry)
+        stamped = stamp_writes(outcome.writes, Version(clock, self._writer), ())
+        self._keep(stamped)
+        return Result(outcome.inode, outcome.entry, tuple(t for t, _ in stamped))
 
     # --- content, as a mount's close writes it ------------------------------------------
 

@@ -15,7 +15,7 @@ from typing import Any
 from daemon.core import inodes
 from daemon.core.inodes import AttrChange, Entry, Inode, Outcome, View
 from daemon.core.keys import MAX_INO
-from daemon.core.messages import Version
+from daemon.core.messages import TupleEntry, Version
 
 _MAX_NAME = 1024  # characters of a name in an op (the rules check the real limits)
 
@@ -37,6 +37,8 @@ class Result:
 
     inode: Inode | None
     entry: Entry | None
+    #: The tuples the operation wrote (their versions: a binding's, for a put).
+    tuples: tuple[TupleEntry, ...] = ()
 
 
 def _ino(value: Any, what: str) -> int:

@@ -29,7 +29,7 @@ import trio
 from daemon.core.inodes import FsError
 from daemon.core.keys import inode_name
 from daemon.core.messages import MemberEntry, TupleEntry
-from daemon.dataplane import DataError, InsertFailed, Unavailable
+from daemon.dataplane import INSERT_ATTEMPTS, DataError, InsertFailed, Superseded, Unavailable
 from daemon.namespace.memory import stamp_writes
 from daemon.namespace.ops import Op, Result, run
 from daemon.peers import PeerError, stream_of
@@ -67,12 +67,25 @@ class Primary:
         if not node.synced:
             raise Unavailable("this node is still joining its group")
         async with self._locked(op.key):
-            wall = self.rt.wall()
-            version = node.new_version(int(wall * 1000))
-            outcome = run(op, _NodeView(self.rt), int(wall * 1e9), version.clock)
-            written: list[TupleEntry] = []
-            if outcome.writes:
-                written = await self._commit(stamp_writes(outcome.writes, version, ()), holders)
+            for attempt in range(1, INSERT_ATTEMPTS + 1):
+                wall = self.rt.wall()
+                version = node.new_version(int(wall * 1000))
+                outcome = run(op, _NodeView(self.rt), int(wall * 1e9), version.clock)
+                written: list[TupleEntry] = []
+                if not outcome.writes:
+                    break
+                try:
+                    written = await self._commit(stamp_writes(outcome.writes, version, ()),
+                                                 holders)
+                    break
+                except Superseded as exc:
+                    # A holder keeps a newer version of a record than this node's tuples
+                    # say (another primary's while the network was split, or a clock
+                    # ahead): this node now stamps above it, and the operation that
+                    # finishes last is the one that stays, as for any write.
+                    if attempt == INSERT_ATTEMPTS:
+                        raise Unavailable(f"{exc.message}; gave up after {attempt} "
+                                          "attempts") from exc
         return Result(outcome.inode, outcome.entry), written
 
     async def _commit(self, records: list[tuple[TupleEntry, bytes | None]],
@@ -80,22 +93,30 @@ class Primary:
         """Store ``records`` on ``holders`` (quorum), then publish their tuples."""
         stored: list[MemberEntry] = []
         errors: list[str] = []
+        newer: list[int] = []
 
         async def store_on(holder: MemberEntry) -> None:
             try:
                 if holder.node_id == self.rt.node.node_id:
-                    await store_records(self.rt, records)
+                    held = await store_records(self.rt, records)
                 else:
                     doc = {"records": [record_to_json(t, c) for t, c in records]}
-                    await self.rt.dataplane.peers.call_json(
+                    answer, _ = await self.rt.dataplane.peers.call_json(
                         "POST", holder.address, "/v1/records", doc=doc)
-                stored.append(holder)
-            except (PeerError, StoreError, OSError) as exc:
+                    held = [int(c) for c in answer.get("newer", [])]
+                if held:
+                    newer.extend(held)
+                else:
+                    stored.append(holder)
+            except (PeerError, StoreError, OSError, ValueError, TypeError) as exc:
                 errors.append(f"{holder.host}:{holder.port}: {exc}")
 
         async with trio.open_nursery() as nursery:
             for holder in holders:
                 nursery.start_soon(store_on, holder)
+        if newer:
+            self.rt.node.observe_version(max(newer))
+            raise Superseded("a holder keeps a newer version of a record of this operation")
         quorum = self.rt.settings.write_quorum or 1
         if len(stored) < quorum:
             raise InsertFailed(f"stored on {len(stored)} of {len(holders)} holders, {quorum} "
@@ -121,9 +142,10 @@ class Primary:
 
 
 async def store_records(rt: NodeRuntime, records: Iterable[tuple[TupleEntry, bytes | None]]
-                        ) -> None:
-    """Store small records (content in hand; None: a tombstone) in this node's store. One
-    that a newer version has already overtaken here is skipped: that one stays."""
+                        ) -> list[int]:
+    """Store small records (content in hand; None: a tombstone) in this node's store; the
+    clocks of newer versions held here that refused some of them (they stay)."""
+    newer = []
     for t, content in records:
         try:
             if content is None:
@@ -132,8 +154,10 @@ async def store_records(rt: NodeRuntime, records: Iterable[tuple[TupleEntry, byt
                 await rt.store.put(t.name, t.version, t.mode, t.mtime_ns, stream_of(content),
                                    expected_checksum=t.checksum, expected_size=len(content),
                                    attrs=t.attrs)
-        except StaleVersion:
+        except StaleVersion as exc:
             log.info("%s: a newer version is already stored here; kept", t.name)
+            newer.append(exc.held.clock)
+    return newer
 
 
 def record_to_json(t: TupleEntry, content: bytes | None) -> dict[str, Any]:

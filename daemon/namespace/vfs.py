@@ -137,7 +137,7 @@ class Namespace:
         assert result.inode is not None
         return result.inode
 
-    def _new_ino(self) -> int:
+    def new_ino(self) -> int:
         while True:
             ino = self._rng.randrange(2, MAX_INO)
             if ino != ROOT_INO:
@@ -167,7 +167,7 @@ class Namespace:
             if await self.records.entry(directory, name) is not None:
                 raise FsError(errno.EEXIST, f"{name!r} exists")
             uid, gid, mode = await self._owner(directory, caller, mode)
-            ino = self._new_ino()
+            ino = self.new_ino()
             made = await self.records.apply(Op("make_inode", ino, {
                 "ino": ino, "mode": mode, "uid": uid, "gid": gid, "rdev": rdev,
                 "parent": directory, "target": target}))
@@ -176,7 +176,7 @@ class Namespace:
                     "directory": directory, "name": name, "child": ino, "kind": kind}))
             except BaseException:
                 with trio.CancelScope(shield=True):
-                    await self._drop_links(ino, 2 if kind == stat.S_IFDIR else 1)
+                    await self.drop_links(ino, 2 if kind == stat.S_IFDIR else 1)
                 raise
         assert made.inode is not None
         return made.inode
@@ -210,7 +210,7 @@ class Namespace:
                     "directory": directory, "name": name, "child": ino, "kind": found.kind}))
             except BaseException:
                 with trio.CancelScope(shield=True):
-                    await self._drop_links(ino, 1)
+                    await self.drop_links(ino, 1)
                 raise
         assert linked.inode is not None
         return linked.inode
@@ -223,7 +223,7 @@ class Namespace:
             result = await self.records.apply(Op("remove_entry", directory, {
                 "directory": directory, "name": name, "want_dir": False}))
         assert result.entry is not None
-        await self._drop_links(result.entry.ino, 1)
+        await self.drop_links(result.entry.ino, 1)
         return result.entry
 
     async def rmdir(self, directory: int, name: str) -> Entry:
@@ -244,7 +244,7 @@ class Namespace:
                 "directory": directory, "name": name, "expect": entry.ino, "want_dir": True}))
         return entry
 
-    async def _drop_links(self, ino: int, count: int) -> None:
+    async def drop_links(self, ino: int, count: int) -> None:
         """``count`` links fewer (the inode goes with the last); gone already is fine."""
         try:
             await self.records.apply(Op("set_attrs", ino, {
@@ -305,7 +305,7 @@ class Namespace:
             change = AttrChange(parent=new_dir if source.is_dir else None, touch=True)
             await self._set(source.ino, change)
         if target is not None and not target.is_dir:
-            await self._drop_links(target.ino, 1)
+            await self.drop_links(target.ino, 1)
 
     async def _exchange(self, old_dir: int, source: Entry, new_dir: int, target: Entry) -> None:
         if old_dir == new_dir:

@@ -25,6 +25,7 @@ from hypercorn.trio import serve
 from daemon import bulk
 from daemon.asgi import HTTPError, Request, Response, Router
 from daemon.core import codec
+from daemon.core.keys import OBJECT
 from daemon.core.messages import Snapshot, SyncRequest, Version
 from daemon.dataplane import DataError, Located
 from daemon.digest import DIGEST_SIZE, EMPTY_DIGEST, digest_of
@@ -44,9 +45,6 @@ log = logging.getLogger("kelipsfs.http")
 
 #: Microseconds the node spent on a GET /v1/files (lookup + fetch), measured inside the node.
 ELAPSED_HEADER = "x-kelips-elapsed-us"
-#: Raw objects (``/v1/objects/NAME``) are records named with this prefix: the key-value space of
-#: the DHT, apart from the namespace's records (``daemon.core.keys``).
-OBJECT_PREFIX = "o/"
 META_HEADERS = ("x-kelips-size", "x-kelips-mode", "x-kelips-mtime-ns", "x-kelips-checksum",
                 "x-kelips-clock")
 
@@ -373,7 +371,7 @@ class _Api:
     # --- clients: the raw objects of the DHT (the filesystem is daemon.namespace.paths) ------
 
     async def put_object(self, req: Request) -> Response:
-        record = OBJECT_PREFIX + self.name_of(req, "/v1/objects/")
+        record = OBJECT + self.name_of(req, "/v1/objects/")
         checksum = self.body_checksum(req)
         size = self.upload_size(req)
         if req.query.get("direct") == "1" and size >= BULK_MIN:
@@ -419,7 +417,7 @@ class _Api:
 
     async def get_object(self, req: Request) -> Response:
         started = time.perf_counter()
-        record = OBJECT_PREFIX + self.name_of(req, "/v1/objects/")
+        record = OBJECT + self.name_of(req, "/v1/objects/")
         self.verify(req, EMPTY_DIGEST)
         return await self.read_answer(req, record, started)
 
@@ -465,7 +463,7 @@ class _Api:
 
     async def stat_object(self, req: Request) -> Response:
         name = self.name_of(req, "/v1/objects-stat/")
-        record = OBJECT_PREFIX + name
+        record = OBJECT + name
         self.verify(req, EMPTY_DIGEST)
         try:
             found = await self.rt.dataplane.locate(record)

@@ -59,7 +59,7 @@ import trio
 
 from daemon.core.codec import INLINE_MAX
 from daemon.core.ids import NODE_ID_BYTES
-from daemon.core.keys import is_metadata
+from daemon.core.keys import is_legacy, is_metadata
 from daemon.core.messages import Version
 from daemon.digest import ALGORITHM, DIGEST_SIZE, EMPTY_DIGEST, digest_of, new_hasher
 from daemon.writeback import advance_writeback
@@ -73,8 +73,8 @@ MAX_CLOCK = (1 << 64) - 1
 #: Version of the metadata files. 1 recorded SHA-256 checksums; 2 records the content digest
 #: (``daemon.digest``) of an object named by its path in the mount; 3 is a record of the
 #: namespace (``daemon.core.inodes``: inodes, directory entries, file data) with its attrs.
-#: Recovery converts version 1 in place (``_upgrade_meta``) into version 2; version 2
-#: objects are *legacy*, which the node converts into records once it has joined
+#: Recovery converts version 1 in place (``_upgrade_meta``) into version 2. Objects named by
+#: path (legacy) become files of the namespace once the node has joined
 #: (``daemon.namespace.migrate``).
 META_FORMAT = 3
 _PATH_META_FORMAT = 2
@@ -147,8 +147,6 @@ class StoredObject:
     written_here: bool = field(default=False, compare=False)
     #: The record kind's own fields (``TupleEntry.attrs``).
     attrs: bytes = b""
-    #: Stored by a version that named objects by their path (metadata format 2).
-    legacy: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +348,7 @@ class ObjectStore:
         self._index: dict[str, StoredObject] = {}
         self._live = 0
         self._bytes = 0
+        self._legacy: set[str] = set()  # live objects named by path (``keys.is_legacy``)
         self._locks: dict[str, _NameLock] = {}
         # name -> the verified bytes of the index's object for it; see read_small
         self._small: OrderedDict[str, _KeptSmall] = OrderedDict()
@@ -376,6 +375,10 @@ class ObjectStore:
     def objects(self) -> list[StoredObject]:
         """The newest held version of every name, tombstones included, sorted by name."""
         return [self._index[name] for name in sorted(self._index)]
+
+    def legacy(self) -> list[StoredObject]:
+        """The live objects named by their path, as an earlier version stored files."""
+        return [self._index[name] for name in sorted(self._legacy)]
 
     def names(self, prefix: str = "") -> list[str]:
         """Sorted names of live (non-tombstone) objects starting with ``prefix``."""
@@ -828,6 +831,8 @@ class ObjectStore:
         if not obj.tombstone:
             self._live += not is_metadata(obj.name)
             self._bytes += obj.size
+            if is_legacy(obj.name):
+                self._legacy.add(obj.name)
 
     def _uninstall(self, name: str) -> None:
         self._forget_small(name)
@@ -835,6 +840,7 @@ class ObjectStore:
         if old is not None and not old.tombstone:
             self._live -= not is_metadata(name)
             self._bytes -= old.size
+        self._legacy.discard(name)
 
     def _commit(self, name: str, version: Version, mode: int, mtime_ns: int, size: int,
                 checksum: bytes, content: Path | None,
@@ -995,8 +1001,7 @@ class ObjectStore:
             return None
         data_path = meta_path.with_name(f"{stem}.data")
         return StoredObject(name, version, size, checksum, mode, mtime_ns, tombstone,
-                            None if tombstone else data_path, attrs=attrs,
-                            legacy=doc["format"] == _PATH_META_FORMAT)
+                            None if tombstone else data_path, attrs=attrs)
 
     def _upgrade_meta(self, meta_path: Path, stem: str, doc: dict[str, Any],
                       stats: _Recovered) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ The filesystem is stored as small records, each a name with versions like any ob
     e/<dir>/<entry>    a directory entry: the child's inode number and type (attrs)
     d/<ino>            a regular file's content
     x/<ino>            an inode's user extended attributes (content)
+    o/<name>           a raw object of the DHT, outside the namespace (``/v1/objects``)
 
 ``<ino>`` is the inode number as 16 lowercase hex digits. Every record about one inode --
 its attributes, its content, its extended attributes and, for a directory, its entries -- is
@@ -22,6 +23,8 @@ INODE = "i/"
 ENTRY = "e/"
 DATA = "d/"
 XATTRS = "x/"
+#: Raw objects of the DHT (``/v1/objects/NAME``), apart from the namespace.
+OBJECT = "o/"
 _INO_DIGITS = 16
 _HEX = frozenset("0123456789abcdef")
 ROOT_INO = 1
@@ -91,3 +94,11 @@ def is_metadata(name: str) -> bool:
     if name[:2] == ENTRY:
         return parse_entry(name) is not None
     return name[:2] in (INODE, XATTRS) and record_ino(name) is not None
+
+
+def is_legacy(name: str) -> bool:
+    """A name of neither the namespace nor the raw objects: an object stored by a version
+    that named files by their path (``daemon.namespace.migrate`` converts them)."""
+    if name.startswith(OBJECT) or is_metadata(name):
+        return False
+    return not (name[:2] == DATA and record_ino(name) is not None)

@@ -1,7 +1,9 @@
 """Objects stored by a version that named files by their path become files of the namespace.
 
 Before the namespace, a file ``a/b/c.txt`` was one object named ``a/b/c.txt`` and an empty
-directory a marker object ``a/.kelipsfs-dir`` (metadata format 2 in the store: *legacy*).
+directory a marker object ``a/.kelipsfs-dir``: *legacy* objects, named neither as records of
+the namespace nor as raw objects (``daemon.core.keys.is_legacy``), so a copy repair made
+of one on another node is one too.
 After an upgrade each node converts the legacy objects it is the first live holder of: it
 makes the missing directories, a new inode with the object's mode and mtime, stores the bytes
 as that inode's content (from its own copy: no transfer), binds the name, and then deletes
@@ -37,30 +39,26 @@ log = logging.getLogger("kelipsfs.migrate")
 
 #: The object that kept an empty directory in existence before the namespace.
 DIR_MARKER = ".kelipsfs-dir"
-#: Seconds between passes while legacy objects are left (one pass converts all it can).
-PASS_INTERVAL = 10.0
-
-
-def legacy_objects(rt: NodeRuntime) -> list[StoredObject]:
-    return [o for o in rt.store.objects() if o.legacy and not o.tombstone]
+#: Seconds between looks for legacy objects (one pass converts all this node should).
+PASS_INTERVAL = 2.0
 
 
 async def migrate_loop(rt: NodeRuntime) -> None:
-    """Convert this node's legacy objects until none is left (a no-op on a new store)."""
-    if not legacy_objects(rt):
-        return
-    log.info("converting objects stored by an earlier version into files of the namespace",
-             extra=fields(event="migration_started", objects=len(legacy_objects(rt))))
+    """Convert the legacy objects this node should, whenever it holds some: at start, and
+    when repair brings it a copy of one (the node that held it may have died first)."""
     converter = Converter(rt)
+    announced = False
     while True:
-        await trio.sleep(PASS_INTERVAL / 10 if rt.node.synced else PASS_INTERVAL)
-        if not rt.node.synced:
-            continue
-        left = await converter.run_pass()
-        if not left:
-            log.info("conversion done", extra=fields(event="migration_done",
-                                                     converted=converter.converted))
-            return
+        if rt.store.legacy() and rt.node.synced:
+            if not announced:
+                log.info("converting objects stored by an earlier version into files of the "
+                         "namespace", extra=fields(event="migration_started",
+                                                   objects=len(rt.store.legacy())))
+                announced = True
+            if not await converter.run_pass():
+                log.info("conversion done", extra=fields(event="migration_done",
+                                                         converted=converter.converted))
+                announced = False
         await trio.sleep(PASS_INTERVAL)
 
 
@@ -73,7 +71,7 @@ class Converter:
 
     async def run_pass(self) -> int:
         """Convert what this node should; the number of legacy objects still here."""
-        for obj in legacy_objects(self.rt):
+        for obj in self.rt.store.legacy():
             if not self._mine(obj):
                 continue
             try:
@@ -81,7 +79,7 @@ class Converter:
                 self.converted += 1
             except (FsError, DataError, OSError) as exc:
                 log.warning("could not convert %r yet: %s", obj.name, exc)
-        return len(legacy_objects(self.rt))
+        return len(self.rt.store.legacy())
 
     def _mine(self, obj: StoredObject) -> bool:
         """The first live holder of the legacy tuple converts (as the first repairs)."""

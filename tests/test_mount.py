@@ -658,8 +658,10 @@ def test_full_store_fails_close(tmp_path: Path) -> None:
                     fh.close()
             assert info.value.errno == errno.ENOSPC
             # the name was made at open and keeps what was stored of it: nothing (a local
-            # disk would keep the part written before it filled up)
-            assert mount.path("big.bin").stat().st_size == 0
+            # disk would keep the part written before it filled up), once the kernel has
+            # released the handle (after close() returned) and the unstored copy is gone
+            wait_for(lambda: mount.path("big.bin").stat().st_size == 0, 10,
+                     "the unstored copy to go")
             assert small.read_bytes() == b"s" * 1000  # the rest is untouched
     finally:
         run("umount", "-l", store, check=False)

@@ -211,10 +211,14 @@ def test_setgid_directories_pass_their_group_on(w: World) -> None:
 
 
 def test_setattr_moves_ctime_and_keeps_the_type(w: World) -> None:
-    f = w.create(ROOT_INO, "f")
+    f = w.create(ROOT_INO, "f", caller=USER)
     w.clock.advance()
     changed = w.do(w.ns.setattr, f.ino, AttrChange(mode=0o4755, uid=7, gid=8))
     assert changed.mode == stat.S_IFREG | 0o4755 and (changed.uid, changed.gid) == (7, 8)
+    zeros = w.do(w.ns.setattr, f.ino, AttrChange(mode=0, uid=0, gid=0, atime_ns=0, mtime_ns=0))
+    assert (zeros.mode, zeros.uid, zeros.gid, zeros.atime_ns, zeros.mtime_ns) == (
+        stat.S_IFREG, 0, 0, 0, 0)  # zero is a value like any other, on the wire too
+    w.do(w.ns.setattr, f.ino, AttrChange(mode=0o4755, uid=7, gid=8))
     assert changed.ctime_ns > f.ctime_ns and changed.mtime_ns == f.mtime_ns
     w.clock.advance()
     timed = w.do(w.ns.setattr, f.ino, AttrChange(atime_ns=123, mtime_ns=456_789))

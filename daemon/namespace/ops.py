@@ -149,7 +149,7 @@ def to_json(op: Op) -> dict[str, Any]:
         if isinstance(value, bytes):
             value = value.hex()
         elif isinstance(value, AttrChange):
-            value = {k: v for k, v in asdict(value).items() if v not in (None, 0, False)}
+            value = {k: v for k, v in asdict(value).items() if v is not None}
         args[key] = value
     return {"kind": op.kind, "key": op.key, "args": args}
 

@@ -69,7 +69,7 @@ def _name(raw: bytes) -> str:
 @dataclass
 class _DirHandle:
     ino: int
-    listing: list[tuple[bytes, Inode]] | None = None
+    listing: list[tuple[bytes, pyfuse3.EntryAttributes]] | None = None
 
 
 class KelipsOperations(pyfuse3.Operations):
@@ -406,18 +406,24 @@ class KelipsOperations(pyfuse3.Operations):
         if handle.listing is None or start_id == 0:
             handle.listing = await self._listing(handle.ino)
         for index in range(start_id, len(handle.listing)):
-            name, inode = handle.listing[index]
-            if not pyfuse3.readdir_reply(token, name, self._attrs(inode), index + 1):
+            name, attrs = handle.listing[index]
+            if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                 return
 
-    async def _listing(self, ino: int) -> list[tuple[bytes, Inode]]:
+    async def _listing(self, ino: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        """The entries with what READDIRPLUS hands the kernel: with attribute timeouts of 0
+        it keeps none of it, so only the inode number and type are filled in (the kernel
+        asks for the rest when it needs it) rather than looking every inode up."""
         directory = await self._inode(ino)
         parent = directory if ino == ROOT_INO else await self._inode(directory.parent)
-        out: list[tuple[bytes, Inode]] = [(b".", directory), (b"..", parent)]
+        out = [(b".", self._attrs(directory)), (b"..", self._attrs(parent))]
         for entry in await self._call(self._ns.readdir, ino):
-            found = await self._ns.records.inode(entry.ino)
-            if found is not None:  # (an entry whose inode is gone is not shown)
-                out.append((entry.name.encode("utf-8"), found))
+            a = pyfuse3.EntryAttributes()
+            a.st_ino = entry.ino
+            a.st_mode = entry.kind
+            a.entry_timeout = 0
+            a.attr_timeout = 0
+            out.append((entry.name.encode("utf-8"), a))
         return out
 
     async def releasedir(self, fh: int) -> None:

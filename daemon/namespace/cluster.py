@@ -42,6 +42,11 @@ class ClusterRecords:
         own tuples in its own group (a name it has not heard of is asked of the members that
         would hold it, in case the announce of a write that just happened was lost), else
         through a contact of the name's group."""
+        node = self.rt.node
+        if node.group_of(name) == node.group:
+            held = node.tuples.get(name)
+            if held is not None:
+                return held
         return await self.rt.dataplane.find(name)
 
     async def inode(self, ino: int) -> Inode | None:

@@ -29,8 +29,9 @@ Why it is built this way (fairness, the point of the exercise):
   get does not hold back the next one (Kademlia waits 5 s for a dead peer) and a fast system
   is not made to queue;
 - latency: both are timed inside the node. Kademlia around ``await server.get(key)``;
-  kelipsfs by the node itself from the arrival of ``GET /v1/files/NAME`` to the verified bytes
-  in hand (lookup + fetch; the ``x-kelips-elapsed-us`` response header). The driver's control
+  kelipsfs by the node itself from the arrival of ``GET /v1/objects/NAME`` (a raw object of
+  the DHT, as Kademlia's values are) to the verified bytes in hand (lookup + fetch; the
+  ``x-kelips-elapsed-us`` response header). The driver's control
   connection is charged to neither; kelipsfs's end-to-end time (driver → node → … → driver,
   over a kept-alive connection) is reported too, as client p50/p99;
 - messages: every one-way message between nodes counts (a request and its response are 2),
@@ -102,8 +103,8 @@ def _classify(head: bytes) -> str | None:
     """The category of an HTTP request from its first bytes; None if ``head`` starts none."""
     if head.startswith(b"GET "):
         path = head[4:]
-        for prefix, cat in ((b"/v1/files/", "files_get"), (b"/v1/lookup", "lookup"),
-                            (b"/v1/replica/", "replica_get"), (b"/v1/stat/", "stat")):
+        for prefix, cat in ((b"/v1/objects/", "files_get"), (b"/v1/lookup", "lookup"),
+                            (b"/v1/replica/", "replica_get"), (b"/v1/objects-stat/", "stat")):
             if path.startswith(prefix):
                 return cat
         return "other"
@@ -539,7 +540,7 @@ class KelipsCluster(_Processes):
         def one(i: int) -> None:
             value = data.values[i]
             reply = self.http.request(
-                self.addrs[origins[i]], "PUT", "/v1/files/" + data.names[i],
+                self.addrs[origins[i]], "PUT", "/v1/objects/" + data.names[i],
                 {"size": len(value), "mode": 0o644, "mtime_ns": 0}, value,
                 {CONTENT_DIGEST_HEADER: data.sha[i]})
             if reply.status != 200:
@@ -554,7 +555,7 @@ class KelipsCluster(_Processes):
 
         def one(i: int) -> set[int]:
             reply = self.http.request(self.addrs[rng.choice(alive)], "GET",
-                                      "/v1/stat/" + data.names[i], timeout=GET_TIMEOUT)
+                                      "/v1/objects-stat/" + data.names[i], timeout=GET_TIMEOUT)
             if reply.status != 200:
                 return set()
             doc = json.loads(reply.body)
@@ -580,7 +581,7 @@ class KelipsCluster(_Processes):
                 started = time.perf_counter()
                 try:
                     r = self.http.request(self.addrs[sources[i]], "GET",
-                                          "/v1/files/" + data.names[i])
+                                          "/v1/objects/" + data.names[i])
                 except OSError as exc:
                     return Get(False, time.perf_counter() - started,
                                error=f"client: {type(exc).__name__}", index=i)
@@ -612,7 +613,7 @@ class KelipsCluster(_Processes):
         return Window(gets, seconds, messages=messages, requests=requests, bytes=path_bytes,
                       detail={
                           "live_holders_mean": _mean_size(held),
-                          "client_messages_per_get": 2.0,  # GET /v1/files and its response
+                          "client_messages_per_get": 2.0,  # GET /v1/objects and its response
                           "client_bytes_per_get": (sum(g.sent for g in gets)
                                                    + d["tcp_bytes:files_get"]) / n,
                           "lookup_datagrams_per_get": d["lookup_udp_datagrams"] / n,

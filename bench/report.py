@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import lookup_bench, mount_bench, paper, sim_scale
+from bench import lookup_bench, metadata_bench, mount_bench, paper, sim_scale
 
 
 def results_dir() -> Path:
@@ -142,6 +142,16 @@ def _mount_section(doc: dict[str, Any]) -> str:
         mount_bench.table(doc)])
 
 
+def _metadata_section(doc: dict[str, Any]) -> str:
+    repeats = f"median of {doc['repeat']} repeats" if doc.get("repeat", 1) > 1 else "one run"
+    return "\n".join([
+        f"Seconds, {doc['tarball']} and a clone of this repository, on a local directory, a "
+        f"JuiceFS mount (sqlite3 metadata, local storage), a one-node kelipsfs mount and one on "
+        f"a three-node cluster (r = 3), in turn in the same run ({repeats}). Goal: one node at "
+        f"most JuiceFS's time, three nodes at most twice it.", "",
+        metadata_bench.table(doc)])
+
+
 def _lookup_section(doc: dict[str, Any]) -> str:
     return "\n".join([
         f"{doc['values']:,} values of {doc['value_size']:,} B, gets at {doc['rate_per_s']:g}/s "
@@ -176,6 +186,9 @@ PARTS: dict[str, Part] = {p.name: p for p in (
          ("-m", "bench.mount_bench",),
          ("-m", "bench.mount_bench", "--size-mib", "8", "--files", "20", "--repeat", "1"),
          _mount_section),
+    Part("metadata", "Small files and metadata vs JuiceFS", "metadata.json",
+         ("-m", "bench.metadata_bench",), ("-m", "bench.metadata_bench", "--quick"),
+         _metadata_section),
     Part("lookup", "Lookup vs Kademlia", "lookup.json",
          ("-m", "bench.lookup_bench",),
          ("-m", "bench.lookup_bench", "--nodes", "8", "--values", "50", "--ksizes", "3"),

@@ -88,8 +88,8 @@ class PathApi:
     async def _directory(self, parts: list[str], make: bool) -> int:
         """The inode of the directory ``parts`` names from the root (made when ``make``)."""
         current = ROOT_INO
-        if make:
-            await self.ns.ensure_root(ADMIN)
+        if make and await self.ns.records.inode(ROOT_INO) is None:
+            await self.ns.ensure_root(ADMIN)  # a cluster that no mount has used yet
         for part in parts:
             try:
                 found = await self.ns.lookup(current, part)

@@ -34,7 +34,7 @@ from daemon.peers import (
     stream_of,
 )
 from daemon.store import ChecksumMismatch, StaleVersion, StoredObject, StoreError, StoreFull
-from daemon.wire import entry_from_json, tuple_from_json, tuple_to_json
+from daemon.wire import entry_from_json, record_to_json, tuple_from_json, tuple_to_json
 
 if TYPE_CHECKING:
     from daemon.runtime import NodeRuntime
@@ -861,19 +861,30 @@ class DataPlane:
                       spares: list[MemberEntry]) -> None:
         """Copy to ``targets``; each one that refuses is replaced by the next spare."""
         obj = self.rt.store.get(entry.name)
-        if obj is None or obj.tombstone or obj.version != entry.version or obj.path is None:
+        if obj is None or obj.tombstone or obj.version != entry.version or (
+                obj.path is None and obj.log is None):
             return
+        logged = self.rt.store.read_small(obj, obj.size) if obj.log is not None else None
         added: list[bytes] = []
         needed = len(targets)
         for target in targets + spares:
             if len(added) == needed:
                 break
             try:
-                await self.peers.put_file(target.address, "/v1/replica/" + entry.name,
-                                          _version_query(entry.version, entry.mode,
-                                                         entry.mtime_ns, entry.size,
-                                                         entry.attrs),
-                                          obj.path, entry.checksum, entry.size)
+                if logged is not None:  # a small record of the log: sent whole, as a primary
+                    answer, _ = await self.peers.call_json(
+                        "POST", target.address, "/v1/records",
+                        doc={"records": [record_to_json(entry, logged)]})
+                    if answer.get("newer"):
+                        continue
+                elif obj.path is not None:
+                    await self.peers.put_file(target.address, "/v1/replica/" + entry.name,
+                                              _version_query(entry.version, entry.mode,
+                                                             entry.mtime_ns, entry.size,
+                                                             entry.attrs),
+                                              obj.path, entry.checksum, entry.size)
+                else:
+                    return  # its logged content no longer matches its digest: not copied
                 added.append(target.node_id)
             except PeerError as exc:
                 log.warning("repair copy of %s to %s:%d failed: %s", entry.name, target.host,

@@ -56,6 +56,8 @@ CENSUS_SEEDS = 3  # seeds tried at a first start to learn group sizes (balanced_
 MAX_UDP = 65535
 #: One-datagram lookups waiting for their reply at once; beyond this, lookups use HTTP.
 MAX_PENDING_LOOKUPS = 1024
+#: Seconds between the store's maintenance rounds: records logged meanwhile are made durable.
+STORE_MAINTENANCE = 1.0
 _LOOKUP_CODES = (7, 8)  # type bytes of LookupRequest / LookupReply (codec._TYPE_CODES)
 
 
@@ -213,6 +215,7 @@ class NodeRuntime:
                 nursery.start_soon(self._udp_loop)
                 nursery.start_soon(self._timer_loop)
                 nursery.start_soon(dataplane.repair_loop)
+                nursery.start_soon(self._maintain_store)
                 if s.bootstrap is not None:
                     nursery.start_soon(self._bootstrap_loop)
                 await self._join()
@@ -232,8 +235,19 @@ class NodeRuntime:
             with trio.CancelScope(shield=True):
                 await self.peers.aclose()
 
+    async def _maintain_store(self) -> None:
+        """Once a second: the record log made durable, and compacted when worth it."""
+        while True:
+            await trio.sleep(STORE_MAINTENANCE)
+            try:
+                await self.store.maintain()
+            except Exception:  # background work: the next round tries again
+                log.exception("store maintenance failed")
+
     async def _leave(self) -> None:
         """Tell the group we go, so nobody waits t_fail to notice."""
+        with trio.CancelScope(shield=True):
+            await self.store.sync()
         for out in self.node.leave_messages():
             await self._send_datagram(out)
         log.info("left the cluster", extra=fields(event="node_left"))

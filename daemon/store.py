@@ -40,9 +40,11 @@ do not wait on each other, and the version check is repeated under the lock befo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -62,6 +64,7 @@ from daemon.core.ids import NODE_ID_BYTES
 from daemon.core.keys import is_legacy, is_metadata
 from daemon.core.messages import Version
 from daemon.digest import ALGORITHM, DIGEST_SIZE, EMPTY_DIGEST, digest_of, new_hasher
+from daemon.record_log import Frame, LogRef, RecordLog
 from daemon.writeback import advance_writeback
 
 log = logging.getLogger("kelipsfs.store")
@@ -101,6 +104,12 @@ _SMALL_READ = 256 * 1024  # objects up to this size are read in one thread hop
 SMALL_CACHE_BYTES = 16 << 20
 #: Largest object whose bytes a put keeps: what a lookup reply can carry inline.
 SMALL_KEEP = INLINE_MAX
+#: The namespace's records up to this size are kept in the record log (``daemon.record_log``)
+#: rather than as files of their own: an inode or an entry costs an append, not three fsyncs.
+LOG_MAX = 2 << 20
+#: The record log is rewritten (compacted) when it is at least this large and superseded
+#: frames fill more than half of it.
+COMPACT_MIN = 32 << 20
 
 
 class StoreError(Exception):
@@ -147,6 +156,8 @@ class StoredObject:
     written_here: bool = field(default=False, compare=False)
     #: The record kind's own fields (``TupleEntry.attrs``).
     attrs: bytes = b""
+    #: Where the content lies in the record log, for a record kept there (``path`` None).
+    log: LogRef | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +365,8 @@ class ObjectStore:
         self._small: OrderedDict[str, _KeptSmall] = OrderedDict()
         self._small_bytes = 0
         self._small_cap = small_cache_bytes
+        self._frames: dict[str, int] = {}  # name -> size of its frame in the log
+        self._log_turn = trio.Lock()  # appends wait while the log is compacted
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             created = not (self._objects.is_dir() and self._tmp.is_dir())
@@ -361,7 +374,9 @@ class ObjectStore:
             self._tmp.mkdir(mode=0o700, exist_ok=True)
             if created:  # the fan-out directories are made durable by their first commit
                 _fsync_dir(self.root)
+            self._log = RecordLog(self.root / "records.log")
             self._recover()
+            self._replay_log()
         except OSError as exc:
             raise StoreError(f"cannot open the object store at {self.root}: "
                              f"{exc.strerror or exc} ({exc.filename or self.root})") from exc
@@ -411,6 +426,8 @@ class ObjectStore:
         An open file stays readable even if a newer version replaces ``obj`` meanwhile; opening
         after that raises StoreError, and so does opening a tombstone.
         """
+        if obj.log is not None:
+            return io.BytesIO(self._log.read(obj.log))
         if obj.tombstone or obj.path is None:
             raise StoreError(f"{_show(obj.name)} is deleted (tombstone of version "
                              f"{_show_version(obj.version)}): it has no content")
@@ -436,6 +453,13 @@ class ObjectStore:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         if not 0 <= offset <= obj.size:
             raise ValueError(f"offset must be within 0..{obj.size}, got {offset}")
+        if obj.log is not None:
+            data = self._log.read(obj.log)
+            if verify and digest_of(data) != obj.checksum:
+                raise ChecksumMismatch(f"logged content of {_show(obj.name)} is corrupt")
+            if data[offset:]:
+                yield data[offset:]
+            return
         if obj.size - offset <= min(chunk_size, _SMALL_READ):
             # Small objects (the common case for metadata-heavy work) in one thread hop.
             block = await _in_thread(functools.partial(self._read_whole, obj, offset))
@@ -489,6 +513,9 @@ class ObjectStore:
         version, a delete or a drop replaces the entry and forgets the bytes) and the file
         is unchanged since (one stat).
         """
+        if obj.log is not None and not obj.tombstone and obj.size <= limit:
+            data = self._log.read(obj.log)
+            return data if digest_of(data) == obj.checksum else None
         if obj.tombstone or obj.path is None or obj.size > limit:
             return None
         kept = self._small.get(obj.name)
@@ -572,6 +599,9 @@ class ObjectStore:
         held = self._held(name, version, early)
         if held is not None:
             return held
+        if expected_size is not None and self._logs(name, expected_size):
+            return await self._put_logged(name, version, mode, mtime_ns, chunks, late, early,
+                                          expected_size, attrs)
         if expected_size is not None:
             await self._check_room(name, expected_size)
 
@@ -621,7 +651,10 @@ class ObjectStore:
             except OSError as exc:
                 raise self._io_error(exc, f"cannot commit {_show(name)}") from exc
             self._install(obj)  # no checkpoint between the commit and the index update
-            return obj, True
+        # A file's content is durable from here: so are the records logged before it (its
+        # inode and name, on the nodes that hold them with it).
+        await self.sync()
+        return obj, True
 
     async def adopt_file(self, name: str, version: Version, mode: int, mtime_ns: int,
                          source: Path, size: int, checksum: bytes, attrs: bytes = b""
@@ -706,6 +739,10 @@ class ObjectStore:
             held = self._held(name, version, None)
             if held is not None:
                 return held
+            if self._logs(name, 0):
+                return await self._append(StoredObject(
+                    name, version, 0, EMPTY_DIGEST, 0, mtime_ns, True, None,
+                    written_here=True), b"")
             previous = self._index.get(name)
             commit = functools.partial(self._commit, name, version, 0, mtime_ns, 0,
                                        EMPTY_DIGEST, None, previous, b"")
@@ -726,11 +763,115 @@ class ObjectStore:
             held = self._index.get(name)
             if held is None or (version is not None and held.version != version):
                 return
+            if held.log is not None:  # its frame is garbage now: compaction drops it
+                self._uninstall(name)
+                return
             try:
                 await _in_thread(functools.partial(self._remove_version, held, durable=True))
             except OSError as exc:
                 raise self._io_error(exc, f"cannot drop {_show(name)}") from exc
             self._uninstall(name)
+
+    # --- the record log ---------------------------------------------------------------------
+
+    @staticmethod
+    def _logs(name: str, size: int) -> bool:
+        """Whether ``name`` is kept in the record log: the namespace's small records."""
+        return size <= LOG_MAX and is_metadata(name)
+
+    async def _put_logged(self, name: str, version: Version, mode: int, mtime_ns: int,
+                          chunks: AsyncIterable[bytes], late: Callable[[], bytes] | None,
+                          early: bytes | None, size: int, attrs: bytes) -> StoredObject:
+        parts: list[bytes] = []
+        got = 0
+        async for item in chunks:
+            raw: object = item
+            if not isinstance(raw, bytes | bytearray | memoryview):
+                raise TypeError(f"content chunks must be bytes, got {type(raw).__name__}")
+            got += len(raw)
+            if got > size:
+                raise ChecksumMismatch(f"{_show(name)}: the sender sent more than the {size} "
+                                       "bytes announced; the data was discarded")
+            parts.append(bytes(raw))
+        if got != size:
+            raise ChecksumMismatch(f"{_show(name)}: received {got} bytes but {size} were "
+                                   "announced; the data was discarded")
+        data = b"".join(parts)
+        checksum = digest_of(data)
+        want = late() if late is not None else early
+        if want is not None and checksum != want:
+            raise ChecksumMismatch(f"{_show(name)}: the received content does not match its "
+                                   "digest; the data was discarded")
+        async with self._name_lock(name):
+            held = self._held(name, version, want)
+            if held is not None:
+                return held
+            return await self._append(StoredObject(name, version, size, checksum, mode,
+                                                   mtime_ns, False, None, written_here=True,
+                                                   attrs=attrs), data)
+
+    async def _append(self, obj: StoredObject, content: bytes) -> StoredObject:
+        """Log ``obj`` (call with its name's lock held): in the page cache at once, durable
+        at the next ``sync``."""
+        frame = Frame(obj.name, obj.version.clock, obj.version.writer, obj.size, obj.mode,
+                      obj.mtime_ns, obj.tombstone, obj.checksum, obj.attrs)
+        async with self._log_turn:
+            try:
+                ref, size = self._log.append(frame, content)
+            except OSError as exc:
+                raise self._io_error(exc, f"cannot log {_show(obj.name)}") from exc
+        previous = self._index.get(obj.name)
+        logged = dataclasses.replace(obj, log=ref)
+        self._install(logged)
+        self._frames[obj.name] = size
+        self._log.live += size
+        if previous is not None and previous.log is None:  # a version stored as files
+            await _shielded(functools.partial(self._remove_version, previous, durable=False))
+        return logged
+
+    async def sync(self) -> None:
+        """Every record logged before the call is durable when it returns."""
+        if self._log.dirty:
+            await self._log.sync()
+
+    async def maintain(self) -> None:
+        """Make the log durable, and rewrite it when superseded frames fill most of it (a
+        node calls this every second or so)."""
+        await self.sync()
+        log_ = self._log
+        if log_.size < COMPACT_MIN or log_.live * 2 > log_.size:
+            return
+        async with self._log_turn:
+            names = [name for name, obj in self._index.items() if obj.log is not None]
+            objs = [self._index[name] for name in names]
+            live = [(Frame(o.name, o.version.clock, o.version.writer, o.size, o.mode,
+                           o.mtime_ns, o.tombstone, o.checksum, o.attrs),
+                     log_.read(o.log) if o.log is not None else b"") for o in objs]
+            try:
+                placed = await _in_thread(functools.partial(log_.compact, live))
+            except OSError as exc:
+                log.warning("could not compact the record log of %s: %s", self.root, exc)
+                return
+            for name, obj, (ref, size) in zip(names, objs, placed, strict=True):
+                self._index[name] = dataclasses.replace(obj, log=ref)
+                self._frames[name] = size
+            log_.live = sum(size for _, size in placed)
+
+    def _replay_log(self) -> None:
+        """Install what the record log holds, newer versions over older ones (worker thread,
+        at start, after the files' recovery)."""
+        for frame, ref, size in self._log.replay():
+            obj = StoredObject(frame.name, Version(frame.clock, frame.writer), frame.size,
+                               frame.checksum, frame.mode, frame.mtime_ns, frame.tombstone,
+                               None, attrs=frame.attrs, log=ref)
+            current = self._index.get(frame.name)
+            if current is not None and current.version >= obj.version:
+                continue
+            if current is not None and current.log is None:
+                self._remove_version(current, durable=False)
+            self._install(obj)
+            self._frames[frame.name] = size
+            self._log.live += size
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -836,6 +977,7 @@ class ObjectStore:
 
     def _uninstall(self, name: str) -> None:
         self._forget_small(name)
+        self._log.live -= self._frames.pop(name, 0)
         old = self._index.pop(name, None)
         if old is not None and not old.tombstone:
             self._live -= not is_metadata(name)

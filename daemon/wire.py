@@ -30,3 +30,25 @@ def tuple_from_json(doc: Any) -> TupleEntry:
                       int(doc["mtime_ns"]), bytes.fromhex(doc["checksum"]),
                       tuple(bytes.fromhex(h) for h in doc["holders"]), bool(doc["tombstone"]),
                       bytes.fromhex(doc.get("attrs", "")))
+
+
+def record_to_json(t: TupleEntry, content: bytes | None) -> dict[str, Any]:
+    return {"tuple": tuple_to_json(t), "content": None if content is None else content.hex()}
+
+
+def record_from_json(doc: Any, limit: int) -> tuple[TupleEntry, bytes | None]:
+    """A record sent by a primary (ValueError if malformed or over ``limit`` bytes)."""
+    if not isinstance(doc, dict):
+        raise ValueError("a record is an object")
+    try:
+        t = tuple_from_json(doc["tuple"])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"malformed tuple: {exc}") from exc
+    raw = doc.get("content")
+    if raw is None:
+        if not t.tombstone:
+            raise ValueError(f"{t.name}: content missing")
+        return t, None
+    if not isinstance(raw, str) or len(raw) > 2 * limit:
+        raise ValueError(f"{t.name}: content must be hex of at most {limit} bytes")
+    return t, bytes.fromhex(raw)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -18,6 +19,7 @@ import pytest
 
 from daemon.core.ids import group_of_name
 from daemon.core.placement import rank
+from daemon.record_log import RecordLog
 from tests.cluster import (
     Cluster,
     NodeProc,
@@ -63,10 +65,18 @@ def test_read_after_write_and_overwrite_from_every_node(cluster: Cluster, tmp_pa
 
 
 def _stored_clock(node: NodeProc, record: str) -> int:
-    """The clock of the version of ``record`` in ``node``'s store (0: none)."""
+    """The clock of the newest version of ``record`` in ``node``'s store: its files, or its
+    record log (read from a copy: the node keeps appending to it) (0: none)."""
     key = hashlib.sha1(record.encode()).hexdigest()
     metas = list((node.data_dir / "store" / "objects" / key[:2]).glob(f"{key}-*.meta"))
-    return max((int(m.name.split("-")[1], 16) for m in metas), default=0)
+    clocks = [int(m.name.split("-")[1], 16) for m in metas]
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "records.log"
+        shutil.copyfile(node.data_dir / "store" / "records.log", copy)
+        log = RecordLog(copy)
+        clocks += [f.clock for f, _, _ in log.replay() if f.name == record]
+        log.close()
+    return max(clocks, default=0)
 
 
 def test_a_put_or_rm_overtaken_by_a_newer_version_is_stamped_above_it(cluster: Cluster,

@@ -1,0 +1,207 @@
+"""The store's log of small records: appended to one file, made durable in groups.
+
+A namespace operation writes a few records of a few dozen bytes each (an inode, an entry, its
+directory). Stored as files of their own, each cost a temp file, three fsyncs, two renames and
+as many hops to a worker thread; appended here, each costs one ``write`` to the page cache, and
+one ``fdatasync`` makes every record appended before it durable (``sync``): whoever needs
+durability waits for the next one, and callers that arrive while one runs share the one after.
+
+Every frame is ``length u32 | crc32 u32 | payload``; the payload holds the record's fields
+and its content (``Frame``). At start ``replay`` reads the frames back in order; a frame cut
+short or failing its checksum (a crash in the middle of a write) ends the log there, and the
+file is cut back to the last whole frame. Frames of superseded versions stay until ``compact``
+rewrites the live ones into a new file (written, fsynced, renamed over the old one).
+
+Blocking calls (``open``, ``replay``, ``compact``) run in worker threads; ``append`` and
+``read`` touch only the page cache and are called on the event loop.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import trio
+
+_HEAD = struct.Struct(">II")  # payload length, crc32 of the payload
+_NAME = struct.Struct(">H")
+_FIXED = struct.Struct(">Q20sQIqB")  # clock, writer, size, mode, mtime_ns, tombstone
+_SHORT = struct.Struct(">B")
+_CONTENT = struct.Struct(">I")
+#: Largest payload a frame may announce (a replayed length beyond it is a torn frame).
+MAX_PAYLOAD = 4 << 20
+
+
+class Frame(NamedTuple):
+    """A record's fields as the log keeps them (its content travels beside)."""
+
+    name: str
+    clock: int
+    writer: bytes
+    size: int
+    mode: int
+    mtime_ns: int
+    tombstone: bool
+    checksum: bytes
+    attrs: bytes
+
+
+class LogRef(NamedTuple):
+    """Where a record's content lies in the log (offset and length in the file)."""
+
+    offset: int
+    length: int
+
+
+def encode(frame: Frame, content: bytes) -> tuple[bytes, int]:
+    """The frame's bytes, and the offset of the content within them."""
+    raw = frame.name.encode("utf-8")
+    payload = b"".join([
+        _NAME.pack(len(raw)), raw,
+        _FIXED.pack(frame.clock, frame.writer, frame.size, frame.mode, frame.mtime_ns,
+                    1 if frame.tombstone else 0),
+        _SHORT.pack(len(frame.checksum)), frame.checksum,
+        _SHORT.pack(len(frame.attrs)), frame.attrs,
+        _CONTENT.pack(len(content))])
+    head = _HEAD.pack(len(payload) + len(content), zlib.crc32(content, zlib.crc32(payload)))
+    return head + payload + content, len(head) + len(payload)
+
+
+def decode(payload: bytes) -> tuple[Frame, int, int]:
+    """(frame, content offset within the payload, content length); ValueError if malformed."""
+    try:
+        (n,) = _NAME.unpack_from(payload, 0)
+        at = _NAME.size
+        name = payload[at:at + n].decode("utf-8")
+        at += n
+        clock, writer, size, mode, mtime_ns, tomb = _FIXED.unpack_from(payload, at)
+        at += _FIXED.size
+        (n,) = _SHORT.unpack_from(payload, at)
+        checksum = payload[at + 1:at + 1 + n]
+        at += 1 + n
+        (n,) = _SHORT.unpack_from(payload, at)
+        attrs = payload[at + 1:at + 1 + n]
+        at += 1 + n
+        (length,) = _CONTENT.unpack_from(payload, at)
+        at += _CONTENT.size
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise ValueError(f"malformed log frame: {exc}") from exc
+    if at + length != len(payload):
+        raise ValueError("malformed log frame: its content length does not add up")
+    return Frame(name, clock, writer, size, mode, mtime_ns, bool(tomb), checksum, attrs), \
+        at, length
+
+
+class RecordLog:
+    """One append-only file of records (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        """Open (creating) the log; blocks: construct it in a worker thread."""
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._end = 0
+        self._synced = 0  # everything before this offset is durable
+        self._syncing: trio.Event | None = None
+        self.live = 0  # bytes of frames still holding a current record (kept by the store)
+
+    @property
+    def size(self) -> int:
+        return self._end
+
+    def replay(self) -> Iterator[tuple[Frame, LogRef, int]]:
+        """Every whole frame in order: (frame, where its content is, the frame's size). A
+        torn tail is cut off (blocks: from a worker thread, once, before any append)."""
+        with open(self.path, "rb") as fh:
+            data = fh.read()
+        at = 0
+        while at + _HEAD.size <= len(data):
+            length, crc = _HEAD.unpack_from(data, at)
+            start = at + _HEAD.size
+            if length > MAX_PAYLOAD or start + length > len(data):
+                break
+            payload = data[start:start + length]
+            if zlib.crc32(payload) != crc:
+                break
+            try:
+                frame, offset, size = decode(payload)
+            except ValueError:
+                break
+            yield frame, LogRef(start + offset, size), _HEAD.size + length
+            at = start + length
+        if at != len(data):
+            os.ftruncate(self._fd, at)
+            os.fsync(self._fd)
+        self._end = self._synced = at
+
+    def append(self, frame: Frame, content: bytes) -> tuple[LogRef, int]:
+        """Append a record (to the page cache: durable at the next ``sync``); where its
+        content lies, and the frame's size."""
+        data, offset = encode(frame, content)
+        written = os.pwrite(self._fd, data, self._end)
+        if written != len(data):
+            raise OSError(28, "short write to the record log")  # ENOSPC in practice
+        ref = LogRef(self._end + offset, len(content))
+        self._end += len(data)
+        return ref, len(data)
+
+    def read(self, ref: LogRef) -> bytes:
+        return os.pread(self._fd, ref.length, ref.offset) if ref.length else b""
+
+    @property
+    def dirty(self) -> bool:
+        return self._synced < self._end
+
+    async def sync(self) -> None:
+        """Return once every record appended before the call is durable (one fdatasync,
+        shared by every caller waiting for it)."""
+        target = self._end
+        while self._synced < target:
+            if self._syncing is not None:
+                await self._syncing.wait()
+                continue
+            self._syncing = done = trio.Event()
+            upto = self._end
+            try:
+                await trio.to_thread.run_sync(os.fdatasync, self._fd)
+                self._synced = max(self._synced, upto)
+            finally:
+                self._syncing = None
+                done.set()
+
+    def compact(self, live: list[tuple[Frame, bytes]]) -> list[tuple[LogRef, int]]:
+        """Rewrite the log with only ``live`` (blocks: a worker thread, with no append
+        meanwhile); the new place of each one's content, and its frame's size."""
+        fresh = self.path.with_suffix(".compact")
+        fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        refs: list[tuple[LogRef, int]] = []
+        at = 0
+        try:
+            chunks: list[bytes] = []
+            for frame, content in live:
+                data, offset = encode(frame, content)
+                refs.append((LogRef(at + offset, len(content)), len(data)))
+                chunks.append(data)
+                at += len(data)
+            os.pwrite(fd, b"".join(chunks), 0)
+            os.fsync(fd)
+            os.replace(fresh, self.path)
+            dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except BaseException:
+            os.close(fd)
+            fresh.unlink(missing_ok=True)
+            raise
+        os.close(self._fd)
+        self._fd = fd
+        self._end = self._synced = self.live = at
+        return refs
+
+    def close(self) -> None:
+        os.close(self._fd)

@@ -1,0 +1,128 @@
+"""The store's record log: what is appended is read back after a restart, a torn tail is cut
+off, superseded frames are compacted away, and the store serves logged records like files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from daemon.core.messages import Version
+from daemon.digest import digest_of
+from daemon.peers import stream_of
+from daemon.record_log import Frame, RecordLog
+from daemon.store import ObjectStore
+
+W = b"\x05" * 20
+
+
+def frame(name: str, clock: int, content: bytes, tombstone: bool = False) -> Frame:
+    return Frame(name, clock, W, len(content), 0o644, 7, tombstone, digest_of(content),
+                 b"\x01\x02")
+
+
+def test_appended_frames_replay_in_order(tmp_path: Path) -> None:
+    log = RecordLog(tmp_path / "r.log")
+    list(log.replay())
+    refs = [log.append(frame(f"i/{i:016x}", i, b"x" * i), b"x" * i)[0] for i in range(50)]
+    assert [log.read(r) for r in refs] == [b"x" * i for i in range(50)]
+    log.close()
+    again = RecordLog(tmp_path / "r.log")
+    seen = list(again.replay())
+    assert [f.name for f, _, _ in seen] == [f"i/{i:016x}" for i in range(50)]
+    assert [again.read(ref) for _, ref, _ in seen] == [b"x" * i for i in range(50)]
+    assert seen[3][0] == frame("i/0000000000000003", 3, b"xxx")
+
+
+@pytest.mark.parametrize("cut", [1, 5, 9, 40])
+def test_a_torn_tail_is_cut_off(tmp_path: Path, cut: int) -> None:
+    path = tmp_path / "r.log"
+    log = RecordLog(path)
+    list(log.replay())
+    for i in range(3):
+        log.append(frame(f"e/{i:016x}/n", i, b"abc"), b"abc")
+    whole = log.size
+    log.close()
+    with open(path, "ab") as fh:  # a crash in the middle of the fourth append
+        fh.write(b"\x00\x00\x00\x30" + b"\xff" * (cut - 1))
+    again = RecordLog(path)
+    assert len(list(again.replay())) == 3
+    assert path.stat().st_size == whole
+    again.append(frame("e/0000000000000009/n", 9, b"d"), b"d")
+    again.close()
+    assert len(list(RecordLog(path).replay())) == 4
+
+
+def test_a_flipped_byte_ends_the_log_there(tmp_path: Path) -> None:
+    path = tmp_path / "r.log"
+    log = RecordLog(path)
+    list(log.replay())
+    sizes = [log.append(frame(f"i/{i:016x}", i, b"abcd"), b"abcd")[1] for i in range(4)]
+    log.close()
+    data = bytearray(path.read_bytes())
+    data[sizes[0] + sizes[1] + 12] ^= 0x40  # inside the third frame
+    path.write_bytes(bytes(data))
+    assert [f.clock for f, _, _ in RecordLog(path).replay()] == [0, 1]
+
+
+def test_the_store_logs_namespace_records_and_recovers_them(tmp_path: Path) -> None:
+    async def fill() -> None:
+        store = await trio.to_thread.run_sync(ObjectStore, tmp_path / "s")
+        for i in range(200):
+            data = f"record {i}".encode()
+            await store.put(f"i/{i % 20:016x}", Version(1000 + i, W), 0o100644, i,
+                            stream_of(data), expected_checksum=digest_of(data),
+                            expected_size=len(data), attrs=b"a%d" % i)
+        await store.delete("e/0000000000000001/gone", Version(5000, W), mtime_ns=3)
+        await store.sync()
+        # a file's content still goes to a file of its own
+        big = os.urandom(5000)
+        await store.put("d/0000000000000002", Version(10, W), 0, 1, stream_of(big),
+                        expected_checksum=digest_of(big), expected_size=len(big))
+        assert len(list((tmp_path / "s" / "objects").rglob("*.meta"))) == 1
+
+    trio.run(fill)
+    store = ObjectStore(tmp_path / "s")
+    for j in range(20):
+        obj = store.get(f"i/{j:016x}")
+        assert obj is not None and obj.log is not None and obj.path is None
+        i = 180 + j
+        assert (obj.version.clock, obj.attrs) == (1000 + i, b"a%d" % i)
+        assert store.read_small(obj, 1 << 20) == f"record {i}".encode()
+    gone = store.get("e/0000000000000001/gone")
+    assert gone is not None and gone.tombstone
+    assert store.usage()[0] == 1  # the file's content; records are not objects
+
+
+def test_compaction_keeps_the_live_records(tmp_path: Path) -> None:
+    import daemon.store as store_module
+
+    async def churn() -> None:
+        store = await trio.to_thread.run_sync(ObjectStore, tmp_path / "s")
+        payload = b"p" * 3000
+        for i in range(400):
+            await store.put(f"x/{i % 5:016x}", Version(1 + i, W), 0, 0, stream_of(payload),
+                            expected_checksum=digest_of(payload), expected_size=len(payload))
+        before = (tmp_path / "s" / "records.log").stat().st_size
+        original = store_module.COMPACT_MIN
+        store_module.COMPACT_MIN = 10_000
+        try:
+            await store.maintain()
+        finally:
+            store_module.COMPACT_MIN = original
+        after = (tmp_path / "s" / "records.log").stat().st_size
+        assert after < before / 20
+        for k in range(5):
+            obj = store.get(f"x/{k:016x}")
+            assert obj is not None and store.read_small(obj, 1 << 20) == payload
+        # and appends after the compaction land in the new file
+        await store.put("x/0000000000000009", Version(999, W), 0, 0, stream_of(b"late"),
+                        expected_checksum=digest_of(b"late"), expected_size=4)
+
+    trio.run(churn)
+    store = ObjectStore(tmp_path / "s")
+    late = store.get("x/0000000000000009")
+    assert late is not None and store.read_small(late, 100) == b"late"
+    assert store.get("x/0000000000000004") is not None

@@ -34,10 +34,11 @@ import pyfuse3
 import trio
 
 from daemon.core.inodes import AttrChange, Entry, FsError, Inode
-from daemon.core.keys import ROOT_INO
+from daemon.core.keys import ROOT_INO, inode_name
 from daemon.dataplane import DataError
 from daemon.namespace.vfs import Caller, Namespace
 from kelipsfs import xattr_view
+from kelipsfs.invalidation import CACHE_SECONDS
 from kelipsfs.open_files import FileError, OpenFiles
 
 log = logging.getLogger("kelipsfs.fuse")
@@ -49,6 +50,8 @@ NAME_MAX = 255
 #: relatime: an access is recorded when the last one is older than this, even if nothing
 #: changed since.
 RELATIME_AGE_NS = 24 * 3600 * 1_000_000_000
+#: Accesses waiting to be recorded at most (see ``KelipsOperations._accessed``).
+ATIME_BACKLOG = 256
 _T = TypeVar("_T")
 
 
@@ -88,6 +91,7 @@ class KelipsOperations(pyfuse3.Operations):
         self._readonly = readonly
         self._background = background
         self._atime_pending: set[int] = set()
+        self._atime_turn = trio.Lock()
         self._dirs: dict[int, _DirHandle] = {}
         # The last attributes seen of each inode open here: fstat of a file unlinked while
         # open answers from them (with no links left).
@@ -120,7 +124,15 @@ class KelipsOperations(pyfuse3.Operations):
         if self._readonly:
             raise _fail(errno.EROFS)
 
-    def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+    def _cached(self, ino: int) -> float:
+        """How long the kernel may keep the records of ``ino``: ``CACHE_SECONDS`` when a
+        change of them reaches this node (its own group: ``kelipsfs.invalidation``), else 0."""
+        node = self._rt.node
+        return CACHE_SECONDS if node.group_of(inode_name(ino)) == node.group else 0.0
+
+    def _attrs(self, inode: Inode, directory: int | None = None) -> pyfuse3.EntryAttributes:
+        """The attributes of ``inode``; ``directory``: the one whose entry named it (the
+        entry's cache time is the directory's)."""
         busy = self._files.busy(inode.ino)
         size, mtime = inode.size, inode.mtime_ns
         if busy is not None:
@@ -130,8 +142,8 @@ class KelipsOperations(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode.ino
         a.generation = 0
-        a.entry_timeout = 0
-        a.attr_timeout = 0
+        a.attr_timeout = 0.0 if busy is not None else self._cached(inode.ino)
+        a.entry_timeout = self._cached(inode.ino if directory is None else directory)
         a.st_mode = inode.mode
         a.st_nlink = inode.nlink
         a.st_uid = inode.uid
@@ -156,8 +168,29 @@ class KelipsOperations(pyfuse3.Operations):
         if name == b"..":
             parent = await self._inode(parent_inode)
             return self._attrs(await self._inode(parent.parent))
-        found = await self._call(self._ns.lookup, parent_inode, _name(name))
-        return self._attrs(found)
+        found = await self._call(self._find, parent_inode, _name(name))
+        if found is None:
+            if self._cached(parent_inode):
+                return self._negative(parent_inode)
+            raise _fail(errno.ENOENT)
+        return self._attrs(found, parent_inode)
+
+    async def _find(self, directory: int, name: str) -> Inode | None:
+        try:
+            return await self._ns.lookup(directory, name)
+        except FsError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+
+    def _negative(self, directory: int) -> pyfuse3.EntryAttributes:
+        """No such name, and the kernel may remember so (the entry's creation anywhere
+        invalidates it): every create starts with a lookup of a name that is not there."""
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = 0
+        a.entry_timeout = self._cached(directory)
+        return a
+
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         return None  # the kernel's lookup counts do not matter: inodes are named records
@@ -335,23 +368,28 @@ class KelipsOperations(pyfuse3.Operations):
         self._last[inode] = found
         if flags & os.O_ACCMODE != os.O_WRONLY:
             self._accessed(found)
-        # keep_cache off: pages another mount's write made stale are dropped at every open
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+        # The kernel keeps the file's pages from one open to the next where a change of its
+        # content made elsewhere reaches this node (kelipsfs.invalidation drops them).
+        return pyfuse3.FileInfo(fh=fh, keep_cache=bool(self._cached(inode)))
 
     def _accessed(self, inode: Inode) -> None:
         """relatime: the first read after a change (or a day after the last) records the
-        access time, in the background so the open does not wait for it."""
+        access time, in the background so the open does not wait for it, one at a time and
+        at most ``ATIME_BACKLOG`` waiting (beyond that an access goes unrecorded: the next
+        one records it)."""
         now = time.time_ns()
         due = (inode.atime_ns <= max(inode.mtime_ns, inode.ctime_ns)
                or now - inode.atime_ns > RELATIME_AGE_NS)
         if (not due or self._readonly or self._background is None
-                or inode.ino in self._atime_pending):
+                or inode.ino in self._atime_pending
+                or len(self._atime_pending) >= ATIME_BACKLOG):
             return
         self._atime_pending.add(inode.ino)
 
         async def record() -> None:
             try:
-                await self._ns.setattr(inode.ino, AttrChange(atime_ns=now))
+                async with self._atime_turn:
+                    await self._ns.setattr(inode.ino, AttrChange(atime_ns=now, access=True))
             except (FsError, DataError) as exc:
                 log.debug("access time of %x not recorded: %s", inode.ino, exc)
             finally:
@@ -367,7 +405,8 @@ class KelipsOperations(pyfuse3.Operations):
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         fh = await self._files.create(made.ino, writable, bool(flags & os.O_APPEND))
         self._last[made.ino] = made
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attrs(made)
+        return (pyfuse3.FileInfo(fh=fh, keep_cache=bool(self._cached(made.ino))),
+                self._attrs(made, parent_inode))
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return await self._call(self._files.read, fh, off, size)
@@ -411,13 +450,19 @@ class KelipsOperations(pyfuse3.Operations):
                 return
 
     async def _listing(self, ino: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
-        """The entries with what READDIRPLUS hands the kernel: with attribute timeouts of 0
-        it keeps none of it, so only the inode number and type are filled in (the kernel
-        asks for the rest when it needs it) rather than looking every inode up."""
+        """The entries with what READDIRPLUS hands the kernel: their attributes where the
+        kernel may keep them (``_cached``), so ``ls -l`` and ``find`` need no request per
+        entry; else only the inode number and type (it asks for the rest when it needs it)."""
         directory = await self._inode(ino)
         parent = directory if ino == ROOT_INO else await self._inode(directory.parent)
         out = [(b".", self._attrs(directory)), (b"..", self._attrs(parent))]
         for entry in await self._call(self._ns.readdir, ino):
+            if self._cached(entry.ino):
+                found = await self._ns.records.inode(entry.ino)
+                if found is None:  # (an entry whose inode is gone is not shown)
+                    continue
+                out.append((entry.name.encode("utf-8"), self._attrs(found, ino)))
+                continue
             a = pyfuse3.EntryAttributes()
             a.st_ino = entry.ino
             a.st_mode = entry.kind

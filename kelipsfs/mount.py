@@ -201,8 +201,10 @@ async def _serve(settings: NodeSettings, mountpoint: Path, foreground: bool,
     import pyfuse3
 
     from kelipsfs.client import write_endpoint
+    from kelipsfs.invalidation import Invalidator
 
     runtime = NodeRuntime(settings)
+    invalidator = Invalidator()
     stop = trio.Event()
     node_finished = trio.Event()
     fuse_finished = trio.Event()
@@ -252,6 +254,8 @@ async def _serve(settings: NodeSettings, mountpoint: Path, foreground: bool,
                         raise MountError(f"FUSE could not mount {mountpoint}: {exc} (see "
                                          "libfuse's message above)") from exc
                     fuse_started = True
+                    invalidator.start()
+                    runtime.node.watch_tuples(invalidator.changed)
                     nursery.start_soon(run_fuse)
                     await _wait_mounted(mountpoint, fuse_finished, fuse_error)
                 if startup.cancelled_caught:
@@ -270,6 +274,8 @@ async def _serve(settings: NodeSettings, mountpoint: Path, foreground: bool,
             finally:
                 with trio.CancelScope(shield=True):
                     if fuse_started:
+                        runtime.node.watch_tuples(None)
+                        invalidator.stop()  # (before the session it writes to is gone)
                         if not fuse_finished.is_set():
                             pyfuse3.terminate()
                             with trio.move_on_after(UNMOUNT_WAIT):

@@ -711,8 +711,9 @@ def _alive_members(mount: Mount) -> int:
 
 
 def test_reads_stream_from_remote_holders(tmp_path: Path) -> None:
-    """With one copy per object, about half the files live only on the other node: opening
-    them streams the verified bytes over HTTP into the mount's cache."""
+    """With one copy per object, the files of about half the directories live only on the
+    other node (a file is placed with its directory, a directory anywhere): opening them
+    streams the verified bytes over HTTP into the mount's local copy."""
     with Mounts(tmp_path, base=110) as ms:
         a = ms.new("replication=1")
         b = ms.new("replication=1", join=a)
@@ -720,15 +721,16 @@ def test_reads_stream_from_remote_holders(tmp_path: Path) -> None:
         local = {}
         for i in range(12):
             local[i] = random_file(tmp_path / f"r{i}", 50_000 + i * 100_000)
-            run("cp", local[i], a.path(f"r{i}.bin"))
+            a.path(f"d{i}").mkdir()
+            run("cp", local[i], a.path(f"d{i}/r{i}.bin"))
         big = random_file(tmp_path / "big", 40 * MiB)
         run("cp", big, b.path("big.bin"))
-        holders = {json.loads(os.getxattr(a.path(f"r{i}.bin"), "user.kelips.holders"))[0]
+        holders = {json.loads(os.getxattr(a.path(f"d{i}/r{i}.bin"), "user.kelips.holders"))[0]
                    ["address"] for i in local}
         assert holders == {a.address, b.address}  # some objects are remote for each side
         for m in (a, b):
             for i, path in local.items():
-                run("cmp", path, m.path(f"r{i}.bin"))
+                run("cmp", path, m.path(f"d{i}/r{i}.bin"))
             run("cmp", big, m.path("big.bin"))
             wait_for(lambda m=m: list((m.data_dir / "spool").iterdir()) == [], 10,  # type: ignore[misc]
                      "the local copies closed")

@@ -363,3 +363,13 @@ def test_ops_roundtrip_as_json() -> None:
                                 "parent": 1, "target": b"/x"})
     assert from_json(to_json(op2)).args["target"] == b"/x"
     assert back.args["change"] == AttrChange(mode=0o644, nlink_delta=-1)
+
+
+def test_an_access_moves_the_atime_and_not_the_ctime(w: World) -> None:
+    f = w.create(ROOT_INO, "f")
+    w.clock.advance()
+    seen = w.do(w.ns.setattr, f.ino, AttrChange(atime_ns=w.clock.now, access=True))
+    assert seen.atime_ns == w.clock.now and seen.ctime_ns == f.ctime_ns
+    w.clock.advance()
+    touched = w.do(w.ns.setattr, f.ino, AttrChange(atime_ns=5))  # utimensat moves the ctime
+    assert touched.atime_ns == 5 and touched.ctime_ns > f.ctime_ns

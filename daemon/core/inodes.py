@@ -309,6 +309,16 @@ def make_inode(view: View, now_ns: int, clock: int, ino: int, mode: int, uid: in
     return out
 
 
+def create(view: View, now_ns: int, clock: int, directory: int, name: str, ino: int,
+           mode: int, uid: int, gid: int, rdev: int = 0, target: bytes = b"") -> Outcome:
+    """``make_inode`` and ``add_entry`` in one step, for an inode placed with its directory
+    (one primary holds both): a create is one operation, and a crash can never leave the
+    inode without its name. EEXIST if the name is taken; nothing is written then."""
+    made = make_inode(view, now_ns, clock, ino, mode, uid, gid, rdev, directory, target)
+    linked = add_entry(view, now_ns, clock, directory, name, ino, stat.S_IFMT(mode))
+    return Outcome(made.writes + linked.writes, made.inode, linked.entry)
+
+
 def _touched(directory: Inode, now_ns: int, clock: int, nlink_delta: int) -> Inode:
     return replace(directory, mtime_ns=now_ns, ctime_ns=now_ns, mtime_clock=clock,
                    nlink=max(2, directory.nlink + nlink_delta))
@@ -441,6 +451,8 @@ class AttrChange:
     parent: int | None = None
     #: Only the ctime moves (an entry renamed, content written through another record).
     touch: bool = False
+    #: An access recorded (relatime): the atime moves, the ctime does not, as POSIX says.
+    access: bool = False
 
 
 def set_attrs(view: View, now_ns: int, clock: int, ino: int, change: AttrChange) -> Outcome:
@@ -465,7 +477,8 @@ def set_attrs(view: View, now_ns: int, clock: int, ino: int, change: AttrChange)
         if links > MAX_LINKS:
             raise FsError(errno.EMLINK, f"inode {ino:x} has too many links")
         updated = replace(updated, nlink=max(0, links))
-    updated = replace(updated, ctime_ns=max(now_ns, current.ctime_ns))
+    if not change.access:
+        updated = replace(updated, ctime_ns=max(now_ns, current.ctime_ns))
     if updated.nlink == 0 or (updated.is_dir and updated.nlink < 2):
         return _removed(view, now_ns, updated)
     out = Outcome([])

@@ -19,6 +19,7 @@ import bisect
 import math
 import random
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -199,6 +200,7 @@ class KelipsNode:
         # A pool of constant size, not one per group: the state stays 3*sqrt(N) + F/k + O(1).
         self._spares: OrderedDict[int, _Spare] = OrderedDict()  # group -> latest heard
         self._repairing: dict[str, float] = {}
+        self._tuple_watcher: Callable[[TupleEntry], None] | None = None
         self._repair_dirty = False
         self._last_group_gossip = now  # when gossip from the own group last arrived
         self._by_prefix: dict[bytes, Member] = {}  # beat prefix -> own-group member
@@ -1187,6 +1189,12 @@ class KelipsNode:
 
     # --- tuples and repair --------------------------------------------------------------------
 
+    def watch_tuples(self, watcher: Callable[[TupleEntry], None] | None) -> None:
+        """Have ``watcher`` called with every tuple that changes this node's state, whatever
+        brought it (a write here, an announce, gossip, a sync): a mount drops what the
+        kernel cached of it. None stops watching."""
+        self._tuple_watcher = watcher
+
     def merge_tuple(self, now: float, t: TupleEntry) -> bool:
         """Merge a tuple of the own group (others are ignored); True if it changed state."""
         if group_of_name(t.name, self.config.k) != self.group:
@@ -1194,6 +1202,8 @@ class KelipsNode:
         self.clock.observe(t.version.clock)
         if self.tuples.merge(t, now):
             self._repair_dirty = True
+            if self._tuple_watcher is not None:
+                self._tuple_watcher(t)
             return True
         return False
 

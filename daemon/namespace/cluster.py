@@ -90,6 +90,15 @@ class ClusterRecords:
             raise FsError(errno.EIO, f"{name}: short content")
         return data
 
+    def placed_with(self, directory: int, ino: int) -> bool:
+        """Same group and same first holder (known for this node's own group only)."""
+        node = self.rt.node
+        key, home = inode_name(ino), inode_name(directory)
+        if node.group_of(key) != node.group or node.group_of(home) != node.group:
+            return False
+        ours, theirs = node.placement(key), node.placement(home)
+        return bool(ours) and bool(theirs) and ours[0].node_id == theirs[0].node_id
+
     async def apply(self, op: Op) -> Result:
         """Run ``op`` at the inode's primary: its holders in placement order, the first that
         answers (this node itself when it is that holder)."""

@@ -20,9 +20,9 @@ from daemon.dataplane import DataError
 from daemon.digest import EMPTY_DIGEST
 from daemon.names import NameError_, validate_name
 from daemon.namespace import ops
-from daemon.namespace.primary import record_from_json, store_records
+from daemon.namespace.primary import store_records
 from daemon.store import StoreFull
-from daemon.wire import tuple_to_json
+from daemon.wire import record_from_json, tuple_to_json
 
 if TYPE_CHECKING:
     from daemon.runtime import NodeRuntime

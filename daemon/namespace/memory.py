@@ -86,6 +86,9 @@ class MemoryRecords:
             raise FsError(errno.EIO, f"{name}: no content")
         return data
 
+    def placed_with(self, directory: int, ino: int) -> bool:
+        return True  # one store, one primary: every inode is placed with every directory
+
     async def apply(self, op: Op) -> Result:
         now = self._wall_ns()
         clock = self._clock.stamp(now // 1_000_000)

@@ -80,7 +80,7 @@ def _change(doc: Any) -> AttrChange:
         mtime_ns=_opt(_int, doc.get("mtime_ns"), "mtime_ns"),
         nlink_delta=_int(doc.get("nlink_delta", 0), "nlink_delta", -2, 1),
         parent=_opt(_ino, doc.get("parent"), "parent"),
-        touch=bool(doc.get("touch", False)))
+        touch=bool(doc.get("touch", False)), access=bool(doc.get("access", False)))
 
 
 def _args(kind: str, a: dict[str, Any]) -> dict[str, Any]:
@@ -94,6 +94,14 @@ def _args(kind: str, a: dict[str, Any]) -> dict[str, Any]:
                 "parent": _ino(a.get("parent"), "parent"),
                 "target": _bytes(a.get("target", ""), "target", inodes.MAX_SYMLINK_BYTES + 1),
                 "exist_ok": bool(a.get("exist_ok", False))}
+    if kind == "create":
+        return {"directory": _ino(a.get("directory"), "directory"),
+                "name": _str(a.get("name"), "name"), "ino": _ino(a.get("ino"), "ino"),
+                "mode": _int(a.get("mode"), "mode", 0, 0o177777),
+                "uid": _int(a.get("uid"), "uid", 0, 0xFFFFFFFF),
+                "gid": _int(a.get("gid"), "gid", 0, 0xFFFFFFFF),
+                "rdev": _int(a.get("rdev", 0), "rdev", 0),
+                "target": _bytes(a.get("target", ""), "target", inodes.MAX_SYMLINK_BYTES + 1)}
     if kind == "add_entry":
         return {"directory": _ino(a.get("directory"), "directory"),
                 "name": _str(a.get("name"), "name"), "child": _ino(a.get("child"), "child"),
@@ -130,7 +138,7 @@ def _args(kind: str, a: dict[str, Any]) -> dict[str, Any]:
 
 
 _RULES: dict[str, Callable[..., Outcome]] = {
-    "make_inode": inodes.make_inode, "add_entry": inodes.add_entry,
+    "make_inode": inodes.make_inode, "create": inodes.create, "add_entry": inodes.add_entry,
     "remove_entry": inodes.remove_entry, "exchange_entries": inodes.exchange_entries,
     "move_entry": inodes.move_entry, "set_attrs": inodes.set_attrs,
     "remove_dir": inodes.remove_dir, "set_xattr": inodes.set_xattr,

@@ -20,21 +20,22 @@ as for any object.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 from collections.abc import AsyncIterator, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
-from daemon.core.inodes import FsError
-from daemon.core.keys import inode_name
+from daemon.core.inodes import FsError, Write
+from daemon.core.keys import inode_name, placement_key
 from daemon.core.messages import MemberEntry, TupleEntry
 from daemon.dataplane import INSERT_ATTEMPTS, DataError, InsertFailed, Superseded, Unavailable
 from daemon.namespace.memory import stamp_writes
 from daemon.namespace.ops import Op, Result, run
 from daemon.peers import PeerError, stream_of
 from daemon.store import StaleVersion, StoreError
-from daemon.wire import tuple_from_json, tuple_to_json
+from daemon.wire import record_to_json
 
 if TYPE_CHECKING:
     from daemon.runtime import NodeRuntime
@@ -74,9 +75,10 @@ class Primary:
                 written: list[TupleEntry] = []
                 if not outcome.writes:
                     break
+                placements = self._placements(key, holders, outcome.writes)
                 try:
                     written = await self._commit(stamp_writes(outcome.writes, version, ()),
-                                                 holders)
+                                                 placements)
                     break
                 except Superseded as exc:
                     # A holder keeps a newer version of a record than this node's tuples
@@ -88,19 +90,45 @@ class Primary:
                                           "attempts") from exc
         return Result(outcome.inode, outcome.entry), written
 
+    def _placements(self, key: str, holders: list[MemberEntry], writes: list[Write]
+                    ) -> dict[str, list[MemberEntry]]:
+        """The holders of every placement key an operation writes. An operation may write
+        records of another inode only where this node is that inode's primary too (a create
+        of an inode placed with its directory): EAGAIN when the placement has moved since
+        the asker chose it, and the asker makes the inode in a step of its own."""
+        node = self.rt.node
+        placements = {key: holders}
+        for w in writes:
+            other = placement_key(w.name)
+            if other not in placements:
+                placed = node.placement(other)
+                if node.group_of(other) != node.group or not placed \
+                        or placed[0].node_id != node.node_id:
+                    raise FsError(errno.EAGAIN, f"{other} is no longer placed with {key}")
+                placements[other] = placed
+        return placements
+
     async def _commit(self, records: list[tuple[TupleEntry, bytes | None]],
-                      holders: list[MemberEntry]) -> list[TupleEntry]:
-        """Store ``records`` on ``holders`` (quorum), then publish their tuples."""
+                      placements: dict[str, list[MemberEntry]]) -> list[TupleEntry]:
+        """Store ``records`` on their holders (a write quorum of each placement key's), then
+        publish their tuples."""
         stored: list[MemberEntry] = []
         errors: list[str] = []
         newer: list[int] = []
+        members: dict[bytes, MemberEntry] = {}
+        given: dict[bytes, list[tuple[TupleEntry, bytes | None]]] = {}
+        for t, content in records:
+            for holder in placements[placement_key(t.name)]:
+                members[holder.node_id] = holder
+                given.setdefault(holder.node_id, []).append((t, content))
 
         async def store_on(holder: MemberEntry) -> None:
+            mine = given[holder.node_id]
             try:
                 if holder.node_id == self.rt.node.node_id:
-                    held = await store_records(self.rt, records)
+                    held = await store_records(self.rt, mine)
                 else:
-                    doc = {"records": [record_to_json(t, c) for t, c in records]}
+                    doc = {"records": [record_to_json(t, c) for t, c in mine]}
                     answer, _ = await self.rt.dataplane.peers.call_json(
                         "POST", holder.address, "/v1/records", doc=doc)
                     held = [int(c) for c in answer.get("newer", [])]
@@ -112,17 +140,22 @@ class Primary:
                 errors.append(f"{holder.host}:{holder.port}: {exc}")
 
         async with trio.open_nursery() as nursery:
-            for holder in holders:
+            for holder in members.values():
                 nursery.start_soon(store_on, holder)
         if newer:
             self.rt.node.observe_version(max(newer))
             raise Superseded("a holder keeps a newer version of a record of this operation")
         quorum = self.rt.settings.write_quorum or 1
-        if len(stored) < quorum:
-            raise InsertFailed(f"stored on {len(stored)} of {len(holders)} holders, {quorum} "
-                               f"required: {'; '.join(errors) or 'no holder'}")
-        ids = tuple(sorted(h.node_id for h in stored))
-        tuples = [t._replace(holders=ids) for t, _ in records]
+        done = {h.node_id for h in stored}
+        tuples = []
+        for t, _ in records:
+            ids = tuple(sorted(h.node_id for h in placements[placement_key(t.name)]
+                               if h.node_id in done))
+            if len(ids) < quorum:
+                raise InsertFailed(f"stored on {len(ids)} of "
+                                   f"{len(placements[placement_key(t.name)])} holders, "
+                                   f"{quorum} required: {'; '.join(errors) or 'no holder'}")
+            tuples.append(t._replace(holders=ids))
         await self.rt.dataplane.publish_many(tuples, stored)
         return tuples
 
@@ -160,28 +193,6 @@ async def store_records(rt: NodeRuntime, records: Iterable[tuple[TupleEntry, byt
     return newer
 
 
-def record_to_json(t: TupleEntry, content: bytes | None) -> dict[str, Any]:
-    return {"tuple": tuple_to_json(t), "content": None if content is None else content.hex()}
-
-
-def record_from_json(doc: Any, limit: int) -> tuple[TupleEntry, bytes | None]:
-    """A record sent by a primary (ValueError if malformed or over ``limit`` bytes)."""
-    if not isinstance(doc, dict):
-        raise ValueError("a record is an object")
-    try:
-        t = tuple_from_json(doc["tuple"])
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"malformed tuple: {exc}") from exc
-    raw = doc.get("content")
-    if raw is None:
-        if not t.tombstone:
-            raise ValueError(f"{t.name}: content missing")
-        return t, None
-    if not isinstance(raw, str) or len(raw) > 2 * limit:
-        raise ValueError(f"{t.name}: content must be hex of at most {limit} bytes")
-    return t, bytes.fromhex(raw)
-
-
 class _NodeView:
     """``daemon.core.inodes.View`` over this node's group tuples and store."""
 
@@ -203,5 +214,4 @@ class _NodeView:
         return self._rt.store.read_small(obj, 2 << 20)
 
 
-__all__ = ["FsError", "NotPrimary", "Primary", "record_from_json", "record_to_json",
-           "store_records"]
+__all__ = ["FsError", "NotPrimary", "Primary", "store_records"]

@@ -49,6 +49,9 @@ RENAME_WHITEOUT = 4
 ROOT_MODE = stat.S_IFDIR | 0o755
 #: Directories walked up at most when checking that a directory is not moved into itself.
 MAX_DEPTH = 4096
+#: Inode numbers drawn at most to find one placed with its directory (about as many as the
+#: members of a group are needed).
+PLACE_TRIES = 64
 
 
 class Records(Protocol):
@@ -68,6 +71,10 @@ class Records(Protocol):
 
     async def apply(self, op: Op) -> Result:
         """Run ``op`` at the primary of ``op.key``; FsError if its rule refuses."""
+
+    def placed_with(self, directory: int, ino: int) -> bool:
+        """Whether inode ``ino`` would have ``directory``'s primary (a create is then one
+        operation)."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +174,11 @@ class Namespace:
             if await self.records.entry(directory, name) is not None:
                 raise FsError(errno.EEXIST, f"{name!r} exists")
             uid, gid, mode = await self._owner(directory, caller, mode)
+            if kind != stat.S_IFDIR:  # (directories spread out: each its own primary)
+                placed = await self._create_placed(directory, name, mode, uid, gid, rdev,
+                                                   target)
+                if placed is not None:
+                    return placed
             ino = self.new_ino()
             made = await self.records.apply(Op("make_inode", ino, {
                 "ino": ino, "mode": mode, "uid": uid, "gid": gid, "rdev": rdev,
@@ -180,6 +192,28 @@ class Namespace:
                 raise
         assert made.inode is not None
         return made.inode
+
+    async def _create_placed(self, directory: int, name: str, mode: int, uid: int, gid: int,
+                             rdev: int, target: bytes) -> Inode | None:
+        """A new inode placed with its directory, made with its entry in one operation; None
+        when no such inode number was found or the placement moved meanwhile (the caller
+        makes it in two steps)."""
+        for _ in range(PLACE_TRIES):
+            ino = self.new_ino()
+            if self.records.placed_with(directory, ino):
+                break
+        else:
+            return None
+        try:
+            result = await self.records.apply(Op("create", directory, {
+                "directory": directory, "name": name, "ino": ino, "mode": mode, "uid": uid,
+                "gid": gid, "rdev": rdev, "target": target}))
+        except FsError as exc:
+            if exc.errno == errno.EAGAIN:
+                return None
+            raise
+        assert result.inode is not None
+        return result.inode
 
     async def mkdir(self, directory: int, name: str, mode: int, caller: Caller) -> Inode:
         return await self.mknod(directory, name, stat.S_IFDIR | (mode & 0o7777), caller)

@@ -1,0 +1,87 @@
+"""Telling the kernel to forget what it cached of a record the cluster has just changed.
+
+The kernel keeps entries (name → inode), attributes and pages of this mount for
+``CACHE_SECONDS`` when they are records of this node's own group: every change to such a
+record reaches this node -- announced to every member of the group before the write that made
+it returns, else by gossip within a few rounds -- and the node's tuple watcher
+(``KelipsNode.watch_tuples``) hands each one here, whoever made it. This turns it into the
+matching notification: an entry record into ``invalidate_entry``, an inode record into
+``invalidate_inode`` of its attributes, a content record into ``invalidate_inode`` of its
+pages too. So a change made through another mount is seen here at once, as AFS's callbacks
+break a client's cache, and the cache timeout only bounds how long a change whose announce
+was lost can stay unseen.
+
+The notifications are written to the FUSE device by a thread of their own: the kernel may
+hold a lock while it waits for an answer the event loop is about to give, so writing from the
+loop could deadlock.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import queue
+import threading
+
+import pyfuse3
+
+from daemon.core.keys import DATA, INODE, parse_entry, record_ino
+from daemon.core.messages import TupleEntry
+
+log = logging.getLogger("kelipsfs.fuse")
+
+#: Seconds the kernel keeps entries and attributes of this node's own group (and pages, as
+#: long as the file is not changed elsewhere).
+CACHE_SECONDS = 10.0
+
+_Item = tuple[str, int, bytes] | None
+
+
+class Invalidator:
+    """A queue of notifications and the thread that writes them (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="fuse invalidations",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop writing (before the FUSE session closes)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def changed(self, t: TupleEntry) -> None:
+        """A tuple of this node's group changed (called on the event loop: cheap)."""
+        if self._thread is None:
+            return
+        if t.name.startswith("e/"):
+            parsed = parse_entry(t.name)
+            if parsed is not None:
+                self._queue.put(("entry", parsed[0], parsed[1].encode("utf-8")))
+            return
+        ino = record_ino(t.name)
+        if ino is not None and t.name.startswith((INODE, DATA)):
+            self._queue.put(("data" if t.name.startswith(DATA) else "attrs", ino, b""))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            kind, ino, name = item
+            try:
+                if kind == "entry":
+                    pyfuse3.invalidate_entry(ino, name)
+                else:
+                    pyfuse3.invalidate_inode(ino, attr_only=kind == "attrs")
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    log.debug("invalidation of %x failed: %s", ino, exc)
+            except Exception:  # a notification is an optimisation; never stop the thread
+                log.exception("invalidation of %x failed", ino)

@@ -54,6 +54,15 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _write_new(dest: Path, data: bytes) -> None:
+    """Write ``data`` to the new file ``dest`` (worker thread)."""
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
 def _materialize(source: Path, dest: Path, checksum: bytes, link: bool) -> bool:
     """Make ``dest`` a copy of a local store file (worker thread); False if that failed.
 
@@ -85,15 +94,23 @@ class Content:
         """Put the current content of ``ino`` into the new file ``dest``; None (and no file)
         if the inode has no content record yet (a file never written: empty)."""
         name = data_name(ino)
-        obj = self._rt.store.get(name)
-        if obj is not None and not obj.tombstone and obj.path is not None:
+        store = self._rt.store
+        obj = store.get(name)
+        if obj is not None and not obj.tombstone and (obj.path is not None
+                                                       or obj.log is not None):
             entry = await self._rt.dataplane.find(name)
             if entry is None or entry.tombstone:
                 return None
-            if obj.version >= entry.version and await trio.to_thread.run_sync(
-                    _materialize, obj.path, dest, obj.checksum, link_ok):
-                return Fetched(obj.size, obj.checksum, obj.version.clock,
-                               verify=link_ok and not obj.written_here)
+            if obj.version >= entry.version:
+                if obj.log is not None:  # a small content of the record log (checked)
+                    data = store.read_small(obj, obj.size)
+                    if data is not None:
+                        await trio.to_thread.run_sync(_write_new, dest, data)
+                        return Fetched(obj.size, obj.checksum, obj.version.clock)
+                elif obj.path is not None and await trio.to_thread.run_sync(
+                        _materialize, obj.path, dest, obj.checksum, link_ok):
+                    return Fetched(obj.size, obj.checksum, obj.version.clock,
+                                   verify=link_ok and not obj.written_here)
         try:
             return await self._streamed(name, dest)
         except NotFound:

@@ -37,6 +37,10 @@ from kelipsfs.local_copy import CorruptCopy, LocalCopy
 log = logging.getLogger("kelipsfs.fuse")
 
 
+#: Files up to this size are hashed on the event loop when they are published.
+HASH_IN_LOOP = 64 << 10
+
+
 class FileError(OSError):
     """A file operation failed with an errno (the FUSE adapter passes it on)."""
 
@@ -255,16 +259,21 @@ class OpenFiles:
         if handle is not None and (handle.writable or handle.file.writers == 0):
             await self._publish(handle.file)
 
-    async def fsync(self, fh: int) -> None:
-        await self._publish(self._handle(fh).file)
+    async def fsync(self, fh: int) -> bool:
+        """Publish the file if it changed; whether it did (and so made its records durable)."""
+        return await self._publish(self._handle(fh).file)
 
-    async def _publish(self, f: _Open) -> None:
+    async def _publish(self, f: _Open) -> bool:
         async with f.lock:
             copy = f.copy
             if not copy.dirty or copy.unlinked:
-                return
+                return False
             size = copy.size()
-            checksum = await trio.to_thread.run_sync(copy.locked_checksum)
+            if size <= HASH_IN_LOOP:  # a small file hashes faster than a thread hop
+                with copy.lock:
+                    checksum = copy.checksum()
+            else:
+                checksum = await trio.to_thread.run_sync(copy.locked_checksum)
             try:
                 entry = await self._content.publish(f.ino, copy.path, size, checksum,
                                                     copy.mtime_ns)
@@ -276,6 +285,7 @@ class OpenFiles:
                 raise FileError(errno.EIO) from exc
             with copy.lock:
                 copy.published(entry.version.clock, linked=True)
+            return True
 
 
 def _busy(f: _Open) -> bool:

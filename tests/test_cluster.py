@@ -257,12 +257,12 @@ def test_large_object(cluster: Cluster, tmp_path: Path) -> None:
 def test_node_back_with_old_data_reconciles(cluster: Cluster, tmp_path: Path) -> None:
     a = cluster.new_node()
     b = cluster.new_node(join=[a])
-    v1 = _file(tmp_path, "v1", 20_000, seed=1)
+    v1 = _file(tmp_path, "v1", 100_000, seed=1)  # (beyond what the record log keeps)
     cluster.cli(a, "put", str(v1), "doc")
     b_id = cluster.status(b)["node_id"]
     assert b_id in _holders(cluster, a, "doc")
     assert cluster.stop(b) == 0
-    v2 = _file(tmp_path, "v2", 30_000, seed=2)
+    v2 = _file(tmp_path, "v2", 130_000, seed=2)
     cluster.cli(a, "put", str(v2), "doc")  # b is away: only a holds v2
     cluster.start(b)
     assert _get(cluster, b, "doc") == v2.read_bytes()  # never the old copy b still has
@@ -272,5 +272,5 @@ def test_node_back_with_old_data_reconciles(cluster: Cluster, tmp_path: Path) ->
     def contents() -> list[int]:
         return [n for n in (f.stat().st_size
                             for f in (b.data_dir / "store").rglob("*.data")) if n]
-    cluster.wait_for(lambda: contents() == [30_000], 30,
+    cluster.wait_for(lambda: contents() == [130_000], 30,
                      "only the current content left on b")

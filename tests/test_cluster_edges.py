@@ -64,6 +64,17 @@ def test_read_after_write_and_overwrite_from_every_node(cluster: Cluster, tmp_pa
             assert _get(cluster, node, "shared.bin") == src.read_bytes()
 
 
+def _damage_logged(node: NodeProc, content: bytes) -> None:
+    """Overwrite a small content kept in the node's record log with zeros, in place (its
+    frame's checksum no longer matches either: only a replay would notice)."""
+    path = node.data_dir / "store" / "records.log"
+    data = path.read_bytes()
+    assert data.count(content) == 1
+    with open(path, "r+b") as fh:
+        fh.seek(data.index(content))
+        fh.write(bytes(len(content)))
+
+
 def _stored_clock(node: NodeProc, record: str) -> int:
     """The clock of the newest version of ``record`` in ``node``'s store: its files, or its
     record log (read from a copy: the node keeps appending to it) (0: none)."""
@@ -334,9 +345,7 @@ def test_a_small_object_held_here_is_read_here_and_never_served_corrupt(
     for _ in range(3):
         assert _get(cluster, a, "here/small.bin") == src.read_bytes()
     assert _metric(_metrics(a), "kelips_inline_reads_total") == 0  # no lookup datagram
-    [content] = [p for p in (a.data_dir / "store" / "objects").rglob("*.data")
-                 if p.stat().st_size == 3000]
-    content.write_bytes(bytes(3000))  # same size, other bytes: only the digest can tell
+    _damage_logged(a, src.read_bytes())  # same size, other bytes: only the digest can tell
     result = cluster.cli(a, "get", "here/small.bin", "-", check=False)
     assert result.returncode != 0 and result.stdout == b""
     assert b"does not match its checksum" in result.stderr, result.stderr
@@ -349,9 +358,7 @@ def test_a_damaged_small_copy_here_is_read_from_another_holder(
     cluster.wait_for(lambda: len(cluster.status(a)["members"]) == 3, 20, "three members")
     src = _file(tmp_path, "small.bin", 3000)
     cluster.cli(a, "put", str(src), "here/small.bin")  # k = 1, r = 3: every node holds it
-    [content] = [p for p in (a.data_dir / "store" / "objects").rglob("*.data")
-                 if p.stat().st_size == 3000]
-    content.write_bytes(bytes(3000))
+    _damage_logged(a, src.read_bytes())
     assert _get(cluster, a, "here/small.bin") == src.read_bytes()
     for node in others:
         assert _get(cluster, node, "here/small.bin") == src.read_bytes()

@@ -13,7 +13,7 @@ from daemon.core.messages import Version
 from daemon.digest import digest_of
 from daemon.peers import stream_of
 from daemon.record_log import Frame, RecordLog
-from daemon.store import ObjectStore
+from daemon.store import LOG_CONTENT_MAX, ObjectStore
 
 W = b"\x05" * 20
 
@@ -77,8 +77,13 @@ def test_the_store_logs_namespace_records_and_recovers_them(tmp_path: Path) -> N
                             expected_size=len(data), attrs=b"a%d" % i)
         await store.delete("e/0000000000000001/gone", Version(5000, W), mtime_ns=3)
         await store.sync()
-        # a file's content still goes to a file of its own
-        big = os.urandom(5000)
+        # a small file's content is logged too; a larger one goes to a file of its own
+        small = os.urandom(5000)
+        await store.put("d/0000000000000003", Version(10, W), 0, 1, stream_of(small),
+                        expected_checksum=digest_of(small), expected_size=len(small))
+        logged = store.get("d/0000000000000003")
+        assert logged is not None and logged.log is not None and logged.path is None
+        big = os.urandom(LOG_CONTENT_MAX + 1)
         await store.put("d/0000000000000002", Version(10, W), 0, 1, stream_of(big),
                         expected_checksum=digest_of(big), expected_size=len(big))
         assert len(list((tmp_path / "s" / "objects").rglob("*.meta"))) == 1
@@ -93,7 +98,9 @@ def test_the_store_logs_namespace_records_and_recovers_them(tmp_path: Path) -> N
         assert store.read_small(obj, 1 << 20) == f"record {i}".encode()
     gone = store.get("e/0000000000000001/gone")
     assert gone is not None and gone.tombstone
-    assert store.usage()[0] == 1  # the file's content; records are not objects
+    assert store.usage()[0] == 2  # the files' contents; records are not objects
+    small = store.get("d/0000000000000003")
+    assert small is not None and small.log is not None and store.read_small(small, 5000)
 
 
 def test_compaction_keeps_the_live_records(tmp_path: Path) -> None:

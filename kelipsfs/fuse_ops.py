@@ -14,21 +14,24 @@ filesystem knows (a setuid bit cleared by chown and by a truncate of another use
 times of entries and parents), error codes, and the read-only ``user.kelips.*`` view
 (``kelipsfs.xattr_view``).
 
-Caching: entries and attributes are given to the kernel with a timeout of 0 so that changes
-made through other mounts are seen at once (close-to-open consistency).
+Caching: the kernel keeps entries, attributes and pages of records of this node's own group,
+whose every change reaches this node and is invalidated at once (``kelipsfs.invalidation``);
+those of other groups are given with a timeout of 0 and asked again at each use. Either way a
+change made through another mount is seen by the next open (close-to-open consistency).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -38,7 +41,7 @@ from daemon.core.keys import ROOT_INO, inode_name
 from daemon.dataplane import DataError
 from daemon.namespace.vfs import Caller, Namespace
 from kelipsfs import xattr_view
-from kelipsfs.invalidation import CACHE_SECONDS
+from kelipsfs.invalidation import CACHE_SECONDS, own_change
 from kelipsfs.open_files import FileError, OpenFiles
 
 log = logging.getLogger("kelipsfs.fuse")
@@ -53,6 +56,17 @@ RELATIME_AGE_NS = 24 * 3600 * 1_000_000_000
 #: Accesses waiting to be recorded at most (see ``KelipsOperations._accessed``).
 ATIME_BACKLOG = 256
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+def _changes(method: Callable[_P, Awaitable[_T]]) -> Callable[_P, Coroutine[Any, Any, _T]]:
+    """A request that changes records: its changes are not notified back to the kernel
+    (``kelipsfs.invalidation.own_change``)."""
+    @functools.wraps(method)
+    async def changing(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        with own_change():
+            return await method(*args, **kwargs)
+    return changing
 
 
 def _fail(code: int) -> pyfuse3.FUSEError:
@@ -209,6 +223,7 @@ class KelipsOperations(pyfuse3.Operations):
             self._last[inode] = found
         return self._attrs(found)
 
+    @_changes
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
                       ctx: Any) -> pyfuse3.EntryAttributes:
         self._writable()
@@ -295,6 +310,7 @@ class KelipsOperations(pyfuse3.Operations):
 
     # --- making and removing names --------------------------------------------------------
 
+    @_changes
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:
         self._writable()
@@ -302,6 +318,7 @@ class KelipsOperations(pyfuse3.Operations):
                                 Caller(ctx.uid, ctx.gid), rdev)
         return self._attrs(made)
 
+    @_changes
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:
         self._writable()
@@ -309,6 +326,7 @@ class KelipsOperations(pyfuse3.Operations):
                                 Caller(ctx.uid, ctx.gid))
         return self._attrs(made)
 
+    @_changes
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: Any) -> pyfuse3.EntryAttributes:
         self._writable()
@@ -316,21 +334,25 @@ class KelipsOperations(pyfuse3.Operations):
                                 Caller(ctx.uid, ctx.gid))
         return self._attrs(made)
 
+    @_changes
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: Any) -> pyfuse3.EntryAttributes:
         self._writable()
         linked = await self._call(self._ns.link, inode, new_parent_inode, _name(new_name))
         return self._attrs(linked)
 
+    @_changes
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self._writable()
         removed: Entry = await self._call(self._ns.unlink, parent_inode, _name(name))
         await self._gone_if_unlinked(removed.ino)
 
+    @_changes
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self._writable()
         await self._call(self._ns.rmdir, parent_inode, _name(name))
 
+    @_changes
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: Any) -> None:
         self._writable()
@@ -397,6 +419,7 @@ class KelipsOperations(pyfuse3.Operations):
 
         self._background.start_soon(record)
 
+    @_changes
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._writable()
@@ -414,12 +437,18 @@ class KelipsOperations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return await self._call(self._files.write, fh, off, buf)
 
+    @_changes
     async def flush(self, fh: int) -> None:
         await self._call(self._files.flush, fh)
 
+    @_changes
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._call(self._files.fsync, fh)
+        if not await self._call(self._files.fsync, fh) and not datasync:
+            # nothing to publish (which makes the inode's records durable with it): its
+            # attributes may still wait in the holders' record logs
+            await self._call(self._ns.sync, self._files.ino_of(fh))
 
+    @_changes
     async def release(self, fh: int) -> None:
         ino = self._files.ino_of(fh) if self._files.has(fh) else None
         await self._files.release(fh)
@@ -475,7 +504,12 @@ class KelipsOperations(pyfuse3.Operations):
         self._dirs.pop(fh, None)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return None  # every change of a directory is stored (fsynced) before it returns
+        """A directory's entries and attributes made durable on their holders (a change of
+        the namespace is durable within a second anyway, as a local journal commits)."""
+        handle = self._dirs.get(fh)
+        if handle is None:
+            raise _fail(errno.EBADF)
+        await self._call(self._ns.sync, handle.ino)
 
     # --- extended attributes --------------------------------------------------------------
 

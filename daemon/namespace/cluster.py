@@ -15,14 +15,17 @@ import logging
 import stat
 from typing import TYPE_CHECKING
 
+import trio
+
 from daemon.core.inodes import Entry, FsError, Inode, entry_from_record
 from daemon.core.keys import data_name, entry_name, entry_prefix, inode_name
-from daemon.core.messages import TupleEntry
+from daemon.core.messages import MemberEntry, TupleEntry
 from daemon.dataplane import DataError, NotFound, Unavailable
 from daemon.namespace import ops
 from daemon.namespace.ops import Op, Result
 from daemon.namespace.primary import NotPrimary
 from daemon.peers import PeerError
+from daemon.store import StoreError
 from daemon.wire import tuple_from_json
 
 if TYPE_CHECKING:
@@ -98,6 +101,36 @@ class ClusterRecords:
             return False
         ours, theirs = node.placement(key), node.placement(home)
         return bool(ours) and bool(theirs) and ours[0].node_id == theirs[0].node_id
+
+    async def sync(self, ino: int) -> None:
+        """Have every live holder of ``ino``'s placement make its logged records durable
+        (the records of a namespace change are durable on their holders within a second
+        anyway, as a local filesystem's journal commits: this is fsync's barrier)."""
+        dp = self.rt.dataplane
+        try:
+            holders, _ = await dp.placement(inode_name(ino))
+        except DataError as exc:
+            raise FsError(errno.EIO, exc.message) from exc
+        synced: list[bytes] = []
+        errors: list[str] = []
+
+        async def sync_on(holder: MemberEntry) -> None:
+            try:
+                if holder.node_id == self.rt.node.node_id:
+                    await self.rt.store.sync()
+                else:
+                    await dp.peers.call_json("POST", holder.address, "/v1/records",
+                                             doc={"records": [], "sync": True})
+                synced.append(holder.node_id)
+            except (PeerError, StoreError) as exc:
+                errors.append(f"{holder.host}:{holder.port}: {exc}")
+
+        async with trio.open_nursery() as nursery:
+            for holder in holders:
+                nursery.start_soon(sync_on, holder)
+        if len(synced) < min(len(holders), self.rt.settings.write_quorum or 1):
+            raise FsError(errno.EIO, f"inode {ino:x} synced on {len(synced)} of "
+                                     f"{len(holders)} holders: {'; '.join(errors)}")
 
     async def apply(self, op: Op) -> Result:
         """Run ``op`` at the inode's primary: its holders in placement order, the first that

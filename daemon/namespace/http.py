@@ -21,7 +21,7 @@ from daemon.digest import EMPTY_DIGEST
 from daemon.names import NameError_, validate_name
 from daemon.namespace import ops
 from daemon.namespace.primary import store_records
-from daemon.store import StoreFull
+from daemon.store import StoreError, StoreFull
 from daemon.wire import record_from_json, tuple_to_json
 
 if TYPE_CHECKING:
@@ -57,9 +57,14 @@ def add_routes(router: Router, rt: NodeRuntime, read_json: ReadJson, verify: Ver
         except (KeyError, TypeError, ValueError, NameError_) as exc:
             raise HTTPError(400, f"malformed records: {exc}") from exc
         try:
-            newer = await store_records(rt, records)
+            newer = await store_records(rt, records, publish=doc.get("publish") is True)
         except StoreFull as exc:
             raise HTTPError(507, str(exc)) from exc
+        if doc.get("sync") is True:  # fsync's barrier (``ClusterRecords.sync``)
+            try:
+                await rt.store.sync()
+            except StoreError as exc:
+                raise HTTPError(507 if isinstance(exc, StoreFull) else 500, str(exc)) from exc
         return Response.json({"stored": len(records) - len(newer), "newer": newer})
 
     async def entries(req: Request) -> Response:

@@ -89,6 +89,9 @@ class MemoryRecords:
     def placed_with(self, directory: int, ino: int) -> bool:
         return True  # one store, one primary: every inode is placed with every directory
 
+    async def sync(self, ino: int) -> None:
+        return None  # memory: every change is as durable as it gets when it is made
+
     async def apply(self, op: Op) -> Result:
         now = self._wall_ns()
         clock = self._clock.stamp(now // 1_000_000)

@@ -76,6 +76,10 @@ class Records(Protocol):
         """Whether inode ``ino`` would have ``directory``'s primary (a create is then one
         operation)."""
 
+    async def sync(self, ino: int) -> None:
+        """Return once every record of ``ino`` (and of the entries of a directory) changed
+        before the call is durable on its holders."""
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -92,6 +96,10 @@ class Namespace:
         self.records = records
         self._rng = rng or random.SystemRandom()
         self._dir_locks: dict[int, tuple[trio.Lock, int]] = {}
+
+    async def sync(self, ino: int) -> None:
+        """fsync(2) of an inode's records: its attributes and, for a directory, its entries."""
+        await self.records.sync(ino)
 
     # --- reads ----------------------------------------------------------------------------
 

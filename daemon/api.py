@@ -25,8 +25,9 @@ from hypercorn.trio import serve
 from daemon import bulk
 from daemon.asgi import HTTPError, Request, Response, Router
 from daemon.core import codec
+from daemon.core.ids import NODE_ID_BYTES
 from daemon.core.keys import OBJECT
-from daemon.core.messages import Snapshot, SyncRequest, Version
+from daemon.core.messages import Snapshot, SyncRequest, TupleEntry, Version
 from daemon.dataplane import DataError, Located
 from daemon.digest import DIGEST_SIZE, EMPTY_DIGEST, digest_of
 from daemon.names import NameError_, validate_name, validate_prefix
@@ -35,7 +36,7 @@ from daemon.namespace.paths import add_routes as add_path_routes
 from daemon.peers import BULK_MIN, CONTENT_DIGEST_HEADER, TRAILER_MARK, LateDigest
 from daemon.security import DIGEST_IN_TRAILER, MAC_HEADER, AuthError
 from daemon.settings import format_address
-from daemon.store import ChecksumMismatch, StaleVersion, StoreError, StoreFull
+from daemon.store import ChecksumMismatch, StaleVersion, StoredObject, StoreError, StoreFull
 from daemon.wire import entry_to_json, tuple_from_json, tuple_to_json
 
 if TYPE_CHECKING:
@@ -336,7 +337,27 @@ class _Api:
             raise HTTPError(422, str(exc)) from exc
         except StoreError as exc:
             raise HTTPError(500, str(exc)) from exc
+        await self._publish_stored(req, obj)
         return Response.json({"stored": obj.size})
+
+    async def _publish_stored(self, req: Request, obj: StoredObject) -> None:
+        """A writer that names the holders in ``holders`` has this holder publish the tuple
+        as it stores the bytes (and announce it to the group with ``announce=1``)."""
+        raw = req.query.get("holders")
+        if raw is None or obj.version != self._version(req):
+            return
+        try:
+            holders = tuple(sorted(bytes.fromhex(h) for h in raw.split(",")))
+        except ValueError as exc:
+            raise HTTPError(400, f"malformed holders: {exc}") from exc
+        if not holders or any(len(h) != NODE_ID_BYTES for h in holders):
+            raise HTTPError(400, "holders must be node ids")
+        t = TupleEntry(obj.name, obj.version, 1, obj.size, obj.mode, obj.mtime_ns,
+                       obj.checksum, holders, False, obj.attrs)
+        node = self.rt.node
+        now = self.rt.now()
+        if node.record_write(now, t) and req.query.get("announce") == "1":
+            await self.rt.dispatch(node.announce(now, t))
 
     async def get_replica(self, req: Request) -> Response:
         name = self.name_of(req, "/v1/replica/")

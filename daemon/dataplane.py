@@ -22,6 +22,7 @@ import trio
 from daemon.core import codec
 from daemon.core.messages import LookupReply, MemberEntry, TupleEntry, Version
 from daemon.core.node import KelipsNode, LookupPlan
+from daemon.core.tuples import with_holders
 from daemon.digest import digest_of, new_hasher
 from daemon.logs import fields, short_id
 from daemon.peers import (
@@ -410,6 +411,12 @@ class DataPlane:
         errors: list[str] = []
         full: list[bool] = []
         newer: list[int] = []  # clocks of the newer versions holders refused ours for
+        # Each holder publishes the tuple (naming every holder) as it stores the bytes, and
+        # the first one announces it when this node is of another group: no second round.
+        publishing = {"holders": ",".join(sorted(h.node_id.hex() for h in holders))}
+        announcer = next((h.node_id for h in holders if h.node_id != self.node.node_id), None)
+        if self.node.group_of(name) == self.node.group:
+            announcer = None
 
         async def store_on(holder: MemberEntry) -> None:
             try:
@@ -421,9 +428,10 @@ class DataPlane:
                                                  expected_checksum=checksum, expected_size=size,
                                                  attrs=attrs)
                 else:
-                    await self.peers.put_file(holder.address, "/v1/replica/" + name,
-                                              _version_query(version, mode, mtime_ns, size,
-                                                             attrs),
+                    query = _version_query(version, mode, mtime_ns, size, attrs) | publishing
+                    if holder.node_id == announcer:
+                        query["announce"] = 1
+                    await self.peers.put_file(holder.address, "/v1/replica/" + name, query,
                                               source, checksum, size)
                 stored.append(holder)
             except Exception as exc:  # a peer or local store failure only removes that holder
@@ -436,7 +444,7 @@ class DataPlane:
                 nursery.start_soon(store_on, holder)
         self._overtaken(name, stored, newer)
         return await self._acknowledge(name, version, holders, stored, errors, any(full), size,
-                                       checksum, mode, mtime_ns, attrs)
+                                       checksum, mode, mtime_ns, attrs, holders_published=True)
 
     def _overtaken(self, name: str, stored: list[MemberEntry], newer: list[int]) -> None:
         """After an upload: versions stamped here from now on are above every newer version a
@@ -551,9 +559,11 @@ class DataPlane:
 
     async def _acknowledge(self, name: str, version: Version, holders: list[MemberEntry],
                            stored: list[MemberEntry], errors: list[str], full: bool, size: int,
-                           checksum: bytes | LateDigest, mode: int, mtime_ns: int, attrs: bytes
-                           ) -> TupleEntry:
-        """Publish the tuple if the write quorum holds the bytes; else fail the insert."""
+                           checksum: bytes | LateDigest, mode: int, mtime_ns: int, attrs: bytes,
+                           *, holders_published: bool = False) -> TupleEntry:
+        """Publish the tuple if the write quorum holds the bytes; else fail the insert.
+        ``holders_published``: the holders published a tuple naming all ``holders`` as they
+        stored the bytes (only a correction is sent, when some did not)."""
         quorum = self.rt.settings.write_quorum or 1
         if len(stored) < quorum:
             self.rt.metrics.inc("kelips_puts_total", result="failed")
@@ -561,8 +571,15 @@ class DataPlane:
                                f"{quorum} required: {'; '.join(errors) or 'no holder'}", full)
         # A holder stored it: a late checksum resolved and matched there.
         entry = TupleEntry(name, version, 1, size, mode, mtime_ns, resolved(checksum),
-                           tuple(sorted(h.node_id for h in stored)), False, attrs)
-        await self.publish(entry, stored)
+                           tuple(sorted(h.node_id for h in holders)), False, attrs)
+        if not holders_published:
+            entry = entry._replace(holders=tuple(sorted(h.node_id for h in stored)))
+            await self.publish(entry, stored)
+        elif len(stored) == len(holders):
+            await self.publish(entry, [])  # the holders published it as they stored it
+        else:  # some did not: the ones that did, a higher holder epoch
+            entry = with_holders(entry, tuple(h.node_id for h in stored))
+            await self.publish(entry, stored)
         self.rt.metrics.inc("kelips_puts_total", result="ok")
         return entry
 

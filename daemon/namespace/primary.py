@@ -30,6 +30,7 @@ import trio
 from daemon.core.inodes import FsError, Write
 from daemon.core.keys import inode_name, placement_key
 from daemon.core.messages import MemberEntry, TupleEntry
+from daemon.core.tuples import with_holders
 from daemon.dataplane import INSERT_ATTEMPTS, DataError, InsertFailed, Superseded, Unavailable
 from daemon.namespace.memory import stamp_writes
 from daemon.namespace.ops import Op, Result, run
@@ -117,8 +118,18 @@ class Primary:
         newer: list[int] = []
         members: dict[bytes, MemberEntry] = {}
         given: dict[bytes, list[tuple[TupleEntry, bytes | None]]] = {}
+        # Each tuple goes out naming every holder it is sent to, and the holders publish it
+        # as they store it (no second round to tell them); only when some holder failed does
+        # a corrected tuple (the ones that stored it, a higher holder epoch) follow.
+        planned: dict[str, tuple[bytes, ...]] = {}
+        sent: list[tuple[TupleEntry, bytes | None]] = []
         for t, content in records:
-            for holder in placements[placement_key(t.name)]:
+            key = placement_key(t.name)
+            if key not in planned:
+                planned[key] = tuple(sorted(h.node_id for h in placements[key]))
+            t = t._replace(holders=planned[key])
+            sent.append((t, content))
+            for holder in placements[key]:
                 members[holder.node_id] = holder
                 given.setdefault(holder.node_id, []).append((t, content))
 
@@ -128,7 +139,8 @@ class Primary:
                 if holder.node_id == self.rt.node.node_id:
                     held = await store_records(self.rt, mine)
                 else:
-                    doc = {"records": [record_to_json(t, c) for t, c in mine]}
+                    doc = {"records": [record_to_json(t, c) for t, c in mine],
+                           "publish": True}
                     answer, _ = await self.rt.dataplane.peers.call_json(
                         "POST", holder.address, "/v1/records", doc=doc)
                     held = [int(c) for c in answer.get("newer", [])]
@@ -148,15 +160,19 @@ class Primary:
         quorum = self.rt.settings.write_quorum or 1
         done = {h.node_id for h in stored}
         tuples = []
-        for t, _ in records:
-            ids = tuple(sorted(h.node_id for h in placements[placement_key(t.name)]
-                               if h.node_id in done))
+        corrected = False
+        for t, _ in sent:
+            ids = tuple(h for h in t.holders if h in done)
             if len(ids) < quorum:
-                raise InsertFailed(f"stored on {len(ids)} of "
-                                   f"{len(placements[placement_key(t.name)])} holders, "
+                raise InsertFailed(f"stored on {len(ids)} of {len(t.holders)} holders, "
                                    f"{quorum} required: {'; '.join(errors) or 'no holder'}")
-            tuples.append(t._replace(holders=ids))
-        await self.rt.dataplane.publish_many(tuples, stored)
+            if ids != t.holders:
+                t = with_holders(t, ids)
+                corrected = True
+            tuples.append(t)
+        # This node's own tuples and the announce to the rest of the group, always; the
+        # other holders only when what they published needs correcting.
+        await self.rt.dataplane.publish_many(tuples, stored if corrected else [])
         return tuples
 
     @contextlib.asynccontextmanager
@@ -174,11 +190,13 @@ class Primary:
                 self._locks[ino] = (lock, users - 1)
 
 
-async def store_records(rt: NodeRuntime, records: Iterable[tuple[TupleEntry, bytes | None]]
-                        ) -> list[int]:
+async def store_records(rt: NodeRuntime, records: Iterable[tuple[TupleEntry, bytes | None]],
+                        *, publish: bool = False) -> list[int]:
     """Store small records (content in hand; None: a tombstone) in this node's store; the
-    clocks of newer versions held here that refused some of them (they stay)."""
+    clocks of newer versions held here that refused some of them (they stay). ``publish``:
+    the tuples of those stored go to this node's tuples too (they name their holders)."""
     newer = []
+    now = rt.now()
     for t, content in records:
         try:
             if content is None:
@@ -190,6 +208,9 @@ async def store_records(rt: NodeRuntime, records: Iterable[tuple[TupleEntry, byt
         except StaleVersion as exc:
             log.info("%s: a newer version is already stored here; kept", t.name)
             newer.append(exc.held.clock)
+            continue
+        if publish:
+            rt.node.record_write(now, t)
     return newer
 
 

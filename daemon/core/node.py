@@ -19,7 +19,7 @@ import bisect
 import math
 import random
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -201,7 +201,10 @@ class KelipsNode:
         self._spares: OrderedDict[int, _Spare] = OrderedDict()  # group -> latest heard
         self._repairing: dict[str, float] = {}
         self._tuple_watcher: Callable[[TupleEntry], None] | None = None
-        self._repair_dirty = False
+        # What the next repair check looks at: every tuple after a membership change, else
+        # only the names merged since (a check stays O(changes), not O(tuples)).
+        self._repair_all = False
+        self._repair_names: set[str] = set()
         self._last_group_gossip = now  # when gossip from the own group last arrived
         self._by_prefix: dict[bytes, Member] = {}  # beat prefix -> own-group member
         self._ambiguous: set[bytes] = set()  # prefixes shared by two members (rare)
@@ -368,7 +371,7 @@ class KelipsNode:
     def _membership_changed(self) -> None:
         self._own_alive = None
         self._weights_at = -1e18
-        self._repair_dirty = True
+        self._repair_all = True
 
     # --- gossip -------------------------------------------------------------------------------
 
@@ -1201,7 +1204,8 @@ class KelipsNode:
             return False
         self.clock.observe(t.version.clock)
         if self.tuples.merge(t, now):
-            self._repair_dirty = True
+            if not self._repair_all:
+                self._repair_names.add(t.name)
             if self._tuple_watcher is not None:
                 self._tuple_watcher(t)
             return True
@@ -1232,15 +1236,22 @@ class KelipsNode:
     def repair_tasks(self, now: float) -> list[RepairTask]:
         """Copies this node must make: tuples with fewer than r live holders where this node
         is the lowest-id live holder (so exactly one member drives each repair)."""
-        if not self._repair_dirty and not self._repairing:
+        if not self._repair_all and not self._repair_names and not self._repairing:
             return []
-        self._repair_dirty = False
+        candidates: Iterable[TupleEntry | None]
+        if self._repair_all:
+            candidates = list(self.tuples)
+        else:
+            names = self._repair_names | self._repairing.keys()
+            candidates = [self.tuples.get(name) for name in names]
+        self._repair_all = False
+        self._repair_names = set()
         r = self.config.replication
         alive_ids = {m.node_id for m in self.own_alive()}
         alive_ids.add(self.node_id)
         tasks: list[RepairTask] = []
-        for t in self.tuples:
-            if t.tombstone:
+        for t in candidates:
+            if t is None or t.tombstone:
                 continue
             live = [h for h in t.holders if h in alive_ids]
             if len(live) >= r or len(live) >= len(alive_ids) or not live:

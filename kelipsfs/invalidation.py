@@ -11,6 +11,10 @@ pages too. So a change made through another mount is seen here at once, as AFS's
 break a client's cache, and the cache timeout only bounds how long a change whose announce
 was lost can stay unseen.
 
+A change this mount makes itself is not notified: the kernel applied it already (it keeps
+the reply's attributes, and drops the attributes of the parents and links it changed), and a
+notification would only throw away pages it just wrote.
+
 The notifications are written to the FUSE device by a thread of their own: the kernel may
 hold a lock while it waits for an answer the event loop is about to give, so writing from the
 loop could deadlock.
@@ -18,10 +22,13 @@ loop could deadlock.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import queue
 import threading
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import pyfuse3
 
@@ -35,6 +42,19 @@ log = logging.getLogger("kelipsfs.fuse")
 CACHE_SECONDS = 10.0
 
 _Item = tuple[str, int, bytes] | None
+#: Set while a request of this mount changes records (``own_change``).
+_OWN_CHANGE: ContextVar[bool] = ContextVar("kelipsfs_own_change", default=False)
+
+
+@contextlib.contextmanager
+def own_change() -> Iterator[None]:
+    """Around a request of this mount that changes records: the kernel knows of the changes
+    it makes (tasks it starts inherit the mark)."""
+    token = _OWN_CHANGE.set(True)
+    try:
+        yield
+    finally:
+        _OWN_CHANGE.reset(token)
 
 
 class Invalidator:
@@ -58,7 +78,7 @@ class Invalidator:
 
     def changed(self, t: TupleEntry) -> None:
         """A tuple of this node's group changed (called on the event loop: cheap)."""
-        if self._thread is None:
+        if self._thread is None or _OWN_CHANGE.get():
             return
         if t.name.startswith("e/"):
             parsed = parse_entry(t.name)

@@ -12,8 +12,9 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,10 @@ from tests.test_mount import Mount, Mounts, run, wait_for
 pytestmark = pytest.mark.skipif(
     not (Path("/dev/fuse").exists() and shutil.which("fusermount3") and os.geteuid() == 0),
     reason="needs root, /dev/fuse and fusermount3")
+
+#: How long a change made through one mount may stay unseen through another whose node
+#: holds the record (README, "Caching"): the notification's trip to the kernel.
+CHANGE_BOUND = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +241,75 @@ def test_what_one_mount_makes_the_other_sees(pair: tuple[Mount, Mount], top: Pat
     # a write through one name on one mount is read through the other name on the other
     (other / "hard").write_bytes(b"changed")
     assert (top / "file").read_bytes() == b"changed"
+
+
+def _seen_within(check: Callable[[], bool], bound: float, what: str) -> float:
+    """Seconds until ``check`` holds (polled every millisecond); fails beyond ``bound``."""
+    started = time.monotonic()
+    while True:
+        try:
+            if check():
+                return time.monotonic() - started
+        except OSError:
+            pass
+        if time.monotonic() - started > bound:
+            raise AssertionError(f"the other mount did not see {what} within {bound} s")
+        time.sleep(0.001)
+
+
+def test_changes_are_seen_by_the_other_mount_through_its_cache(
+        pair: tuple[Mount, Mount], top: Path) -> None:
+    """Creates, overwrites, renames and deletes made through one mount are seen through the
+    other within the bound README states, though the other has cached the names, attributes
+    and pages: the change reaches its node, which tells its kernel to drop them."""
+    lags = _one_way(top / "a", pair[1].path(top.name) / "a")
+    lags += _one_way(pair[1].path(top.name) / "b", top / "b")
+    assert max(lags) <= CHANGE_BOUND
+
+
+def _one_way(w: Path, r: Path) -> list[float]:
+    """Changes made in ``w`` through one mount, each awaited in ``r`` through the other."""
+    lags = []
+    w.mkdir()
+    lags.append(_seen_within(r.is_dir, CHANGE_BOUND, "a mkdir"))
+    assert not (r / "file").exists()  # (a negative entry the kernel may keep)
+    (w / "file").write_bytes(b"one")
+    lags.append(_seen_within(lambda: (r / "file").read_bytes() == b"one", CHANGE_BOUND,
+                             "a create"))
+    assert (r / "file").stat().st_size == 3  # (attributes and pages it may keep)
+    (w / "file").write_bytes(b"second version")
+    lags.append(_seen_within(lambda: (r / "file").read_bytes() == b"second version",
+                             CHANGE_BOUND, "an overwrite"))
+    os.rename(w / "file", w / "moved")
+    lags.append(_seen_within(lambda: not (r / "file").exists()
+                             and (r / "moved").read_bytes() == b"second version",
+                             CHANGE_BOUND, "a rename"))
+    os.chmod(w / "moved", 0o600)
+    lags.append(_seen_within(lambda: stat.S_IMODE((r / "moved").stat().st_mode) == 0o600,
+                             CHANGE_BOUND, "a chmod"))
+    (w / "moved").unlink()
+    lags.append(_seen_within(lambda: not (r / "moved").exists(), CHANGE_BOUND, "a delete"))
+    w.rmdir()
+    lags.append(_seen_within(lambda: not r.exists(), CHANGE_BOUND, "an rmdir"))
+    return lags
+
+
+def test_fsync_of_a_directory_and_of_an_unchanged_file(pair: tuple[Mount, Mount],
+                                                       top: Path) -> None:
+    """fsync(2) of a directory, and of a file whose only change is its mode, wait for their
+    holders to make the records durable (and succeed); the changes are there on both mounts."""
+    (top / "sub").mkdir()
+    (top / "sub" / "file").write_bytes(b"x")
+    os.chmod(top / "sub" / "file", 0o640)
+    dfd = os.open(top / "sub", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    fd = os.open(top / "sub" / "file", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    other = pair[1].path(top.name) / "sub" / "file"
+    wait_for(lambda: stat.S_IMODE(other.stat().st_mode) == 0o640, CHANGE_BOUND, "the chmod")

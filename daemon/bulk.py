@@ -8,8 +8,8 @@ connection carries the same request (method, signed target, the same headers, so
 HMAC check) and the same response (status, headers), but the body is raw bytes, read with
 ``receive_some`` of up to 1 MiB straight into the handler: one copy from the kernel.
 
-Framing (one request per connection, no keep-alive: a loopback or LAN connect costs far less
-than the transfers this is for)::
+Framing (one request per connection, unless the client asks to keep it for its next small
+call: ``daemon.bulk_calls``)::
 
     client -> node:  b"KBLK" | u32 big-endian length | JSON {"method", "target", "headers",
                      optional "trailer": n} | exactly content-length body bytes | n bytes
@@ -56,6 +56,8 @@ TRAILER_MAX = 1024
 RECV_BLOCK = 1 << 20
 #: Most bytes one sendfile(2) call may send.
 SENDFILE_BLOCK = 1 << 20
+#: How long a kept connection may wait for its next request before the server closes it.
+IDLE_SECONDS = 30.0
 #: After an early answer, how long the server keeps reading what the client still sends,
 #: so closing does not reset the connection before the client has read the answer.
 DRAIN_SECONDS = 2.0
@@ -88,7 +90,7 @@ class FileBody:
     on_sent: Callable[[int], None] | None = None
 
 
-class _Reader:
+class Reader:
     """Reads a head out of a stream; bytes received past it are the start of the body."""
 
     def __init__(self, stream: trio.abc.ReceiveStream) -> None:
@@ -117,6 +119,12 @@ class _Reader:
             raise BulkError("head is not a JSON object")
         return doc
 
+    async def more(self) -> bool:
+        """Wait for more bytes (False: the connection was closed)."""
+        chunk = await self.stream.receive_some(RECV_BLOCK)
+        self.buffer += chunk
+        return bool(chunk)
+
     def leftover(self, limit: int | None = None) -> bytes:
         """What was received past the head (at most ``limit`` bytes; the rest stays)."""
         out = bytes(self.buffer[:limit])
@@ -124,19 +132,19 @@ class _Reader:
         return out
 
 
-def _frame(doc: Mapping[str, Any]) -> bytes:
+def frame(doc: Mapping[str, Any]) -> bytes:
     payload = json.dumps(doc, separators=(",", ":")).encode()
     return _LENGTH.pack(len(payload)) + payload
 
 
-def _headers(value: object) -> dict[str, str]:
+def parse_headers(value: object) -> dict[str, str]:
     if not isinstance(value, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise BulkError("headers must be an object of strings")
     return {k.lower(): v for k, v in value.items()}
 
 
-def _content_length(headers: Mapping[str, str]) -> int | None:
+def declared_length(headers: Mapping[str, str]) -> int | None:
     declared = headers.get("content-length")
     if declared is None:
         return None
@@ -149,9 +157,19 @@ def _content_length(headers: Mapping[str, str]) -> int | None:
 
 async def serve_connection(stream: trio.abc.Stream, app: ASGIApp,
                            client: tuple[str, int] | None, timeout: float) -> None:
-    """Serve the one request of a bulk connection with ``app``, then close it."""
+    """Serve the requests of a bulk connection with ``app``, then close it: one, or several
+    in turn when the client asks to keep the connection (``"keep": true`` in its head) and
+    every answer has a content-length; it is closed after ``IDLE_SECONDS`` without one."""
+    reader = Reader(stream)
     try:
-        await _serve(stream, app, client, timeout)
+        keep = await _serve(stream, reader, app, client, timeout)
+        while keep:
+            with trio.move_on_after(IDLE_SECONDS):
+                if not await reader.more():
+                    return  # the client closed it
+            if not reader.buffer:
+                return  # idle too long
+            keep = await _serve(stream, reader, app, client, timeout)
     except (BulkError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
             OSError):
         pass  # a broken or malformed exchange only ends this connection
@@ -159,9 +177,9 @@ async def serve_connection(stream: trio.abc.Stream, app: ASGIApp,
         await stream.aclose()
 
 
-async def _serve(stream: trio.abc.Stream, app: ASGIApp, client: tuple[str, int] | None,
-                 timeout: float) -> None:
-    reader = _Reader(stream)
+async def _serve(stream: trio.abc.Stream, reader: Reader, app: ASGIApp,
+                 client: tuple[str, int] | None, timeout: float) -> bool:
+    """Serve one request; whether the connection may carry another."""
     with trio.fail_after(timeout):
         if await reader.exactly(len(MAGIC)) != MAGIC:
             raise BulkError("not a bulk connection")
@@ -169,8 +187,8 @@ async def _serve(stream: trio.abc.Stream, app: ASGIApp, client: tuple[str, int] 
     method, target = head.get("method"), head.get("target")
     if not isinstance(method, str) or not isinstance(target, str) or not target.startswith("/"):
         raise BulkError("head needs a method and a target")
-    headers = _headers(head.get("headers", {}))
-    remaining = _content_length(headers) or 0
+    headers = parse_headers(head.get("headers", {}))
+    remaining = declared_length(headers) or 0
     trailer_size = head.get("trailer", 0)
     if type(trailer_size) is not int or not 0 <= trailer_size <= TRAILER_MAX:
         raise BulkError(f"bad trailer size {str(trailer_size)[:40]!r}")
@@ -223,8 +241,11 @@ async def _serve(stream: trio.abc.Stream, app: ASGIApp, client: tuple[str, int] 
         data = message.get("body", b"")
         if "sent" not in answer:
             answer["sent"] = True
-            data = _frame({"status": answer.get("status", 500),
-                           "headers": answer.get("headers", {})}) + data
+            framed: dict[str, Any] = {"status": answer.get("status", 500),
+                                      "headers": answer.get("headers", {})}
+            if keep_asked and "content-length" in framed["headers"]:
+                framed["keep"] = answer["keep"] = True
+            data = frame(framed) + data
         if data:
             with trio.fail_after(timeout):
                 await stream.send_all(data)
@@ -233,11 +254,14 @@ async def _serve(stream: trio.abc.Stream, app: ASGIApp, client: tuple[str, int] 
             await _sendfile(stream.socket, message["file"].fileno(), message.get("offset", 0),
                             message["count"], timeout)
 
+    keep_asked = head.get("keep") is True
     await app(scope, receive, send)
     if remaining > 0:  # answered before reading the whole body: let the client read that
         with trio.move_on_after(DRAIN_SECONDS):
             while remaining > 0 and await stream.receive_some(RECV_BLOCK):
                 pass
+        return False
+    return bool(answer.get("keep")) and not trailer_size and not pending
 
 
 async def _sendfile(sock: trio.socket.SocketType, fd: int, offset: int, count: int,
@@ -276,13 +300,13 @@ async def _sendfile(sock: trio.socket.SocketType, fd: int, offset: int, count: i
 class BulkResponse:
     """What ``request`` yields: the parts of an httpx response the data plane uses."""
 
-    def __init__(self, status: int, headers: dict[str, str], reader: _Reader,
+    def __init__(self, status: int, headers: dict[str, str], reader: Reader,
                  timeout: float) -> None:
         self.status_code = status
         self.headers = headers
         self._reader = reader
         self._timeout = timeout
-        self._length = _content_length(headers)
+        self._length = declared_length(headers)
 
     async def aiter_bytes(self, chunk_size: int | None = None) -> AsyncIterator[bytes]:
         """The body as it arrives, in chunks of up to ``RECV_BLOCK`` (``chunk_size`` is only a
@@ -341,7 +365,7 @@ async def request(address: tuple[str, int], method: str, target: str,
                                "headers": {**headers, "content-length": str(content_length)}}
         if trailer is not None:
             doc["trailer"] = trailer[0]
-        reader = _Reader(stream)
+        reader = Reader(stream)
         sent: list[BaseException] = []
 
         async def send(data: bytes | FileBody) -> bool:
@@ -360,7 +384,7 @@ async def request(address: tuple[str, int], method: str, target: str,
 
         async def send_body() -> None:
             # Errors of ``body`` itself (the caller's source) propagate unchanged.
-            if not await send(MAGIC + _frame(doc)):
+            if not await send(MAGIC + frame(doc)):
                 return
             count = 0
             if isinstance(body, FileBody):
@@ -397,4 +421,4 @@ async def request(address: tuple[str, int], method: str, target: str,
         status = head.get("status")
         if not isinstance(status, int):
             raise BulkError("answer without a status")
-        yield BulkResponse(status, _headers(head.get("headers", {})), reader, timeout)
+        yield BulkResponse(status, parse_headers(head.get("headers", {})), reader, timeout)

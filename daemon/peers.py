@@ -1,7 +1,9 @@
 """Signed HTTP calls from one node to another (and from the CLI to a node).
 
-One pooled ``httpx.AsyncClient`` per process, a timeout on every call, every request signed
-with the cluster key over (method, target, time, nonce, body digest). Failures to reach a peer
+Small calls go over kept bulk connections (``daemon.bulk_calls``), streamed ones over one
+pooled ``httpx.AsyncClient`` per process or a bulk connection of their own; a timeout on every
+call, every request signed with the cluster key over (method, target, time, nonce, body
+digest). Failures to reach a peer
 become ``PeerError`` so callers can fall back to the next contact or holder.
 """
 
@@ -11,6 +13,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode
@@ -19,6 +22,7 @@ import httpx
 import trio
 
 from daemon import bulk
+from daemon.bulk_calls import CallPool
 from daemon.digest import EMPTY_DIGEST, digest_of
 from daemon.security import BODY_TRAILER, DIGEST_IN_TRAILER, MAC_HEADER, Authenticator
 
@@ -91,6 +95,18 @@ def target_for(path: str, query: Mapping[str, object] | None = None) -> str:
     return target
 
 
+@dataclass(frozen=True)
+class Answer:
+    """The whole answer to a ``PeerClient.call``."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    content: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
 class PeerClient:
     """Signed, pooled, time-limited HTTP calls to other nodes."""
 
@@ -104,8 +120,10 @@ class PeerClient:
         self._client = httpx.AsyncClient(
             verify=False, timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        self._calls = CallPool(timeout)
 
     async def aclose(self) -> None:
+        await self._calls.aclose()
         await self._client.aclose()
 
     def _headers(self, method: str, target: str, body_digest: bytes,
@@ -117,23 +135,23 @@ class PeerClient:
 
     async def call(self, method: str, addr: Address, path: str,
                    query: Mapping[str, object] | None = None, body: bytes = b"",
-                   ok: tuple[int, ...] = (200,)) -> tuple[httpx.Response, float]:
-        """A request with a small body; returns the (fully read) response and its RTT."""
+                   ok: tuple[int, ...] = (200,)) -> tuple[Answer, float]:
+        """A request with a small body over a kept bulk connection (``daemon.bulk_calls``);
+        returns the whole answer and its RTT."""
         target = target_for(path, query)
         headers = self._headers(method, target, digest_of(body))
-        url = f"http://{addr[0]}:{addr[1]}{target}"
         started = time.perf_counter()
         try:
-            response = await self._client.request(method, url, content=body or None,
-                                                  headers=headers)
-        except httpx.HTTPError as exc:
-            raise PeerError(f"{addr[0]}:{addr[1]} unreachable: {type(exc).__name__}") from exc
+            status, answer_headers, content = await self._calls.call(addr, method, target,
+                                                                     headers, body)
+        except bulk.BulkError as exc:
+            raise PeerError(f"{addr[0]}:{addr[1]} unreachable: {exc}") from exc
         rtt = time.perf_counter() - started
-        if response.status_code not in ok:
-            raise PeerError(f"{addr[0]}:{addr[1]} answered {response.status_code}: "
-                            f"{_error_text(response)}", response.status_code,
-                            held_clock_of(response.content, response.status_code))
-        return response, rtt
+        if status not in ok:
+            raise PeerError(f"{addr[0]}:{addr[1]} answered {status}: "
+                            f"{error_of(content) or content[:200].decode('utf-8', 'replace')}",
+                            status, held_clock_of(content, status))
+        return Answer(status, answer_headers, content), rtt
 
     async def call_json(self, method: str, addr: Address, path: str,
                         query: Mapping[str, object] | None = None, doc: Any = None
@@ -150,11 +168,18 @@ class PeerClient:
         """Send a local file of ``size`` bytes as the request body (a bulk connection, from
         the file with sendfile, when it is large); the signature covers its digest. Returns
         the answer's body."""
-        if size < BULK_MIN:
+        if size < BULK_MIN:  # a small call on a kept connection (``daemon.bulk_calls``)
             data = await trio.Path(source).read_bytes()
-            async with self.stream("PUT", addr, path, query, body=stream_of(data),
-                                   content_digest=content_digest) as response:
-                reply = await _read(response, addr)
+            target = target_for(path, query)
+            headers = self._headers("PUT", target, content_digest,
+                                    {CONTENT_DIGEST_HEADER: content_digest.hex()})
+            try:
+                status, _, reply = await self._calls.call(addr, "PUT", target, headers, data)
+            except bulk.BulkError as exc:
+                raise PeerError(f"{addr[0]}:{addr[1]} unreachable: {exc}") from exc
+            if status != 200:
+                raise refusal(addr, reply, status)
+            return reply
         else:  # sent by the kernel from the file (bulk.FileBody)
             fh = await trio.to_thread.run_sync(open, source, "rb")
             try:
@@ -283,5 +308,3 @@ def refusal(addr: Address, body: bytes, status: int) -> PeerError:
                      status, held_clock_of(body, status))
 
 
-def _error_text(response: httpx.Response) -> str:
-    return error_of(response.content) or response.text[:200]

@@ -53,6 +53,8 @@ NAME_MAX = 255
 #: relatime: an access is recorded when the last one is older than this, even if nothing
 #: changed since.
 RELATIME_AGE_NS = 24 * 3600 * 1_000_000_000
+#: Extended attributes the mount does not keep (EOPNOTSUPP): POSIX ACLs, SELinux labels.
+UNSUPPORTED_XATTRS = ("system.", "security.selinux")
 #: Accesses waiting to be recorded at most (see ``KelipsOperations._accessed``).
 ATIME_BACKLOG = 256
 _T = TypeVar("_T")
@@ -521,8 +523,11 @@ class KelipsOperations(pyfuse3.Operations):
             if key not in values:
                 raise _fail(errno.ENODATA)
             return values[key]
-        if key.startswith("system."):
-            raise _fail(errno.ENODATA)  # no POSIX ACLs: the mode bits are the whole story
+        if key.startswith(UNSUPPORTED_XATTRS):
+            # No POSIX ACLs (the mode bits are the whole story) and no SELinux labels, as on a
+            # filesystem mounted without them: EOPNOTSUPP, which `ls -l` remembers for the
+            # whole mount instead of asking again for every file.
+            raise _fail(errno.EOPNOTSUPP)
         return await self._call(self._ns.getxattr, inode, key)
 
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
@@ -534,7 +539,7 @@ class KelipsOperations(pyfuse3.Operations):
         key = name.decode("utf-8", "surrogateescape")
         if key.startswith(xattr_view.PREFIX):
             raise _fail(errno.EPERM)
-        if key.startswith("system."):
+        if key.startswith(UNSUPPORTED_XATTRS):
             raise _fail(errno.EOPNOTSUPP)
         await self._call(self._ns.setxattr, inode, key, value, 0)
 

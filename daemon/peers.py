@@ -180,16 +180,15 @@ class PeerClient:
             if status != 200:
                 raise refusal(addr, reply, status)
             return reply
-        else:  # sent by the kernel from the file (bulk.FileBody)
-            fh = await trio.to_thread.run_sync(open, source, "rb")
-            try:
-                async with self.stream("PUT", addr, path, query,
-                                       body=bulk.FileBody(fh.fileno()),
-                                       content_digest=content_digest,
-                                       bulk_size=size) as response:
-                    reply = await _read(response, addr)
-            finally:
-                fh.close()
+        # sent by the kernel from the file (bulk.FileBody)
+        fh = await trio.to_thread.run_sync(open, source, "rb")
+        try:
+            async with self.stream("PUT", addr, path, query, body=bulk.FileBody(fh.fileno()),
+                                   content_digest=content_digest,
+                                   bulk_size=size) as response:
+                reply = await _read(response, addr)
+        finally:
+            fh.close()
         if response.status_code != 200:
             raise refusal(addr, reply, response.status_code)
         return reply

@@ -256,10 +256,6 @@ def _read_small_file(path: Path, size: int) -> bytes:
         os.close(fd)
 
 
-async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
-
 def _fsync_dir(path: Path) -> None:
     """Make renames and creations in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -697,8 +693,8 @@ class ObjectStore:
                 data = _read_small_file(source, size)  # from the page cache: no thread hop
             except OSError as exc:
                 raise StoreError(f"cannot read {source}: {exc.strerror or exc}") from exc
-            return await self.put(name, version, mode, mtime_ns, _one_chunk(data),
-                                  expected_checksum=checksum, expected_size=size, attrs=attrs)
+            return await self._log_bytes(name, version, mode, mtime_ns, data, size, checksum,
+                                         attrs)
         temp_path = self._tmp / f"{secrets.token_hex(16)}.part"
         try:
             linked = await _in_thread(functools.partial(_link_synced, source, temp_path))
@@ -821,12 +817,17 @@ class ObjectStore:
                 raise ChecksumMismatch(f"{_show(name)}: the sender sent more than the {size} "
                                        "bytes announced; the data was discarded")
             parts.append(bytes(raw))
-        if got != size:
-            raise ChecksumMismatch(f"{_show(name)}: received {got} bytes but {size} were "
+        return await self._log_bytes(name, version, mode, mtime_ns, b"".join(parts), size,
+                                     late() if late is not None else early, attrs)
+
+    async def _log_bytes(self, name: str, version: Version, mode: int, mtime_ns: int,
+                         data: bytes, size: int, want: bytes | None, attrs: bytes
+                         ) -> StoredObject:
+        """Check ``data`` (``size`` bytes announced, digest ``want``) and log it."""
+        if len(data) != size:
+            raise ChecksumMismatch(f"{_show(name)}: received {len(data)} bytes but {size} were "
                                    "announced; the data was discarded")
-        data = b"".join(parts)
         checksum = digest_of(data)
-        want = late() if late is not None else early
         if want is not None and checksum != want:
             raise ChecksumMismatch(f"{_show(name)}: the received content does not match its "
                                    "digest; the data was discarded")

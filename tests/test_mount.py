@@ -66,16 +66,20 @@ def _mounted(mountpoint: Path) -> bool:
         return any(line.split()[1] == str(mountpoint) for line in fh)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
+             interval: float = 0.1) -> float:
+    """Seconds until ``predicate`` held (asked every ``interval``); TimeoutError after
+    ``timeout``."""
+    started = time.monotonic()
+    deadline = started + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
             if predicate():
-                return
+                return time.monotonic() - started
         except (OSError, AssertionError, ValueError, KeyError) as exc:
             last = exc
-        time.sleep(0.1)
+        time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}"
                        + (f" (last error: {last!r})" if last else ""))
 

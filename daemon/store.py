@@ -59,13 +59,25 @@ from typing import Any, BinaryIO, TypeVar
 
 import trio
 
-from daemon.core.codec import INLINE_MAX
 from daemon.core.ids import NODE_ID_BYTES
 from daemon.core.keys import DATA, is_legacy, is_metadata, record_ino
 from daemon.core.messages import Version
 from daemon.digest import ALGORITHM, DIGEST_SIZE, EMPTY_DIGEST, digest_of, new_hasher
 from daemon.record_log import Frame, LogRef, RecordLog
-from daemon.writeback import advance_writeback
+from daemon.store_files import (
+    TempFile,
+    file_signature,
+    fsync_dir,
+    in_thread,
+    link_synced,
+    open_read,
+    read_hashed,
+    read_small_file,
+    shielded,
+    stat_signature,
+    unlink_quietly,
+    write_all,
+)
 
 log = logging.getLogger("kelipsfs.store")
 
@@ -102,8 +114,6 @@ _SMALL_READ = 256 * 1024  # objects up to this size are read in one thread hop
 #: instead of open, read, close and digest), so a copy damaged on disk by a write is
 #: still found out by the next read, as when every read went to the file.
 SMALL_CACHE_BYTES = 16 << 20
-#: Largest object whose bytes a put keeps: what a lookup reply can carry inline.
-SMALL_KEEP = INLINE_MAX
 #: The namespace's records up to this size are kept in the record log (``daemon.record_log``)
 #: rather than as files of their own: an inode or an entry costs an append, not three fsyncs.
 LOG_MAX = 2 << 20
@@ -173,21 +183,6 @@ class _KeptSmall:
     signature: tuple[int, ...]
 
 
-def _signature(st: os.stat_result) -> tuple[int, ...]:
-    """What changes when a file is written to or replaced: inode, size, mtime (Linux gives a
-    file that was stat'ed since its last change a fine-grained time on its next change, so
-    even a write right after the signature was taken changes it). Not ctime: the commit's
-    rename changes it, and the put takes the signature before, in its worker thread."""
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _file_signature(path: Path) -> tuple[int, ...] | None:
-    try:
-        return _signature(os.stat(path))
-    except OSError:
-        return None
-
-
 @dataclass
 class _NameLock:
     """A per-name commit lock plus how many tasks use it, so idle locks can be forgotten."""
@@ -247,111 +242,6 @@ def _check_version(version: Version) -> Version:
     return Version(clock, writer)
 
 
-def _read_small_file(path: Path, size: int) -> bytes:
-    """At most ``size`` + 1 bytes of a small local file (one more shows that it grew)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.read(fd, size + 1)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames and creations in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: Path) -> bool:
-    """Remove a file if it exists; a failure is logged (recovery retries), never raised."""
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as exc:
-        log.warning("could not remove %s: %s", path, exc.strerror or exc)
-        return False
-    return True
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        if written <= 0:  # never seen on Linux, but a zero write must not spin forever
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        view = view[written:]
-
-
-def _link_synced(source: Path, link: Path) -> int:
-    """Hard-link ``source`` as ``link``, fsync the inode, return its size (worker thread)."""
-    os.link(source, link)
-    fd = os.open(link, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-        return os.fstat(fd).st_size
-    finally:
-        os.close(fd)
-
-
-def _open_read(path: Path) -> BinaryIO:
-    return open(path, "rb")  # the caller owns and closes it
-
-
-def _read_hashed(f: BinaryIO, size: int, hasher: Any) -> bytes:
-    """Read up to ``size`` bytes and feed them to ``hasher`` (in a worker thread)."""
-    block = f.read(size)
-    hasher.update(block)
-    return block
-
-
-async def _in_thread(fn: Callable[[], _T]) -> _T:
-    """Run blocking I/O in a worker thread; not abandoned on cancel, so results are never lost."""
-    return await trio.to_thread.run_sync(fn)
-
-
-async def _shielded(fn: Callable[[], object]) -> None:
-    """Clean-up I/O in a worker thread that must run even while the caller is being cancelled."""
-    with trio.CancelScope(shield=True):
-        await trio.to_thread.run_sync(fn)
-
-
-class _TempFile:
-    """A temp file in ``root/tmp`` being filled; every method blocks (call from a thread)."""
-
-    def __init__(self, tmp_dir: Path) -> None:
-        self.path = tmp_dir / f"{secrets.token_hex(16)}.part"
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self.hasher = new_hasher()
-        self.size = 0
-        self._written_out = 0  # how far writeback was asked (advance_writeback)
-        self.small: bytes | None = None  # the whole content, if it came in one small write
-        self.signature: tuple[int, ...] | None = None  # of the finished file
-
-    def write(self, blocks: list[bytes]) -> None:
-        data = blocks[0] if len(blocks) == 1 else b"".join(blocks)
-        self.small = data if self.size == 0 and len(data) <= SMALL_KEEP else None
-        self.hasher.update(data)
-        _write_all(self.fd, data)
-        self.size += len(data)
-        self._written_out = advance_writeback(self.fd, self._written_out, self.size)
-
-    def finish(self) -> None:
-        """fsync and close: after this the bytes are on disk, whatever happens to the process."""
-        os.fsync(self.fd)
-        self.signature = _signature(os.fstat(self.fd))
-        fd, self.fd = self.fd, -1
-        os.close(fd)
-
-    def discard(self) -> None:
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        _unlink_quietly(self.path)
-
-
 class ObjectStore:
     """Versioned objects on local disk, newest version per name, crash- and ENOSPC-safe.
 
@@ -386,7 +276,7 @@ class ObjectStore:
             self._objects.mkdir(mode=0o700, exist_ok=True)
             self._tmp.mkdir(mode=0o700, exist_ok=True)
             if created:  # the fan-out directories are made durable by their first commit
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             self._log = RecordLog(self.root / "records.log")
             self._recover()
             self._replay_log()
@@ -445,7 +335,7 @@ class ObjectStore:
             raise StoreError(f"{_show(obj.name)} is deleted (tombstone of version "
                              f"{_show_version(obj.version)}): it has no content")
         try:
-            return _open_read(obj.path)
+            return open_read(obj.path)
         except FileNotFoundError:
             raise StoreError(f"version {_show_version(obj.version)} of {_show(obj.name)} is no "
                              "longer stored (replaced by a newer version or dropped)") from None
@@ -476,7 +366,7 @@ class ObjectStore:
             return
         if obj.size - offset <= min(chunk_size, _SMALL_READ):
             # Small objects (the common case for metadata-heavy work) in one thread hop.
-            block = await _in_thread(functools.partial(self._read_whole, obj, offset))
+            block = await in_thread(functools.partial(self._read_whole, obj, offset))
             if len(block) != obj.size - offset:
                 raise ChecksumMismatch(
                     f"stored content of {_show(obj.name)} (version "
@@ -488,16 +378,16 @@ class ObjectStore:
             if block:
                 yield block
             return
-        f = await _in_thread(functools.partial(self.open_content, obj))
+        f = await in_thread(functools.partial(self.open_content, obj))
         try:
             if offset:
-                await _in_thread(functools.partial(f.seek, offset))
+                await in_thread(functools.partial(f.seek, offset))
             hasher = new_hasher()
             remaining = obj.size - offset
             while remaining > 0:
                 want = min(chunk_size, remaining)
                 try:
-                    block = await _in_thread(functools.partial(_read_hashed, f, want, hasher))
+                    block = await in_thread(functools.partial(read_hashed, f, want, hasher))
                 except OSError as exc:
                     raise StoreError(f"cannot read {_show(obj.name)}: "
                                      f"{exc.strerror or exc}") from exc
@@ -513,7 +403,7 @@ class ObjectStore:
                     f"stored content of {_show(obj.name)} (version {_show_version(obj.version)}) "
                     "is corrupt: its digest no longer matches the one recorded at write time")
         finally:
-            await _shielded(f.close)
+            await shielded(f.close)
 
     def read_small(self, obj: StoredObject, limit: int) -> bytes | None:
         """The whole verified content of a small object, read in the calling thread; None if
@@ -534,13 +424,13 @@ class ObjectStore:
             return None
         kept = self._small.get(obj.name)
         if kept is not None and kept.obj is obj:
-            if _file_signature(obj.path) == kept.signature:
+            if file_signature(obj.path) == kept.signature:
                 self._small.move_to_end(obj.name)
                 return kept.data
             self._forget_small(obj.name)  # written to since: read and check it again
         try:
             with self.open_content(obj) as fh:
-                signature = _signature(os.fstat(fh.fileno()))
+                signature = stat_signature(os.fstat(fh.fileno()))
                 data = fh.read(obj.size)
         except (StoreError, OSError):
             return None
@@ -620,7 +510,7 @@ class ObjectStore:
             await self._check_room(name, expected_size)
 
         try:
-            temp = await _in_thread(functools.partial(_TempFile, self._tmp))
+            temp = await in_thread(functools.partial(TempFile, self._tmp))
         except OSError as exc:
             raise self._io_error(exc, f"cannot start writing {_show(name)}") from exc
         committed = False
@@ -642,7 +532,7 @@ class ObjectStore:
             return obj
         finally:
             if not committed:
-                await _shielded(temp.discard)
+                await shielded(temp.discard)
 
     async def _commit_temp(self, name: str, version: Version, mode: int, mtime_ns: int,
                            size: int, checksum: bytes, temp_path: Path,
@@ -661,7 +551,7 @@ class ObjectStore:
             commit = functools.partial(self._commit, name, version, mode, mtime_ns, size,
                                        checksum, temp_path, previous, attrs)
             try:
-                obj = await _in_thread(commit)
+                obj = await in_thread(commit)
             except OSError as exc:
                 raise self._io_error(exc, f"cannot commit {_show(name)}") from exc
             self._install(obj)  # no checkpoint between the commit and the index update
@@ -690,16 +580,16 @@ class ObjectStore:
             return held
         if self._logs(name, size):  # small: its bytes go to the log, no link
             try:
-                data = _read_small_file(source, size)  # from the page cache: no thread hop
+                data = read_small_file(source, size)  # from the page cache: no thread hop
             except OSError as exc:
                 raise StoreError(f"cannot read {source}: {exc.strerror or exc}") from exc
             return await self._log_bytes(name, version, mode, mtime_ns, data, size, checksum,
                                          attrs)
         temp_path = self._tmp / f"{secrets.token_hex(16)}.part"
         try:
-            linked = await _in_thread(functools.partial(_link_synced, source, temp_path))
+            linked = await in_thread(functools.partial(link_synced, source, temp_path))
         except OSError as exc:
-            await _shielded(functools.partial(_unlink_quietly, temp_path))
+            await shielded(functools.partial(unlink_quietly, temp_path))
             if exc.errno in (errno.EXDEV, errno.EMLINK, errno.EPERM):
                 return await self.put_file(name, version, mode, mtime_ns, source,
                                            expected_checksum=checksum, expected_size=size,
@@ -715,7 +605,7 @@ class ObjectStore:
             return obj
         finally:
             if not committed:
-                await _shielded(functools.partial(_unlink_quietly, temp_path))
+                await shielded(functools.partial(unlink_quietly, temp_path))
 
     async def put_file(self, name: str, version: Version, mode: int, mtime_ns: int,
                        source: Path, expected_checksum: bytes | None = None,
@@ -727,20 +617,20 @@ class ObjectStore:
         """
         async def blocks() -> AsyncGenerator[bytes, None]:
             try:
-                f = await _in_thread(functools.partial(_open_read, source))
+                f = await in_thread(functools.partial(open_read, source))
             except OSError as exc:
                 raise StoreError(f"cannot read {source}: {exc.strerror or exc}") from exc
             try:
                 while True:
                     try:
-                        block = await _in_thread(functools.partial(f.read, WRITE_BATCH))
+                        block = await in_thread(functools.partial(f.read, WRITE_BATCH))
                     except OSError as exc:
                         raise StoreError(f"cannot read {source}: {exc.strerror or exc}") from exc
                     if not block:
                         return
                     yield block
             finally:
-                await _shielded(f.close)
+                await shielded(f.close)
 
         async with contextlib.aclosing(blocks()) as stream:
             return await self.put(name, version, mode, mtime_ns, stream,
@@ -768,7 +658,7 @@ class ObjectStore:
             commit = functools.partial(self._commit, name, version, 0, mtime_ns, 0,
                                        EMPTY_DIGEST, None, previous, b"")
             try:
-                obj = await _in_thread(commit)
+                obj = await in_thread(commit)
             except OSError as exc:
                 raise self._io_error(exc, f"cannot record the deletion of {_show(name)}") from exc
             self._install(obj)
@@ -788,7 +678,7 @@ class ObjectStore:
                 self._uninstall(name)
                 return
             try:
-                await _in_thread(functools.partial(self._remove_version, held, durable=True))
+                await in_thread(functools.partial(self._remove_version, held, durable=True))
             except OSError as exc:
                 raise self._io_error(exc, f"cannot drop {_show(name)}") from exc
             self._uninstall(name)
@@ -858,7 +748,7 @@ class ObjectStore:
         self._frames[obj.name] = size
         self._log.live += size
         if previous is not None and previous.log is None:  # a version stored as files
-            await _shielded(functools.partial(self._remove_version, previous, durable=False))
+            await shielded(functools.partial(self._remove_version, previous, durable=False))
         return logged
 
     async def sync(self) -> None:
@@ -884,7 +774,7 @@ class ObjectStore:
                            o.mtime_ns, o.tombstone, o.checksum, o.attrs),
                      log_.read(o.log) if o.log is not None else b"") for o in objs]
             try:
-                placed = await _in_thread(functools.partial(log_.compact, live))
+                placed = await in_thread(functools.partial(log_.compact, live))
             except OSError as exc:
                 log.warning("could not compact the record log of %s: %s", self.root, exc)
                 return
@@ -931,7 +821,7 @@ class ObjectStore:
     async def _check_room(self, name: str, size: int) -> None:
         """Refuse at once a write that cannot fit, instead of after streaming it all."""
         try:
-            st = await _in_thread(functools.partial(os.statvfs, self.root))
+            st = await in_thread(functools.partial(os.statvfs, self.root))
         except OSError:
             return  # the write itself will tell
         free = st.f_bavail * st.f_frsize
@@ -939,7 +829,7 @@ class ObjectStore:
             raise StoreFull(f"not enough space to store {_show(name)} in {self.root}: it needs "
                             f"{size} bytes and only {free} are free; nothing was written")
 
-    async def _fill(self, temp: _TempFile, name: str, chunks: AsyncIterable[bytes],
+    async def _fill(self, temp: TempFile, name: str, chunks: AsyncIterable[bytes],
                     expected_size: int | None) -> None:
         """Stream ``chunks`` into ``temp`` in ~WRITE_BATCH thread hops, then fsync it."""
         pending: list[bytes] = []
@@ -950,7 +840,7 @@ class ObjectStore:
             nonlocal pending, pending_bytes
             blocks, pending, pending_bytes = pending, [], 0
             try:
-                await _in_thread(functools.partial(temp.write, blocks))
+                await in_thread(functools.partial(temp.write, blocks))
             except OSError as exc:
                 raise self._io_error(exc, f"cannot store {_show(name)} (after writing "
                                           f"{temp.size} bytes)") from exc
@@ -976,7 +866,7 @@ class ObjectStore:
         if pending:
             await flush()
         try:
-            await _in_thread(temp.finish)
+            await in_thread(temp.finish)
         except OSError as exc:
             raise self._io_error(exc, f"cannot store {_show(name)} ({temp.size} bytes)") from exc
 
@@ -1031,7 +921,7 @@ class ObjectStore:
         directory = data_path.parent
         if not directory.is_dir():
             directory.mkdir(mode=0o700, exist_ok=True)
-            _fsync_dir(self._objects)
+            fsync_dir(self._objects)
         doc = {"format": META_FORMAT, "name": name, "clock": version.clock,
                "writer": version.writer.hex(), "size": size, "checksum": checksum.hex(),
                "mode": mode, "mtime_ns": mtime_ns, "tombstone": content is None,
@@ -1040,11 +930,11 @@ class ObjectStore:
             if content is not None:
                 os.replace(content, data_path)
             self._write_meta(meta_path, doc)
-            _fsync_dir(directory)
+            fsync_dir(directory)
         except BaseException:
-            _unlink_quietly(meta_path)
+            unlink_quietly(meta_path)
             if content is not None:
-                _unlink_quietly(data_path)
+                unlink_quietly(data_path)
             raise
         if previous is not None and previous.version != version:
             try:
@@ -1063,13 +953,13 @@ class ObjectStore:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             try:
-                _write_all(fd, payload)
+                write_all(fd, payload)
                 os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(temp, meta_path)
         except BaseException:
-            _unlink_quietly(temp)
+            unlink_quietly(temp)
             raise
 
     def _remove_version(self, obj: StoredObject, *, durable: bool) -> None:
@@ -1080,9 +970,9 @@ class ObjectStore:
         """
         data_path, meta_path = self.files_for(obj.name, obj.version)
         meta_path.unlink(missing_ok=True)
-        _unlink_quietly(data_path)
+        unlink_quietly(data_path)
         if durable:
-            _fsync_dir(meta_path.parent)
+            fsync_dir(meta_path.parent)
 
     # --- recovery -----------------------------------------------------------------------------
 
@@ -1093,7 +983,7 @@ class ObjectStore:
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
-                _unlink_quietly(Path(entry.path))
+                unlink_quietly(Path(entry.path))
             stats.temp += 1
 
         contents: dict[str, Path] = {}
@@ -1122,7 +1012,7 @@ class ObjectStore:
                 except OSError:
                     obj = None
             if obj is None:
-                _unlink_quietly(meta_path)
+                unlink_quietly(meta_path)
                 stats.broken_meta += 1
                 continue
             by_name.setdefault(obj.name, []).append((stem, obj))
@@ -1132,14 +1022,14 @@ class ObjectStore:
             versions.sort(key=lambda item: item[1].version)
             stem, newest = versions[-1]
             for old_stem, _old in versions[:-1]:
-                _unlink_quietly(metas[old_stem])
+                unlink_quietly(metas[old_stem])
                 stats.superseded += 1
             if not newest.tombstone:
                 keep.add(stem)
             self._install(newest)
         for stem, content in contents.items():
             if stem not in keep:
-                _unlink_quietly(content)
+                unlink_quietly(content)
                 stats.orphan_content += 1
 
         if stats.temp or stats.orphan_content or stats.broken_meta or stats.superseded:
@@ -1213,7 +1103,7 @@ class ObjectStore:
         stats.converted += 1
         try:
             self._write_meta(meta_path, upgraded)
-            _fsync_dir(meta_path.parent)
+            fsync_dir(meta_path.parent)
         except OSError as exc:  # e.g. a full disk: serve it converted, rewrite it next start
             log.warning("store %s: could not rewrite the record of %s in the new format (%s); "
                         "kept, converted again at the next start", self.root,

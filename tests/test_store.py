@@ -169,13 +169,13 @@ def test_small_reads_are_kept_in_memory_for_exactly_the_version_read(
     import daemon.store as store_module
 
     opened: list[Path] = []
-    real_open = store_module._open_read
+    real_open = store_module.open_read
 
     def counting_open(path: Path) -> BinaryIO:
         opened.append(path)
         return real_open(path)
 
-    monkeypatch.setattr(store_module, "_open_read", counting_open)
+    monkeypatch.setattr(store_module, "open_read", counting_open)
     store = ObjectStore(root, small_cache_bytes=2500)
 
     async def main() -> None:
@@ -322,7 +322,7 @@ def test_adopt_file_copies_when_it_cannot_link(root: Path, tmp_path: Path,
     def cross_device(source: Path, link: Path) -> int:
         raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
 
-    monkeypatch.setattr(store_mod, "_link_synced", cross_device)
+    monkeypatch.setattr(store_mod, "link_synced", cross_device)
     source = tmp_path / "spool.bin"
     source.write_bytes(b"content")
     store = ObjectStore(root)
@@ -758,14 +758,14 @@ def test_async_methods_do_no_file_io_in_the_trio_thread(
             return _real(*args, **kw)
 
         monkeypatch.setattr(os, fn_name, spy)
-    real_open_read = store_mod._open_read
+    real_open_read = store_mod.open_read
 
     def open_read(path: Path) -> Any:
         if threading.get_ident() == trio_thread:
             offenders.append("open")
         return real_open_read(path)
 
-    monkeypatch.setattr(store_mod, "_open_read", open_read)
+    monkeypatch.setattr(store_mod, "open_read", open_read)
 
     async def main() -> None:
         obj = await put_bytes(store, "f", v(1), b"d" * (3 * MiB))

@@ -11,7 +11,6 @@ fsynced). Disk work runs in worker threads, so the event loop never waits on the
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import shutil
@@ -25,6 +24,7 @@ from daemon.core.keys import data_name
 from daemon.core.messages import TupleEntry
 from daemon.dataplane import NotFound, TransferFailed
 from daemon.digest import file_digest
+from daemon.store_files import write_all
 
 if TYPE_CHECKING:
     from daemon.runtime import NodeRuntime
@@ -45,20 +45,11 @@ class Fetched(NamedTuple):
     verify: bool = False
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        if written <= 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        view = view[written:]
-
-
 def _write_new(dest: Path, data: bytes) -> None:
     """Write ``data`` to the new file ``dest`` (worker thread)."""
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        _write_all(fd, data)
+        write_all(fd, data)
     finally:
         os.close(fd)
 
@@ -135,9 +126,9 @@ class Content:
                     size += len(chunk)
                     if size >= FETCH_BATCH:
                         block, pending, size = b"".join(pending), [], 0
-                        await trio.to_thread.run_sync(_write_all, fd, block)
+                        await trio.to_thread.run_sync(write_all, fd, block)
             if pending:
-                await trio.to_thread.run_sync(_write_all, fd, b"".join(pending))
+                await trio.to_thread.run_sync(write_all, fd, b"".join(pending))
             ok = True
         finally:
             with trio.CancelScope(shield=True):

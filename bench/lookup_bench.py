@@ -1,4 +1,4 @@
-"""Lookup vs Kademlia (issue 6): the same N nodes, values and gets for kelipsfs and for the
+"""Lookup vs Kademlia: the same N nodes, values and gets for kelipsfs and for the
 Kademlia DHT from PyPI (``kademlia`` 2.2.3, asyncio), before and after killing 20 % of them.
 
     python -m bench.lookup_bench [--nodes 20 50] [--values 1000] [--replications 3 20]

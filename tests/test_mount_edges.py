@@ -1,4 +1,4 @@
-"""The edge cases users and editors hit on a real mount (issue 4), beyond tests/test_mount.py.
+"""The edge cases users and editors hit on a real mount, beyond tests/test_mount.py.
 
 Open files shared by several handles of one mount (a reader, then a writer, O_TRUNC, a path
 truncate, appends through separate opens), rename over an open file, editors' save patterns,

@@ -15,8 +15,8 @@ def settle() -> None:
     file queues discards that the next journal commit issues, so without ``sync`` the first
     fsync after a 256 MiB delete (a put's, or ``cp``'s ``sync``) waited for them, which made
     a put measured right after a delete slower than one that followed none. Dropping the
-    cache makes every read start from the disk, for the baseline and for kelipsfs alike. Best effort: without
-    root the cache stays.
+    cache makes every read start from the disk, for the baseline and for kelipsfs alike.
+    Best effort: without root the cache stays.
     """
     os.sync()
     with contextlib.suppress(OSError):

@@ -233,8 +233,8 @@ class DataPlane:
         asked = [m for m in members if m.node_id != self.node.node_id][:_HEDGE]
         if not asked:
             return None
-        got = await self.rt.ask_lookup(
-            [(m.address, self.rt.lookup_timeout(m.node_id)) for m in asked], name, want_inline)
+        got = await self.rt.lookups.ask(
+            [(m.address, self.rt.lookups.timeout_for(m.node_id)) for m in asked], name, want_inline)
         if got is None:
             return None
         reply, source = got

@@ -8,7 +8,6 @@ as a signed datagram or a signed HTTP call. The data path (inserts, lookups, rep
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import os
@@ -21,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from daemon.core import codec
-from daemon.core.config import AUTH_TRAILER
 from daemon.core.ids import group_of_node
 from daemon.core.keys import is_metadata
 from daemon.core.messages import (
@@ -36,6 +34,7 @@ from daemon.core.messages import (
     SyncRequest,
 )
 from daemon.core.node import Event, KelipsNode
+from daemon.datagram_lookups import DatagramLookups
 from daemon.identity import Identity, balanced_node_id, has_identity, load_identity
 from daemon.logs import fields, set_node, short_id
 from daemon.metrics import Metrics
@@ -54,8 +53,6 @@ log = logging.getLogger("kelipsfs.node")
 JOIN_ATTEMPTS = 10
 CENSUS_SEEDS = 3  # seeds tried at a first start to learn group sizes (balanced_node_id)
 MAX_UDP = 65535
-#: One-datagram lookups waiting for their reply at once; beyond this, lookups use HTTP.
-MAX_PENDING_LOOKUPS = 1024
 #: Seconds between the store's maintenance rounds: records logged meanwhile are made durable.
 STORE_MAINTENANCE = 1.0
 _LOOKUP_CODES = (7, 8)  # type bytes of LookupRequest / LookupReply (codec._TYPE_CODES)
@@ -94,17 +91,6 @@ class _RateLimitedLog:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
 
 
-class _Waiter:
-    """One lookup waiting for a reply from any of the addresses it asked (hedging)."""
-
-    __slots__ = ("event", "reply", "source")
-
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.reply: LookupReply | None = None
-        self.source: Address | None = None
-
-
 def _freeze_startup_objects() -> None:
     """Move every object alive once the node is up out of the cyclic collector's sight.
 
@@ -135,7 +121,7 @@ class NodeRuntime:
         self._stop = trio.Event()
         self.ready = trio.Event()
         self.join_error: str | None = None
-        self._ratelog = _RateLimitedLog()
+        self.ratelog = _RateLimitedLog()
         key = (load_key(settings.cluster_key_file) if settings.cluster_key_file is not None
                else open_cluster_key(settings.core.cluster_id))
         self.auth = Authenticator(key, settings.auth_window)
@@ -143,9 +129,7 @@ class NodeRuntime:
         self._dataplane: DataPlane | None = None
         self._primary: Primary | None = None
         self.started_at = time.time()
-        # request id -> (address asked, waiter): replies from elsewhere or for unknown ids are
-        # dropped. Bounded by MAX_PENDING_LOOKUPS; entries leave when their lookup ends.
-        self._pending: dict[int, tuple[Address, _Waiter]] = {}
+        self.lookups = DatagramLookups(self)
 
     # --- accessors ----------------------------------------------------------------------------
 
@@ -249,7 +233,7 @@ class NodeRuntime:
         with trio.CancelScope(shield=True):
             await self.store.sync()
         for out in self.node.leave_messages():
-            await self._send_datagram(out)
+            await self.send_datagram(out)
         log.info("left the cluster", extra=fields(event="node_left"))
 
     # --- datagrams ----------------------------------------------------------------------------
@@ -265,149 +249,42 @@ class NodeRuntime:
             big = limit < len(data) <= codec.LOOKUP_DATAGRAM_MAX and data[1] in _LOOKUP_CODES
             peer: Address = (addr[0], addr[1])
             if len(data) > limit and not big:
-                self._reject("oversized", f"dropped a {len(data)}-byte datagram (limit {limit})",
+                self.reject("oversized", f"dropped a {len(data)}-byte datagram (limit {limit})",
                              peer)
                 continue
             try:
                 payload = self.auth.open(data, self.wall())
             except AuthError as exc:
-                self._reject("auth", f"dropped an unauthenticated datagram: {exc}", peer)
+                self.reject("auth", f"dropped an unauthenticated datagram: {exc}", peer)
                 continue
             try:
                 envelope = codec.decode(payload)
             except codec.DecodeError as exc:
-                self._reject("malformed", f"dropped a malformed datagram: {exc}", peer)
+                self.reject("malformed", f"dropped a malformed datagram: {exc}", peer)
                 continue
             message = envelope.message
             if isinstance(message, (LookupRequest, LookupReply)):
                 if envelope.cluster_tag != self.node.tag or envelope.k != self.node.config.k:
-                    self._reject("foreign", "dropped a lookup of another cluster or k", peer)
+                    self.reject("foreign", "dropped a lookup of another cluster or k", peer)
                 elif isinstance(message, LookupRequest):
-                    await self._answer_lookup(peer, message)
+                    await self.lookups.answer(peer, message)
                 else:
-                    self._deliver_reply(peer, message)
+                    self.lookups.deliver(peer, message)
                 continue
             if not isinstance(message, DATAGRAM_TYPES):
-                self._reject("malformed", "dropped a stream message sent as a datagram", peer)
+                self.reject("malformed", "dropped a stream message sent as a datagram", peer)
                 continue
             before = self.node.dropped
             await self.dispatch(self.node.receive(self.now(), envelope))
             if self.node.dropped > before:
-                self._reject("foreign", "dropped a datagram of another cluster or k", peer)
+                self.reject("foreign", "dropped a datagram of another cluster or k", peer)
             self._drain_events()
 
-    # --- one-datagram lookups -----------------------------------------------------------------
 
-    async def _answer_lookup(self, dest: Address, request: LookupRequest) -> None:
-        """Answer a LookupRequest from the core's tuple, with the bytes inline when the core
-        says so and the local copy is exactly that version, intact, and fits the datagram."""
-        from daemon.names import NameError_, validate_name
-        try:
-            validate_name(request.name)
-        except NameError_:
-            self._reject("malformed", "dropped a lookup for an invalid name", dest)
-            return
-        obj = self.store.get(request.name)
-        held = obj.version if obj is not None and not obj.tombstone else None
-        action = self.node.answer_lookup_request(request, dest, held)
-        if action.forward is not None:
-            self.metrics.inc("kelips_lookup_datagrams_answered_total", how="forwarded")
-            await self._send_datagram(action.forward)
-            return
-        assert action.reply is not None
-        out = action.reply
-        reply = out.message
-        assert isinstance(reply, LookupReply)
-        room = codec.LOOKUP_DATAGRAM_MAX - AUTH_TRAILER
-        attach = action.attach
-        if attach is not None and obj is not None and obj.version == attach.version:
-            data = self.store.read_small(obj, codec.INLINE_MAX)
-            if data is not None:
-                inlined = dataclasses.replace(reply, inline=data)
-                if codec.message_size(inlined) <= room:
-                    reply = inlined
-        if codec.message_size(reply) > room:
-            self._ratelog.warn("lookup_size", "lookup reply too big for a datagram",
-                               name=request.name[:200], peer=format_address(dest))
-            return
-        self.metrics.inc("kelips_lookup_datagrams_answered_total",
-                         how="inline" if reply.inline is not None else "tuple")
-        await self._send_datagram(Outgoing(out.dest, reply))
-
-    def _deliver_reply(self, source: Address, reply: LookupReply) -> None:
-        """Wake the lookup waiting for this reply. Dropped (and counted as "unexpected"): an
-        unknown or finished request id, or a reply from another address than the one asked
-        unless it is marked forwarded (a holder the asked contact passed the request to: its
-        address is not known in advance). Ids are random 64-bit and used once, and every
-        datagram is authenticated, so a forwarded reply still needs the cluster key and the
-        id of a lookup in flight."""
-        pending = self._pending.get(reply.request_id)
-        if pending is None:
-            self._reject("unexpected", "dropped a lookup reply nobody waits for", source)
-            return
-        asked, waiter = pending
-        if asked != source and not reply.forwarded:
-            self._reject("unexpected", "dropped a lookup reply from another node than the one "
-                                       "asked", source)
-            return
-        del self._pending[reply.request_id]
-        if waiter.reply is None:
-            waiter.reply, waiter.source = reply, source
-            waiter.event.set()
-
-    async def ask_lookup(self, targets: list[tuple[Address, float]], name: str,
-                         want_inline: bool) -> tuple[LookupReply, Address] | None:
-        """Ask ``targets`` (address, timeout) one after the other for ``name``, hedging: each
-        is given its timeout, then the next is asked while earlier ones may still answer.
-
-        Returns the first useful reply and who sent it, or None when nobody answered in time
-        (or too many lookups are already waiting): the caller falls back to HTTP. A reply that
-        says "not my group" does not count; the next target is asked at once.
-        """
-        waiter = _Waiter()
-        ids: list[int] = []
-        try:
-            for dest, timeout in targets:
-                if len(self._pending) >= MAX_PENDING_LOOKUPS:
-                    self.metrics.inc("kelips_lookup_datagrams_total", result="busy")
-                    return None
-                rid = self.rng.getrandbits(64)
-                while rid in self._pending:
-                    rid = self.rng.getrandbits(64)
-                self._pending[rid] = (dest, waiter)
-                ids.append(rid)
-                await self._send_datagram(Outgoing(dest, LookupRequest(rid, name, want_inline)))
-                with trio.move_on_after(timeout) as scope:
-                    while True:
-                        await waiter.event.wait()
-                        assert waiter.reply is not None and waiter.source is not None
-                        if not waiter.reply.wrong_group:
-                            self.metrics.inc("kelips_lookup_datagrams_total", result="answered")
-                            return waiter.reply, waiter.source
-                        waiter.reply = waiter.source = None  # a stale contact: next one
-                        waiter.event = trio.Event()
-                        break
-                if scope.cancelled_caught:
-                    self.metrics.inc("kelips_lookup_datagrams_total", result="timeout")
-            return None
-        finally:
-            for rid in ids:
-                self._pending.pop(rid, None)
-
-    def lookup_timeout(self, node_id: bytes) -> float:
-        """How long to wait for a lookup reply from a member: 3 RTT within [50 ms, 500 ms].
-        A node never measured (a spare) is expected at the own group's median RTT."""
-        m = self.node.members.get(node_id)
-        if m is not None:
-            rtt = m.rtt if m.rtt is not None else 0.1
-        else:
-            rtt = self.node.typical_rtt() or 0.1
-        return min(0.5, max(0.05, 3 * rtt))
-
-    def _reject(self, reason: str, message: str, peer: Address) -> None:
+    def reject(self, reason: str, message: str, peer: Address) -> None:
         """Count a dropped datagram and log it (one line per reason per 10 s at most)."""
         self.metrics.inc("kelips_rejected_packets_total", reason=reason)
-        self._ratelog.warn(f"rejected_{reason}", message, event="packet_rejected",
+        self.ratelog.warn(f"rejected_{reason}", message, event="packet_rejected",
                            reason=reason, peer=format_address(peer))
 
     async def _timer_loop(self) -> None:
@@ -422,11 +299,11 @@ class NodeRuntime:
     async def dispatch(self, outs: list[Outgoing]) -> None:
         for out in outs:
             if isinstance(out.message, DATAGRAM_TYPES):
-                await self._send_datagram(out)
+                await self.send_datagram(out)
             elif isinstance(out.message, SyncRequest) and self._nursery is not None:
                 self._nursery.start_soon(self._sync_with, out.dest, out.message)
 
-    async def _send_datagram(self, out: Outgoing) -> None:
+    async def send_datagram(self, out: Outgoing) -> None:
         assert self._sock is not None
         data = self.auth.seal(codec.encode(self.node.envelope(out.message)), self.wall())
         delay = self.settings.send_delay
@@ -443,7 +320,7 @@ class NodeRuntime:
         try:
             await self._sock.sendto(data, dest)
         except OSError as exc:
-            self._ratelog.warn("send_failed", f"gossip send failed: {exc}",
+            self.ratelog.warn("send_failed", f"gossip send failed: {exc}",
                                peer=format_address(dest))
             return
         self.metrics.inc("kelips_gossip_bytes_out_total", len(data))
@@ -547,7 +424,7 @@ class NodeRuntime:
                                                      "cluster_id": self.settings.core.cluster_id})
             members = [entry_from_json(e) for e in doc.get("members", [])]
         except (PeerError, ValueError, TypeError, KeyError) as exc:
-            self._ratelog.warn("bootstrap_unavailable", f"bootstrap service unavailable: {exc}",
+            self.ratelog.warn("bootstrap_unavailable", f"bootstrap service unavailable: {exc}",
                                peer=format_address(self.settings.bootstrap))
             return []
         return [m.address for m in members if m.node_id != self.node.node_id]

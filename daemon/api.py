@@ -312,9 +312,9 @@ class _Api:
             raise HTTPError(400, f"malformed tuples: {exc}") from exc
         now = self.rt.now()
         announce = req.query.get("announce") == "1"  # (the writer is of another group)
-        for t in entries:
-            if self.rt.node.record_write(now, t) and announce:
-                await self.rt.dispatch(self.rt.node.announce(now, t))
+        fresh = [t for t in entries if self.rt.node.record_write(now, t)]
+        if announce:
+            await self.rt.dispatch(self.rt.node.announce(now, *fresh))
         return Response.json({"ok": True})
 
     async def put_replica(self, req: Request) -> Response:

@@ -287,6 +287,8 @@ class DataPlane:
         if plan.local:
             entry = plan.entry
             if entry is None:
+                if node.knows_absence(name, self.rt.now()):
+                    return Located(None, [], 0), None
                 candidates = [e for e in node.placement(name) if e.node_id != node.node_id]
                 return await self._from_candidates(name, candidates, 0, want_inline)
             holders = node.live_holders(entry)
@@ -364,9 +366,9 @@ class DataPlane:
 
     async def find(self, name: str) -> TupleEntry | None:
         """The name's newest tuple (a tombstone too): lookup datagrams (no content), HTTP if
-        none was answered. A name nobody has written (every create) makes the placement
-        candidates be asked whether a write just happened there: a datagram each, not an
-        HTTP request each."""
+        none was answered. A name this node has no tuple of is asked of its other holders
+        (a write may have just happened there: a datagram each, not an HTTP request each),
+        unless this node holds the name itself (``KelipsNode.knows_absence``)."""
         fast = await self._locate_fast(name, want_inline=False)
         found = fast[0] if fast is not None else await self.locate(name)
         return found.entry
@@ -590,7 +592,7 @@ class DataPlane:
         if ours:
             for entry in entries:
                 self.node.record_write(now, entry)
-                await self.rt.dispatch(self.node.announce(now, entry))
+            await self.rt.dispatch(self.node.announce(now, *entries))
         others = [h for h in holders if h.node_id != self.node.node_id]
         doc = {"tuples": [tuple_to_json(e) for e in entries]}
 

@@ -390,7 +390,7 @@ class NodeRuntime:
         if not seeds:
             if self.settings.join:
                 raise JoinFailed("no seed to join through")
-            self.node.synced = True
+            self.node.mark_synced(self.now())
             log.info("starting a new cluster", extra=fields(event="cluster_started"))
             return
         last_error = "no answer"

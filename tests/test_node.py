@@ -776,6 +776,59 @@ def test_a_written_tuple_is_announced_to_the_whole_group_at_once() -> None:
                 == cfg.max_datagram
 
 
+def test_announce_skips_the_holders_and_packs_the_tuples_of_one_write() -> None:
+    """The holders a tuple names stored it (and published it) themselves: the announce goes
+    to the other members only, with every tuple of one operation in as few datagrams as fit."""
+    cfg = CoreConfig(k=1, replication=2)
+    nodes = [make_node(cfg) for _ in range(4)]
+    net = Net(*nodes)
+    converge(net, nodes, 8.0)
+    writer, holder = nodes[0], nodes[1]
+    written = [tuple_for(f"/op{i}", [writer.node_id, holder.node_id]) for i in range(3)]
+    out = writer.announce(net.now, *written)
+    assert sorted(o.dest for o in out) == sorted(n.address for n in nodes[2:])
+    for o in out:
+        assert isinstance(o.message, Gossip) and o.message.tuples == tuple(written)
+        assert len(codec.encode(writer.envelope(o.message))) + AUTH_TRAILER <= cfg.max_datagram
+    # more than one datagram holds: split, nothing dropped, each within the size budget
+    room = cfg.max_datagram - AUTH_TRAILER - codec.GOSSIP_OVERHEAD
+    size = room // 3
+    long = [tuple_for(f"/{i:03d}".ljust(size - codec.tuple_size(tuple_for("", [])), "x"), [])
+            for i in range(7)]
+    out = writer.announce(net.now, *long)
+    to_one = [o.message for o in out if o.dest == nodes[2].address]
+    assert len(to_one) == 3
+    assert [t for m in to_one for t in m.tuples] == long
+    for m in to_one:
+        assert len(codec.encode(writer.envelope(m))) + AUTH_TRAILER <= cfg.max_datagram
+
+
+def test_a_holder_knows_a_missing_name_does_not_exist_once_settled() -> None:
+    """``knows_absence``: only for a name this node holds, only once it has been synced for
+    t_fail, and not again until t_fail after a member it had failed came back."""
+    cfg = CoreConfig(k=1, replication=2)
+    a, b, c = (make_node(cfg) for _ in range(3))
+    net = Net(a, b, c)
+    converge(net, [a, b, c], 2.0)
+    names = [f"/n{i}" for i in range(40)]
+    held_by_c = [n for n in names if c.placed_here(n)]
+    elsewhere = [n for n in names if not c.placed_here(n)]
+    assert held_by_c and elsewhere
+    joined_at = max(e.at for e in net.of_kind(c, "synced"))
+    assert not c.knows_absence(held_by_c[0], joined_at + cfg.t_fail / 2)
+    net.run_until(joined_at + cfg.t_fail + 0.5)
+    assert all(c.knows_absence(n, net.now) for n in held_by_c)
+    assert not any(c.knows_absence(n, net.now) for n in elsewhere)
+    net.partition([a, b], [c])
+    net.run_until(net.now + cfg.t_fail + 3.0)
+    net.heal()
+    net.run_until(net.now + 2.0)
+    assert own_ids(c) == {a.node_id, b.node_id}
+    assert not any(c.knows_absence(n, net.now) for n in held_by_c)
+    net.run_until(net.now + cfg.t_fail)
+    assert all(c.knows_absence(n, net.now) for n in held_by_c if c.placed_here(n))
+
+
 def test_gossip_with_want_ack_and_pull_gets_answers() -> None:
     cfg = CoreConfig(k=1)
     a, b = make_node(cfg), make_node(cfg)

@@ -177,6 +177,7 @@ class KelipsNode:
         self.clock = HybridClock()
         self.dropped = 0  # messages refused (wrong cluster or k)
         self.synced = True  # False while a join still needs a snapshot from the own group
+        self._synced_at = now
         self._events: list[Event] = []
         gi = config.gossip_interval
         self._next_heartbeat = now + config.heartbeat_interval
@@ -660,7 +661,7 @@ class KelipsNode:
                 or not self.own_alive()):
             # A snapshot from our own group, or from a contact that knows nobody of it (then
             # we are the first of our group): the join has all there is to learn.
-            self.synced = True
+            self.mark_synced(now)
             self._events.append(Event("synced", message.sender.node_id, now))
         return []
 
@@ -766,7 +767,7 @@ class KelipsNode:
         if group == self.group:
             self.graveyard.forget(nid)
             if self._departed.pop(nid, None) is not None:
-                self._note_return(nid)
+                self._note_return(nid, now)
             self._add_member(Member(entry, group, True, now), rumor)
             self._changed[nid] = now
             self._membership_changed()
@@ -791,7 +792,7 @@ class KelipsNode:
         if m.status is Status.FAILED:
             m.status = Status.ALIVE
             if m.own:
-                self._note_return(m.node_id)
+                self._note_return(m.node_id, now)
             self._membership_changed()
             self._events.append(Event("revived", m.node_id, now))
 
@@ -972,6 +973,11 @@ class KelipsNode:
 
     # --- join, leave, snapshots ---------------------------------------------------------------
 
+    def mark_synced(self, now: float) -> None:
+        """The join has all there is to learn (a snapshot of the own group, or nobody else)."""
+        self.synced = True
+        self._synced_at = now
+
     def join_request(self) -> SyncRequest:
         """What a new node sends to a live member (or a bootstrap-provided one) to join."""
         self.synced = False
@@ -989,8 +995,11 @@ class KelipsNode:
         tuples = tuple(self.tuples) if same_group else ()
         return Snapshot(self.entry(), members, tuples, self._load_field() if same_group else None)
 
-    def _note_return(self, nid: NodeId) -> None:
-        """A member we had failed or forgotten is back; the lower id of the pair reconciles."""
+    def _note_return(self, nid: NodeId, now: float) -> None:
+        """A member we had failed or forgotten is back; the lower id of the pair reconciles.
+        Until that is surely done, a missing name may be one written on its side
+        (``knows_absence``)."""
+        self._synced_at = max(self._synced_at, now)
         if self.node_id < nid:
             self._resync.add(nid)
 
@@ -1011,7 +1020,7 @@ class KelipsNode:
                 # contacts it has in our group; if there are none we are the group's first.
                 contacts = [m for m in self.members.values() if not m.own and m.alive]
                 if not contacts:
-                    self.synced = True
+                    self.mark_synced(now)
                     return
                 target = self.rng.choice(contacts)
                 out.append(Outgoing(target.address, SyncRequest(self.entry(), (), ())))
@@ -1178,6 +1187,19 @@ class KelipsNode:
         write of the name goes to the new placement, and only gossip would tell this node."""
         return any(e.node_id == self.node_id for e in self.placement(name))
 
+    def knows_absence(self, name: str, now: float) -> bool:
+        """Whether a name of the own group missing from this node's tuples does not exist.
+
+        True when this node is one of the name's holders and has been a synced member for
+        ``t_fail``: every write of a name reaches its holders before it is acknowledged (they
+        publish its tuple as they store it), and a holder that failed to store it is announced
+        the corrected tuple. So a holder's tuples are as authoritative for a missing name as
+        for a present one, and a lookup need not ask the other holders. Not while joining, nor
+        in the first ``t_fail`` after it, when writers may still place names without this node.
+        """
+        return (self.synced and now - self._synced_at >= self.config.t_fail
+                and self.group_of(name) == self.group and self.placed_here(name))
+
     def plan_insert(self, name: str) -> LookupPlan:
         """Own group: the holders are computed here; else ask a contact for ``placement``."""
         return self.plan_lookup(name)
@@ -1215,23 +1237,42 @@ class KelipsNode:
         """A holder stored (fsynced) the bytes of ``t``: publish the tuple to the group."""
         return self.merge_tuple(now, t)
 
-    def announce(self, now: float, t: TupleEntry) -> list[Outgoing]:
-        """A tuple just written or deleted, pushed at once to every live member of the own
-        group (one gossip datagram each, carrying only it).
+    def announce(self, now: float, *written: TupleEntry) -> list[Outgoing]:
+        """Tuples just written or deleted, pushed at once to every live member of the own
+        group that is not one of their holders (gossip datagrams carrying only them, as
+        few as fit).
 
         Why: the write was told to its holders only; every other member learns it by gossip,
         a round or more later, and meanwhile answers a stat or a listing from its old tuple
         (a file just created missing from ``ls`` on another mount, one just removed still
         there). Pushed before the writer acknowledges, it reaches them in one datagram's
-        delivery instead of gossip rounds; a lost one is covered by the gossip. Nothing for
-        another group's tuple or for one too large for a datagram (a very long name): gossip
-        alone spreads those.
+        delivery instead of gossip rounds; a lost one is covered by the gossip. The holders
+        a tuple names published it as they stored it (or are told it by the writer). Nothing
+        for another group's tuple or for one too large for a datagram (a very long name):
+        gossip alone spreads those.
         """
-        if group_of_name(t.name, self.config.k) != self.group \
-                or codec.tuple_size(t) > self._budget:  # (the budget counts the sender)
+        sendable = [t for t in written if group_of_name(t.name, self.config.k) == self.group
+                    and codec.tuple_size(t) <= self._budget]  # (the budget counts the sender)
+        if not sendable:
             return []
-        message = Gossip(self.entry(), _ms(now), False, (), (t,))
-        return [Outgoing(m.address, message) for m in self.own_alive()]
+        out = []
+        for m in self.own_alive():
+            batch: list[TupleEntry] = []
+            used = 0
+            for t in sendable:
+                if m.node_id in t.holders:
+                    continue
+                size = codec.tuple_size(t)
+                if batch and used + size > self._budget:
+                    out.append(Outgoing(m.address, Gossip(self.entry(), _ms(now), False, (),
+                                                          tuple(batch))))
+                    batch, used = [], 0
+                batch.append(t)
+                used += size
+            if batch:
+                out.append(Outgoing(m.address, Gossip(self.entry(), _ms(now), False, (),
+                                                      tuple(batch))))
+        return out
 
     def repair_tasks(self, now: float) -> list[RepairTask]:
         """Copies this node must make: tuples with fewer than r live holders where this node

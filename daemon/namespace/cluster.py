@@ -3,9 +3,10 @@
 Reads come from where Kelips keeps tuples (``DataPlane.find``): a record of this node's own
 group from its own tuple table (announced to every member before the write that made it
 returns; a name not heard of is asked of the members that would hold it, in case that
-announce was lost), another group's by one lookup datagram to a contact of that group; a
-directory's entries from one member of the directory's group. Operations go to the inode's
-primary (``daemon.namespace.primary``): the first of its holders that answers.
+announce was lost, unless this node is one of them), another group's by one lookup datagram
+to a contact of that group; a directory's entries from one member of the directory's group.
+Operations go to the inode's primary (``daemon.namespace.primary``): the first of its
+holders that answers.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ class ClusterRecords:
     async def record(self, name: str) -> TupleEntry | None:
         """The newest tuple of ``name`` this node can learn (tombstones included): from its
         own tuples in its own group (a name it has not heard of is asked of the members that
-        would hold it, in case the announce of a write that just happened was lost), else
-        through a contact of the name's group."""
+        would hold it, in case the announce of a write that just happened was lost, unless
+        it is one of them), else through a contact of the name's group."""
         node = self.rt.node
         if node.group_of(name) == node.group:
             held = node.tuples.get(name)

@@ -41,7 +41,7 @@ from daemon.core.keys import ROOT_INO, inode_name
 from daemon.dataplane import DataError
 from daemon.namespace.vfs import Caller, Namespace
 from kelipsfs import xattr_view
-from kelipsfs.invalidation import CACHE_SECONDS, own_change
+from kelipsfs.invalidation import CACHE_SECONDS, KernelInodes, own_change
 from kelipsfs.open_files import FileError, OpenFiles
 
 log = logging.getLogger("kelipsfs.fuse")
@@ -99,8 +99,10 @@ class KelipsOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, namespace: Namespace, files: OpenFiles, runtime: Any, *,
-                 readonly: bool = False, background: trio.Nursery | None = None) -> None:
+                 readonly: bool = False, background: trio.Nursery | None = None,
+                 kernel: KernelInodes | None = None) -> None:
         super().__init__()
+        self._kernel = kernel if kernel is not None else KernelInodes()
         self._ns = namespace
         self._files = files
         self._rt = runtime
@@ -173,6 +175,11 @@ class KelipsOperations(pyfuse3.Operations):
         a.st_ctime_ns = max(inode.ctime_ns, mtime) if busy is not None else inode.ctime_ns
         return a
 
+    def _entry(self, inode: Inode, directory: int | None = None) -> pyfuse3.EntryAttributes:
+        """The attributes of an entry reply: the kernel now holds ``inode`` once more."""
+        self._kernel.handed(inode.ino)
+        return self._attrs(inode, directory)
+
     async def _inode(self, ino: int) -> Inode:
         return await self._call(self._ns.getattr, ino)
 
@@ -180,16 +187,16 @@ class KelipsOperations(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         if name == b".":
-            return self._attrs(await self._inode(parent_inode))
+            return self._entry(await self._inode(parent_inode))
         if name == b"..":
             parent = await self._inode(parent_inode)
-            return self._attrs(await self._inode(parent.parent))
+            return self._entry(await self._inode(parent.parent))
         found = await self._call(self._find, parent_inode, _name(name))
         if found is None:
             if self._cached(parent_inode):
                 return self._negative(parent_inode)
             raise _fail(errno.ENOENT)
-        return self._attrs(found, parent_inode)
+        return self._entry(found, parent_inode)
 
     async def _find(self, directory: int, name: str) -> Inode | None:
         try:
@@ -209,7 +216,8 @@ class KelipsOperations(pyfuse3.Operations):
 
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        return None  # the kernel's lookup counts do not matter: inodes are named records
+        for ino, count in inode_list:
+            self._kernel.forgotten(ino, count)
 
     async def getattr(self, inode: int, ctx: Any) -> pyfuse3.EntryAttributes:
         last = self._last.get(inode)
@@ -318,7 +326,7 @@ class KelipsOperations(pyfuse3.Operations):
         self._writable()
         made = await self._call(self._ns.mknod, parent_inode, _name(name), mode,
                                 Caller(ctx.uid, ctx.gid), rdev)
-        return self._attrs(made)
+        return self._entry(made)
 
     @_changes
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
@@ -326,7 +334,7 @@ class KelipsOperations(pyfuse3.Operations):
         self._writable()
         made = await self._call(self._ns.mkdir, parent_inode, _name(name), mode,
                                 Caller(ctx.uid, ctx.gid))
-        return self._attrs(made)
+        return self._entry(made)
 
     @_changes
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
@@ -334,14 +342,14 @@ class KelipsOperations(pyfuse3.Operations):
         self._writable()
         made = await self._call(self._ns.symlink, parent_inode, _name(name), target,
                                 Caller(ctx.uid, ctx.gid))
-        return self._attrs(made)
+        return self._entry(made)
 
     @_changes
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: Any) -> pyfuse3.EntryAttributes:
         self._writable()
         linked = await self._call(self._ns.link, inode, new_parent_inode, _name(new_name))
-        return self._attrs(linked)
+        return self._entry(linked)
 
     @_changes
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -431,7 +439,7 @@ class KelipsOperations(pyfuse3.Operations):
         fh = await self._files.create(made.ino, writable, bool(flags & os.O_APPEND))
         self._last[made.ino] = made
         return (pyfuse3.FileInfo(fh=fh, keep_cache=bool(self._cached(made.ino))),
-                self._attrs(made, parent_inode))
+                self._entry(made, parent_inode))
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return await self._call(self._files.read, fh, off, size)
@@ -479,6 +487,8 @@ class KelipsOperations(pyfuse3.Operations):
             name, attrs = handle.listing[index]
             if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                 return
+            if name not in (b".", b".."):  # (READDIRPLUS: the kernel holds each entry's inode)
+                self._kernel.handed(attrs.st_ino)
 
     async def _listing(self, ino: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
         """The entries with what READDIRPLUS hands the kernel: their attributes where the

@@ -32,7 +32,7 @@ from contextvars import ContextVar
 
 import pyfuse3
 
-from daemon.core.keys import DATA, INODE, parse_entry, record_ino
+from daemon.core.keys import DATA, INODE, ROOT_INO, parse_entry, record_ino
 from daemon.core.messages import TupleEntry
 
 log = logging.getLogger("kelipsfs.fuse")
@@ -57,10 +57,35 @@ def own_change() -> Iterator[None]:
         _OWN_CHANGE.reset(token)
 
 
+class KernelInodes:
+    """The inodes the kernel holds (FUSE lookup counts: every entry reply adds one, a forget
+    takes its count away). Only what the kernel holds can have cached entries below it,
+    attributes or pages, so a change of anything else needs no notification: most changes
+    a node hears of are of files its own mount never looked at."""
+
+    def __init__(self) -> None:
+        self._counts: dict[int, int] = {}
+
+    def handed(self, ino: int) -> None:
+        """An entry reply names ``ino``."""
+        self._counts[ino] = self._counts.get(ino, 0) + 1
+
+    def forgotten(self, ino: int, count: int) -> None:
+        left = self._counts.get(ino, 0) - count
+        if left > 0:
+            self._counts[ino] = left
+        else:
+            self._counts.pop(ino, None)
+
+    def known(self, ino: int) -> bool:
+        return ino == ROOT_INO or ino in self._counts
+
+
 class Invalidator:
     """A queue of notifications and the thread that writes them (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernel: KernelInodes) -> None:
+        self._kernel = kernel
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -82,11 +107,11 @@ class Invalidator:
             return
         if t.name.startswith("e/"):
             parsed = parse_entry(t.name)
-            if parsed is not None:
+            if parsed is not None and self._kernel.known(parsed[0]):
                 self._queue.put(("entry", parsed[0], parsed[1].encode("utf-8")))
             return
         ino = record_ino(t.name)
-        if ino is not None and t.name.startswith((INODE, DATA)):
+        if ino is not None and t.name.startswith((INODE, DATA)) and self._kernel.known(ino):
             self._queue.put(("data" if t.name.startswith(DATA) else "attrs", ino, b""))
 
     def _run(self) -> None:

@@ -41,6 +41,7 @@ from daemon.settings import NodeSettings
 
 if TYPE_CHECKING:
     from kelipsfs.fuse_ops import KelipsOperations
+    from kelipsfs.invalidation import KernelInodes
 
 log = logging.getLogger("kelipsfs.mount")
 
@@ -201,10 +202,11 @@ async def _serve(settings: NodeSettings, mountpoint: Path, foreground: bool,
     import pyfuse3
 
     from kelipsfs.client import write_endpoint
-    from kelipsfs.invalidation import Invalidator
+    from kelipsfs.invalidation import Invalidator, KernelInodes
 
     runtime = NodeRuntime(settings)
-    invalidator = Invalidator()
+    kernel = KernelInodes()
+    invalidator = Invalidator(kernel)
     stop = trio.Event()
     node_finished = trio.Event()
     fuse_finished = trio.Event()
@@ -247,7 +249,7 @@ async def _serve(settings: NodeSettings, mountpoint: Path, foreground: bool,
             try:
                 with startup:
                     await nursery.start(run_node)
-                    ops = await _operations(runtime, settings, readonly, nursery)
+                    ops = await _operations(runtime, settings, readonly, nursery, kernel)
                     try:
                         pyfuse3.init(ops, str(mountpoint), fuse_opts)
                     except RuntimeError as exc:
@@ -293,7 +295,7 @@ async def _serve(settings: NodeSettings, mountpoint: Path, foreground: bool,
 
 
 async def _operations(runtime: NodeRuntime, settings: NodeSettings, readonly: bool,
-                      background: trio.Nursery) -> KelipsOperations:
+                      background: trio.Nursery, kernel: KernelInodes) -> KelipsOperations:
     """The FUSE operations over a running node, once the cluster has a root directory."""
     from daemon.core.inodes import FsError
     from daemon.namespace.cluster import ClusterRecords
@@ -314,7 +316,7 @@ async def _operations(runtime: NodeRuntime, settings: NodeSettings, readonly: bo
                 await trio.sleep(0.5)
     files = OpenFiles(Content(runtime), spool, settings.max_object_bytes)
     return KelipsOperations(namespace, files, runtime, readonly=readonly,
-                            background=background)
+                            background=background, kernel=kernel)
 
 
 def prepare_spool(data_dir: Path) -> Path:

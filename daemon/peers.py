@@ -25,6 +25,7 @@ from daemon import bulk
 from daemon.bulk_calls import CallPool
 from daemon.digest import EMPTY_DIGEST, digest_of
 from daemon.security import BODY_TRAILER, DIGEST_IN_TRAILER, MAC_HEADER, Authenticator
+from daemon.store_files import read_small_file
 
 Address = tuple[str, int]
 CONTENT_DIGEST_HEADER = "x-kelips-content-digest"
@@ -32,6 +33,9 @@ CONTENT_DIGEST_HEADER = "x-kelips-content-digest"
 TRAILER_MARK = "trailer"
 #: Bodies at least this large travel over a bulk connection (``daemon.bulk``), not HTTP.
 BULK_MIN = 1 << 20
+#: A file up to this size is read on the event loop (from the page cache: faster than the
+#: hop to a worker thread).
+READ_IN_LOOP = 64 << 10
 
 
 class PeerError(Exception):
@@ -169,7 +173,12 @@ class PeerClient:
         the file with sendfile, when it is large); the signature covers its digest. Returns
         the answer's body."""
         if size < BULK_MIN:  # a small call on a kept connection (``daemon.bulk_calls``)
-            data = await trio.Path(source).read_bytes()
+            if size <= READ_IN_LOOP:
+                data = read_small_file(source, size)
+            else:
+                data = await trio.Path(source).read_bytes()
+            if len(data) != size:
+                raise PeerError(f"{source} holds {len(data)} bytes, not the {size} to send")
             target = target_for(path, query)
             headers = self._headers("PUT", target, content_digest,
                                     {CONTENT_DIGEST_HEADER: content_digest.hex()})

@@ -715,9 +715,10 @@ def _alive_members(mount: Mount) -> int:
 
 
 def test_reads_stream_from_remote_holders(tmp_path: Path) -> None:
-    """With one copy per object, the files of about half the directories live only on the
-    other node (a file is placed with its directory, a directory anywhere): opening them
-    streams the verified bytes over HTTP into the mount's local copy."""
+    """With one copy per object, the files of the directories made through the other mount
+    live only on the other node (a file is placed with its directory, a directory with the
+    node it was made through): opening them streams the verified bytes into the mount's
+    local copy."""
     with Mounts(tmp_path, base=110) as ms:
         a = ms.new("replication=1")
         b = ms.new("replication=1", join=a)
@@ -725,7 +726,7 @@ def test_reads_stream_from_remote_holders(tmp_path: Path) -> None:
         local = {}
         for i in range(12):
             local[i] = random_file(tmp_path / f"r{i}", 50_000 + i * 100_000)
-            a.path(f"d{i}").mkdir()
+            (a, b)[i % 2].path(f"d{i}").mkdir()
             run("cp", local[i], a.path(f"d{i}/r{i}.bin"))
         big = random_file(tmp_path / "big", 40 * MiB)
         run("cp", big, b.path("big.bin"))

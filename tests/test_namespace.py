@@ -107,6 +107,21 @@ def test_create_lookup_and_list(w: World) -> None:
     assert w.create(d.ino, "y" * 255).ino  # 255 bytes is fine
 
 
+def test_a_new_directory_has_the_node_it_was_made_through_as_primary_in_its_group(
+        w: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its group is drawn at random (directories spread over the groups); within this node's
+    own group, this node is its primary. Said here: odd numbers are of another group, and
+    this node is the primary of the multiples of 3."""
+    def primary_here(ino: int) -> bool | None:
+        return None if ino % 2 else ino % 3 == 0
+
+    monkeypatch.setattr(w.records, "primary_here", primary_here)
+    made = [w.mkdir(ROOT_INO, f"d{i}").ino for i in range(200)]
+    own = [ino for ino in made if ino % 2 == 0]
+    assert all(ino % 3 == 0 for ino in own)
+    assert 60 < len(own) < 140
+
+
 def test_directory_link_counts_follow_subdirectories(w: World) -> None:
     d = w.mkdir(ROOT_INO, "d")
     assert w.stat(ROOT_INO).nlink == 3 and d.nlink == 2

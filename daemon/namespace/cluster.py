@@ -103,6 +103,14 @@ class ClusterRecords:
         ours, theirs = node.placement(key), node.placement(home)
         return bool(ours) and bool(theirs) and ours[0].node_id == theirs[0].node_id
 
+    def primary_here(self, ino: int) -> bool | None:
+        node = self.rt.node
+        key = inode_name(ino)
+        if node.group_of(key) != node.group:
+            return None
+        holders = node.placement(key)
+        return bool(holders) and holders[0].node_id == node.node_id
+
     async def sync(self, ino: int) -> None:
         """Have every live holder of ``ino``'s placement make its logged records durable
         (the records of a namespace change are durable on their holders within a second

@@ -89,6 +89,9 @@ class MemoryRecords:
     def placed_with(self, directory: int, ino: int) -> bool:
         return True  # one store, one primary: every inode is placed with every directory
 
+    def primary_here(self, ino: int) -> bool | None:
+        return True
+
     async def sync(self, ino: int) -> None:
         return None  # memory: every change is as durable as it gets when it is made
 

@@ -202,12 +202,19 @@ class Namespace:
             if await self.records.entry(directory, name) is not None:
                 raise FsError(errno.EEXIST, f"{name!r} exists")
             uid, gid, mode = await self._owner(directory, caller, mode)
-            if kind != stat.S_IFDIR:  # (a directory has a primary of its own: _dir_ino)
+            if kind == stat.S_IFDIR:  # (a directory has a primary of its own: _dir_ino)
+                ino = self._dir_ino()
+                if self.records.placed_with(directory, ino):  # (made where its parent was)
+                    placed = await self._create(directory, name, ino, mode, uid, gid, rdev,
+                                                target)
+                    if placed is not None:
+                        return placed
+            else:
                 placed = await self._create_placed(directory, name, mode, uid, gid, rdev,
                                                    target)
                 if placed is not None:
                     return placed
-            ino = self._dir_ino() if kind == stat.S_IFDIR else self.new_ino()
+                ino = self.new_ino()
             made = await self.records.apply(Op("make_inode", ino, {
                 "ino": ino, "mode": mode, "uid": uid, "gid": gid, "rdev": rdev,
                 "parent": directory, "target": target}))
@@ -229,9 +236,13 @@ class Namespace:
         for _ in range(PLACE_TRIES):
             ino = self.new_ino()
             if self.records.placed_with(directory, ino):
-                break
-        else:
-            return None
+                return await self._create(directory, name, ino, mode, uid, gid, rdev, target)
+        return None
+
+    async def _create(self, directory: int, name: str, ino: int, mode: int, uid: int,
+                      gid: int, rdev: int, target: bytes) -> Inode | None:
+        """Inode ``ino``, placed with ``directory``, made with its entry in one operation;
+        None if the placement moved meanwhile."""
         try:
             result = await self.records.apply(Op("create", directory, {
                 "directory": directory, "name": name, "ino": ino, "mode": mode, "uid": uid,

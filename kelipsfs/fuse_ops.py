@@ -99,7 +99,8 @@ class KelipsOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, namespace: Namespace, files: OpenFiles, runtime: Any, *,
-                 readonly: bool = False, background: trio.Nursery | None = None,
+                 readonly: bool = False, record_atime: bool = False,
+                 background: trio.Nursery | None = None,
                  kernel: KernelInodes | None = None) -> None:
         super().__init__()
         self._kernel = kernel if kernel is not None else KernelInodes()
@@ -107,6 +108,7 @@ class KelipsOperations(pyfuse3.Operations):
         self._files = files
         self._rt = runtime
         self._readonly = readonly
+        self._record_atime = record_atime
         self._background = background
         self._atime_pending: set[int] = set()
         self._atime_turn = trio.Lock()
@@ -405,10 +407,12 @@ class KelipsOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=bool(self._cached(inode)))
 
     def _accessed(self, inode: Inode) -> None:
-        """relatime: the first read after a change (or a day after the last) records the
-        access time, in the background so the open does not wait for it, one at a time and
-        at most ``ATIME_BACKLOG`` waiting (beyond that an access goes unrecorded: the next
-        one records it)."""
+        """relatime (``-o relatime``; else nothing): the first read after a change (or a day
+        after the last) records the access time, in the background so the open does not wait
+        for it, one at a time and at most ``ATIME_BACKLOG`` waiting (beyond that an access
+        goes unrecorded: the next one records it)."""
+        if not self._record_atime:
+            return
         now = time.time_ns()
         due = (inode.atime_ns <= max(inode.mtime_ns, inode.ctime_ns)
                or now - inode.atime_ns > RELATIME_AGE_NS)

@@ -83,17 +83,30 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"no permission to open {FUSE_DEVICE}")
 
 
-def fuse_options(options: list[str]) -> tuple[set[str], bool]:
-    """libfuse mount options for pyfuse3 from ``-o`` words; (options, read-only).
+@dataclasses.dataclass(frozen=True)
+class MountOptions:
+    """What the ``-o`` words ask of a mount."""
+
+    #: For libfuse.
+    fuse: frozenset[str]
+    readonly: bool = False
+    #: relatime: the first read after a change records the access time (noatime: never).
+    record_atime: bool = False
+
+
+def fuse_options(options: list[str]) -> MountOptions:
+    """The mount options of ``-o`` words (MountError for one that cannot be honoured).
 
     ``default_permissions`` is always on: the kernel checks every access against the mode
     bits, owners and sticky directories, as on a local disk. ``allow_other`` lets other
     users (and tools that switch users) reach the mount. Entry and attribute timeouts are
-    given per answer by ``kelipsfs.fuse_ops``, not here.
+    given per answer by ``kelipsfs.fuse_ops``, not here. Reads do not record access times
+    (``noatime``, as JuiceFS and most network filesystems: a write to the cluster per read
+    would cost every reader); ``relatime`` records them.
     """
     opts: set[str] = {"fsname=kelipsfs", "subtype=kelipsfs", "auto_unmount",
                       "default_permissions"}
-    readonly = False
+    readonly = record_atime = False
     for word in options:
         for item in word.split(","):
             item = item.strip()
@@ -101,8 +114,14 @@ def fuse_options(options: list[str]) -> tuple[set[str], bool]:
                 continue
             if item == "ro":
                 readonly = True
+            elif item in ("strictatime", "atime"):
+                raise MountError(f"-o {item}: access times are recorded with relatime at "
+                                 "most (or noatime, the default)")
+            elif item in ("relatime", "noatime"):
+                record_atime = item == "relatime"  # (the node's business, not the kernel's)
+                continue
             opts.add(item)
-    return opts, readonly
+    return MountOptions(frozenset(opts), readonly, record_atime)
 
 
 async def unmount(mountpoint: Path) -> bool:
@@ -163,7 +182,7 @@ async def run_mount(settings: NodeSettings, mountpoint: Path, *, foreground: boo
     mountpoint = mountpoint.absolute()
     check_mountpoint(mountpoint)
     fusermount()
-    fuse_opts, readonly = fuse_options(options)
+    chosen = fuse_options(options)
     # libfuse changes the working directory once mounted: every path must be absolute first.
     settings = absolute_paths(settings)
     if settings.data_dir.resolve().is_relative_to(mountpoint.resolve()):
@@ -171,7 +190,7 @@ async def run_mount(settings: NodeSettings, mountpoint: Path, *, foreground: boo
                          "would store its objects in its own filesystem")
     lock_fd = lock_data_dir(settings.data_dir)
     try:
-        await _serve(settings, mountpoint, foreground, fuse_opts, readonly, task_status)
+        await _serve(settings, mountpoint, foreground, chosen, task_status)
     finally:
         os.close(lock_fd)
 
@@ -197,7 +216,7 @@ def lock_data_dir(data_dir: Path) -> int:
 
 
 async def _serve(settings: NodeSettings, mountpoint: Path, foreground: bool,
-                 fuse_opts: set[str], readonly: bool,
+                 chosen: MountOptions,
                  task_status: trio.TaskStatus[None]) -> None:
     import pyfuse3
 
@@ -249,9 +268,9 @@ async def _serve(settings: NodeSettings, mountpoint: Path, foreground: bool,
             try:
                 with startup:
                     await nursery.start(run_node)
-                    ops = await _operations(runtime, settings, readonly, nursery, kernel)
+                    ops = await _operations(runtime, settings, chosen, nursery, kernel)
                     try:
-                        pyfuse3.init(ops, str(mountpoint), fuse_opts)
+                        pyfuse3.init(ops, str(mountpoint), set(chosen.fuse))
                     except RuntimeError as exc:
                         raise MountError(f"FUSE could not mount {mountpoint}: {exc} (see "
                                          "libfuse's message above)") from exc
@@ -268,10 +287,10 @@ async def _serve(settings: NodeSettings, mountpoint: Path, foreground: bool,
                 task_status.started()
                 host, port = settings.listen
                 print(f"kelipsfs mounted {mountpoint} (node {host}:{port}, pid {os.getpid()}"
-                      f"{', read-only' if readonly else ''}"
+                      f"{', read-only' if chosen.readonly else ''}"
                       f"{'' if foreground else ', background'})", flush=True)
                 log.info("mounted", extra=fields(event="mounted", mountpoint=str(mountpoint),
-                                                 readonly=readonly))
+                                                 readonly=chosen.readonly))
                 await stop.wait()
             finally:
                 with trio.CancelScope(shield=True):
@@ -294,7 +313,7 @@ async def _serve(settings: NodeSettings, mountpoint: Path, foreground: bool,
     log.info("stopped")
 
 
-async def _operations(runtime: NodeRuntime, settings: NodeSettings, readonly: bool,
+async def _operations(runtime: NodeRuntime, settings: NodeSettings, chosen: MountOptions,
                       background: trio.Nursery, kernel: KernelInodes) -> KelipsOperations:
     """The FUSE operations over a running node, once the cluster has a root directory."""
     from daemon.core.inodes import FsError
@@ -315,7 +334,8 @@ async def _operations(runtime: NodeRuntime, settings: NodeSettings, readonly: bo
                 log.info("the cluster has no root directory yet: %s", exc.message)
                 await trio.sleep(0.5)
     files = OpenFiles(Content(runtime), spool, settings.max_object_bytes)
-    return KelipsOperations(namespace, files, runtime, readonly=readonly,
+    return KelipsOperations(namespace, files, runtime, readonly=chosen.readonly,
+                            record_atime=chosen.record_atime,
                             background=background, kernel=kernel)
 
 

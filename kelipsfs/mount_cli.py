@@ -45,8 +45,9 @@ def _mount_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground", action="store_true",
                    help="stay in the foreground (log to stderr) until unmounted or signalled")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
-                   help="mount options: allow_other (implies default_permissions), ro, or any "
-                        "libfuse option")
+                   help="mount options: allow_other (implies default_permissions), ro, "
+                        "relatime (record access times; noatime by default), or any libfuse "
+                        "option")
     return p
 
 

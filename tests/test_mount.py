@@ -687,6 +687,29 @@ def test_read_only_remount(tmp_path: Path) -> None:
         assert "ro" in line.split()[3].split(",")
 
 
+def test_access_times_are_recorded_with_relatime_only(tmp_path: Path) -> None:
+    """noatime by default (a read writes nothing); ``-o relatime`` records the first read
+    after a change; strictatime is refused with a clear message."""
+    with Mounts(tmp_path, base=95) as ms:
+        mount = ms.new()
+        f = mount.path("f.txt")
+        f.write_text("read me")
+        os.utime(f, ns=(10**9, 2 * 10**9))  # atime before mtime: relatime records a read
+        assert f.read_text() == "read me"
+        time.sleep(1.0)  # (relatime records in the background: give it the time)
+        assert f.stat().st_atime_ns == 10**9
+        run_cli("umount", str(mount.mountpoint))
+        ms.start(mount, options="relatime")
+        assert f.read_text() == "read me"
+        wait_for(lambda: f.stat().st_atime_ns > 2 * 10**9, 10, "the read to be recorded")
+        other = tmp_path / "strict"
+        other.mkdir()
+        refused = run_cli("mount", str(other), "--data-dir", str(tmp_path / "strict-data"),
+                          "--listen", "127.0.0.97:7400", "-o", "strictatime", check=False)
+        assert refused.returncode != 0
+        assert "relatime" in refused.stderr and not _mounted(other)
+
+
 def test_umount_stops_the_node_and_data_persists(tmp_path: Path) -> None:
     with Mounts(tmp_path, base=90) as ms:
         mount = ms.new()

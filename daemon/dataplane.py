@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -27,6 +27,7 @@ from daemon.digest import digest_of, new_hasher
 from daemon.logs import fields, short_id
 from daemon.peers import (
     BULK_MIN,
+    READ_IN_LOOP,
     LateDigest,
     PeerClient,
     PeerError,
@@ -34,6 +35,7 @@ from daemon.peers import (
     resolved,
     stream_of,
 )
+from daemon.quorum import background_for, until_enough
 from daemon.store import ChecksumMismatch, StaleVersion, StoredObject, StoreError, StoreFull
 from daemon.wire import entry_from_json, record_to_json, tuple_from_json, tuple_to_json
 
@@ -438,15 +440,38 @@ class DataPlane:
                 stored.append(holder)
             except Exception as exc:  # a peer or local store failure only removes that holder
                 errors.append(f"{holder.host}:{holder.port}: {exc}")
+                failed.append(holder.node_id)
                 full.append(_out_of_space(exc))
                 _note_newer(exc, newer)
 
-        async with trio.open_nursery() as nursery:
-            for holder in holders:
-                nursery.start_soon(store_on, holder)
+        failed: list[bytes] = []
+        acknowledged: list[TupleEntry] = []  # (the tuple returned, for ``late``)
+        quorum = self.rt.settings.write_quorum or 1
+
+        async def late() -> None:
+            """The holders still storing at the acknowledgement are done: if one of them
+            failed, the tuple names the ones that stored it."""
+            if newer:
+                self.node.observe_version(max(newer))
+            done = {h.node_id for h in stored}
+            for entry in acknowledged:
+                if any(h not in done for h in entry.holders):
+                    log.info("%s: not stored on every holder: %s", name, "; ".join(errors))
+                    await self.publish(with_holders(entry, tuple(h for h in entry.holders
+                                                                 if h in done)), stored)
+
+        jobs = [functools.partial(store_on, holder) for holder in holders]
+        # Only a small file is acknowledged at the quorum: every holder's job reads it as it
+        # starts, so the caller may drop it; a large one is streamed from it to the end.
+        background = background_for(self.rt) if size <= READ_IN_LOOP else None
+        await until_enough(jobs, lambda: len(stored) >= quorum, background, late)
         self._overtaken(name, stored, newer)
-        return await self._acknowledge(name, version, holders, stored, errors, any(full), size,
-                                       checksum, mode, mtime_ns, attrs, holders_published=True)
+        pending = [h for h in holders if h not in stored and h.node_id not in failed]
+        entry = await self._acknowledge(name, version, holders, stored, errors, any(full),
+                                        size, checksum, mode, mtime_ns, attrs,
+                                        holders_published=True, pending=pending,
+                                        acknowledged=acknowledged)
+        return entry
 
     def _overtaken(self, name: str, stored: list[MemberEntry], newer: list[int]) -> None:
         """After an upload: versions stamped here from now on are above every newer version a
@@ -562,10 +587,14 @@ class DataPlane:
     async def _acknowledge(self, name: str, version: Version, holders: list[MemberEntry],
                            stored: list[MemberEntry], errors: list[str], full: bool, size: int,
                            checksum: bytes | LateDigest, mode: int, mtime_ns: int, attrs: bytes,
-                           *, holders_published: bool = False) -> TupleEntry:
+                           *, holders_published: bool = False,
+                           pending: Sequence[MemberEntry] = (),
+                           acknowledged: list[TupleEntry] | None = None) -> TupleEntry:
         """Publish the tuple if the write quorum holds the bytes; else fail the insert.
         ``holders_published``: the holders published a tuple naming all ``holders`` as they
-        stored the bytes (only a correction is sent, when some did not)."""
+        stored the bytes (only a correction is sent, when some did not); ``pending``: those
+        still storing (named in the tuple: a later correction drops one that fails). The
+        tuple is appended to ``acknowledged`` before it is published."""
         quorum = self.rt.settings.write_quorum or 1
         if len(stored) < quorum:
             self.rt.metrics.inc("kelips_puts_total", result="failed")
@@ -574,14 +603,18 @@ class DataPlane:
         # A holder stored it: a late checksum resolved and matched there.
         entry = TupleEntry(name, version, 1, size, mode, mtime_ns, resolved(checksum),
                            tuple(sorted(h.node_id for h in holders)), False, attrs)
+        named = [*stored, *pending]
         if not holders_published:
             entry = entry._replace(holders=tuple(sorted(h.node_id for h in stored)))
-            await self.publish(entry, stored)
-        elif len(stored) == len(holders):
-            await self.publish(entry, [])  # the holders published it as they stored it
-        else:  # some did not: the ones that did, a higher holder epoch
-            entry = with_holders(entry, tuple(h.node_id for h in stored))
-            await self.publish(entry, stored)
+            told = stored
+        elif len(named) == len(holders):
+            told = []  # the holders published it as they stored it
+        else:  # some did not: the ones that did (or still may), a higher holder epoch
+            entry = with_holders(entry, tuple(h.node_id for h in named))
+            told = named
+        if acknowledged is not None:
+            acknowledged.append(entry)
+        await self.publish(entry, told)
         self.rt.metrics.inc("kelips_puts_total", result="ok")
         return entry
 

@@ -303,6 +303,11 @@ class NodeRuntime:
             elif isinstance(out.message, SyncRequest) and self._nursery is not None:
                 self._nursery.start_soon(self._sync_with, out.dest, out.message)
 
+    @property
+    def background(self) -> trio.Nursery | None:
+        """Where work that outlives a request runs (None before the node runs)."""
+        return self._nursery
+
     async def send_datagram(self, out: Outgoing) -> None:
         assert self._sock is not None
         data = self.auth.seal(codec.encode(self.node.envelope(out.message)), self.wall())

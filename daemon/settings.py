@@ -218,7 +218,8 @@ _DESCRIPTIONS: dict[str, str] = {
     "cluster_key_file": "file with the cluster's shared HMAC secret (`kelipsfs keygen`); "
                         "null = open cluster, key derived from cluster_id and NOT secret",
     "write_quorum": "copies stored before a write succeeds: 0 = every reachable one of the "
-                    "replication targets (at least 1), else 1..replication",
+                    "replication targets (at least 1), else 1..replication (the write returns "
+                    "once that many have it; the others finish in the background)",
     "http_timeout": "seconds allowed for every node-to-node HTTP call",
     "max_request_bytes": "largest control request body accepted, in bytes (not object bodies)",
     "max_object_bytes": "largest object accepted, in bytes",

@@ -833,6 +833,36 @@ def test_three_mounts_share_files(tmp_path: Path) -> None:
                  "A to be declared failed")
 
 
+def test_a_stalled_holder_does_not_stall_the_writes(tmp_path: Path) -> None:
+    """With a write quorum set, a write is acknowledged once that many holders stored it:
+    with one of three holders stopped (not yet declared failed), creates, writes, a chmod and
+    an unlink through another mount go on without waiting for it, and it catches up once it
+    runs again."""
+    settings = ("replication=3", "t_fail=60", "http_timeout=60")
+    with Mounts(tmp_path, base=115) as ms:
+        a = ms.new(*settings)  # (alone at first: a quorum of 2 could not make the root)
+        b = ms.new(*settings, "write_quorum=2", join=a)
+        c = ms.new(*settings, "write_quorum=2", join=a)
+        wait_for(lambda: all(_alive_members(m) == 3 for m in (a, b, c)), 30, "membership")
+        c.path("d").mkdir()
+        assert b.pid is not None
+        os.kill(b.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            for i in range(5):
+                c.path(f"d/f{i}").write_text(f"file {i}")
+            os.chmod(c.path("d/f0"), 0o600)
+            os.unlink(c.path("d/f1"))
+            assert time.monotonic() - started < 30  # (waiting for b: 60 s per operation)
+            assert a.path("d/f2").read_text() == "file 2"
+        finally:
+            os.kill(b.pid, signal.SIGCONT)
+        wait_for(lambda: b.path("d/f4").exists() and not b.path("d/f1").exists(), 30,
+                 "the stopped holder to catch up")
+        assert b.path("d/f4").read_text() == "file 4"
+        assert stat.S_IMODE(b.path("d/f0").stat().st_mode) == 0o600
+
+
 def test_mounts_of_a_two_group_cluster(tmp_path: Path) -> None:
     # k = 2: names of the other group are found through a contact (one hop), readdir merges
     # both groups' listings; ids are chosen so each group has two nodes.

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING
@@ -35,6 +36,7 @@ from daemon.dataplane import INSERT_ATTEMPTS, DataError, InsertFailed, Supersede
 from daemon.namespace.memory import stamp_writes
 from daemon.namespace.ops import Op, Result, run
 from daemon.peers import PeerError, stream_of
+from daemon.quorum import background_for, until_enough
 from daemon.store import StaleVersion, StoreError
 from daemon.wire import record_to_json
 
@@ -115,7 +117,9 @@ class Primary:
         publish their tuples."""
         stored: list[MemberEntry] = []
         errors: list[str] = []
+        failed: list[bytes] = []
         newer: list[int] = []
+        acknowledged: list[TupleEntry] = []  # (the tuples returned, for ``late``)
         members: dict[bytes, MemberEntry] = {}
         given: dict[bytes, list[tuple[TupleEntry, bytes | None]]] = {}
         # Each tuple goes out naming every holder it is sent to, and the holders publish it
@@ -150,26 +154,46 @@ class Primary:
                     stored.append(holder)
             except (PeerError, StoreError, OSError, ValueError, TypeError) as exc:
                 errors.append(f"{holder.host}:{holder.port}: {exc}")
+                failed.append(holder.node_id)
 
-        async with trio.open_nursery() as nursery:
-            for holder in members.values():
-                nursery.start_soon(store_on, holder)
+        quorum = self.rt.settings.write_quorum or 1
+
+        def enough() -> bool:
+            done = {h.node_id for h in stored}
+            return bool(newer) or all(sum(1 for h in ids if h in done) >= quorum
+                                      for ids in planned.values())
+
+        async def late() -> None:
+            """The holders still storing at the acknowledgement are done: correct the tuples
+            if some of them failed."""
+            if newer:
+                self.rt.node.observe_version(max(newer))
+            done = {h.node_id for h in stored}
+            late_tuples = [with_holders(t, tuple(h for h in t.holders if h in done))
+                           for t in acknowledged if any(h not in done for h in t.holders)]
+            if late_tuples:
+                log.info("%d records of an operation were not stored on every holder: %s",
+                         len(late_tuples), "; ".join(errors))
+                await self.rt.dataplane.publish_many(late_tuples, stored)
+
+        jobs = [functools.partial(store_on, holder) for holder in members.values()]
+        await until_enough(jobs, enough, background_for(self.rt), late)
         if newer:
             self.rt.node.observe_version(max(newer))
             raise Superseded("a holder keeps a newer version of a record of this operation")
-        quorum = self.rt.settings.write_quorum or 1
         done = {h.node_id for h in stored}
-        tuples = []
+        tuples: list[TupleEntry] = []
         corrected = False
         for t, _ in sent:
             ids = tuple(h for h in t.holders if h in done)
             if len(ids) < quorum:
                 raise InsertFailed(f"stored on {len(ids)} of {len(t.holders)} holders, "
                                    f"{quorum} required: {'; '.join(errors) or 'no holder'}")
-            if ids != t.holders:
-                t = with_holders(t, ids)
+            if any(h in failed for h in t.holders):
+                t = with_holders(t, tuple(h for h in t.holders if h not in failed))
                 corrected = True
             tuples.append(t)
+        acknowledged.extend(tuples)
         # This node's own tuples and the announce to the rest of the group, always; the
         # other holders only when what they published needs correcting.
         await self.rt.dataplane.publish_many(tuples, stored if corrected else [])

@@ -1,0 +1,65 @@
+"""Waiting for a write quorum, not for every holder.
+
+With ``write_quorum`` set (1..r, ``NodeSettings``), a write goes to its r holders at once and
+is acknowledged when that many stored it, as Dynamo's and Cassandra's writes are: the slowest
+holder -- busy, far, or stalled before it is declared failed -- no longer sets the pace of
+every write. The holders still storing finish in the background; one that then fails is
+dropped from the tuple by a correction, as if it had failed before the acknowledgement. With
+the default (0: every reachable holder) a write waits for all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    from daemon.runtime import NodeRuntime
+
+log = logging.getLogger("kelipsfs.data")
+
+
+def background_for(rt: NodeRuntime) -> trio.Nursery | None:
+    """Where the holders still storing at an acknowledgement go on: none (wait for every
+    holder) unless a write quorum is set."""
+    return rt.background if rt.settings.write_quorum else None
+
+
+async def until_enough(jobs: Sequence[Callable[[], Awaitable[None]]],
+                       enough: Callable[[], bool], background: trio.Nursery | None,
+                       after: Callable[[], Awaitable[None]] | None = None) -> bool:
+    """Run ``jobs`` (none raises) and return once ``enough()`` holds after one of them ended,
+    or all have; True if all have. The rest go on in ``background`` (None: wait for all),
+    and ``after`` runs once they are done (only when this returned early)."""
+    if background is None:
+        async with trio.open_nursery() as nursery:
+            for job in jobs:
+                nursery.start_soon(job)
+        return True
+    left = len(jobs)
+    returned = False
+    ready = trio.Event()
+
+    async def run(job: Callable[[], Awaitable[None]]) -> None:
+        nonlocal left
+        try:
+            await job()
+        finally:
+            left -= 1
+            if left == 0 or enough():
+                ready.set()
+        if left == 0 and returned and after is not None:
+            try:
+                await after()
+            except Exception:  # (background work: never take the node down)
+                log.exception("the end of a write acknowledged early failed")
+
+    for job in jobs:
+        background.start_soon(run, job)
+    if jobs:
+        await ready.wait()
+    returned = True
+    return left == 0

@@ -515,6 +515,26 @@ def remove_dir(view: View, now_ns: int, clock: int, ino: int) -> Outcome:
     return _removed(view, now_ns, current)
 
 
+def unlink(view: View, now_ns: int, clock: int, directory: int, name: str,
+           ino: int) -> Outcome:
+    """``remove_entry`` of a name that is not a directory's and one link fewer of the inode
+    it names, in one step, for an inode placed with its directory (one primary holds both,
+    as for ``create``). ESTALE if ``name`` no longer names ``ino``."""
+    removed = remove_entry(view, now_ns, clock, directory, name, expect=ino, want_dir=False)
+    dropped = set_attrs(view, now_ns, clock, ino, AttrChange(nlink_delta=-1))
+    return Outcome(removed.writes + dropped.writes, dropped.inode, removed.entry)
+
+
+def rmdir(view: View, now_ns: int, clock: int, directory: int, name: str,
+          ino: int) -> Outcome:
+    """``remove_dir`` and ``remove_entry`` in one step, for a directory placed with its
+    parent (the primary then takes every create inside it as well). ESTALE if ``name`` no
+    longer names ``ino``."""
+    gone = remove_dir(view, now_ns, clock, ino)
+    removed = remove_entry(view, now_ns, clock, directory, name, expect=ino, want_dir=True)
+    return Outcome(gone.writes + removed.writes, None, removed.entry)
+
+
 def current_xattrs(view: View, ino: Inode) -> dict[str, bytes]:
     if not ino.flags & HAS_XATTRS:
         return {}

@@ -116,6 +116,9 @@ def _args(kind: str, a: dict[str, Any]) -> dict[str, Any]:
         return {"directory": _ino(a.get("directory"), "directory"),
                 "name": _str(a.get("name"), "name"),
                 "expect": _opt(_ino, a.get("expect"), "expect"), "want_dir": want}
+    if kind in ("unlink", "rmdir"):
+        return {"directory": _ino(a.get("directory"), "directory"),
+                "name": _str(a.get("name"), "name"), "ino": _ino(a.get("ino"), "ino")}
     if kind == "exchange_entries":
         return {"directory": _ino(a.get("directory"), "directory"),
                 "first": _str(a.get("first"), "first"), "second": _str(a.get("second"), "second")}
@@ -142,7 +145,19 @@ _RULES: dict[str, Callable[..., Outcome]] = {
     "remove_entry": inodes.remove_entry, "exchange_entries": inodes.exchange_entries,
     "move_entry": inodes.move_entry, "set_attrs": inodes.set_attrs,
     "remove_dir": inodes.remove_dir, "set_xattr": inodes.set_xattr,
+    "unlink": inodes.unlink, "rmdir": inodes.rmdir,
 }
+
+#: Operations that also change the inode ``args["ino"]``, placed with their ``key``.
+_SECOND_INODE = frozenset({"create", "unlink", "rmdir"})
+
+
+def locked_inodes(op: Op) -> list[int]:
+    """The inodes ``op`` changes, in the order their locks are taken (no two primaries'
+    operations on a pair of inodes can wait for each other)."""
+    if op.kind in _SECOND_INODE:
+        return sorted({op.key, int(op.args["ino"])})
+    return [op.key]
 
 
 def run(op: Op, view: View, now_ns: int, clock: int) -> Outcome:

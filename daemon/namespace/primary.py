@@ -4,7 +4,8 @@ Every record about an inode is placed by ``i/<ino>`` (``daemon.core.keys``), so 
 hold all of them. A mount sends an operation (``daemon.namespace.ops.Op``) to the first live
 holder in placement order -- the next one when that cannot be reached -- and that node:
 
-1. takes the inode's lock (operations on one inode never interleave here);
+1. takes the inode's lock (operations on one inode never interleave here; one that changes
+   a second inode placed with it, such as a create, takes that inode's lock too);
 2. runs the operation's rule (``daemon.core.inodes``) on the records its group's tuples and
    its store say are current, and stamps what the rule writes with one new version;
 3. stores those records on every holder it can reach -- itself included -- fsynced, and
@@ -34,7 +35,7 @@ from daemon.core.messages import MemberEntry, TupleEntry
 from daemon.core.tuples import with_holders
 from daemon.dataplane import INSERT_ATTEMPTS, DataError, InsertFailed, Superseded, Unavailable
 from daemon.namespace.memory import stamp_writes
-from daemon.namespace.ops import Op, Result, run
+from daemon.namespace.ops import Op, Result, locked_inodes, run
 from daemon.peers import PeerError, stream_of
 from daemon.quorum import background_for, until_enough
 from daemon.store import StaleVersion, StoreError
@@ -70,7 +71,9 @@ class Primary:
             raise NotPrimary(f"inode {op.key:x} is not held here")
         if not node.synced:
             raise Unavailable("this node is still joining its group")
-        async with self._locked(op.key):
+        async with contextlib.AsyncExitStack() as locks:
+            for ino in locked_inodes(op):
+                await locks.enter_async_context(self._locked(ino))
             for attempt in range(1, INSERT_ATTEMPTS + 1):
                 wall = self.rt.wall()
                 version = node.new_version(int(wall * 1000))

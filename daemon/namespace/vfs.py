@@ -293,10 +293,30 @@ class Namespace:
     async def unlink(self, directory: int, name: str) -> Entry:
         """Remove a name that is not a directory; the inode goes with its last link."""
         async with self._locked(directory):
+            entry = await self.records.entry(directory, name)
+            if entry is not None and not entry.is_dir \
+                    and self.records.placed_with(directory, entry.ino):
+                removed = await self._in_one(Op("unlink", directory, {
+                    "directory": directory, "name": name, "ino": entry.ino}))
+                if removed is not None:
+                    return removed
             result = await self.records.apply(Op("remove_entry", directory, {
                 "directory": directory, "name": name, "want_dir": False}))
         assert result.entry is not None
         await self.drop_links(result.entry.ino, 1)
+        return result.entry
+
+    async def _in_one(self, op: Op) -> Entry | None:
+        """A removal of a name and of (a link of) the inode placed with its directory, as one
+        operation; None when the placement moved or the name changed meanwhile (the caller
+        takes the two steps)."""
+        try:
+            result = await self.records.apply(op)
+        except FsError as exc:
+            if exc.errno in (errno.EAGAIN, errno.ESTALE):
+                return None
+            raise
+        assert result.entry is not None
         return result.entry
 
     async def rmdir(self, directory: int, name: str) -> Entry:
@@ -312,6 +332,10 @@ class Namespace:
                 raise FsError(errno.ENOENT, f"{name!r} does not exist")
             if not entry.is_dir:
                 raise FsError(errno.ENOTDIR, f"{name!r} is not a directory")
+            if self.records.placed_with(directory, entry.ino) and await self._in_one(
+                    Op("rmdir", directory, {"directory": directory, "name": name,
+                                            "ino": entry.ino})) is not None:
+                return entry
             await self.records.apply(Op("remove_dir", entry.ino, {"ino": entry.ino}))
             await self.records.apply(Op("remove_entry", directory, {
                 "directory": directory, "name": name, "expect": entry.ino, "want_dir": True}))

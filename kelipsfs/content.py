@@ -43,6 +43,8 @@ class Fetched(NamedTuple):
     clock: int
     #: A link to a store file this process did not write: check it while it is read.
     verify: bool = False
+    #: The content itself, when it was asked for in memory (and no file was made).
+    data: bytes | None = None
 
 
 def _write_new(dest: Path, data: bytes) -> None:
@@ -81,9 +83,12 @@ class Content:
     def __init__(self, runtime: NodeRuntime) -> None:
         self._rt = runtime
 
-    async def fetch(self, ino: int, dest: Path, *, link_ok: bool) -> Fetched | None:
+    async def fetch(self, ino: int, dest: Path, *, link_ok: bool,
+                    in_memory: bool = False) -> Fetched | None:
         """Put the current content of ``ino`` into the new file ``dest``; None (and no file)
-        if the inode has no content record yet (a file never written: empty)."""
+        if the inode has no content record yet (a file never written: empty). ``in_memory``:
+        a small content of this node's record log is returned as ``data`` instead (no
+        file)."""
         name = data_name(ino)
         store = self._rt.store
         obj = store.get(name)
@@ -95,6 +100,8 @@ class Content:
             if obj.version >= entry.version:
                 if obj.log is not None:  # a small content of the record log (checked)
                     data = store.read_small(obj, obj.size)
+                    if data is not None and in_memory:
+                        return Fetched(obj.size, obj.checksum, obj.version.clock, data=data)
                     if data is not None:
                         await trio.to_thread.run_sync(_write_new, dest, data)
                         return Fetched(obj.size, obj.checksum, obj.version.clock)

@@ -36,7 +36,8 @@ import threading
 import time
 from pathlib import Path
 
-from daemon.digest import Stopped, fd_digest, file_digest, new_hasher
+from daemon.digest import Stopped, digest_of, fd_digest, file_digest, new_hasher
+from daemon.store_files import write_all
 from daemon.writeback import advance_writeback
 
 log = logging.getLogger("kelipsfs.fuse")
@@ -193,6 +194,10 @@ class LocalCopy:
             raise CorruptCopy(self.name)
         return self.fd
 
+    def read(self, size: int, offset: int) -> bytes:
+        """``size`` bytes at ``offset`` (``readable_fd``'s wait and check included)."""
+        return os.pread(self.readable_fd(size, offset), size, offset)
+
     def close(self) -> None:
         """Close every descriptor and remove the local file (the store keeps its own link)."""
         if self._check is not None:
@@ -291,3 +296,46 @@ class _BackgroundCheck:
 
     def stop(self) -> None:
         self._stopped = True
+
+
+class MemoryCopy(LocalCopy):
+    """A small content held in memory while it is only read (the content of the record log:
+    no local file to write, open, read and remove for every ``cat`` or ``grep``); the first
+    write or truncate puts it in its spool file and goes on as a ``LocalCopy``."""
+
+    def __init__(self, name: str, path: Path, data: bytes, *, clock: int,
+                 checksum: bytes) -> None:
+        super().__init__(name, path, -1, spool=True, clock=clock, mtime_ns=0, dirty=False,
+                         checksum=checksum, size=len(data), shared=True)
+        self._data: bytes | None = data
+
+    def size(self) -> int:
+        return len(self._data) if self._data is not None else super().size()
+
+    def checksum(self) -> bytes:
+        return digest_of(self._data) if self._data is not None else super().checksum()
+
+    def read(self, size: int, offset: int) -> bytes:
+        if self._data is not None:
+            return self._data[offset:offset + size]
+        return super().read(size, offset)
+
+    def check_pending(self, size: int, offset: int) -> bool:
+        return self._data is None and super().check_pending(size, offset)
+
+    def _unshare(self) -> None:
+        if self._data is None:
+            super()._unshare()
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            write_all(fd, self._data)
+        except BaseException:
+            os.close(fd)
+            self.path.unlink(missing_ok=True)
+            raise
+        self.fd, self._data, self._shared = fd, None, False
+
+    def close(self) -> None:
+        if self._data is None:
+            super().close()

@@ -4,7 +4,8 @@ Every handle of one inode on this mount -- whatever name or hard link opened it 
 writes one ``LocalCopy``, so a program sees its own writes at once (local POSIX semantics)
 and the kernel's single page cache per inode matches what every handle reads. The copy is
 fetched whole at the first open (a hard link to this node's store file when it holds the
-current version, copied on the first write) and published as the inode's new content at
+current version, copied on the first write; a small content of its record log is held in
+memory until a write needs a file) and published as the inode's new content at
 ``flush`` (every close) and ``fsync`` when it changed: close-to-open consistency, as NFS and
 AFS give. A failed publish fails the close (EIO, ENOSPC) and the copy stays dirty, so a write
 is never lost silently.
@@ -32,7 +33,7 @@ import trio
 
 from daemon.dataplane import DataError, InsertFailed
 from kelipsfs.content import Content
-from kelipsfs.local_copy import CorruptCopy, LocalCopy
+from kelipsfs.local_copy import CorruptCopy, LocalCopy, MemoryCopy
 
 log = logging.getLogger("kelipsfs.fuse")
 
@@ -147,7 +148,7 @@ class OpenFiles:
     async def _fetch(self, ino: int) -> LocalCopy:
         path = self._spool / secrets.token_hex(12)
         try:
-            meta = await self._content.fetch(ino, path, link_ok=True)
+            meta = await self._content.fetch(ino, path, link_ok=True, in_memory=True)
         except DataError as exc:
             log.warning("cannot read inode %x: %s", ino, exc.message)
             raise FileError(errno.EIO) from exc
@@ -155,6 +156,9 @@ class OpenFiles:
             copy = self._empty_copy(ino)
             copy.dirty = False
             return copy
+        if meta.data is not None:  # small: read from memory until a write needs the file
+            return MemoryCopy(f"{ino:x}", path, meta.data, clock=meta.clock,
+                              checksum=meta.checksum)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except BaseException:
@@ -210,12 +214,10 @@ class OpenFiles:
         copy = self._handle(fh).file.copy
         try:
             if copy.check_pending(size, offset):
-                fd = await trio.to_thread.run_sync(copy.readable_fd, size, offset)
-            else:
-                fd = copy.readable_fd(size, offset)
+                return await trio.to_thread.run_sync(copy.read, size, offset)
+            return copy.read(size, offset)
         except CorruptCopy as exc:
             raise FileError(errno.EIO) from exc
-        return os.pread(fd, size, offset)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self._handle(fh)

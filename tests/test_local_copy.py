@@ -10,7 +10,7 @@ import pytest
 
 from daemon.digest import digest_of
 from kelipsfs import local_copy
-from kelipsfs.local_copy import CorruptCopy, LocalCopy
+from kelipsfs.local_copy import CorruptCopy, LocalCopy, MemoryCopy
 
 MiB = 1 << 20
 BIG = 64 * MiB
@@ -166,3 +166,27 @@ def test_ten_thousand_write_and_publish_cycles_on_one_copy(tmp_path: Path) -> No
     assert os.pread(f.fd, 4, 63 * 4) == (9_999 - 16).to_bytes(4, "big")
     f.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_a_memory_copy_makes_its_file_at_the_first_change(tmp_path: Path) -> None:
+    """Read from memory (no file); the first write puts the content in the spool file and
+    changes it there; closing a copy that never changed leaves nothing behind."""
+    data = b"small content of the record log\n" * 10
+    path = tmp_path / "spool-m"
+    copy = MemoryCopy("m", path, data, clock=7, checksum=digest_of(data))
+    assert copy.read(10, 5) == data[5:15] and copy.size() == len(data)
+    assert copy.read(100, len(data) - 4) == data[-4:]
+    assert not copy.dirty and copy.checksum() == digest_of(data) and not path.exists()
+    copy.write(b"XY", 3, False, 1 << 20)
+    changed = data[:3] + b"XY" + data[5:]
+    assert path.read_bytes() == changed and copy.read(8, 0) == changed[:8]
+    assert copy.dirty and copy.checksum() == digest_of(changed)
+    copy.close()
+    assert not path.exists()
+    untouched = MemoryCopy("n", tmp_path / "spool-n", data, clock=7, checksum=digest_of(data))
+    untouched.truncate(4)
+    assert (tmp_path / "spool-n").read_bytes() == data[:4] and untouched.size() == 4
+    untouched.close()
+    idle = MemoryCopy("o", tmp_path / "spool-o", data, clock=7, checksum=digest_of(data))
+    idle.close()
+    assert not (tmp_path / "spool-o").exists()

@@ -23,7 +23,7 @@ import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from .keys import ROOT_INO, data_name, entry_name, inode_name, parse_entry, xattrs_name
 from .messages import TupleEntry, Version
@@ -459,26 +459,27 @@ def set_attrs(view: View, now_ns: int, clock: int, ino: int, change: AttrChange)
     """Change an inode's attributes; ctime moves. A link count that falls to 0 removes the
     inode, its content and its extended attributes (tombstones)."""
     current = _require(view, ino)
-    updated = current
+    fields: dict[str, Any] = {}  # (one ``replace``: it is slow, and this is every chmod)
     if change.mode is not None:
-        updated = replace(updated, mode=stat.S_IFMT(current.mode) | (change.mode & 0o7777))
+        fields["mode"] = stat.S_IFMT(current.mode) | (change.mode & 0o7777)
     if change.uid is not None:
-        updated = replace(updated, uid=change.uid)
+        fields["uid"] = change.uid
     if change.gid is not None:
-        updated = replace(updated, gid=change.gid)
+        fields["gid"] = change.gid
     if change.atime_ns is not None:
-        updated = replace(updated, atime_ns=change.atime_ns)
+        fields["atime_ns"] = change.atime_ns
     if change.mtime_ns is not None:
-        updated = replace(updated, mtime_ns=change.mtime_ns, mtime_clock=clock)
+        fields["mtime_ns"], fields["mtime_clock"] = change.mtime_ns, clock
     if change.parent is not None:
-        updated = replace(updated, parent=change.parent)
+        fields["parent"] = change.parent
     if change.nlink_delta:
         links = current.nlink + change.nlink_delta
         if links > MAX_LINKS:
             raise FsError(errno.EMLINK, f"inode {ino:x} has too many links")
-        updated = replace(updated, nlink=max(0, links))
+        fields["nlink"] = max(0, links)
     if not change.access:
-        updated = replace(updated, ctime_ns=max(now_ns, current.ctime_ns))
+        fields["ctime_ns"] = max(now_ns, current.ctime_ns)
+    updated = replace(current, **fields) if fields else current
     if updated.nlink == 0 or (updated.is_dir and updated.nlink < 2):
         return _removed(view, now_ns, updated)
     out = Outcome([])

@@ -177,7 +177,11 @@ class KelipsNode:
         self.clock = HybridClock()
         self.dropped = 0  # messages refused (wrong cluster or k)
         self.synced = True  # False while a join still needs a snapshot from the own group
-        self._synced_at = now
+        # ``knows_absence`` holds only once the own group's view has settled: t_fail after the
+        # last change of it (or the join), a snapshot of a member's tuples pulled since.
+        self._settled = False
+        self._settle_at = now + config.t_fail
+        self._settle_asked: tuple[NodeId, float] | None = None
         self._events: list[Event] = []
         gi = config.gossip_interval
         self._next_heartbeat = now + config.heartbeat_interval
@@ -308,6 +312,7 @@ class KelipsNode:
             self._gossip_round(now, out)
         if self._resync:
             self._send_resyncs(out)
+        self._settle(now, out)
         if not self.synced and now >= self._next_sync:
             self._next_sync = now + _SYNC_RETRY
             self._send_sync(now, out)
@@ -329,7 +334,7 @@ class KelipsNode:
                 if silent > t_fail:
                     m.status = Status.FAILED
                     m.failed_at = now
-                    self._membership_changed()
+                    self._membership_changed(now)
                     self._events.append(Event("failed", m.node_id, now))
             elif silent > t_cleanup:
                 gone.append(m)
@@ -369,10 +374,37 @@ class KelipsNode:
             self._fresh.pop(node_id, None)
         return member
 
-    def _membership_changed(self) -> None:
+    def _membership_changed(self, now: float) -> None:
         self._own_alive = None
         self._weights_at = -1e18
         self._repair_all = True
+        self._unsettle(now)
+
+    def _unsettle(self, now: float) -> None:
+        """The own group's view changed (or this node joined): writers whose view differed
+        may have placed names without this node, and their tuples reach it by gossip. Missing
+        names are asked of their holders again until the view has been stable for t_fail and
+        a member's snapshot has been pulled since (``_settle``)."""
+        self._settled = False
+        self._settle_at = now + self.config.t_fail
+        self._settle_asked = None
+
+    def _settle(self, now: float, out: list[Outgoing]) -> None:
+        """Pull a member's snapshot once the view is stable (``_unsettle``); asked again of
+        another member if no answer came within t_fail."""
+        if self._settled or not self.synced or now < self._settle_at:
+            return
+        if self._settle_asked is not None and now - self._settle_asked[1] < self.config.t_fail:
+            return
+        pool = self.own_alive()
+        if not pool:
+            self._settled = True  # nobody else of the group: nobody else writes its names
+            return
+        target = self.rng.choice(pool)
+        self._settle_asked = (target.node_id, now)
+        snap = self.snapshot()
+        out.append(Outgoing(target.address, SyncRequest(self.entry(), snap.members, snap.tuples,
+                                                        snap.load_excess)))
 
     # --- gossip -------------------------------------------------------------------------------
 
@@ -656,6 +688,9 @@ class KelipsNode:
             self._update_contact_budget(now)  # a joiner trims before it gossips its contacts
         if isinstance(message, SyncRequest):
             return [Outgoing(message.sender.address, self.snapshot(message.sender.node_id))]
+        if self._settle_asked is not None and self._settle_asked[0] == message.sender.node_id \
+                and not self._settled:
+            self._settled = True  # (merged above: every tuple that member had)
         if not self.synced and (
                 group_of_node(message.sender.node_id, self.config.k) == self.group
                 or not self.own_alive()):
@@ -727,7 +762,7 @@ class KelipsNode:
                 m.status = Status.FAILED
                 m.failed_at = now
                 m.last_heard = min(m.last_heard, now - self.config.t_fail)
-                self._membership_changed()
+                self._membership_changed(now)
                 self._events.append(Event("left", m.node_id, now))
         else:
             self._drop_contact(m, now, bury=True)
@@ -767,10 +802,10 @@ class KelipsNode:
         if group == self.group:
             self.graveyard.forget(nid)
             if self._departed.pop(nid, None) is not None:
-                self._note_return(nid, now)
+                self._note_return(nid)
             self._add_member(Member(entry, group, True, now), rumor)
             self._changed[nid] = now
-            self._membership_changed()
+            self._membership_changed(now)
             self._events.append(Event("joined", nid, now))
             return
         contacts = self.contacts.get(group)
@@ -792,8 +827,8 @@ class KelipsNode:
         if m.status is Status.FAILED:
             m.status = Status.ALIVE
             if m.own:
-                self._note_return(m.node_id, now)
-            self._membership_changed()
+                self._note_return(m.node_id)
+            self._membership_changed(now)
             self._events.append(Event("revived", m.node_id, now))
 
     def _consider_closer_contact(self, now: float, entry: MemberEntry, rtt: float) -> None:
@@ -976,7 +1011,7 @@ class KelipsNode:
     def mark_synced(self, now: float) -> None:
         """The join has all there is to learn (a snapshot of the own group, or nobody else)."""
         self.synced = True
-        self._synced_at = now
+        self._unsettle(now)
 
     def join_request(self) -> SyncRequest:
         """What a new node sends to a live member (or a bootstrap-provided one) to join."""
@@ -995,11 +1030,8 @@ class KelipsNode:
         tuples = tuple(self.tuples) if same_group else ()
         return Snapshot(self.entry(), members, tuples, self._load_field() if same_group else None)
 
-    def _note_return(self, nid: NodeId, now: float) -> None:
-        """A member we had failed or forgotten is back; the lower id of the pair reconciles.
-        Until that is surely done, a missing name may be one written on its side
-        (``knows_absence``)."""
-        self._synced_at = max(self._synced_at, now)
+    def _note_return(self, nid: NodeId) -> None:
+        """A member we had failed or forgotten is back; the lower id of the pair reconciles."""
         if self.node_id < nid:
             self._resync.add(nid)
 
@@ -1190,15 +1222,16 @@ class KelipsNode:
     def knows_absence(self, name: str, now: float) -> bool:
         """Whether a name of the own group missing from this node's tuples does not exist.
 
-        True when this node is one of the name's holders and has been a synced member for
-        ``t_fail``: every write of a name reaches its holders before it is acknowledged (they
-        publish its tuple as they store it), and a holder that failed to store it is announced
-        the corrected tuple. So a holder's tuples are as authoritative for a missing name as
-        for a present one, and a lookup need not ask the other holders. Not while joining, nor
-        in the first ``t_fail`` after it, when writers may still place names without this node.
+        True when this node is one of the name's holders and the group's view has settled
+        (``_unsettle``): every write of a name reaches its holders before it is acknowledged
+        (they publish its tuple as they store it), and a holder that failed to store it is
+        announced the corrected tuple. So a holder's tuples are as authoritative for a missing
+        name as for a present one, and a lookup need not ask the other holders. Not while the
+        view changes: a writer that did not know of this node yet (or still counted a failed
+        member) placed names without it, and only gossip or a snapshot brings their tuples.
         """
-        return (self.synced and now - self._synced_at >= self.config.t_fail
-                and self.group_of(name) == self.group and self.placed_here(name))
+        return (self.synced and self._settled and self.group_of(name) == self.group
+                and self.placed_here(name))
 
     def plan_insert(self, name: str) -> LookupPlan:
         """Own group: the holders are computed here; else ask a contact for ``placement``."""

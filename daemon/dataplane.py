@@ -637,6 +637,8 @@ class DataPlane:
                 log.warning("could not publish %d records to %s:%d: %s", len(entries),
                             holder.host, holder.port, exc)
 
+        if not others:
+            return
         async with trio.open_nursery() as nursery:
             for i, holder in enumerate(others):
                 nursery.start_soon(tell, holder, not ours and i == 0)

@@ -34,6 +34,9 @@ async def until_enough(jobs: Sequence[Callable[[], Awaitable[None]]],
     """Run ``jobs`` (none raises) and return once ``enough()`` holds after one of them ended,
     or all have; True if all have. The rest go on in ``background`` (None: wait for all),
     and ``after`` runs once they are done (only when this returned early)."""
+    if len(jobs) == 1:  # (one holder: no task of its own, which costs more than the call)
+        await jobs[0]()
+        return True
     if background is None:
         async with trio.open_nursery() as nursery:
             for job in jobs:

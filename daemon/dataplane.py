@@ -24,7 +24,6 @@ from daemon.core.messages import LookupReply, MemberEntry, TupleEntry, Version
 from daemon.core.node import KelipsNode, LookupPlan
 from daemon.core.tuples import with_holders
 from daemon.digest import digest_of, new_hasher
-from daemon.logs import fields, short_id
 from daemon.peers import (
     BULK_MIN,
     READ_IN_LOOP,
@@ -36,17 +35,21 @@ from daemon.peers import (
     stream_of,
 )
 from daemon.quorum import background_for, until_enough
+from daemon.repair import Repairer
 from daemon.store import ChecksumMismatch, StaleVersion, StoredObject, StoreError, StoreFull
-from daemon.wire import entry_from_json, record_to_json, tuple_from_json, tuple_to_json
+from daemon.wire import (
+    entry_from_json,
+    tuple_from_json,
+    tuple_to_json,
+    version_query,
+)
 
 if TYPE_CHECKING:
     from daemon.runtime import NodeRuntime
 
 log = logging.getLogger("kelipsfs.data")
 
-REPAIR_PERIOD = 1.0
 _HEDGE = 3  # members asked one after the other (each after the previous one's timeout)
-RECONCILE_PERIOD = 10.0
 _FAN_OUT_BLOCK = 1 << 20  # bytes per block teed to the holders of an upload
 #: Attempts of an insert from a file or a delete whose holders keep a newer version each time
 #: (each one stamped above the newest they named); more would mean writers overtaking it
@@ -122,8 +125,7 @@ class Located:
 class DataPlane:
     def __init__(self, runtime: NodeRuntime) -> None:
         self.rt = runtime
-        self._repair_wake = trio.Event()
-        self._next_repair = 0.0
+        self.repair = Repairer(self)
 
     @property
     def node(self) -> KelipsNode:
@@ -432,7 +434,7 @@ class DataPlane:
                                                  expected_checksum=checksum, expected_size=size,
                                                  attrs=attrs)
                 else:
-                    query = _version_query(version, mode, mtime_ns, size, attrs) | publishing
+                    query = version_query(version, mode, mtime_ns, size, attrs) | publishing
                     if holder.node_id == announcer:
                         query["announce"] = 1
                     await self.peers.put_file(holder.address, "/v1/replica/" + name, query,
@@ -519,7 +521,7 @@ class DataPlane:
                 else:
                     async with self.peers.stream(
                             "PUT", holder.address, "/v1/replica/" + name,
-                            _version_query(version, mode, mtime_ns, size, attrs), body=body(),
+                            version_query(version, mode, mtime_ns, size, attrs), body=body(),
                             content_digest=checksum,
                             bulk_size=size if size >= BULK_MIN or late else None) as response:
                         reply = await response.aread()
@@ -858,111 +860,6 @@ class DataPlane:
                     nursery.start_soon(ask, group)
         return sorted(merged.values(), key=lambda d: d["name"]), sorted(missing)
 
-    # --- repair ------------------------------------------------------------------------------
-
-    def wake_repair(self) -> None:
-        self._repair_wake.set()
-
-    def repair_tick(self, now: float) -> None:
-        """Wake the repair loop once a ``REPAIR_PERIOD``. Called by the runtime's timer loop
-        at every wakeup it makes anyway (at least every gossip interval), so the periodic
-        repair check costs no wakeup of its own; a failure wakes the loop at once. A check due
-        within a quarter period runs now: the wakeups come a little after their deadlines,
-        and a strict comparison would put every other check off by a whole gossip interval."""
-        if now + 0.25 * REPAIR_PERIOD >= self._next_repair:
-            self._next_repair = now + REPAIR_PERIOD
-            self._repair_wake.set()
-
-    async def repair_loop(self) -> None:
-        next_reconcile = self.rt.now() + RECONCILE_PERIOD
-        while True:
-            await self._repair_wake.wait()
-            self._repair_wake = trio.Event()
-            for task in self.node.repair_tasks(self.rt.now()):
-                try:
-                    await self._repair(task.entry, list(task.targets), list(task.spares))
-                except Exception:  # background work: one bad task must not stop the node
-                    log.exception("repair of %s failed", task.entry.name)
-            if self.rt.now() >= next_reconcile:
-                next_reconcile = self.rt.now() + RECONCILE_PERIOD
-                await self.reconcile()
-
-    async def reconcile(self) -> None:
-        """Drop local copies the group has moved past: an older version than the group's
-        tuple that no longer names this node (it came back with old data), and tombstones
-        whose tuple has expired."""
-        if not self.node.synced:
-            return
-        now_ns = time.time_ns()
-        ttl_ns = int(self.node.config.tombstone_ttl * 1e9)
-        for obj in self.rt.store.objects():
-            if self.node.group_of(obj.name) != self.node.group:
-                continue
-            current = self.node.tuples.get(obj.name)
-            if current is None:
-                if obj.tombstone and now_ns - obj.mtime_ns > ttl_ns:
-                    await self.rt.store.drop(obj.name, version=obj.version)
-                continue
-            if current.version > obj.version and self.node.node_id not in current.holders:
-                if current.tombstone:
-                    await self.rt.store.delete(obj.name, current.version,
-                                               mtime_ns=current.mtime_ns)
-                else:
-                    await self.rt.store.drop(obj.name, version=obj.version)
-                log.info("dropped stale copy of %s", obj.name)
-
-    async def _repair(self, entry: TupleEntry, targets: list[MemberEntry],
-                      spares: list[MemberEntry]) -> None:
-        """Copy to ``targets``; each one that refuses is replaced by the next spare."""
-        obj = self.rt.store.get(entry.name)
-        if obj is None or obj.tombstone or obj.version != entry.version or (
-                obj.path is None and obj.log is None):
-            return
-        logged = self.rt.store.read_small(obj, obj.size) if obj.log is not None else None
-        added: list[bytes] = []
-        needed = len(targets)
-        for target in targets + spares:
-            if len(added) == needed:
-                break
-            try:
-                if logged is not None:  # a small record of the log: sent whole, as a primary
-                    answer, _ = await self.peers.call_json(
-                        "POST", target.address, "/v1/records",
-                        doc={"records": [record_to_json(entry, logged)]})
-                    if answer.get("newer"):
-                        continue
-                elif obj.path is not None:
-                    await self.peers.put_file(target.address, "/v1/replica/" + entry.name,
-                                              _version_query(entry.version, entry.mode,
-                                                             entry.mtime_ns, entry.size,
-                                                             entry.attrs),
-                                              obj.path, entry.checksum, entry.size)
-                else:
-                    return  # its logged content no longer matches its digest: not copied
-                added.append(target.node_id)
-            except PeerError as exc:
-                log.warning("repair copy of %s to %s:%d failed: %s", entry.name, target.host,
-                            target.port, exc,
-                            extra=fields(event="repair_copy_failed", name=entry.name,
-                                         target=f"{target.host}:{target.port}"))
-            except FileNotFoundError:
-                # Overwritten or deleted since the task was planned: the copy to make is no
-                # longer this one, and the next round plans from the new tuple.
-                log.info("repair of %s skipped: the local copy changed meanwhile", entry.name)
-                break
-        if not added:
-            return
-        updated = self.node.repair_done(self.rt.now(), entry, tuple(added))
-        self.rt.metrics.inc("kelips_repairs_total", len(added))
-        log.info("repaired %s: %d new cop%s", entry.name, len(added),
-                 "y" if len(added) == 1 else "ies",
-                 extra=fields(event="repair_done", name=entry.name,
-                              targets=[short_id(node_id) for node_id in added],
-                              version=entry.version.clock))
-        holders = [m.entry() for m in self.node.own_alive() if m.node_id in updated.holders]
-        await self.publish(updated, holders)
-
-
 class ObjectMeta(NamedTuple):
     """What a holder says about the copy it serves (HTTP headers or the local store)."""
 
@@ -1019,15 +916,6 @@ def _not_matching(exc: BaseException) -> bool:
     """A holder refused the bytes as not matching: our own store, or a peer answering 422."""
     return isinstance(exc, ChecksumMismatch) or (isinstance(exc, PeerError)
                                                  and exc.status == 422)
-
-
-def _version_query(version: Version, mode: int, mtime_ns: int, size: int, attrs: bytes = b""
-                   ) -> dict[str, object]:
-    query: dict[str, object] = {"clock": version.clock, "writer": version.writer.hex(),
-                                "mode": mode, "mtime_ns": mtime_ns, "size": size}
-    if attrs:
-        query["attrs"] = attrs.hex()
-    return query
 
 
 def _listing(t: TupleEntry) -> dict[str, Any]:

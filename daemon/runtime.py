@@ -198,7 +198,7 @@ class NodeRuntime:
                 dataplane.publish_local_objects()
                 nursery.start_soon(self._udp_loop)
                 nursery.start_soon(self._timer_loop)
-                nursery.start_soon(dataplane.repair_loop)
+                nursery.start_soon(dataplane.repair.loop)
                 nursery.start_soon(self._maintain_store)
                 if s.bootstrap is not None:
                     nursery.start_soon(self._bootstrap_loop)
@@ -293,7 +293,7 @@ class NodeRuntime:
             await self.dispatch(self.node.tick(now))
             self._drain_events()
             if self._dataplane is not None:
-                self._dataplane.repair_tick(now)
+                self._dataplane.repair.tick(now)
             await trio.sleep_until(max(self.node.next_deadline(), now + 0.005))
 
     async def dispatch(self, outs: list[Outgoing]) -> None:
@@ -364,7 +364,7 @@ class NodeRuntime:
         if event.kind in ("failed", "left"):
             self._log_member(logging.INFO, event, f"member {event.kind}")
             if self._dataplane is not None:
-                self._dataplane.wake_repair()
+                self._dataplane.repair.wake()
         elif event.kind == "joined":
             self._log_member(logging.INFO, event, "member joined")
         elif event.kind == "revived":

@@ -52,3 +52,13 @@ def record_from_json(doc: Any, limit: int) -> tuple[TupleEntry, bytes | None]:
     if not isinstance(raw, str) or len(raw) > 2 * limit:
         raise ValueError(f"{t.name}: content must be hex of at most {limit} bytes")
     return t, bytes.fromhex(raw)
+
+
+def version_query(version: Version, mode: int, mtime_ns: int, size: int, attrs: bytes = b""
+                   ) -> dict[str, object]:
+    """The query naming a replica's version and metadata (a PUT to a holder)."""
+    query: dict[str, object] = {"clock": version.clock, "writer": version.writer.hex(),
+                                "mode": mode, "mtime_ns": mtime_ns, "size": size}
+    if attrs:
+        query["attrs"] = attrs.hex()
+    return query

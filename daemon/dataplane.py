@@ -34,7 +34,7 @@ from daemon.peers import (
     resolved,
     stream_of,
 )
-from daemon.quorum import background_for, until_enough
+from daemon.quorum import background_for, corrections, until_enough
 from daemon.repair import Repairer
 from daemon.store import ChecksumMismatch, StaleVersion, StoredObject, StoreError, StoreFull
 from daemon.wire import (
@@ -455,12 +455,9 @@ class DataPlane:
             failed, the tuple names the ones that stored it."""
             if newer:
                 self.node.observe_version(max(newer))
-            done = {h.node_id for h in stored}
-            for entry in acknowledged:
-                if any(h not in done for h in entry.holders):
-                    log.info("%s: not stored on every holder: %s", name, "; ".join(errors))
-                    await self.publish(with_holders(entry, tuple(h for h in entry.holders
-                                                                 if h in done)), stored)
+            for entry in corrections(acknowledged, stored):
+                log.info("%s: not stored on every holder: %s", name, "; ".join(errors))
+                await self.publish(entry, stored)
 
         jobs = [functools.partial(store_on, holder) for holder in holders]
         # Only a small file is acknowledged at the quorum: every holder's job reads it as it

@@ -11,10 +11,13 @@ the default (0: every reachable holder) a write waits for all of them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import trio
+
+from daemon.core.messages import MemberEntry, TupleEntry
+from daemon.core.tuples import with_holders
 
 if TYPE_CHECKING:
     from daemon.runtime import NodeRuntime
@@ -28,20 +31,29 @@ def background_for(rt: NodeRuntime) -> trio.Nursery | None:
     return rt.background if rt.settings.write_quorum else None
 
 
+def corrections(acknowledged: Iterable[TupleEntry], stored: Iterable[MemberEntry]
+                ) -> list[TupleEntry]:
+    """The acknowledged tuples that name a holder which did not store them, corrected to name
+    the ones that did (a higher holder epoch)."""
+    done = {h.node_id for h in stored}
+    return [with_holders(t, tuple(h for h in t.holders if h in done))
+            for t in acknowledged if any(h not in done for h in t.holders)]
+
+
 async def until_enough(jobs: Sequence[Callable[[], Awaitable[None]]],
                        enough: Callable[[], bool], background: trio.Nursery | None,
-                       after: Callable[[], Awaitable[None]] | None = None) -> bool:
+                       after: Callable[[], Awaitable[None]] | None = None) -> None:
     """Run ``jobs`` (none raises) and return once ``enough()`` holds after one of them ended,
-    or all have; True if all have. The rest go on in ``background`` (None: wait for all),
-    and ``after`` runs once they are done (only when this returned early)."""
+    or all have. The rest go on in ``background`` (None: wait for all), and ``after`` runs
+    once they are done (only when this returned early)."""
     if len(jobs) == 1:  # (one holder: no task of its own, which costs more than the call)
         await jobs[0]()
-        return True
+        return
     if background is None:
         async with trio.open_nursery() as nursery:
             for job in jobs:
                 nursery.start_soon(job)
-        return True
+        return
     left = len(jobs)
     returned = False
     ready = trio.Event()
@@ -65,4 +77,3 @@ async def until_enough(jobs: Sequence[Callable[[], Awaitable[None]]],
     if jobs:
         await ready.wait()
     returned = True
-    return left == 0

@@ -37,7 +37,7 @@ from daemon.dataplane import INSERT_ATTEMPTS, DataError, InsertFailed, Supersede
 from daemon.namespace.memory import stamp_writes
 from daemon.namespace.ops import Op, Result, locked_inodes, run
 from daemon.peers import PeerError, stream_of
-from daemon.quorum import background_for, until_enough
+from daemon.quorum import background_for, corrections, until_enough
 from daemon.store import StaleVersion, StoreError
 from daemon.wire import record_to_json
 
@@ -171,9 +171,7 @@ class Primary:
             if some of them failed."""
             if newer:
                 self.rt.node.observe_version(max(newer))
-            done = {h.node_id for h in stored}
-            late_tuples = [with_holders(t, tuple(h for h in t.holders if h in done))
-                           for t in acknowledged if any(h not in done for h in t.holders)]
+            late_tuples = corrections(acknowledged, stored)
             if late_tuples:
                 log.info("%d records of an operation were not stored on every holder: %s",
                          len(late_tuples), "; ".join(errors))

@@ -28,7 +28,8 @@ from daemon.core import codec
 from daemon.core.ids import NODE_ID_BYTES
 from daemon.core.keys import OBJECT
 from daemon.core.messages import Snapshot, SyncRequest, TupleEntry, Version
-from daemon.dataplane import DataError, Located
+from daemon.data_errors import DataError
+from daemon.dataplane import Located
 from daemon.digest import DIGEST_SIZE, EMPTY_DIGEST, digest_of
 from daemon.names import NameError_, validate_name, validate_prefix
 from daemon.namespace.http import add_routes as add_namespace_routes
@@ -400,7 +401,7 @@ class _Api:
             if holders is not None:
                 return holders
         try:
-            entry = await self.rt.dataplane.insert_stream(
+            entry = await self.rt.dataplane.writes.insert_stream(
                 record, req.stream(), size, checksum, req.int_arg("mode", 0o644),
                 req.int_arg("mtime_ns", 0))
         except DataError as exc:

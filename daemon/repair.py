@@ -138,4 +138,4 @@ class Repairer:
                               targets=[short_id(node_id) for node_id in added],
                               version=entry.version.clock))
         holders = [m.entry() for m in self._dp.node.own_alive() if m.node_id in updated.holders]
-        await self._dp.publish(updated, holders)
+        await self._dp.writes.publish(updated, holders)

@@ -22,7 +22,7 @@ import trio
 
 from daemon.core.keys import data_name
 from daemon.core.messages import TupleEntry
-from daemon.dataplane import NotFound, TransferFailed
+from daemon.data_errors import NotFound, TransferFailed
 from daemon.digest import file_digest
 from daemon.store_files import write_all
 
@@ -154,6 +154,6 @@ class Content:
         """Store a local file this mount wrote and will not write again as the content of
         ``ino`` (``DataPlane.insert``'s ``link_ok``: the local copy copies itself before a
         later write)."""
-        entry: TupleEntry = await self._rt.dataplane.insert(
+        entry: TupleEntry = await self._rt.dataplane.writes.insert(
             data_name(ino), source, size, checksum, 0, mtime_ns, link_ok=True)
         return entry

@@ -38,7 +38,7 @@ import trio
 
 from daemon.core.inodes import AttrChange, Entry, FsError, Inode
 from daemon.core.keys import ROOT_INO, inode_name
-from daemon.dataplane import DataError
+from daemon.data_errors import DataError
 from daemon.namespace.vfs import Caller, Namespace
 from kelipsfs import xattr_view
 from kelipsfs.invalidation import CACHE_SECONDS, KernelInodes, own_change

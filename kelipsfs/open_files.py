@@ -31,7 +31,7 @@ from pathlib import Path
 
 import trio
 
-from daemon.dataplane import DataError, InsertFailed
+from daemon.data_errors import DataError, InsertFailed
 from kelipsfs.content import Content
 from kelipsfs.local_copy import CorruptCopy, LocalCopy, MemoryCopy
 

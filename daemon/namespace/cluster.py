@@ -21,7 +21,7 @@ import trio
 from daemon.core.inodes import Entry, FsError, Inode, entry_from_record
 from daemon.core.keys import data_name, entry_name, entry_prefix, inode_name
 from daemon.core.messages import MemberEntry, TupleEntry
-from daemon.dataplane import DataError, NotFound, Unavailable
+from daemon.data_errors import DataError, NotFound, Unavailable
 from daemon.namespace import ops
 from daemon.namespace.ops import Op, Result
 from daemon.namespace.primary import NotPrimary

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from daemon.asgi import HTTPError, Request, Response, Router
 from daemon.core.inodes import FsError
 from daemon.core.keys import MAX_INO, entry_prefix
-from daemon.dataplane import DataError
+from daemon.data_errors import DataError
 from daemon.digest import EMPTY_DIGEST
 from daemon.names import NameError_, validate_name
 from daemon.namespace import ops

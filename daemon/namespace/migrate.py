@@ -25,7 +25,7 @@ import trio
 
 from daemon.core.inodes import FsError
 from daemon.core.keys import ROOT_INO, data_name
-from daemon.dataplane import DataError, NotFound
+from daemon.data_errors import DataError, NotFound
 from daemon.logs import fields
 from daemon.namespace.cluster import ClusterRecords
 from daemon.namespace.ops import Op
@@ -99,7 +99,7 @@ class Converter:
         if leaf != DIR_MARKER:
             await self._file(directory, leaf, obj)
         try:
-            await self.rt.dataplane.delete(obj.name, only_clock=obj.version.clock)
+            await self.rt.dataplane.writes.delete(obj.name, only_clock=obj.version.clock)
         except NotFound:
             pass
         except DataError as exc:
@@ -143,8 +143,8 @@ class Converter:
             "ino": ino, "mode": stat.S_IFREG | (obj.mode & 0o7777), "uid": self.owner.uid,
             "gid": self.owner.gid, "rdev": 0, "parent": directory}))
         try:
-            await self.rt.dataplane.insert(data_name(ino), obj.path, obj.size, obj.checksum, 0,
-                                           obj.mtime_ns)
+            await self.rt.dataplane.writes.insert(data_name(ino), obj.path, obj.size,
+                                                  obj.checksum, 0, obj.mtime_ns)
             await self.ns.records.apply(Op("add_entry", directory, {
                 "directory": directory, "name": leaf, "child": ino, "kind": stat.S_IFREG}))
         except BaseException:

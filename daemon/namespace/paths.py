@@ -31,7 +31,7 @@ import trio
 from daemon.asgi import HTTPError, Request, Response, Router
 from daemon.core.inodes import Entry, FsError, Inode
 from daemon.core.keys import MAX_INO, ROOT_INO, data_name, entry_name, inode_name, parse_ino
-from daemon.dataplane import DataError
+from daemon.data_errors import DataError
 from daemon.digest import EMPTY_DIGEST
 from daemon.names import NameError_, validate_prefix
 from daemon.namespace.cluster import ClusterRecords
@@ -130,7 +130,7 @@ class PathApi:
                 "ino": ino, "mode": stat.S_IFREG | mode, "uid": 0, "gid": 0, "rdev": 0,
                 "parent": directory}))
             try:
-                entry = await self.rt.dataplane.insert_stream(record, req.stream(), size,
+                entry = await self.rt.dataplane.writes.insert_stream(record, req.stream(), size,
                                                               checksum, 0, mtime_ns)
                 bound = await self._bind(directory, leaf, ino)
             except BaseException:

@@ -33,13 +33,14 @@ from daemon.core.inodes import FsError, Write
 from daemon.core.keys import inode_name, placement_key
 from daemon.core.messages import MemberEntry, TupleEntry
 from daemon.core.tuples import with_holders
-from daemon.dataplane import INSERT_ATTEMPTS, DataError, InsertFailed, Superseded, Unavailable
+from daemon.data_errors import DataError, InsertFailed, Superseded, Unavailable
 from daemon.namespace.memory import stamp_writes
 from daemon.namespace.ops import Op, Result, locked_inodes, run
 from daemon.peers import PeerError, stream_of
 from daemon.quorum import background_for, corrections, until_enough
 from daemon.store import StaleVersion, StoreError
 from daemon.wire import record_to_json
+from daemon.writes import INSERT_ATTEMPTS
 
 if TYPE_CHECKING:
     from daemon.runtime import NodeRuntime
@@ -175,7 +176,7 @@ class Primary:
             if late_tuples:
                 log.info("%d records of an operation were not stored on every holder: %s",
                          len(late_tuples), "; ".join(errors))
-                await self.rt.dataplane.publish_many(late_tuples, stored)
+                await self.rt.dataplane.writes.publish_many(late_tuples, stored)
 
         jobs = [functools.partial(store_on, holder) for holder in members.values()]
         await until_enough(jobs, enough, background_for(self.rt), late)
@@ -197,7 +198,7 @@ class Primary:
         acknowledged.extend(tuples)
         # This node's own tuples and the announce to the rest of the group, always; the
         # other holders only when what they published needs correcting.
-        await self.rt.dataplane.publish_many(tuples, stored if corrected else [])
+        await self.rt.dataplane.writes.publish_many(tuples, stored if corrected else [])
         return tuples
 
     @contextlib.asynccontextmanager

@@ -57,12 +57,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-import trio
-
 from daemon.core.ids import NODE_ID_BYTES
 from daemon.core.keys import DATA, is_legacy, is_metadata, record_ino
 from daemon.core.messages import Version
 from daemon.digest import ALGORITHM, DIGEST_SIZE, EMPTY_DIGEST, digest_of, new_hasher
+from daemon.quick_lock import QuickLock
 from daemon.record_log import Frame, LogRef, RecordLog
 from daemon.store_files import (
     TempFile,
@@ -187,7 +186,7 @@ class _KeptSmall:
 class _NameLock:
     """A per-name commit lock plus how many tasks use it, so idle locks can be forgotten."""
 
-    lock: trio.Lock = field(default_factory=trio.Lock)
+    lock: QuickLock = field(default_factory=QuickLock)
     users: int = 0
 
 
@@ -269,7 +268,7 @@ class ObjectStore:
         self._small_bytes = 0
         self._small_cap = small_cache_bytes
         self._frames: dict[str, int] = {}  # name -> size of its frame in the log
-        self._log_turn = trio.Lock()  # appends wait while the log is compacted
+        self._log_turn = QuickLock()  # appends wait while the log is compacted
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             created = not (self._objects.is_dir() and self._tmp.is_dir())

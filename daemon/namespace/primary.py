@@ -27,8 +27,6 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING
 
-import trio
-
 from daemon.core.inodes import FsError, Write
 from daemon.core.keys import inode_name, placement_key
 from daemon.core.messages import MemberEntry, TupleEntry
@@ -37,6 +35,7 @@ from daemon.data_errors import DataError, InsertFailed, Superseded, Unavailable
 from daemon.namespace.memory import stamp_writes
 from daemon.namespace.ops import Op, Result, locked_inodes, run
 from daemon.peers import PeerError, stream_of
+from daemon.quick_lock import QuickLock
 from daemon.quorum import background_for, corrections, until_enough
 from daemon.store import StaleVersion, StoreError
 from daemon.wire import record_to_json
@@ -59,7 +58,7 @@ class Primary:
 
     def __init__(self, runtime: NodeRuntime) -> None:
         self.rt = runtime
-        self._locks: dict[int, tuple[trio.Lock, int]] = {}
+        self._locks: dict[int, tuple[QuickLock, int]] = {}
 
     async def apply(self, op: Op) -> tuple[Result, list[TupleEntry]]:
         """Apply ``op``; (its result, the tuples it wrote). FsError if the rule refuses."""
@@ -203,7 +202,7 @@ class Primary:
 
     @contextlib.asynccontextmanager
     async def _locked(self, ino: int) -> AsyncIterator[None]:
-        lock, users = self._locks.get(ino, (trio.Lock(), 0))
+        lock, users = self._locks.get(ino, (QuickLock(), 0))
         self._locks[ino] = (lock, users + 1)
         try:
             async with lock:

@@ -40,6 +40,7 @@ from daemon.core.inodes import (
 )
 from daemon.core.keys import MAX_INO, ROOT_INO, inode_name, xattrs_name
 from daemon.namespace.ops import Op, Result
+from daemon.quick_lock import QuickLock
 
 #: renameat2 flags (linux/fs.h).
 RENAME_NOREPLACE = 1
@@ -99,7 +100,7 @@ class Namespace:
     def __init__(self, records: Records, rng: random.Random | None = None) -> None:
         self.records = records
         self._rng = rng or random.SystemRandom()
-        self._dir_locks: dict[int, tuple[trio.Lock, int]] = {}
+        self._dir_locks: dict[int, tuple[QuickLock, int]] = {}
 
     async def sync(self, ino: int) -> None:
         """fsync(2) of an inode's records: its attributes and, for a directory, its entries."""
@@ -474,7 +475,7 @@ class Namespace:
         held: list[int] = []
         try:
             for ino in sorted(set(directories)):
-                lock, users = self._dir_locks.get(ino, (trio.Lock(), 0))
+                lock, users = self._dir_locks.get(ino, (QuickLock(), 0))
                 self._dir_locks[ino] = (lock, users + 1)
                 held.append(ino)
                 await lock.acquire()
@@ -482,7 +483,7 @@ class Namespace:
         finally:
             for ino in reversed(held):
                 lock, users = self._dir_locks[ino]
-                if lock.locked() and lock.statistics().owner is trio.lowlevel.current_task():
+                if lock.held_here():
                     lock.release()
                 if users <= 1:
                     del self._dir_locks[ino]

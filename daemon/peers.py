@@ -168,17 +168,21 @@ class PeerClient:
             raise PeerError(f"{addr[0]}:{addr[1]} sent malformed JSON") from exc
 
     async def put_file(self, addr: Address, path: str, query: Mapping[str, object],
-                       source: Path, content_digest: bytes, size: int) -> bytes:
-        """Send a local file of ``size`` bytes as the request body (a bulk connection, from
-        the file with sendfile, when it is large); the signature covers its digest. Returns
-        the answer's body."""
-        if size < BULK_MIN:  # a small call on a kept connection (``daemon.bulk_calls``)
-            if size <= READ_IN_LOOP:
+                       source: Path | bytes, content_digest: bytes, size: int) -> bytes:
+        """Send a local file of ``size`` bytes (or bytes in memory) as the request body (a
+        bulk connection, from the file with sendfile, when it is large); the signature covers
+        its digest. Returns the answer's body."""
+        if isinstance(source, bytes) or size < BULK_MIN:
+            # a small call on a kept connection (``daemon.bulk_calls``)
+            if isinstance(source, bytes):
+                data = source
+            elif size <= READ_IN_LOOP:
                 data = read_small_file(source, size)
             else:
                 data = await trio.Path(source).read_bytes()
             if len(data) != size:
-                raise PeerError(f"{source} holds {len(data)} bytes, not the {size} to send")
+                what = "the content" if isinstance(source, bytes) else str(source)
+                raise PeerError(f"{what} holds {len(data)} bytes, not the {size} to send")
             target = target_for(path, query)
             headers = self._headers("PUT", target, content_digest,
                                     {CONTENT_DIGEST_HEADER: content_digest.hex()})

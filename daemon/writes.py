@@ -70,10 +70,11 @@ class Writes:
 
     # --- insert ------------------------------------------------------------------------------
 
-    async def insert(self, name: str, source: Path, size: int, checksum: bytes, mode: int,
-                     mtime_ns: int, *, link_ok: bool = False, overwrite: bool = True,
-                     attrs: bytes = b"") -> TupleEntry:
-        """Store ``source`` under ``name`` on the name's holders; returns the published tuple.
+    async def insert(self, name: str, source: Path | bytes, size: int, checksum: bytes,
+                     mode: int, mtime_ns: int, *, link_ok: bool = False,
+                     overwrite: bool = True, attrs: bytes = b"") -> TupleEntry:
+        """Store ``source`` (a local file, or the bytes themselves) under ``name`` on the
+        name's holders; returns the published tuple.
 
         ``link_ok``: the caller computed ``checksum`` from the bytes it wrote and never writes
         ``source`` again, so this node's own copy (when it is a holder) may be a hard link to it
@@ -90,8 +91,8 @@ class Writes:
                                  mtime_ns, link_ok, attrs)
         return await (until_not_overtaken(once) if overwrite else once())
 
-    async def _insert_once(self, name: str, holders: list[MemberEntry], source: Path, size: int,
-                           checksum: bytes, mode: int, mtime_ns: int, link_ok: bool,
+    async def _insert_once(self, name: str, holders: list[MemberEntry], source: Path | bytes,
+                           size: int, checksum: bytes, mode: int, mtime_ns: int, link_ok: bool,
                            attrs: bytes) -> TupleEntry:
         """One attempt of ``insert`` with a version stamped now. Superseded when no holder
         stored it because they hold a newer version (written concurrently, or stamped by a
@@ -112,13 +113,9 @@ class Writes:
 
         async def store_on(holder: MemberEntry) -> None:
             try:
-                if holder.node_id == self.node.node_id and link_ok:
-                    await self.rt.store.adopt_file(name, version, mode, mtime_ns, source, size,
-                                                   checksum, attrs)
-                elif holder.node_id == self.node.node_id:
-                    await self.rt.store.put_file(name, version, mode, mtime_ns, source,
-                                                 expected_checksum=checksum, expected_size=size,
-                                                 attrs=attrs)
+                if holder.node_id == self.node.node_id:
+                    await self._store_here(name, version, mode, mtime_ns, source, size,
+                                           checksum, link_ok, attrs)
                 else:
                     query = version_query(version, mode, mtime_ns, size, attrs) | publishing
                     if holder.node_id == announcer:
@@ -146,9 +143,11 @@ class Writes:
                 await self.publish(entry, stored)
 
         jobs = [functools.partial(store_on, holder) for holder in holders]
-        # Only a small file is acknowledged at the quorum: every holder's job reads it as it
-        # starts, so the caller may drop it; a large one is streamed from it to the end.
-        background = background_for(self.rt) if size <= READ_IN_LOOP else None
+        # Only bytes in memory or a small file are acknowledged at the quorum: every holder's
+        # job reads a small file as it starts, so the caller may drop it; a large one is
+        # streamed from it to the end.
+        in_hand = isinstance(source, bytes) or size <= READ_IN_LOOP
+        background = background_for(self.rt) if in_hand else None
         await until_enough(jobs, lambda: len(stored) >= quorum, background, late)
         self._overtaken(name, stored, newer)
         pending = [h for h in holders if h not in stored and h.node_id not in failed]
@@ -157,6 +156,21 @@ class Writes:
                                         holders_published=True, pending=pending,
                                         acknowledged=acknowledged)
         return entry
+
+    async def _store_here(self, name: str, version: Version, mode: int, mtime_ns: int,
+                          source: Path | bytes, size: int, checksum: bytes, link_ok: bool,
+                          attrs: bytes) -> None:
+        """This node's own copy of an insert: the bytes, a link to the file (``link_ok``) or
+        a copy of it."""
+        store = self.rt.store
+        if isinstance(source, bytes):
+            await store.put(name, version, mode, mtime_ns, _once(source),
+                            expected_checksum=checksum, expected_size=size, attrs=attrs)
+        elif link_ok:
+            await store.adopt_file(name, version, mode, mtime_ns, source, size, checksum, attrs)
+        else:
+            await store.put_file(name, version, mode, mtime_ns, source,
+                                 expected_checksum=checksum, expected_size=size, attrs=attrs)
 
     def _overtaken(self, name: str, stored: list[MemberEntry], newer: list[int]) -> None:
         """After an upload: versions stamped here from now on are above every newer version a
@@ -403,6 +417,11 @@ async def until_not_overtaken(attempt: Callable[[], Awaitable[TupleEntry]]) -> T
                                   "overtaken by a newer write") from exc
             log.info("%s; trying again above that version", exc.message)
     raise AssertionError("unreachable")
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    """``data`` as a stream of one chunk (the store's ``put`` takes a stream)."""
+    yield data
 
 
 def _note_newer(exc: BaseException, newer: list[int]) -> None:

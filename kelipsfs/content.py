@@ -149,11 +149,11 @@ class Content:
         entry = await self._rt.dataplane.find(data_name(ino))
         return None if entry is None or entry.tombstone else entry
 
-    async def publish(self, ino: int, source: Path, size: int, checksum: bytes,
+    async def publish(self, ino: int, source: Path | bytes, size: int, checksum: bytes,
                       mtime_ns: int) -> TupleEntry:
-        """Store a local file this mount wrote and will not write again as the content of
-        ``ino`` (``DataPlane.insert``'s ``link_ok``: the local copy copies itself before a
-        later write)."""
+        """Store a local file this mount wrote and will not write again (``Writes.insert``'s
+        ``link_ok``: the local copy copies itself before a later write), or a small content
+        held in memory, as the content of ``ino``."""
         entry: TupleEntry = await self._rt.dataplane.writes.insert(
             data_name(ino), source, size, checksum, 0, mtime_ns, link_ok=True)
         return entry

@@ -36,8 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from daemon.digest import Stopped, digest_of, fd_digest, file_digest, new_hasher
-from daemon.store_files import write_all
+from daemon.digest import Stopped, fd_digest, file_digest, new_hasher
 from daemon.writeback import advance_writeback
 
 log = logging.getLogger("kelipsfs.fuse")
@@ -79,7 +78,7 @@ class LocalCopy:
         self.unlinked = False  # deleted while open: keep serving the handles, never re-insert
         self.lock = threading.Lock()  # serializes writes against the insert that publishes them
         # Running digest of the prefix [0, _hashed) of a spool copy; None once lost.
-        self._hasher: _SequentialHash | None = _SequentialHash() if spool and dirty else None
+        self._hasher: SequentialHash | None = SequentialHash() if spool and dirty else None
         self._hashed = 0
         self._written_out = 0  # the prefix already handed to advance_writeback
         self._shared = shared  # the inode is also the store's committed object
@@ -122,7 +121,7 @@ class LocalCopy:
             os.ftruncate(self.fd, length)  # sparse: a hole costs no memory and no disk
             if length == 0:
                 self._drop_hash()
-                self._hasher, self._hashed, self._written_out = _SequentialHash(), 0, 0
+                self._hasher, self._hashed, self._written_out = SequentialHash(), 0, 0
             elif length < self._hashed:
                 self._drop_hash()  # a longer file keeps its prefix: hashed whole at flush
             self.dirty = True
@@ -209,7 +208,7 @@ class LocalCopy:
         self.path.unlink(missing_ok=True)
 
 
-class _SequentialHash:
+class SequentialHash:
     """Digest of the bytes written front to back, hashed beside the writes.
 
     Hashing a MiB costs about as much as receiving it from the kernel; done inline it would
@@ -296,46 +295,3 @@ class _BackgroundCheck:
 
     def stop(self) -> None:
         self._stopped = True
-
-
-class MemoryCopy(LocalCopy):
-    """A small content held in memory while it is only read (the content of the record log:
-    no local file to write, open, read and remove for every ``cat`` or ``grep``); the first
-    write or truncate puts it in its spool file and goes on as a ``LocalCopy``."""
-
-    def __init__(self, name: str, path: Path, data: bytes, *, clock: int,
-                 checksum: bytes) -> None:
-        super().__init__(name, path, -1, spool=True, clock=clock, mtime_ns=0, dirty=False,
-                         checksum=checksum, size=len(data), shared=True)
-        self._data: bytes | None = data
-
-    def size(self) -> int:
-        return len(self._data) if self._data is not None else super().size()
-
-    def checksum(self) -> bytes:
-        return digest_of(self._data) if self._data is not None else super().checksum()
-
-    def read(self, size: int, offset: int) -> bytes:
-        if self._data is not None:
-            return self._data[offset:offset + size]
-        return super().read(size, offset)
-
-    def check_pending(self, size: int, offset: int) -> bool:
-        return self._data is None and super().check_pending(size, offset)
-
-    def _unshare(self) -> None:
-        if self._data is None:
-            super()._unshare()
-            return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            write_all(fd, self._data)
-        except BaseException:
-            os.close(fd)
-            self.path.unlink(missing_ok=True)
-            raise
-        self.fd, self._data, self._shared = fd, None, False
-
-    def close(self) -> None:
-        if self._data is None:
-            super().close()

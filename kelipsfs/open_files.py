@@ -32,8 +32,11 @@ from pathlib import Path
 import trio
 
 from daemon.data_errors import DataError, InsertFailed
+from daemon.digest import digest_of
+from daemon.quick_lock import QuickLock
 from kelipsfs.content import Content
-from kelipsfs.local_copy import CorruptCopy, LocalCopy, MemoryCopy
+from kelipsfs.local_copy import CorruptCopy, LocalCopy
+from kelipsfs.memory_copy import MemoryCopy
 
 log = logging.getLogger("kelipsfs.fuse")
 
@@ -55,7 +58,7 @@ class _Open:
 
     ino: int
     copy: LocalCopy
-    lock: trio.Lock = field(default_factory=trio.Lock)
+    lock: QuickLock = field(default_factory=QuickLock)
     refs: int = 0
     writers: int = 0
 
@@ -77,7 +80,7 @@ class OpenFiles:
         self._files: dict[int, _Open] = {}  # ino -> the copy new opens share
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
-        self._opening: dict[int, trio.Lock] = {}
+        self._opening: dict[int, QuickLock] = {}
 
     # --- what is open ---------------------------------------------------------------------
 
@@ -104,7 +107,7 @@ class OpenFiles:
     # --- open and close -------------------------------------------------------------------
 
     async def open(self, ino: int, writable: bool, truncate: bool, append: bool) -> int:
-        lock = self._opening.setdefault(ino, trio.Lock())
+        lock = self._opening.setdefault(ino, QuickLock())
         try:
             async with lock:
                 f = await self._copy_for(ino, truncate)
@@ -114,7 +117,7 @@ class OpenFiles:
                         f.copy.truncate(0)
                 return self._install(f, writable, append)
         finally:
-            if not lock.statistics().tasks_waiting and not lock.locked():
+            if not lock.waiting() and not lock.locked():
                 self._opening.pop(ino, None)
 
     async def create(self, ino: int, writable: bool, append: bool) -> int:
@@ -140,10 +143,9 @@ class OpenFiles:
         return f
 
     def _empty_copy(self, ino: int) -> LocalCopy:
-        path = self._spool / secrets.token_hex(12)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        return LocalCopy(f"{ino:x}", path, fd, spool=True, clock=None, mtime_ns=time.time_ns(),
-                         dirty=True)
+        """A new, empty content (in memory until it grows: ``kelipsfs.memory_copy``)."""
+        return MemoryCopy(f"{ino:x}", self._spool / secrets.token_hex(12), b"", clock=None,
+                          dirty=True, mtime_ns=time.time_ns())
 
     async def _fetch(self, ino: int) -> LocalCopy:
         path = self._spool / secrets.token_hex(12)
@@ -271,13 +273,16 @@ class OpenFiles:
             if not copy.dirty or copy.unlinked:
                 return False
             size = copy.size()
-            if size <= HASH_IN_LOOP:  # a small file hashes faster than a thread hop
+            source: Path | bytes = copy.path
+            if isinstance(copy, MemoryCopy) and (held := copy.memory()) is not None:
+                source, checksum = held, digest_of(held)
+            elif size <= HASH_IN_LOOP:  # a small file hashes faster than a thread hop
                 with copy.lock:
                     checksum = copy.checksum()
             else:
                 checksum = await trio.to_thread.run_sync(copy.locked_checksum)
             try:
-                entry = await self._content.publish(f.ino, copy.path, size, checksum,
+                entry = await self._content.publish(f.ino, source, size, checksum,
                                                     copy.mtime_ns)
             except InsertFailed as exc:
                 log.warning("inode %x not stored: %s", f.ino, exc.message)

@@ -1,4 +1,5 @@
-"""LocalCopy: hashing while written, copy on write after the store links it, checked reads."""
+"""LocalCopy: hashing while written, copy on write after the store links it, checked reads;
+MemoryCopy: small contents in memory until they outgrow it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 
 from daemon.digest import digest_of
 from kelipsfs import local_copy
-from kelipsfs.local_copy import CorruptCopy, LocalCopy, MemoryCopy
+from kelipsfs.local_copy import CorruptCopy, LocalCopy
+from kelipsfs.memory_copy import MEMORY_MAX, MemoryCopy
 
 MiB = 1 << 20
 BIG = 64 * MiB
@@ -168,25 +170,48 @@ def test_ten_thousand_write_and_publish_cycles_on_one_copy(tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
 
 
-def test_a_memory_copy_makes_its_file_at_the_first_change(tmp_path: Path) -> None:
-    """Read from memory (no file); the first write puts the content in the spool file and
-    changes it there; closing a copy that never changed leaves nothing behind."""
+def test_a_memory_copy_changes_in_memory_and_makes_its_file_only_past_the_limit(
+        tmp_path: Path) -> None:
+    """Read, written, truncated and extended in memory (no file, ever, while it stays small);
+    a publish snapshot never changes with later writes; the first change past MEMORY_MAX
+    puts the content in the spool file, with the same bytes and a right checksum."""
     data = b"small content of the record log\n" * 10
     path = tmp_path / "spool-m"
     copy = MemoryCopy("m", path, data, clock=7, checksum=digest_of(data))
     assert copy.read(10, 5) == data[5:15] and copy.size() == len(data)
     assert copy.read(100, len(data) - 4) == data[-4:]
-    assert not copy.dirty and copy.checksum() == digest_of(data) and not path.exists()
-    copy.write(b"XY", 3, False, 1 << 20)
+    assert not copy.dirty and not copy.shared and copy.checksum() == digest_of(data)
+    snapshot = copy.memory()
+    assert copy.write(b"XY", 3, False, 1 << 30) == 2
     changed = data[:3] + b"XY" + data[5:]
-    assert path.read_bytes() == changed and copy.read(8, 0) == changed[:8]
-    assert copy.dirty and copy.checksum() == digest_of(changed)
+    assert copy.dirty and copy.read(8, 0) == changed[:8] and snapshot == data
+    copy.write(b"Z", len(changed) + 3, False, 1 << 30)  # past the end: a gap of zeros
+    changed += b"\0\0\0Z"
+    assert copy.memory() == changed and copy.checksum() == digest_of(changed)
+    copy.write(b"!", 0, True, 1 << 30)  # O_APPEND
+    changed += b"!"
+    copy.truncate(4)
+    copy.truncate(6)
+    assert copy.memory() == changed[:4] + b"\0\0"
+    copy.published(9, linked=True)
+    assert not copy.dirty and not copy.shared and copy.clock == 9
+    assert not path.exists()
+    with pytest.raises(OSError):  # EFBIG before anything changes
+        copy.write(b"x" * 10, 0, False, 8)
+    assert copy.memory() == changed[:4] + b"\0\0"
+    grown = b"y" * (MEMORY_MAX + 1)
+    copy.write(grown, 2, False, 1 << 30)
+    expected = changed[:2] + grown
+    assert copy.memory() is None and path.read_bytes() == expected
+    assert copy.size() == len(expected) and copy.checksum() == digest_of(expected)
+    assert copy.read(5, 0) == expected[:5]
     copy.close()
     assert not path.exists()
-    untouched = MemoryCopy("n", tmp_path / "spool-n", data, clock=7, checksum=digest_of(data))
-    untouched.truncate(4)
-    assert (tmp_path / "spool-n").read_bytes() == data[:4] and untouched.size() == 4
-    untouched.close()
+    big = MemoryCopy("n", tmp_path / "spool-n", b"", clock=None, dirty=True)
+    big.truncate(MEMORY_MAX + 10)
+    assert (tmp_path / "spool-n").stat().st_size == MEMORY_MAX + 10 and big.memory() is None
+    big.close()
     idle = MemoryCopy("o", tmp_path / "spool-o", data, clock=7, checksum=digest_of(data))
     idle.close()
-    assert not (tmp_path / "spool-o").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+

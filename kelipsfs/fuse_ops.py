@@ -442,8 +442,12 @@ class KelipsOperations(pyfuse3.Operations):
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         fh = await self._files.create(made.ino, writable, bool(flags & os.O_APPEND))
         self._last[made.ino] = made
-        return (pyfuse3.FileInfo(fh=fh, keep_cache=bool(self._cached(made.ino))),
-                self._entry(made, parent_inode))
+        attrs = self._entry(made, parent_inode)
+        # Exactly known (empty, just made here), so the kernel may keep them like any other:
+        # it drops the size and times itself at each write through this mount, and the open
+        # that follows the create checks its permissions without asking again.
+        attrs.attr_timeout = self._cached(made.ino)
+        return (pyfuse3.FileInfo(fh=fh, keep_cache=bool(self._cached(made.ino))), attrs)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return await self._call(self._files.read, fh, off, size)

@@ -13,13 +13,18 @@ file is cut back to the last whole frame. Frames of superseded versions stay unt
 rewrites the live ones into a new file (written, fsynced, renamed over the old one).
 
 Blocking calls (``open``, ``replay``, ``compact``) run in worker threads; ``append`` and
-``read`` touch only the page cache and are called on the event loop.
+``read`` touch only the page cache and are called on the event loop. ``fdatasync`` runs on the
+event loop too while it is quick (the last one took at most ``INLINE_SYNC_MAX``): a hop to a
+worker thread and back costs more than a quick sync, and one small file's close waits for one.
+A slow one sends the next ones to a worker thread until one is quick again, so a slow disk
+holds up the loop once, for one sync.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +39,8 @@ _SHORT = struct.Struct(">B")
 _CONTENT = struct.Struct(">I")
 #: Largest payload a frame may announce (a replayed length beyond it is a torn frame).
 MAX_PAYLOAD = 4 << 20
+#: Seconds an fdatasync may take for the next one to run on the event loop.
+INLINE_SYNC_MAX = 0.002
 
 
 class Frame(NamedTuple):
@@ -106,6 +113,7 @@ class RecordLog:
         self._end = 0
         self._synced = 0  # everything before this offset is durable
         self._syncing: trio.Event | None = None
+        self._quick = True  # the last fdatasync took at most INLINE_SYNC_MAX
         self.live = 0  # bytes of frames still holding a current record (kept by the store)
 
     @property
@@ -166,7 +174,12 @@ class RecordLog:
             self._syncing = done = trio.Event()
             upto = self._end
             try:
-                await trio.to_thread.run_sync(os.fdatasync, self._fd)
+                started = time.perf_counter()
+                if self._quick:
+                    os.fdatasync(self._fd)
+                else:
+                    await trio.to_thread.run_sync(os.fdatasync, self._fd)
+                self._quick = time.perf_counter() - started <= INLINE_SYNC_MAX
                 self._synced = max(self._synced, upto)
             finally:
                 self._syncing = None

@@ -326,6 +326,8 @@ class Writes:
                 self.node.record_write(now, entry)
             await self.rt.dispatch(self.node.announce(now, *entries))
         others = [h for h in holders if h.node_id != self.node.node_id]
+        if not others:
+            return
         doc = {"tuples": [tuple_to_json(e) for e in entries]}
 
         async def tell(holder: MemberEntry, announce: bool) -> None:
@@ -336,8 +338,6 @@ class Writes:
                 log.warning("could not publish %d records to %s:%d: %s", len(entries),
                             holder.host, holder.port, exc)
 
-        if not others:
-            return
         async with trio.open_nursery() as nursery:
             for i, holder in enumerate(others):
                 nursery.start_soon(tell, holder, not ours and i == 0)

@@ -39,6 +39,8 @@ _SHORT = struct.Struct(">B")
 _CONTENT = struct.Struct(">I")
 #: Largest payload a frame may announce (a replayed length beyond it is a torn frame).
 MAX_PAYLOAD = 4 << 20
+#: Bytes allocated at a time past the end of the log.
+PREALLOCATE = 4 << 20
 #: Seconds an fdatasync may take for the next one to run on the event loop.
 INLINE_SYNC_MAX = 0.002
 
@@ -143,18 +145,29 @@ class RecordLog:
         if at != len(data):
             os.ftruncate(self._fd, at)
             os.fsync(self._fd)
-        self._end = self._synced = at
+        self._end = self._synced = self._allocated = at
 
     def append(self, frame: Frame, content: bytes) -> tuple[LogRef, int]:
         """Append a record (to the page cache: durable at the next ``sync``); where its
         content lies, and the frame's size."""
         data, offset = encode(frame, content)
+        if self._end + len(data) > self._allocated:
+            self._allocate(len(data))
         written = os.pwrite(self._fd, data, self._end)
         if written != len(data):
             raise OSError(28, "short write to the record log")  # ENOSPC in practice
         ref = LogRef(self._end + offset, len(content))
         self._end += len(data)
         return ref, len(data)
+
+    def _allocate(self, needed: int) -> None:
+        """Allocate the file ``PREALLOCATE`` bytes past what the next append needs (where
+        the file system cannot, the appends grow the file as they go)."""
+        try:
+            os.posix_fallocate(self._fd, self._end, needed + PREALLOCATE)
+        except OSError:
+            return
+        self._allocated = self._end + needed + PREALLOCATE
 
     def read(self, ref: LogRef) -> bytes:
         return os.pread(self._fd, ref.length, ref.offset) if ref.length else b""
@@ -213,7 +226,7 @@ class RecordLog:
             raise
         os.close(self._fd)
         self._fd = fd
-        self._end = self._synced = self.live = at
+        self._end = self._synced = self._allocated = self.live = at
         return refs
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from daemon import record_log
 from daemon.core.messages import Version
 from daemon.digest import digest_of
 from daemon.peers import stream_of
@@ -45,7 +46,8 @@ def test_a_torn_tail_is_cut_off(tmp_path: Path, cut: int) -> None:
         log.append(frame(f"e/{i:016x}/n", i, b"abc"), b"abc")
     whole = log.size
     log.close()
-    with open(path, "ab") as fh:  # a crash in the middle of the fourth append
+    with open(path, "r+b") as fh:  # a crash in the middle of the fourth append
+        fh.seek(whole)
         fh.write(b"\x00\x00\x00\x30" + b"\xff" * (cut - 1))
     again = RecordLog(path)
     assert len(list(again.replay())) == 3
@@ -53,6 +55,29 @@ def test_a_torn_tail_is_cut_off(tmp_path: Path, cut: int) -> None:
     again.append(frame("e/0000000000000009/n", 9, b"d"), b"d")
     again.close()
     assert len(list(RecordLog(path).replay())) == 4
+
+
+def test_the_file_is_allocated_ahead_and_its_zeros_end_the_log(tmp_path: Path) -> None:
+    """Appends go into space allocated ahead (the file does not grow with each one); after
+    a restart the allocated zeros read as the end, are cut off, and appends go on there."""
+    path = tmp_path / "r.log"
+    log = RecordLog(path)
+    list(log.replay())
+    log.append(frame("i/0000000000000001", 1, b"one"), b"one")
+    allocated = path.stat().st_size
+    assert allocated >= log.size + record_log.PREALLOCATE
+    for i in range(2, 40):
+        log.append(frame(f"i/{i:016x}", i, b"x" * 100), b"x" * 100)
+    assert path.stat().st_size == allocated
+    end = log.size
+    trio.run(log.sync)
+    log.close()
+    again = RecordLog(path)
+    assert [f.clock for f, _, _ in again.replay()] == list(range(1, 40))
+    assert path.stat().st_size == end == again.size
+    again.append(frame("i/0000000000000063", 99, b"z"), b"z")
+    again.close()
+    assert [f.clock for f, _, _ in RecordLog(path).replay()][-2:] == [39, 99]
 
 
 def test_a_flipped_byte_ends_the_log_there(tmp_path: Path) -> None:

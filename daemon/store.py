@@ -1,15 +1,7 @@
 """The on-disk object store of one node: versioned objects that survive kill -9 and a full disk.
 
-Every object version a node holds lives here, under ``root``::
-
-    root/tmp/                                        in-flight writes; emptied at every start
-    root/objects/<kk>/<key>-<clock>-<writer>.data    the content (absent for a tombstone)
-    root/objects/<kk>/<key>-<clock>-<writer>.meta    JSON metadata; its presence commits it
-
-``key`` is the hex SHA-1 of the UTF-8 name and ``kk`` its first two digits (256 fan-out
-directories so none grows huge); ``clock`` is the version's clock as 16 hex digits and
-``writer`` the writer id in hex. The user's name is never a path: names may contain '/', be
-4 KiB long or hold any character; it only lives inside the metadata.
+How a version is named and recorded on disk, what the store holds of it and the errors it
+raises are in ``daemon.store_layout``.
 
 Commit order of a put (what makes kill -9 at any instant safe):
 
@@ -48,7 +40,6 @@ import io
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 from collections import OrderedDict
@@ -57,12 +48,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from daemon.core.ids import NODE_ID_BYTES
 from daemon.core.keys import DATA, is_legacy, is_metadata, record_ino
 from daemon.core.messages import Version
 from daemon.digest import ALGORITHM, DIGEST_SIZE, EMPTY_DIGEST, digest_of, new_hasher
 from daemon.quick_lock import QuickLock
-from daemon.record_log import Frame, LogRef, RecordLog
+from daemon.record_log import Frame, RecordLog
 from daemon.store_files import (
     TempFile,
     file_signature,
@@ -75,29 +65,35 @@ from daemon.store_files import (
     shielded,
     stat_signature,
     unlink_quietly,
-    write_all,
+)
+from daemon.store_layout import (
+    FANOUT_RE,
+    FILE_RE,
+    META_FORMAT,
+    PATH_META_FORMAT,
+    SHA256_META_FORMAT,
+    ChecksumMismatch,
+    StaleVersion,
+    StoredObject,
+    StoreError,
+    StoreFull,
+    check_name,
+    check_version,
+    file_stem,
+    io_error,
+    name_key,
+    show,
+    show_version,
+    version_files,
+    write_meta,
 )
 
 log = logging.getLogger("kelipsfs.store")
 
 #: Bytes gathered from the sender before one write+hash batch is handed to a worker thread.
 WRITE_BATCH = 1 << 20
-#: Largest clock a version may carry (it is written as 16 hex digits in file names).
-MAX_CLOCK = (1 << 64) - 1
-#: Version of the metadata files. 1 recorded SHA-256 checksums; 2 records the content digest
-#: (``daemon.digest``) of an object named by its path in the mount; 3 is a record of the
-#: namespace (``daemon.core.inodes``: inodes, directory entries, file data) with its attrs.
-#: Recovery converts version 1 in place (``_upgrade_meta``) into version 2. Objects named by
-#: path (legacy) become files of the namespace once the node has joined
-#: (``daemon.namespace.migrate``).
-META_FORMAT = 3
-_PATH_META_FORMAT = 2
-_SHA256_META_FORMAT = 1
 _SHA256_OF_NOTHING = hashlib.sha256().digest()
 
-_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-_FILE_RE = re.compile(r"([0-9a-f]{40})-([0-9a-f]{16})-([0-9a-f]{40})\.(data|meta)")
-_FANOUT_RE = re.compile(r"[0-9a-f]{2}")
 _T = TypeVar("_T")
 
 
@@ -123,54 +119,6 @@ LOG_CONTENT_MAX = 64 << 10
 #: The record log is rewritten (compacted) when it is at least this large and superseded
 #: frames fill more than half of it.
 COMPACT_MIN = 32 << 20
-
-
-class StoreError(Exception):
-    """The store could not do what was asked; the message names the object and the cause."""
-
-
-class StoreFull(StoreError):
-    """The filesystem ran out of space (ENOSPC) or quota (EDQUOT) while writing.
-
-    Nothing partial is left visible and any older version of the object is untouched.
-    """
-
-
-class ChecksumMismatch(StoreError):
-    """Bytes received (or read back) do not match the expected digest or size."""
-
-
-class StaleVersion(StoreError):
-    """The store already holds a newer version of the name than the one offered: ``held``.
-
-    It travels with the refusal so that a writer whose version lost (a concurrent write,
-    or its clock behind the other writer's) can stamp its next attempt above it."""
-
-    def __init__(self, message: str, held: Version) -> None:
-        super().__init__(message)
-        self.held = held
-
-
-@dataclass(frozen=True, slots=True)
-class StoredObject:
-    """One committed version of a name, as its metadata file records it."""
-
-    name: str
-    version: Version
-    size: int
-    checksum: bytes  # digest of the content (of no bytes for a tombstone)
-    mode: int
-    mtime_ns: int
-    tombstone: bool
-    path: Path | None  # the content file; None for a tombstone
-    #: The checksum was computed from the bytes as this process wrote them. False for what
-    #: recovery found on disk at start: content a crash or the disk may have damaged since,
-    #: which a local reader checks before trusting it (``kelipsfs.local_copy``).
-    written_here: bool = field(default=False, compare=False)
-    #: The record kind's own fields (``TupleEntry.attrs``).
-    attrs: bytes = b""
-    #: Where the content lies in the record log, for a record kept there (``path`` None).
-    log: LogRef | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,44 +149,6 @@ class _Recovered:
     unknown: int = 0
     converted: int = 0  # format-1 records rewritten with the content digest
     converting: bool = False  # a format-1 record was met (and the start announced)
-
-
-def _show(name: str) -> str:
-    """A name for messages: repr (so odd characters stay visible), cut so 4 KiB does not flood."""
-    text = repr(name)
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _show_version(version: Version) -> str:
-    return f"{version.clock}@{version.writer.hex()[:12]}"
-
-
-def _name_key(name: str) -> str:
-    """SHA-1 hex of the name: the only form of the name that appears in file names.
-
-    ``surrogatepass`` lets any Python str (even one with lone surrogates) hash deterministically.
-    """
-    return hashlib.sha1(name.encode("utf-8", "surrogatepass"), usedforsecurity=False).hexdigest()
-
-
-def _stem(key: str, version: Version) -> str:
-    return f"{key}-{version.clock:016x}-{version.writer.hex()}"
-
-
-def _check_name(name: str) -> None:
-    """Any str is a valid store name (naming rules are the daemon's); anything else is not."""
-    if not isinstance(name, str):
-        raise TypeError(f"an object name is a str, got {type(name).__name__}")
-
-
-def _check_version(version: Version) -> Version:
-    """A well-formed Version (clock fits 64 bits, writer is a node id) or ValueError."""
-    clock, writer = version
-    if isinstance(clock, bool) or not isinstance(clock, int) or not 0 <= clock <= MAX_CLOCK:
-        raise ValueError(f"a version clock is an integer in [0, 2**64), got {clock!r}")
-    if not isinstance(writer, bytes) or len(writer) != NODE_ID_BYTES:
-        raise ValueError(f"a version writer is a {NODE_ID_BYTES}-byte node id, got {writer!r}")
-    return Version(clock, writer)
 
 
 class ObjectStore:
@@ -314,10 +224,7 @@ class ObjectStore:
 
     def files_for(self, name: str, version: Version) -> tuple[Path, Path]:
         """Where the (content, metadata) files of a version of ``name`` live (tools, tests)."""
-        key = _name_key(name)
-        stem = _stem(key, _check_version(version))
-        directory = self._objects / key[:2]
-        return directory / f"{stem}.data", directory / f"{stem}.meta"
+        return version_files(self._objects, name, version)
 
     # --- reads --------------------------------------------------------------------------------
 
@@ -331,15 +238,15 @@ class ObjectStore:
         if obj.log is not None:
             return io.BytesIO(self._log.read(obj.log))
         if obj.tombstone or obj.path is None:
-            raise StoreError(f"{_show(obj.name)} is deleted (tombstone of version "
-                             f"{_show_version(obj.version)}): it has no content")
+            raise StoreError(f"{show(obj.name)} is deleted (tombstone of version "
+                             f"{show_version(obj.version)}): it has no content")
         try:
             return open_read(obj.path)
         except FileNotFoundError:
-            raise StoreError(f"version {_show_version(obj.version)} of {_show(obj.name)} is no "
+            raise StoreError(f"version {show_version(obj.version)} of {show(obj.name)} is no "
                              "longer stored (replaced by a newer version or dropped)") from None
         except OSError as exc:
-            raise StoreError(f"cannot read {_show(obj.name)}: {exc.strerror or exc}") from exc
+            raise StoreError(f"cannot read {show(obj.name)}: {exc.strerror or exc}") from exc
 
     async def read_chunks(self, obj: StoredObject, chunk_size: int = 1 << 20, *,
                           offset: int = 0, verify: bool = True) -> AsyncIterator[bytes]:
@@ -358,7 +265,7 @@ class ObjectStore:
         if obj.log is not None:
             data = self._log.read(obj.log)
             if verify and digest_of(data) != obj.checksum:
-                raise ChecksumMismatch(f"the logged content of {_show(obj.name)} does not match "
+                raise ChecksumMismatch(f"the logged content of {show(obj.name)} does not match "
                                        "its checksum: it is corrupt")
             if data[offset:]:
                 yield data[offset:]
@@ -368,11 +275,11 @@ class ObjectStore:
             block = await in_thread(functools.partial(self._read_whole, obj, offset))
             if len(block) != obj.size - offset:
                 raise ChecksumMismatch(
-                    f"stored content of {_show(obj.name)} (version "
-                    f"{_show_version(obj.version)}) is truncated on disk")
+                    f"stored content of {show(obj.name)} (version "
+                    f"{show_version(obj.version)}) is truncated on disk")
             if verify and offset == 0 and digest_of(block) != obj.checksum:
                 raise ChecksumMismatch(
-                    f"stored content of {_show(obj.name)} (version {_show_version(obj.version)}) "
+                    f"stored content of {show(obj.name)} (version {show_version(obj.version)}) "
                     "is corrupt: its digest no longer matches the one recorded at write time")
             if block:
                 yield block
@@ -388,18 +295,18 @@ class ObjectStore:
                 try:
                     block = await in_thread(functools.partial(read_hashed, f, want, hasher))
                 except OSError as exc:
-                    raise StoreError(f"cannot read {_show(obj.name)}: "
+                    raise StoreError(f"cannot read {show(obj.name)}: "
                                      f"{exc.strerror or exc}") from exc
                 if not block:
                     raise ChecksumMismatch(
-                        f"stored content of {_show(obj.name)} (version "
-                        f"{_show_version(obj.version)}) is truncated: "
+                        f"stored content of {show(obj.name)} (version "
+                        f"{show_version(obj.version)}) is truncated: "
                         f"{obj.size - remaining} of {obj.size} bytes on disk")
                 remaining -= len(block)
                 yield block
             if verify and offset == 0 and hasher.digest() != obj.checksum:
                 raise ChecksumMismatch(
-                    f"stored content of {_show(obj.name)} (version {_show_version(obj.version)}) "
+                    f"stored content of {show(obj.name)} (version {show_version(obj.version)}) "
                     "is corrupt: its digest no longer matches the one recorded at write time")
         finally:
             await shielded(f.close)
@@ -462,7 +369,7 @@ class ObjectStore:
             try:
                 return fh.read(obj.size - offset)
             except OSError as exc:
-                raise StoreError(f"cannot read {_show(obj.name)}: "
+                raise StoreError(f"cannot read {show(obj.name)}: "
                                  f"{exc.strerror or exc}") from exc
 
     # --- writes -------------------------------------------------------------------------------
@@ -490,8 +397,8 @@ class ObjectStore:
         came after the body, ``peers.LateDigest``): called then, before the commit; whatever it
         raises propagates, with the same clean-up.
         """
-        _check_name(name)
-        version = _check_version(version)
+        check_name(name)
+        version = check_version(version)
         late = expected_checksum if callable(expected_checksum) else None
         early = expected_checksum if isinstance(expected_checksum, bytes) else None
         if early is not None and len(early) != DIGEST_SIZE:
@@ -511,18 +418,18 @@ class ObjectStore:
         try:
             temp = await in_thread(functools.partial(TempFile, self._tmp))
         except OSError as exc:
-            raise self._io_error(exc, f"cannot start writing {_show(name)}") from exc
+            raise io_error(self.root, exc, f"cannot start writing {show(name)}") from exc
         committed = False
         try:
             await self._fill(temp, name, chunks, expected_size)
             if expected_size is not None and temp.size != expected_size:
-                raise ChecksumMismatch(f"{_show(name)}: received {temp.size} bytes but "
+                raise ChecksumMismatch(f"{show(name)}: received {temp.size} bytes but "
                                        f"{expected_size} were announced; the data was discarded")
             checksum = temp.hasher.digest()
             want = late() if late is not None else early
             if want is not None and checksum != want:
                 raise ChecksumMismatch(
-                    f"{_show(name)}: the received content has digest {checksum.hex()[:16]}..., "
+                    f"{show(name)}: the received content has digest {checksum.hex()[:16]}..., "
                     f"not the expected {want.hex()[:16]}...; the data was discarded")
             obj, committed = await self._commit_temp(name, version, mode, mtime_ns, temp.size,
                                                      checksum, temp.path, want, attrs)
@@ -552,7 +459,7 @@ class ObjectStore:
             try:
                 obj = await in_thread(commit)
             except OSError as exc:
-                raise self._io_error(exc, f"cannot commit {_show(name)}") from exc
+                raise io_error(self.root, exc, f"cannot commit {show(name)}") from exc
             self._install(obj)  # no checkpoint between the commit and the index update
         # A file's content is durable from here: so are the records logged before it (its
         # inode and name, on the nodes that hold them with it).
@@ -572,8 +479,8 @@ class ObjectStore:
         impossible (another file system, a link limit) it falls back to ``put_file``'s copy,
         checked against ``checksum``.
         """
-        _check_name(name)
-        version = _check_version(version)
+        check_name(name)
+        version = check_version(version)
         held = self._held(name, version, checksum)
         if held is not None:
             return held
@@ -593,11 +500,11 @@ class ObjectStore:
                 return await self.put_file(name, version, mode, mtime_ns, source,
                                            expected_checksum=checksum, expected_size=size,
                                            attrs=attrs)
-            raise self._io_error(exc, f"cannot store {_show(name)} from {source}") from exc
+            raise io_error(self.root, exc, f"cannot store {show(name)} from {source}") from exc
         committed = False
         try:
             if linked != size:
-                raise ChecksumMismatch(f"{_show(name)}: {source} has {linked} bytes, not the "
+                raise ChecksumMismatch(f"{show(name)}: {source} has {linked} bytes, not the "
                                        f"{size} announced; nothing was stored")
             obj, committed = await self._commit_temp(name, version, mode, mtime_ns, size,
                                                      checksum, temp_path, checksum, attrs)
@@ -643,8 +550,8 @@ class ObjectStore:
         resurrect the name; ``drop`` forgets it once it has expired. StaleVersion if a newer
         version is held; if exactly ``version`` is held, that is returned unchanged.
         """
-        _check_name(name)
-        version = _check_version(version)
+        check_name(name)
+        version = check_version(version)
         async with self._name_lock(name):
             held = self._held(name, version, None)
             if held is not None:
@@ -659,7 +566,8 @@ class ObjectStore:
             try:
                 obj = await in_thread(commit)
             except OSError as exc:
-                raise self._io_error(exc, f"cannot record the deletion of {_show(name)}") from exc
+                raise io_error(self.root, exc,
+                               f"cannot record the deletion of {show(name)}") from exc
             self._install(obj)
             return obj
 
@@ -679,7 +587,7 @@ class ObjectStore:
             try:
                 await in_thread(functools.partial(self._remove_version, held, durable=True))
             except OSError as exc:
-                raise self._io_error(exc, f"cannot drop {_show(name)}") from exc
+                raise io_error(self.root, exc, f"cannot drop {show(name)}") from exc
             self._uninstall(name)
 
     # --- the record log ---------------------------------------------------------------------
@@ -703,7 +611,7 @@ class ObjectStore:
                 raise TypeError(f"content chunks must be bytes, got {type(raw).__name__}")
             got += len(raw)
             if got > size:
-                raise ChecksumMismatch(f"{_show(name)}: the sender sent more than the {size} "
+                raise ChecksumMismatch(f"{show(name)}: the sender sent more than the {size} "
                                        "bytes announced; the data was discarded")
             parts.append(bytes(raw))
         return await self._log_bytes(name, version, mode, mtime_ns, b"".join(parts), size,
@@ -714,11 +622,11 @@ class ObjectStore:
                          ) -> StoredObject:
         """Check ``data`` (``size`` bytes announced, digest ``want``) and log it."""
         if len(data) != size:
-            raise ChecksumMismatch(f"{_show(name)}: received {len(data)} bytes but {size} were "
+            raise ChecksumMismatch(f"{show(name)}: received {len(data)} bytes but {size} were "
                                    "announced; the data was discarded")
         checksum = digest_of(data)
         if want is not None and checksum != want:
-            raise ChecksumMismatch(f"{_show(name)}: the received content does not match its "
+            raise ChecksumMismatch(f"{show(name)}: the received content does not match its "
                                    "digest; the data was discarded")
         async with self._name_lock(name):
             held = self._held(name, version, want)
@@ -740,7 +648,7 @@ class ObjectStore:
             try:
                 ref, size = self._log.append(frame, content)
             except OSError as exc:
-                raise self._io_error(exc, f"cannot log {_show(obj.name)}") from exc
+                raise io_error(self.root, exc, f"cannot log {show(obj.name)}") from exc
         previous = self._index.get(obj.name)
         logged = dataclasses.replace(obj, log=ref)
         self._install(logged)
@@ -757,7 +665,7 @@ class ObjectStore:
             try:
                 await self._log.sync()
             except OSError as exc:
-                raise self._io_error(exc, "cannot make the record log durable") from exc
+                raise io_error(self.root, exc, "cannot make the record log durable") from exc
 
     async def maintain(self) -> None:
         """Make the log durable, and rewrite it when superseded frames fill most of it (a
@@ -807,13 +715,13 @@ class ObjectStore:
         if held is None or held.version < version:
             return None
         if held.version > version:
-            raise StaleVersion(f"{_show(name)}: version {_show_version(version)} is older than "
-                               f"the version {_show_version(held.version)} already stored",
+            raise StaleVersion(f"{show(name)}: version {show_version(version)} is older than "
+                               f"the version {show_version(held.version)} already stored",
                                held.version)
         if (expected_checksum is not None and not held.tombstone
                 and held.checksum != expected_checksum):
             raise ChecksumMismatch(
-                f"{_show(name)}: version {_show_version(version)} is already stored with "
+                f"{show(name)}: version {show_version(version)} is already stored with "
                 f"digest {held.checksum.hex()[:16]}..., not {expected_checksum.hex()[:16]}...")
         return held
 
@@ -825,7 +733,7 @@ class ObjectStore:
             return  # the write itself will tell
         free = st.f_bavail * st.f_frsize
         if size > free:
-            raise StoreFull(f"not enough space to store {_show(name)} in {self.root}: it needs "
+            raise StoreFull(f"not enough space to store {show(name)} in {self.root}: it needs "
                             f"{size} bytes and only {free} are free; nothing was written")
 
     async def _fill(self, temp: TempFile, name: str, chunks: AsyncIterable[bytes],
@@ -841,8 +749,8 @@ class ObjectStore:
             try:
                 await in_thread(functools.partial(temp.write, blocks))
             except OSError as exc:
-                raise self._io_error(exc, f"cannot store {_show(name)} (after writing "
-                                          f"{temp.size} bytes)") from exc
+                raise io_error(self.root, exc, f"cannot store {show(name)} (after writing "
+                                               f"{temp.size} bytes)") from exc
 
         async for item in chunks:
             raw: object = item
@@ -856,7 +764,7 @@ class ObjectStore:
                 continue
             received += len(chunk)
             if expected_size is not None and received > expected_size:
-                raise ChecksumMismatch(f"{_show(name)}: the sender sent more than the "
+                raise ChecksumMismatch(f"{show(name)}: the sender sent more than the "
                                        f"{expected_size} bytes announced; the data was discarded")
             pending.append(chunk)
             pending_bytes += len(chunk)
@@ -867,15 +775,8 @@ class ObjectStore:
         try:
             await in_thread(temp.finish)
         except OSError as exc:
-            raise self._io_error(exc, f"cannot store {_show(name)} ({temp.size} bytes)") from exc
-
-    def _io_error(self, exc: OSError, what: str) -> StoreError:
-        """StoreFull for a full disk or quota, StoreError naming the cause for anything else."""
-        reason = exc.strerror or str(exc)
-        if exc.errno in _FULL_ERRNOS:
-            return StoreFull(f"{what}: the filesystem of {self.root} is full ({reason}); "
-                             "the write was abandoned and any older version is untouched")
-        return StoreError(f"{what}: {reason}")
+            raise io_error(self.root, exc,
+                           f"cannot store {show(name)} ({temp.size} bytes)") from exc
 
     @contextlib.asynccontextmanager
     async def _name_lock(self, name: str) -> AsyncIterator[None]:
@@ -928,7 +829,7 @@ class ObjectStore:
         try:
             if content is not None:
                 os.replace(content, data_path)
-            self._write_meta(meta_path, doc)
+            write_meta(self._tmp, meta_path, doc)
             fsync_dir(directory)
         except BaseException:
             unlink_quietly(meta_path)
@@ -940,26 +841,10 @@ class ObjectStore:
                 self._remove_version(previous, durable=False)
             except OSError as exc:  # the new version is committed anyway; recovery retries
                 log.warning("could not remove superseded version %s of %s: %s",
-                            _show_version(previous.version), _show(name), exc.strerror or exc)
+                            show_version(previous.version), show(name), exc.strerror or exc)
         return StoredObject(name, version, size, checksum, mode, mtime_ns, content is None,
                             None if content is None else data_path, written_here=True,
                             attrs=attrs)
-
-    def _write_meta(self, meta_path: Path, doc: dict[str, Any]) -> None:
-        """Write the metadata to tmp/, fsync it, rename it into place (worker thread)."""
-        payload = json.dumps(doc, ensure_ascii=True, separators=(",", ":")).encode("ascii")
-        temp = self._tmp / f"{secrets.token_hex(16)}.meta"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                write_all(fd, payload)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, meta_path)
-        except BaseException:
-            unlink_quietly(temp)
-            raise
 
     def _remove_version(self, obj: StoredObject, *, durable: bool) -> None:
         """Remove a version's files, metadata first so a crash never leaves meta without data.
@@ -988,11 +873,11 @@ class ObjectStore:
         contents: dict[str, Path] = {}
         metas: dict[str, Path] = {}
         for sub in os.scandir(self._objects):
-            if not (sub.is_dir(follow_symlinks=False) and _FANOUT_RE.fullmatch(sub.name)):
+            if not (sub.is_dir(follow_symlinks=False) and FANOUT_RE.fullmatch(sub.name)):
                 stats.unknown += 1
                 continue
             for entry in os.scandir(sub.path):
-                match = _FILE_RE.fullmatch(entry.name)
+                match = FILE_RE.fullmatch(entry.name)
                 if match is None or not match.group(1).startswith(sub.name):
                     stats.unknown += 1
                     continue
@@ -1047,10 +932,10 @@ class ObjectStore:
         """Parse and cross-check one metadata file; None if it is not a valid commit record."""
         try:
             doc = json.loads(meta_path.read_bytes())
-            if isinstance(doc, dict) and doc.get("format") == _SHA256_META_FORMAT:
+            if isinstance(doc, dict) and doc.get("format") == SHA256_META_FORMAT:
                 doc = self._upgrade_meta(meta_path, stem, doc, stats)
             if not isinstance(doc, dict) or doc.get("format") not in (META_FORMAT,
-                                                                      _PATH_META_FORMAT):
+                                                                      PATH_META_FORMAT):
                 return None
             name, clock, writer = doc["name"], doc["clock"], bytes.fromhex(doc["writer"])
             size, checksum = doc["size"], bytes.fromhex(doc["checksum"])
@@ -1060,11 +945,11 @@ class ObjectStore:
                     and isinstance(mode, int) and isinstance(mtime_ns, int)
                     and isinstance(tombstone, bool) and len(checksum) == DIGEST_SIZE):
                 return None
-            version = _check_version(Version(clock, writer))
+            version = check_version(Version(clock, writer))
         except (OSError, ValueError, KeyError, TypeError):  # JSONDecodeError is a ValueError
             return None
-        key = _name_key(name)
-        if _stem(key, version) != stem:
+        key = name_key(name)
+        if file_stem(key, version) != stem:
             return None
         data_path = meta_path.with_name(f"{stem}.data")
         return StoredObject(name, version, size, checksum, mode, mtime_ns, tombstone,
@@ -1096,15 +981,15 @@ class ObjectStore:
         if not matches:
             log.warning("store %s: %s no longer matches the SHA-256 recorded when it was "
                         "written; dropped while converting the store (repair restores a copy)",
-                        self.root, _show(str(doc.get("name"))))
+                        self.root, show(str(doc.get("name"))))
             return None
-        upgraded = {**doc, "format": _PATH_META_FORMAT, "checksum": digest.hex()}
+        upgraded = {**doc, "format": PATH_META_FORMAT, "checksum": digest.hex()}
         stats.converted += 1
         try:
-            self._write_meta(meta_path, upgraded)
+            write_meta(self._tmp, meta_path, upgraded)
             fsync_dir(meta_path.parent)
         except OSError as exc:  # e.g. a full disk: serve it converted, rewrite it next start
             log.warning("store %s: could not rewrite the record of %s in the new format (%s); "
                         "kept, converted again at the next start", self.root,
-                        _show(str(doc.get("name"))), exc.strerror or exc)
+                        show(str(doc.get("name"))), exc.strerror or exc)
         return upgraded

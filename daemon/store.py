@@ -1,21 +1,8 @@
 """The on-disk object store of one node: versioned objects that survive kill -9 and a full disk.
 
 How a version is named and recorded on disk, what the store holds of it and the errors it
-raises are in ``daemon.store_layout``.
-
-Commit order of a put (what makes kill -9 at any instant safe):
-
-1. the content is streamed into ``tmp/<random>.part`` while digest and size are computed, then
-   fsynced and checked against what the sender announced;
-2. the temp file is renamed to ``<stem>.data`` (invisible: no metadata names it yet);
-3. the metadata is written to ``tmp/``, fsynced and renamed to ``<stem>.meta``;
-4. the fan-out directory is fsynced: the version is now committed and ``put`` may return;
-5. only then are the files of the previous version removed (metadata first, then content).
-
-A crash before 4 leaves the old version untouched (plus debris); a crash after 4 leaves the new
-one committed, possibly next to the old. Recovery at start deletes the debris: everything in
-``tmp/``, content without metadata, metadata whose content is missing or has the wrong size,
-and all but the newest committed version of each name.
+raises are in ``daemon.store_layout``; the order in which a version's files are written,
+committed and removed, so that kill -9 at any instant is safe, in ``daemon.store_commit``.
 
 The daemon is trio-based and its event loop also runs gossip, so every async method does its
 blocking file I/O (open, write, fsync, rename, unlink, read) in ``trio.to_thread.run_sync``,
@@ -53,6 +40,13 @@ from daemon.core.messages import Version
 from daemon.digest import ALGORITHM, DIGEST_SIZE, EMPTY_DIGEST, digest_of, new_hasher
 from daemon.quick_lock import QuickLock
 from daemon.record_log import Frame, RecordLog
+from daemon.store_commit import (
+    WRITE_BATCH,
+    check_room,
+    commit_version,
+    fill,
+    remove_version,
+)
 from daemon.store_files import (
     TempFile,
     file_signature,
@@ -76,7 +70,6 @@ from daemon.store_layout import (
     StaleVersion,
     StoredObject,
     StoreError,
-    StoreFull,
     check_name,
     check_version,
     file_stem,
@@ -90,8 +83,6 @@ from daemon.store_layout import (
 
 log = logging.getLogger("kelipsfs.store")
 
-#: Bytes gathered from the sender before one write+hash batch is handed to a worker thread.
-WRITE_BATCH = 1 << 20
 _SHA256_OF_NOTHING = hashlib.sha256().digest()
 
 _T = TypeVar("_T")
@@ -382,7 +373,7 @@ class ObjectStore:
 
         The content goes to a temp file (never whole in memory), is fsynced and checked against
         ``expected_checksum`` (digest) and ``expected_size``, then committed atomically (see
-        the module docstring) and older versions of the name are removed.
+        ``daemon.store_commit``) and older versions of the name are removed.
 
         Raises StaleVersion if a newer version is held, ChecksumMismatch if the bytes do not
         match (a sender exceeding ``expected_size`` is cut off at once), StoreFull on ENOSPC /
@@ -413,7 +404,7 @@ class ObjectStore:
             return await self._put_logged(name, version, mode, mtime_ns, chunks, late, early,
                                           expected_size, attrs)
         if expected_size is not None:
-            await self._check_room(name, expected_size)
+            await check_room(self.root, name, expected_size)
 
         try:
             temp = await in_thread(functools.partial(TempFile, self._tmp))
@@ -421,7 +412,7 @@ class ObjectStore:
             raise io_error(self.root, exc, f"cannot start writing {show(name)}") from exc
         committed = False
         try:
-            await self._fill(temp, name, chunks, expected_size)
+            await fill(self.root, temp, name, chunks, expected_size)
             if expected_size is not None and temp.size != expected_size:
                 raise ChecksumMismatch(f"{show(name)}: received {temp.size} bytes but "
                                        f"{expected_size} were announced; the data was discarded")
@@ -454,8 +445,9 @@ class ObjectStore:
             if held is not None:
                 return held, False
             previous = self._index.get(name)
-            commit = functools.partial(self._commit, name, version, mode, mtime_ns, size,
-                                       checksum, temp_path, previous, attrs)
+            commit = functools.partial(commit_version, self._objects, self._tmp, name, version,
+                                       mode, mtime_ns, size, checksum, temp_path, previous,
+                                       attrs)
             try:
                 obj = await in_thread(commit)
             except OSError as exc:
@@ -561,8 +553,8 @@ class ObjectStore:
                     name, version, 0, EMPTY_DIGEST, 0, mtime_ns, True, None,
                     written_here=True), b"")
             previous = self._index.get(name)
-            commit = functools.partial(self._commit, name, version, 0, mtime_ns, 0,
-                                       EMPTY_DIGEST, None, previous, b"")
+            commit = functools.partial(commit_version, self._objects, self._tmp, name, version,
+                                       0, mtime_ns, 0, EMPTY_DIGEST, None, previous, b"")
             try:
                 obj = await in_thread(commit)
             except OSError as exc:
@@ -585,7 +577,8 @@ class ObjectStore:
                 self._uninstall(name)
                 return
             try:
-                await in_thread(functools.partial(self._remove_version, held, durable=True))
+                await in_thread(functools.partial(remove_version, self._objects, held,
+                                                  durable=True))
             except OSError as exc:
                 raise io_error(self.root, exc, f"cannot drop {show(name)}") from exc
             self._uninstall(name)
@@ -655,7 +648,8 @@ class ObjectStore:
         self._frames[obj.name] = size
         self._log.live += size
         if previous is not None and previous.log is None:  # a version stored as files
-            await shielded(functools.partial(self._remove_version, previous, durable=False))
+            await shielded(functools.partial(remove_version, self._objects, previous,
+                                             durable=False))
         return logged
 
     async def sync(self) -> None:
@@ -701,7 +695,7 @@ class ObjectStore:
             if current is not None and current.version >= obj.version:
                 continue
             if current is not None and current.log is None:
-                self._remove_version(current, durable=False)
+                remove_version(self._objects, current, durable=False)
             self._install(obj)
             self._frames[frame.name] = size
             self._log.live += size
@@ -724,59 +718,6 @@ class ObjectStore:
                 f"{show(name)}: version {show_version(version)} is already stored with "
                 f"digest {held.checksum.hex()[:16]}..., not {expected_checksum.hex()[:16]}...")
         return held
-
-    async def _check_room(self, name: str, size: int) -> None:
-        """Refuse at once a write that cannot fit, instead of after streaming it all."""
-        try:
-            st = await in_thread(functools.partial(os.statvfs, self.root))
-        except OSError:
-            return  # the write itself will tell
-        free = st.f_bavail * st.f_frsize
-        if size > free:
-            raise StoreFull(f"not enough space to store {show(name)} in {self.root}: it needs "
-                            f"{size} bytes and only {free} are free; nothing was written")
-
-    async def _fill(self, temp: TempFile, name: str, chunks: AsyncIterable[bytes],
-                    expected_size: int | None) -> None:
-        """Stream ``chunks`` into ``temp`` in ~WRITE_BATCH thread hops, then fsync it."""
-        pending: list[bytes] = []
-        pending_bytes = 0
-        received = 0
-
-        async def flush() -> None:
-            nonlocal pending, pending_bytes
-            blocks, pending, pending_bytes = pending, [], 0
-            try:
-                await in_thread(functools.partial(temp.write, blocks))
-            except OSError as exc:
-                raise io_error(self.root, exc, f"cannot store {show(name)} (after writing "
-                                               f"{temp.size} bytes)") from exc
-
-        async for item in chunks:
-            raw: object = item
-            if type(raw) is bytes:
-                chunk = raw
-            elif isinstance(raw, bytes | bytearray | memoryview):
-                chunk = bytes(raw)  # a copy: the sender may reuse its buffer once resumed
-            else:
-                raise TypeError(f"content chunks must be bytes, got {type(raw).__name__}")
-            if not chunk:
-                continue
-            received += len(chunk)
-            if expected_size is not None and received > expected_size:
-                raise ChecksumMismatch(f"{show(name)}: the sender sent more than the "
-                                       f"{expected_size} bytes announced; the data was discarded")
-            pending.append(chunk)
-            pending_bytes += len(chunk)
-            if pending_bytes >= WRITE_BATCH:
-                await flush()
-        if pending:
-            await flush()
-        try:
-            await in_thread(temp.finish)
-        except OSError as exc:
-            raise io_error(self.root, exc,
-                           f"cannot store {show(name)} ({temp.size} bytes)") from exc
 
     @contextlib.asynccontextmanager
     async def _name_lock(self, name: str) -> AsyncIterator[None]:
@@ -809,54 +750,6 @@ class ObjectStore:
             self._live -= not is_metadata(name)
             self._bytes -= old.size
         self._legacy.discard(name)
-
-    def _commit(self, name: str, version: Version, mode: int, mtime_ns: int, size: int,
-                checksum: bytes, content: Path | None,
-                previous: StoredObject | None, attrs: bytes) -> StoredObject:
-        """Steps 2-5 of the commit order (worker thread). ``content`` None means a tombstone.
-
-        On failure everything this call made visible is removed again before raising.
-        """
-        data_path, meta_path = self.files_for(name, version)
-        directory = data_path.parent
-        if not directory.is_dir():
-            directory.mkdir(mode=0o700, exist_ok=True)
-            fsync_dir(self._objects)
-        doc = {"format": META_FORMAT, "name": name, "clock": version.clock,
-               "writer": version.writer.hex(), "size": size, "checksum": checksum.hex(),
-               "mode": mode, "mtime_ns": mtime_ns, "tombstone": content is None,
-               "attrs": attrs.hex()}
-        try:
-            if content is not None:
-                os.replace(content, data_path)
-            write_meta(self._tmp, meta_path, doc)
-            fsync_dir(directory)
-        except BaseException:
-            unlink_quietly(meta_path)
-            if content is not None:
-                unlink_quietly(data_path)
-            raise
-        if previous is not None and previous.version != version:
-            try:
-                self._remove_version(previous, durable=False)
-            except OSError as exc:  # the new version is committed anyway; recovery retries
-                log.warning("could not remove superseded version %s of %s: %s",
-                            show_version(previous.version), show(name), exc.strerror or exc)
-        return StoredObject(name, version, size, checksum, mode, mtime_ns, content is None,
-                            None if content is None else data_path, written_here=True,
-                            attrs=attrs)
-
-    def _remove_version(self, obj: StoredObject, *, durable: bool) -> None:
-        """Remove a version's files, metadata first so a crash never leaves meta without data.
-
-        Raises OSError only if the metadata could not be removed (the version is then still
-        committed); a content file left behind is an orphan that recovery deletes.
-        """
-        data_path, meta_path = self.files_for(obj.name, obj.version)
-        meta_path.unlink(missing_ok=True)
-        unlink_quietly(data_path)
-        if durable:
-            fsync_dir(meta_path.parent)
 
     # --- recovery -----------------------------------------------------------------------------
 

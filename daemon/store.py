@@ -2,7 +2,8 @@
 
 How a version is named and recorded on disk, what the store holds of it and the errors it
 raises are in ``daemon.store_layout``; the order in which a version's files are written,
-committed and removed, so that kill -9 at any instant is safe, in ``daemon.store_commit``.
+committed and removed, so that kill -9 at any instant is safe, in ``daemon.store_commit``;
+the recovery at start that deletes what a crash left behind in ``daemon.store_recovery``.
 
 The daemon is trio-based and its event loop also runs gossip, so every async method does its
 blocking file I/O (open, write, fsync, rename, unlink, read) in ``trio.to_thread.run_sync``,
@@ -22,22 +23,19 @@ import contextlib
 import dataclasses
 import errno
 import functools
-import hashlib
 import io
-import json
 import logging
 import os
 import secrets
-import shutil
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import BinaryIO, TypeVar
 
 from daemon.core.keys import DATA, is_legacy, is_metadata, record_ino
 from daemon.core.messages import Version
-from daemon.digest import ALGORITHM, DIGEST_SIZE, EMPTY_DIGEST, digest_of, new_hasher
+from daemon.digest import DIGEST_SIZE, EMPTY_DIGEST, digest_of, new_hasher
 from daemon.quick_lock import QuickLock
 from daemon.record_log import Frame, RecordLog
 from daemon.store_commit import (
@@ -61,29 +59,20 @@ from daemon.store_files import (
     unlink_quietly,
 )
 from daemon.store_layout import (
-    FANOUT_RE,
-    FILE_RE,
-    META_FORMAT,
-    PATH_META_FORMAT,
-    SHA256_META_FORMAT,
     ChecksumMismatch,
     StaleVersion,
     StoredObject,
     StoreError,
     check_name,
     check_version,
-    file_stem,
     io_error,
-    name_key,
     show,
     show_version,
     version_files,
-    write_meta,
 )
+from daemon.store_recovery import recover
 
 log = logging.getLogger("kelipsfs.store")
-
-_SHA256_OF_NOTHING = hashlib.sha256().digest()
 
 _T = TypeVar("_T")
 
@@ -129,19 +118,6 @@ class _NameLock:
     users: int = 0
 
 
-@dataclass
-class _Recovered:
-    """What recovery found and removed (logged once at start)."""
-
-    temp: int = 0
-    orphan_content: int = 0
-    broken_meta: int = 0
-    superseded: int = 0
-    unknown: int = 0
-    converted: int = 0  # format-1 records rewritten with the content digest
-    converting: bool = False  # a format-1 record was met (and the start announced)
-
-
 class ObjectStore:
     """Versioned objects on local disk, newest version per name, crash- and ENOSPC-safe.
 
@@ -178,7 +154,8 @@ class ObjectStore:
             if created:  # the fan-out directories are made durable by their first commit
                 fsync_dir(self.root)
             self._log = RecordLog(self.root / "records.log")
-            self._recover()
+            for obj in recover(self.root, self._objects, self._tmp):
+                self._install(obj)
             self._replay_log()
         except OSError as exc:
             raise StoreError(f"cannot open the object store at {self.root}: "
@@ -750,139 +727,3 @@ class ObjectStore:
             self._live -= not is_metadata(name)
             self._bytes -= old.size
         self._legacy.discard(name)
-
-    # --- recovery -----------------------------------------------------------------------------
-
-    def _recover(self) -> None:
-        """Bring the directory back to "newest committed version per name, nothing else"."""
-        stats = _Recovered()
-        for entry in os.scandir(self._tmp):
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                unlink_quietly(Path(entry.path))
-            stats.temp += 1
-
-        contents: dict[str, Path] = {}
-        metas: dict[str, Path] = {}
-        for sub in os.scandir(self._objects):
-            if not (sub.is_dir(follow_symlinks=False) and FANOUT_RE.fullmatch(sub.name)):
-                stats.unknown += 1
-                continue
-            for entry in os.scandir(sub.path):
-                match = FILE_RE.fullmatch(entry.name)
-                if match is None or not match.group(1).startswith(sub.name):
-                    stats.unknown += 1
-                    continue
-                stem = entry.name.rpartition(".")[0]
-                kind = metas if match.group(4) == "meta" else contents
-                kind[stem] = Path(entry.path)
-
-        by_name: dict[str, list[tuple[str, StoredObject]]] = {}
-        for stem, meta_path in metas.items():
-            obj = self._load_meta(meta_path, stem, stats)
-            if obj is not None and not obj.tombstone:
-                content = contents.get(stem)
-                try:
-                    if content is None or content.stat().st_size != obj.size:
-                        obj = None
-                except OSError:
-                    obj = None
-            if obj is None:
-                unlink_quietly(meta_path)
-                stats.broken_meta += 1
-                continue
-            by_name.setdefault(obj.name, []).append((stem, obj))
-
-        keep: set[str] = set()
-        for versions in by_name.values():
-            versions.sort(key=lambda item: item[1].version)
-            stem, newest = versions[-1]
-            for old_stem, _old in versions[:-1]:
-                unlink_quietly(metas[old_stem])
-                stats.superseded += 1
-            if not newest.tombstone:
-                keep.add(stem)
-            self._install(newest)
-        for stem, content in contents.items():
-            if stem not in keep:
-                unlink_quietly(content)
-                stats.orphan_content += 1
-
-        if stats.temp or stats.orphan_content or stats.broken_meta or stats.superseded:
-            log.info("store %s recovered: removed %d temp files, %d content files without "
-                     "metadata or superseded, %d incomplete metadata, %d superseded versions",
-                     self.root, stats.temp, stats.orphan_content, stats.broken_meta,
-                     stats.superseded)
-        if stats.converted:
-            log.info("store %s: %d records converted to the content digest", self.root,
-                     stats.converted)
-        if stats.unknown:
-            log.warning("store %s: ignored %d unknown entries under %s", self.root,
-                        stats.unknown, self._objects)
-
-    def _load_meta(self, meta_path: Path, stem: str, stats: _Recovered) -> StoredObject | None:
-        """Parse and cross-check one metadata file; None if it is not a valid commit record."""
-        try:
-            doc = json.loads(meta_path.read_bytes())
-            if isinstance(doc, dict) and doc.get("format") == SHA256_META_FORMAT:
-                doc = self._upgrade_meta(meta_path, stem, doc, stats)
-            if not isinstance(doc, dict) or doc.get("format") not in (META_FORMAT,
-                                                                      PATH_META_FORMAT):
-                return None
-            name, clock, writer = doc["name"], doc["clock"], bytes.fromhex(doc["writer"])
-            size, checksum = doc["size"], bytes.fromhex(doc["checksum"])
-            mode, mtime_ns, tombstone = doc["mode"], doc["mtime_ns"], doc["tombstone"]
-            attrs = bytes.fromhex(doc.get("attrs", ""))
-            if not (isinstance(name, str) and isinstance(size, int) and size >= 0
-                    and isinstance(mode, int) and isinstance(mtime_ns, int)
-                    and isinstance(tombstone, bool) and len(checksum) == DIGEST_SIZE):
-                return None
-            version = check_version(Version(clock, writer))
-        except (OSError, ValueError, KeyError, TypeError):  # JSONDecodeError is a ValueError
-            return None
-        key = name_key(name)
-        if file_stem(key, version) != stem:
-            return None
-        data_path = meta_path.with_name(f"{stem}.data")
-        return StoredObject(name, version, size, checksum, mode, mtime_ns, tombstone,
-                            None if tombstone else data_path, attrs=attrs)
-
-    def _upgrade_meta(self, meta_path: Path, stem: str, doc: dict[str, Any],
-                      stats: _Recovered) -> dict[str, Any] | None:
-        """Rewrite a format-1 record (SHA-256 checksum) with the content digest, in place.
-
-        The content is read once and hashed both ways: only content that still matches its
-        recorded SHA-256 gets a digest (a damaged copy would otherwise be certified afresh);
-        it is dropped instead, and repair copies a good one back. A crash or an error while
-        rewriting leaves the format-1 record, which the next start converts again.
-        """
-        old = bytes.fromhex(doc["checksum"])
-        if not stats.converting:  # a long start deserves a word: every object is read once
-            log.info("store %s: converting SHA-256 records to the content digest (%s); "
-                     "every object is read once", self.root, ALGORITHM)
-            stats.converting = True
-        if doc.get("tombstone") is True:
-            matches, digest = old == _SHA256_OF_NOTHING, EMPTY_DIGEST
-        else:
-            old_hash, new_hash = hashlib.sha256(), new_hasher()
-            with open(meta_path.with_name(f"{stem}.data"), "rb") as fh:
-                while block := fh.read(WRITE_BATCH):
-                    old_hash.update(block)
-                    new_hash.update(block)
-            matches, digest = old_hash.digest() == old, new_hash.digest()
-        if not matches:
-            log.warning("store %s: %s no longer matches the SHA-256 recorded when it was "
-                        "written; dropped while converting the store (repair restores a copy)",
-                        self.root, show(str(doc.get("name"))))
-            return None
-        upgraded = {**doc, "format": PATH_META_FORMAT, "checksum": digest.hex()}
-        stats.converted += 1
-        try:
-            write_meta(self._tmp, meta_path, upgraded)
-            fsync_dir(meta_path.parent)
-        except OSError as exc:  # e.g. a full disk: serve it converted, rewrite it next start
-            log.warning("store %s: could not rewrite the record of %s in the new format (%s); "
-                        "kept, converted again at the next start", self.root,
-                        show(str(doc.get("name"))), exc.strerror or exc)
-        return upgraded

@@ -11,9 +11,8 @@ Commit order of a put (what makes kill -9 at any instant safe):
 5. only then are the files of the previous version removed (metadata first, then content).
 
 A crash before 4 leaves the old version untouched (plus debris); a crash after 4 leaves the new
-one committed, possibly next to the old. Recovery at start deletes the debris: everything in
-``tmp/``, content without metadata, metadata whose content is missing or has the wrong size,
-and all but the newest committed version of each name.
+one committed, possibly next to the old; recovery at start (``daemon.store_recovery``) deletes
+the debris and all but the newest committed version of each name.
 
 ``daemon.store`` decides what is committed (versions, per-name locks, the index); what is here
 writes and removes the files of one version.

@@ -27,7 +27,6 @@ import io
 import logging
 import os
 import secrets
-from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from daemon.core.messages import Version
 from daemon.digest import DIGEST_SIZE, EMPTY_DIGEST, digest_of, new_hasher
 from daemon.quick_lock import QuickLock
 from daemon.record_log import Frame, RecordLog
+from daemon.small_cache import SMALL_CACHE_BYTES, SmallCache
 from daemon.store_commit import (
     WRITE_BATCH,
     check_room,
@@ -47,7 +47,6 @@ from daemon.store_commit import (
 )
 from daemon.store_files import (
     TempFile,
-    file_signature,
     fsync_dir,
     in_thread,
     link_synced,
@@ -79,16 +78,6 @@ _T = TypeVar("_T")
 
 _SMALL_READ = 256 * 1024  # objects up to this size are read in one thread hop
 
-#: Bytes of verified small-object content kept in memory for ``read_small`` (least recently
-#: used dropped first): what a put of at most ``SMALL_KEEP`` bytes stored, and what
-#: ``read_small`` read and verified. Why: a one-datagram lookup answers from the event loop,
-#: and reading a 1 KiB file there (open, read, close, digest) was about half the holder's
-#: Python time per answer in a 50-node cluster (0.11 of 0.20 ms, median). Versions are
-#: immutable, so a kept copy is exactly the bytes of its version; it is served only while that
-#: version is the one held and its file is unchanged (same inode, size and mtime: one stat
-#: instead of open, read, close and digest), so a copy damaged on disk by a write is
-#: still found out by the next read, as when every read went to the file.
-SMALL_CACHE_BYTES = 16 << 20
 #: The namespace's records up to this size are kept in the record log (``daemon.record_log``)
 #: rather than as files of their own: an inode or an entry costs an append, not three fsyncs.
 LOG_MAX = 2 << 20
@@ -99,15 +88,6 @@ LOG_CONTENT_MAX = 64 << 10
 #: The record log is rewritten (compacted) when it is at least this large and superseded
 #: frames fill more than half of it.
 COMPACT_MIN = 32 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class _KeptSmall:
-    """A small object's verified bytes and the signature of its file when they were taken."""
-
-    obj: StoredObject
-    data: bytes
-    signature: tuple[int, ...]
 
 
 @dataclass
@@ -141,9 +121,7 @@ class ObjectStore:
         self._legacy: set[str] = set()  # live objects named by path (``keys.is_legacy``)
         self._locks: dict[str, _NameLock] = {}
         # name -> the verified bytes of the index's object for it; see read_small
-        self._small: OrderedDict[str, _KeptSmall] = OrderedDict()
-        self._small_bytes = 0
-        self._small_cap = small_cache_bytes
+        self._small = SmallCache(small_cache_bytes)
         self._frames: dict[str, int] = {}  # name -> size of its frame in the log
         self._log_turn = QuickLock()  # appends wait while the log is compacted
         try:
@@ -286,7 +264,7 @@ class ObjectStore:
         For the one-datagram lookup, which answers from the event loop: one open() and read()
         of at most ``limit`` bytes (8 KiB) served from the page cache costs less than the
         thread hop ``read_chunks`` makes, and a reader that gets None simply falls back.
-        What a put stored or a read verified is kept in memory (``SMALL_CACHE_BYTES``) and
+        What a put stored or a read verified is kept in memory (``daemon.small_cache``) and
         served instead of the file while ``obj`` is the index's entry for its name (a new
         version, a delete or a drop replaces the entry and forgets the bytes) and the file
         is unchanged since (one stat).
@@ -296,12 +274,9 @@ class ObjectStore:
             return data if digest_of(data) == obj.checksum else None
         if obj.tombstone or obj.path is None or obj.size > limit:
             return None
-        kept = self._small.get(obj.name)
-        if kept is not None and kept.obj is obj:
-            if file_signature(obj.path) == kept.signature:
-                self._small.move_to_end(obj.name)
-                return kept.data
-            self._forget_small(obj.name)  # written to since: read and check it again
+        kept = self._small.get(obj)
+        if kept is not None:
+            return kept
         try:
             with self.open_content(obj) as fh:
                 signature = stat_signature(os.fstat(fh.fileno()))
@@ -311,24 +286,8 @@ class ObjectStore:
         if len(data) != obj.size or digest_of(data) != obj.checksum:
             return None
         if self._index.get(obj.name) is obj:
-            self._remember_small(obj, data, signature)
+            self._small.remember(obj, data, signature)
         return data
-
-    def _remember_small(self, obj: StoredObject, data: bytes,
-                        signature: tuple[int, ...] | None) -> None:
-        self._forget_small(obj.name)
-        if signature is None or len(data) > self._small_cap:
-            return
-        self._small[obj.name] = _KeptSmall(obj, data, signature)
-        self._small_bytes += len(data)
-        while self._small_bytes > self._small_cap:
-            _, dropped = self._small.popitem(last=False)
-            self._small_bytes -= len(dropped.data)
-
-    def _forget_small(self, name: str) -> None:
-        kept = self._small.pop(name, None)
-        if kept is not None:
-            self._small_bytes -= len(kept.data)
 
     def _read_whole(self, obj: StoredObject, offset: int) -> bytes:
         with self.open_content(obj) as fh:
@@ -402,7 +361,7 @@ class ObjectStore:
             obj, committed = await self._commit_temp(name, version, mode, mtime_ns, temp.size,
                                                      checksum, temp.path, want, attrs)
             if committed and temp.small is not None:  # (hashed above; installed by then)
-                self._remember_small(obj, temp.small, temp.signature)
+                self._small.remember(obj, temp.small, temp.signature)
             return obj
         finally:
             if not committed:
@@ -720,7 +679,7 @@ class ObjectStore:
                 self._legacy.add(obj.name)
 
     def _uninstall(self, name: str) -> None:
-        self._forget_small(name)
+        self._small.forget(name)
         self._log.live -= self._frames.pop(name, 0)
         old = self._index.pop(name, None)
         if old is not None and not old.tombstone:

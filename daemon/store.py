@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from daemon.core.keys import DATA, is_legacy, is_metadata, record_ino
+from daemon.core.keys import is_legacy, is_metadata
 from daemon.core.messages import Version
 from daemon.digest import DIGEST_SIZE, EMPTY_DIGEST, digest_of, new_hasher
 from daemon.quick_lock import QuickLock
-from daemon.record_log import Frame, RecordLog
+from daemon.record_log import RecordLog
 from daemon.small_cache import SMALL_CACHE_BYTES, SmallCache
 from daemon.store_commit import (
     WRITE_BATCH,
@@ -69,6 +69,7 @@ from daemon.store_layout import (
     show_version,
     version_files,
 )
+from daemon.store_log import frame_of, gather, is_logged, logged_object
 from daemon.store_recovery import recover
 
 log = logging.getLogger("kelipsfs.store")
@@ -78,13 +79,6 @@ _T = TypeVar("_T")
 
 _SMALL_READ = 256 * 1024  # objects up to this size are read in one thread hop
 
-#: The namespace's records up to this size are kept in the record log (``daemon.record_log``)
-#: rather than as files of their own: an inode or an entry costs an append, not three fsyncs.
-LOG_MAX = 2 << 20
-#: Files' contents up to this size are logged too (a small file's close costs one shared
-#: fdatasync, not a file, a link and three fsyncs); unlike the namespace's records, a logged
-#: content is made durable before its put returns.
-LOG_CONTENT_MAX = 64 << 10
 #: The record log is rewritten (compacted) when it is at least this large and superseded
 #: frames fill more than half of it.
 COMPACT_MIN = 32 << 20
@@ -336,7 +330,7 @@ class ObjectStore:
         held = self._held(name, version, early)
         if held is not None:
             return held
-        if expected_size is not None and self._logs(name, expected_size):
+        if expected_size is not None and is_logged(name, expected_size):
             return await self._put_logged(name, version, mode, mtime_ns, chunks, late, early,
                                           expected_size, attrs)
         if expected_size is not None:
@@ -412,7 +406,7 @@ class ObjectStore:
         held = self._held(name, version, checksum)
         if held is not None:
             return held
-        if self._logs(name, size):  # small: its bytes go to the log, no link
+        if is_logged(name, size):  # small: its bytes go to the log, no link
             try:
                 data = read_small_file(source, size)  # from the page cache: no thread hop
             except OSError as exc:
@@ -484,7 +478,7 @@ class ObjectStore:
             held = self._held(name, version, None)
             if held is not None:
                 return held
-            if self._logs(name, 0):
+            if is_logged(name, 0):
                 return await self._append(StoredObject(
                     name, version, 0, EMPTY_DIGEST, 0, mtime_ns, True, None,
                     written_here=True), b"")
@@ -521,29 +515,11 @@ class ObjectStore:
 
     # --- the record log ---------------------------------------------------------------------
 
-    @staticmethod
-    def _logs(name: str, size: int) -> bool:
-        """Whether ``name`` is kept in the record log: the namespace's small records and the
-        small contents of files."""
-        if is_metadata(name):
-            return size <= LOG_MAX
-        return size <= LOG_CONTENT_MAX and name[:2] == DATA and record_ino(name) is not None
-
     async def _put_logged(self, name: str, version: Version, mode: int, mtime_ns: int,
                           chunks: AsyncIterable[bytes], late: Callable[[], bytes] | None,
                           early: bytes | None, size: int, attrs: bytes) -> StoredObject:
-        parts: list[bytes] = []
-        got = 0
-        async for item in chunks:
-            raw: object = item
-            if not isinstance(raw, bytes | bytearray | memoryview):
-                raise TypeError(f"content chunks must be bytes, got {type(raw).__name__}")
-            got += len(raw)
-            if got > size:
-                raise ChecksumMismatch(f"{show(name)}: the sender sent more than the {size} "
-                                       "bytes announced; the data was discarded")
-            parts.append(bytes(raw))
-        return await self._log_bytes(name, version, mode, mtime_ns, b"".join(parts), size,
+        data = await gather(name, chunks, size)
+        return await self._log_bytes(name, version, mode, mtime_ns, data, size,
                                      late() if late is not None else early, attrs)
 
     async def _log_bytes(self, name: str, version: Version, mode: int, mtime_ns: int,
@@ -571,8 +547,7 @@ class ObjectStore:
     async def _append(self, obj: StoredObject, content: bytes) -> StoredObject:
         """Log ``obj`` (call with its name's lock held): in the page cache at once, durable
         at the next ``sync``."""
-        frame = Frame(obj.name, obj.version.clock, obj.version.writer, obj.size, obj.mode,
-                      obj.mtime_ns, obj.tombstone, obj.checksum, obj.attrs)
+        frame = frame_of(obj)
         async with self._log_turn:
             try:
                 ref, size = self._log.append(frame, content)
@@ -607,9 +582,8 @@ class ObjectStore:
         async with self._log_turn:
             names = [name for name, obj in self._index.items() if obj.log is not None]
             objs = [self._index[name] for name in names]
-            live = [(Frame(o.name, o.version.clock, o.version.writer, o.size, o.mode,
-                           o.mtime_ns, o.tombstone, o.checksum, o.attrs),
-                     log_.read(o.log) if o.log is not None else b"") for o in objs]
+            live = [(frame_of(o), log_.read(o.log) if o.log is not None else b"")
+                    for o in objs]
             try:
                 placed = await in_thread(functools.partial(log_.compact, live))
             except OSError as exc:
@@ -624,9 +598,7 @@ class ObjectStore:
         """Install what the record log holds, newer versions over older ones (worker thread,
         at start, after the files' recovery)."""
         for frame, ref, size in self._log.replay():
-            obj = StoredObject(frame.name, Version(frame.clock, frame.writer), frame.size,
-                               frame.checksum, frame.mode, frame.mtime_ns, frame.tombstone,
-                               None, attrs=frame.attrs, log=ref)
+            obj = logged_object(frame, ref)
             current = self._index.get(frame.name)
             if current is not None and current.version >= obj.version:
                 continue

@@ -28,14 +28,13 @@ import logging
 import os
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from daemon.core.keys import is_legacy, is_metadata
 from daemon.core.messages import Version
 from daemon.digest import DIGEST_SIZE, EMPTY_DIGEST, digest_of, new_hasher
-from daemon.quick_lock import QuickLock
+from daemon.quick_lock import QuickLock, QuickLocks
 from daemon.record_log import RecordLog
 from daemon.small_cache import SMALL_CACHE_BYTES, SmallCache
 from daemon.store_commit import (
@@ -84,14 +83,6 @@ _SMALL_READ = 256 * 1024  # objects up to this size are read in one thread hop
 COMPACT_MIN = 32 << 20
 
 
-@dataclass
-class _NameLock:
-    """A per-name commit lock plus how many tasks use it, so idle locks can be forgotten."""
-
-    lock: QuickLock = field(default_factory=QuickLock)
-    users: int = 0
-
-
 class ObjectStore:
     """Versioned objects on local disk, newest version per name, crash- and ENOSPC-safe.
 
@@ -113,7 +104,7 @@ class ObjectStore:
         self._live = 0
         self._bytes = 0
         self._legacy: set[str] = set()  # live objects named by path (``keys.is_legacy``)
-        self._locks: dict[str, _NameLock] = {}
+        self._locks: QuickLocks[str] = QuickLocks()  # commits of a name, one at a time
         # name -> the verified bytes of the index's object for it; see read_small
         self._small = SmallCache(small_cache_bytes)
         self._frames: dict[str, int] = {}  # name -> size of its frame in the log
@@ -370,7 +361,7 @@ class ObjectStore:
         Not committed (the caller removes the temp file) when the same version was committed
         while the content was being written: that one is returned.
         """
-        async with self._name_lock(name):
+        async with self._locks.hold(name):
             held = self._held(name, version, expected_checksum)
             if held is not None:
                 return held, False
@@ -474,7 +465,7 @@ class ObjectStore:
         """
         check_name(name)
         version = check_version(version)
-        async with self._name_lock(name):
+        async with self._locks.hold(name):
             held = self._held(name, version, None)
             if held is not None:
                 return held
@@ -499,7 +490,7 @@ class ObjectStore:
         With ``version``, only that exact version is dropped, so a newer write that arrived
         after the caller decided to drop survives. Dropping an unknown name does nothing.
         """
-        async with self._name_lock(name):
+        async with self._locks.hold(name):
             held = self._index.get(name)
             if held is None or (version is not None and held.version != version):
                 return
@@ -533,7 +524,7 @@ class ObjectStore:
         if want is not None and checksum != want:
             raise ChecksumMismatch(f"{show(name)}: the received content does not match its "
                                    "digest; the data was discarded")
-        async with self._name_lock(name):
+        async with self._locks.hold(name):
             held = self._held(name, version, want)
             if held is not None:
                 return held
@@ -626,20 +617,6 @@ class ObjectStore:
                 f"{show(name)}: version {show_version(version)} is already stored with "
                 f"digest {held.checksum.hex()[:16]}..., not {expected_checksum.hex()[:16]}...")
         return held
-
-    @contextlib.asynccontextmanager
-    async def _name_lock(self, name: str) -> AsyncIterator[None]:
-        entry = self._locks.get(name)
-        if entry is None:
-            entry = self._locks[name] = _NameLock()
-        entry.users += 1
-        try:
-            async with entry.lock:
-                yield
-        finally:
-            entry.users -= 1
-            if entry.users == 0:
-                del self._locks[name]
 
     def _install(self, obj: StoredObject) -> None:
         self._uninstall(obj.name)

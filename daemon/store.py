@@ -1,9 +1,13 @@
 """The on-disk object store of one node: versioned objects that survive kill -9 and a full disk.
 
-How a version is named and recorded on disk, what the store holds of it and the errors it
-raises are in ``daemon.store_layout``; the order in which a version's files are written,
-committed and removed, so that kill -9 at any instant is safe, in ``daemon.store_commit``;
-the recovery at start that deletes what a crash left behind in ``daemon.store_recovery``.
+``ObjectStore`` keeps the index of the newest version of every name, moves versions only
+forward, and stores, reads, deletes and drops objects. Its parts live beside it: how a version
+is named and recorded on disk, the stored object and the errors (``daemon.store_layout``); the
+order in which a version's files are written, committed and removed, so that kill -9 at any
+instant is safe (``daemon.store_commit``); the recovery at start that deletes what a crash left
+behind (``daemon.store_recovery``); which objects go to the record log instead
+(``daemon.store_log``); the verified bytes of small objects kept in memory
+(``daemon.small_cache``).
 
 The daemon is trio-based and its event loop also runs gossip, so every async method does its
 blocking file I/O (open, write, fsync, rename, unlink, read) in ``trio.to_thread.run_sync``,
@@ -29,7 +33,7 @@ import os
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO
 
 from daemon.core.keys import is_legacy, is_metadata
 from daemon.core.messages import Version
@@ -72,9 +76,6 @@ from daemon.store_log import frame_of, gather, is_logged, logged_object
 from daemon.store_recovery import recover
 
 log = logging.getLogger("kelipsfs.store")
-
-_T = TypeVar("_T")
-
 
 _SMALL_READ = 256 * 1024  # objects up to this size are read in one thread hop
 

@@ -37,7 +37,7 @@ from daemon.namespace.paths import add_routes as add_path_routes
 from daemon.peers import BULK_MIN, CONTENT_DIGEST_HEADER, TRAILER_MARK, LateDigest
 from daemon.security import DIGEST_IN_TRAILER, MAC_HEADER, AuthError
 from daemon.settings import format_address
-from daemon.store import ChecksumMismatch, StaleVersion, StoredObject, StoreError, StoreFull
+from daemon.store_layout import ChecksumMismatch, StaleVersion, StoredObject, StoreError, StoreFull
 from daemon.wire import entry_to_json, tuple_from_json, tuple_to_json
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ from daemon.peers import (
     stream_of,
 )
 from daemon.repair import Repairer
-from daemon.store import StoredObject, StoreError
+from daemon.store_layout import StoredObject, StoreError
 from daemon.wire import (
     entry_from_json,
     tuple_from_json,

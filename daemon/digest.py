@@ -14,7 +14,7 @@ authenticates the body as well as one over its SHA-256, and it releases the GIL 
 (the daemon hashes in worker threads beside its event loop). Message authentication itself
 stays HMAC-SHA256 (``daemon.security``): its inputs are small.
 
-Stores written before the switch recorded SHA-256; ``daemon.store`` converts them at start.
+Stores written before the switch recorded SHA-256; ``daemon.store_recovery`` converts them at start.
 """
 
 from __future__ import annotations

@@ -5,14 +5,21 @@ per-inode locks of the store, the namespace and the open files are almost always
 one small file's create, write and close take a dozen of them: each yield is a turn of the
 event loop (an ``epoll_wait`` and the scheduler's bookkeeping) that a FUSE request waits for.
 A waiter parks and is handed the lock by ``release`` in arrival order, as with ``trio.Lock``;
-acquiring still raises Cancelled in a cancelled scope.
+acquiring still raises Cancelled in a cancelled scope. ``QuickLocks`` keeps one per key (a
+name, an inode) for as long as some task holds or waits for it.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Hashable
+from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Generic, TypeVar
 
 import trio
+
+_K = TypeVar("_K", bound=Hashable)
 
 
 class QuickLock:
@@ -57,3 +64,32 @@ class QuickLock:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         self.release()
+
+
+@dataclass
+class _Shared:
+    """A key's lock plus how many tasks use it, so an idle one can be forgotten."""
+
+    lock: QuickLock = field(default_factory=QuickLock)
+    users: int = 0
+
+
+class QuickLocks(Generic[_K]):
+    """One QuickLock per key, made at first use and forgotten when no task holds or awaits it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[_K, _Shared] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: _K) -> AsyncIterator[None]:
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = _Shared()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[key]

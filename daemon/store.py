@@ -1,29 +1,13 @@
 """The on-disk object store of one node: versioned objects that survive kill -9 and a full disk.
 
-Every object version a node holds lives here, under ``root``::
-
-    root/tmp/                                        in-flight writes; emptied at every start
-    root/objects/<kk>/<key>-<clock>-<writer>.data    the content (absent for a tombstone)
-    root/objects/<kk>/<key>-<clock>-<writer>.meta    JSON metadata; its presence commits it
-
-``key`` is the hex SHA-1 of the UTF-8 name and ``kk`` its first two digits (256 fan-out
-directories so none grows huge); ``clock`` is the version's clock as 16 hex digits and
-``writer`` the writer id in hex. The user's name is never a path: names may contain '/', be
-4 KiB long or hold any character; it only lives inside the metadata.
-
-Commit order of a put (what makes kill -9 at any instant safe):
-
-1. the content is streamed into ``tmp/<random>.part`` while digest and size are computed, then
-   fsynced and checked against what the sender announced;
-2. the temp file is renamed to ``<stem>.data`` (invisible: no metadata names it yet);
-3. the metadata is written to ``tmp/``, fsynced and renamed to ``<stem>.meta``;
-4. the fan-out directory is fsynced: the version is now committed and ``put`` may return;
-5. only then are the files of the previous version removed (metadata first, then content).
-
-A crash before 4 leaves the old version untouched (plus debris); a crash after 4 leaves the new
-one committed, possibly next to the old. Recovery at start deletes the debris: everything in
-``tmp/``, content without metadata, metadata whose content is missing or has the wrong size,
-and all but the newest committed version of each name.
+``ObjectStore`` keeps the index of the newest version of every name, moves versions only
+forward, and stores, reads, deletes and drops objects. Its parts live beside it: how a version
+is named and recorded on disk, the stored object and the errors (``daemon.store_layout``); the
+order in which a version's files are written, committed and removed, so that kill -9 at any
+instant is safe (``daemon.store_commit``); the recovery at start that deletes what a crash left
+behind (``daemon.store_recovery``); which objects go to the record log instead
+(``daemon.store_log``); the verified bytes of small objects kept in memory
+(``daemon.small_cache``).
 
 The daemon is trio-based and its event loop also runs gossip, so every async method does its
 blocking file I/O (open, write, fsync, rename, unlink, read) in ``trio.to_thread.run_sync``,
@@ -43,29 +27,29 @@ import contextlib
 import dataclasses
 import errno
 import functools
-import hashlib
 import io
-import json
 import logging
 import os
-import re
 import secrets
-import shutil
-from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import BinaryIO
 
-from daemon.core.ids import NODE_ID_BYTES
-from daemon.core.keys import DATA, is_legacy, is_metadata, record_ino
+from daemon.core.keys import is_legacy, is_metadata
 from daemon.core.messages import Version
-from daemon.digest import ALGORITHM, DIGEST_SIZE, EMPTY_DIGEST, digest_of, new_hasher
-from daemon.quick_lock import QuickLock
-from daemon.record_log import Frame, LogRef, RecordLog
+from daemon.digest import DIGEST_SIZE, EMPTY_DIGEST, digest_of, new_hasher
+from daemon.quick_lock import QuickLock, QuickLocks
+from daemon.record_log import RecordLog
+from daemon.small_cache import SMALL_CACHE_BYTES, SmallCache
+from daemon.store_commit import (
+    WRITE_BATCH,
+    check_room,
+    commit_version,
+    fill,
+    remove_version,
+)
 from daemon.store_files import (
     TempFile,
-    file_signature,
     fsync_dir,
     in_thread,
     link_synced,
@@ -75,170 +59,29 @@ from daemon.store_files import (
     shielded,
     stat_signature,
     unlink_quietly,
-    write_all,
 )
+from daemon.store_layout import (
+    ChecksumMismatch,
+    StaleVersion,
+    StoredObject,
+    StoreError,
+    check_name,
+    check_version,
+    io_error,
+    show,
+    show_version,
+    version_files,
+)
+from daemon.store_log import frame_of, gather, is_logged, logged_object
+from daemon.store_recovery import recover
 
 log = logging.getLogger("kelipsfs.store")
 
-#: Bytes gathered from the sender before one write+hash batch is handed to a worker thread.
-WRITE_BATCH = 1 << 20
-#: Largest clock a version may carry (it is written as 16 hex digits in file names).
-MAX_CLOCK = (1 << 64) - 1
-#: Version of the metadata files. 1 recorded SHA-256 checksums; 2 records the content digest
-#: (``daemon.digest``) of an object named by its path in the mount; 3 is a record of the
-#: namespace (``daemon.core.inodes``: inodes, directory entries, file data) with its attrs.
-#: Recovery converts version 1 in place (``_upgrade_meta``) into version 2. Objects named by
-#: path (legacy) become files of the namespace once the node has joined
-#: (``daemon.namespace.migrate``).
-META_FORMAT = 3
-_PATH_META_FORMAT = 2
-_SHA256_META_FORMAT = 1
-_SHA256_OF_NOTHING = hashlib.sha256().digest()
-
-_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-_FILE_RE = re.compile(r"([0-9a-f]{40})-([0-9a-f]{16})-([0-9a-f]{40})\.(data|meta)")
-_FANOUT_RE = re.compile(r"[0-9a-f]{2}")
-_T = TypeVar("_T")
-
-
 _SMALL_READ = 256 * 1024  # objects up to this size are read in one thread hop
 
-#: Bytes of verified small-object content kept in memory for ``read_small`` (least recently
-#: used dropped first): what a put of at most ``SMALL_KEEP`` bytes stored, and what
-#: ``read_small`` read and verified. Why: a one-datagram lookup answers from the event loop,
-#: and reading a 1 KiB file there (open, read, close, digest) was about half the holder's
-#: Python time per answer in a 50-node cluster (0.11 of 0.20 ms, median). Versions are
-#: immutable, so a kept copy is exactly the bytes of its version; it is served only while that
-#: version is the one held and its file is unchanged (same inode, size and mtime: one stat
-#: instead of open, read, close and digest), so a copy damaged on disk by a write is
-#: still found out by the next read, as when every read went to the file.
-SMALL_CACHE_BYTES = 16 << 20
-#: The namespace's records up to this size are kept in the record log (``daemon.record_log``)
-#: rather than as files of their own: an inode or an entry costs an append, not three fsyncs.
-LOG_MAX = 2 << 20
-#: Files' contents up to this size are logged too (a small file's close costs one shared
-#: fdatasync, not a file, a link and three fsyncs); unlike the namespace's records, a logged
-#: content is made durable before its put returns.
-LOG_CONTENT_MAX = 64 << 10
 #: The record log is rewritten (compacted) when it is at least this large and superseded
 #: frames fill more than half of it.
 COMPACT_MIN = 32 << 20
-
-
-class StoreError(Exception):
-    """The store could not do what was asked; the message names the object and the cause."""
-
-
-class StoreFull(StoreError):
-    """The filesystem ran out of space (ENOSPC) or quota (EDQUOT) while writing.
-
-    Nothing partial is left visible and any older version of the object is untouched.
-    """
-
-
-class ChecksumMismatch(StoreError):
-    """Bytes received (or read back) do not match the expected digest or size."""
-
-
-class StaleVersion(StoreError):
-    """The store already holds a newer version of the name than the one offered: ``held``.
-
-    It travels with the refusal so that a writer whose version lost (a concurrent write,
-    or its clock behind the other writer's) can stamp its next attempt above it."""
-
-    def __init__(self, message: str, held: Version) -> None:
-        super().__init__(message)
-        self.held = held
-
-
-@dataclass(frozen=True, slots=True)
-class StoredObject:
-    """One committed version of a name, as its metadata file records it."""
-
-    name: str
-    version: Version
-    size: int
-    checksum: bytes  # digest of the content (of no bytes for a tombstone)
-    mode: int
-    mtime_ns: int
-    tombstone: bool
-    path: Path | None  # the content file; None for a tombstone
-    #: The checksum was computed from the bytes as this process wrote them. False for what
-    #: recovery found on disk at start: content a crash or the disk may have damaged since,
-    #: which a local reader checks before trusting it (``kelipsfs.local_copy``).
-    written_here: bool = field(default=False, compare=False)
-    #: The record kind's own fields (``TupleEntry.attrs``).
-    attrs: bytes = b""
-    #: Where the content lies in the record log, for a record kept there (``path`` None).
-    log: LogRef | None = field(default=None, compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class _KeptSmall:
-    """A small object's verified bytes and the signature of its file when they were taken."""
-
-    obj: StoredObject
-    data: bytes
-    signature: tuple[int, ...]
-
-
-@dataclass
-class _NameLock:
-    """A per-name commit lock plus how many tasks use it, so idle locks can be forgotten."""
-
-    lock: QuickLock = field(default_factory=QuickLock)
-    users: int = 0
-
-
-@dataclass
-class _Recovered:
-    """What recovery found and removed (logged once at start)."""
-
-    temp: int = 0
-    orphan_content: int = 0
-    broken_meta: int = 0
-    superseded: int = 0
-    unknown: int = 0
-    converted: int = 0  # format-1 records rewritten with the content digest
-    converting: bool = False  # a format-1 record was met (and the start announced)
-
-
-def _show(name: str) -> str:
-    """A name for messages: repr (so odd characters stay visible), cut so 4 KiB does not flood."""
-    text = repr(name)
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _show_version(version: Version) -> str:
-    return f"{version.clock}@{version.writer.hex()[:12]}"
-
-
-def _name_key(name: str) -> str:
-    """SHA-1 hex of the name: the only form of the name that appears in file names.
-
-    ``surrogatepass`` lets any Python str (even one with lone surrogates) hash deterministically.
-    """
-    return hashlib.sha1(name.encode("utf-8", "surrogatepass"), usedforsecurity=False).hexdigest()
-
-
-def _stem(key: str, version: Version) -> str:
-    return f"{key}-{version.clock:016x}-{version.writer.hex()}"
-
-
-def _check_name(name: str) -> None:
-    """Any str is a valid store name (naming rules are the daemon's); anything else is not."""
-    if not isinstance(name, str):
-        raise TypeError(f"an object name is a str, got {type(name).__name__}")
-
-
-def _check_version(version: Version) -> Version:
-    """A well-formed Version (clock fits 64 bits, writer is a node id) or ValueError."""
-    clock, writer = version
-    if isinstance(clock, bool) or not isinstance(clock, int) or not 0 <= clock <= MAX_CLOCK:
-        raise ValueError(f"a version clock is an integer in [0, 2**64), got {clock!r}")
-    if not isinstance(writer, bytes) or len(writer) != NODE_ID_BYTES:
-        raise ValueError(f"a version writer is a {NODE_ID_BYTES}-byte node id, got {writer!r}")
-    return Version(clock, writer)
 
 
 class ObjectStore:
@@ -262,11 +105,9 @@ class ObjectStore:
         self._live = 0
         self._bytes = 0
         self._legacy: set[str] = set()  # live objects named by path (``keys.is_legacy``)
-        self._locks: dict[str, _NameLock] = {}
+        self._locks: QuickLocks[str] = QuickLocks()  # commits of a name, one at a time
         # name -> the verified bytes of the index's object for it; see read_small
-        self._small: OrderedDict[str, _KeptSmall] = OrderedDict()
-        self._small_bytes = 0
-        self._small_cap = small_cache_bytes
+        self._small = SmallCache(small_cache_bytes)
         self._frames: dict[str, int] = {}  # name -> size of its frame in the log
         self._log_turn = QuickLock()  # appends wait while the log is compacted
         try:
@@ -277,7 +118,8 @@ class ObjectStore:
             if created:  # the fan-out directories are made durable by their first commit
                 fsync_dir(self.root)
             self._log = RecordLog(self.root / "records.log")
-            self._recover()
+            for obj in recover(self.root, self._objects, self._tmp):
+                self._install(obj)
             self._replay_log()
         except OSError as exc:
             raise StoreError(f"cannot open the object store at {self.root}: "
@@ -314,10 +156,7 @@ class ObjectStore:
 
     def files_for(self, name: str, version: Version) -> tuple[Path, Path]:
         """Where the (content, metadata) files of a version of ``name`` live (tools, tests)."""
-        key = _name_key(name)
-        stem = _stem(key, _check_version(version))
-        directory = self._objects / key[:2]
-        return directory / f"{stem}.data", directory / f"{stem}.meta"
+        return version_files(self._objects, name, version)
 
     # --- reads --------------------------------------------------------------------------------
 
@@ -331,15 +170,15 @@ class ObjectStore:
         if obj.log is not None:
             return io.BytesIO(self._log.read(obj.log))
         if obj.tombstone or obj.path is None:
-            raise StoreError(f"{_show(obj.name)} is deleted (tombstone of version "
-                             f"{_show_version(obj.version)}): it has no content")
+            raise StoreError(f"{show(obj.name)} is deleted (tombstone of version "
+                             f"{show_version(obj.version)}): it has no content")
         try:
             return open_read(obj.path)
         except FileNotFoundError:
-            raise StoreError(f"version {_show_version(obj.version)} of {_show(obj.name)} is no "
+            raise StoreError(f"version {show_version(obj.version)} of {show(obj.name)} is no "
                              "longer stored (replaced by a newer version or dropped)") from None
         except OSError as exc:
-            raise StoreError(f"cannot read {_show(obj.name)}: {exc.strerror or exc}") from exc
+            raise StoreError(f"cannot read {show(obj.name)}: {exc.strerror or exc}") from exc
 
     async def read_chunks(self, obj: StoredObject, chunk_size: int = 1 << 20, *,
                           offset: int = 0, verify: bool = True) -> AsyncIterator[bytes]:
@@ -358,7 +197,7 @@ class ObjectStore:
         if obj.log is not None:
             data = self._log.read(obj.log)
             if verify and digest_of(data) != obj.checksum:
-                raise ChecksumMismatch(f"the logged content of {_show(obj.name)} does not match "
+                raise ChecksumMismatch(f"the logged content of {show(obj.name)} does not match "
                                        "its checksum: it is corrupt")
             if data[offset:]:
                 yield data[offset:]
@@ -368,11 +207,11 @@ class ObjectStore:
             block = await in_thread(functools.partial(self._read_whole, obj, offset))
             if len(block) != obj.size - offset:
                 raise ChecksumMismatch(
-                    f"stored content of {_show(obj.name)} (version "
-                    f"{_show_version(obj.version)}) is truncated on disk")
+                    f"stored content of {show(obj.name)} (version "
+                    f"{show_version(obj.version)}) is truncated on disk")
             if verify and offset == 0 and digest_of(block) != obj.checksum:
                 raise ChecksumMismatch(
-                    f"stored content of {_show(obj.name)} (version {_show_version(obj.version)}) "
+                    f"stored content of {show(obj.name)} (version {show_version(obj.version)}) "
                     "is corrupt: its digest no longer matches the one recorded at write time")
             if block:
                 yield block
@@ -388,18 +227,18 @@ class ObjectStore:
                 try:
                     block = await in_thread(functools.partial(read_hashed, f, want, hasher))
                 except OSError as exc:
-                    raise StoreError(f"cannot read {_show(obj.name)}: "
+                    raise StoreError(f"cannot read {show(obj.name)}: "
                                      f"{exc.strerror or exc}") from exc
                 if not block:
                     raise ChecksumMismatch(
-                        f"stored content of {_show(obj.name)} (version "
-                        f"{_show_version(obj.version)}) is truncated: "
+                        f"stored content of {show(obj.name)} (version "
+                        f"{show_version(obj.version)}) is truncated: "
                         f"{obj.size - remaining} of {obj.size} bytes on disk")
                 remaining -= len(block)
                 yield block
             if verify and offset == 0 and hasher.digest() != obj.checksum:
                 raise ChecksumMismatch(
-                    f"stored content of {_show(obj.name)} (version {_show_version(obj.version)}) "
+                    f"stored content of {show(obj.name)} (version {show_version(obj.version)}) "
                     "is corrupt: its digest no longer matches the one recorded at write time")
         finally:
             await shielded(f.close)
@@ -411,7 +250,7 @@ class ObjectStore:
         For the one-datagram lookup, which answers from the event loop: one open() and read()
         of at most ``limit`` bytes (8 KiB) served from the page cache costs less than the
         thread hop ``read_chunks`` makes, and a reader that gets None simply falls back.
-        What a put stored or a read verified is kept in memory (``SMALL_CACHE_BYTES``) and
+        What a put stored or a read verified is kept in memory (``daemon.small_cache``) and
         served instead of the file while ``obj`` is the index's entry for its name (a new
         version, a delete or a drop replaces the entry and forgets the bytes) and the file
         is unchanged since (one stat).
@@ -421,12 +260,9 @@ class ObjectStore:
             return data if digest_of(data) == obj.checksum else None
         if obj.tombstone or obj.path is None or obj.size > limit:
             return None
-        kept = self._small.get(obj.name)
-        if kept is not None and kept.obj is obj:
-            if file_signature(obj.path) == kept.signature:
-                self._small.move_to_end(obj.name)
-                return kept.data
-            self._forget_small(obj.name)  # written to since: read and check it again
+        kept = self._small.get(obj)
+        if kept is not None:
+            return kept
         try:
             with self.open_content(obj) as fh:
                 signature = stat_signature(os.fstat(fh.fileno()))
@@ -436,24 +272,8 @@ class ObjectStore:
         if len(data) != obj.size or digest_of(data) != obj.checksum:
             return None
         if self._index.get(obj.name) is obj:
-            self._remember_small(obj, data, signature)
+            self._small.remember(obj, data, signature)
         return data
-
-    def _remember_small(self, obj: StoredObject, data: bytes,
-                        signature: tuple[int, ...] | None) -> None:
-        self._forget_small(obj.name)
-        if signature is None or len(data) > self._small_cap:
-            return
-        self._small[obj.name] = _KeptSmall(obj, data, signature)
-        self._small_bytes += len(data)
-        while self._small_bytes > self._small_cap:
-            _, dropped = self._small.popitem(last=False)
-            self._small_bytes -= len(dropped.data)
-
-    def _forget_small(self, name: str) -> None:
-        kept = self._small.pop(name, None)
-        if kept is not None:
-            self._small_bytes -= len(kept.data)
 
     def _read_whole(self, obj: StoredObject, offset: int) -> bytes:
         with self.open_content(obj) as fh:
@@ -462,7 +282,7 @@ class ObjectStore:
             try:
                 return fh.read(obj.size - offset)
             except OSError as exc:
-                raise StoreError(f"cannot read {_show(obj.name)}: "
+                raise StoreError(f"cannot read {show(obj.name)}: "
                                  f"{exc.strerror or exc}") from exc
 
     # --- writes -------------------------------------------------------------------------------
@@ -475,7 +295,7 @@ class ObjectStore:
 
         The content goes to a temp file (never whole in memory), is fsynced and checked against
         ``expected_checksum`` (digest) and ``expected_size``, then committed atomically (see
-        the module docstring) and older versions of the name are removed.
+        ``daemon.store_commit``) and older versions of the name are removed.
 
         Raises StaleVersion if a newer version is held, ChecksumMismatch if the bytes do not
         match (a sender exceeding ``expected_size`` is cut off at once), StoreFull on ENOSPC /
@@ -490,8 +310,8 @@ class ObjectStore:
         came after the body, ``peers.LateDigest``): called then, before the commit; whatever it
         raises propagates, with the same clean-up.
         """
-        _check_name(name)
-        version = _check_version(version)
+        check_name(name)
+        version = check_version(version)
         late = expected_checksum if callable(expected_checksum) else None
         early = expected_checksum if isinstance(expected_checksum, bytes) else None
         if early is not None and len(early) != DIGEST_SIZE:
@@ -502,32 +322,32 @@ class ObjectStore:
         held = self._held(name, version, early)
         if held is not None:
             return held
-        if expected_size is not None and self._logs(name, expected_size):
+        if expected_size is not None and is_logged(name, expected_size):
             return await self._put_logged(name, version, mode, mtime_ns, chunks, late, early,
                                           expected_size, attrs)
         if expected_size is not None:
-            await self._check_room(name, expected_size)
+            await check_room(self.root, name, expected_size)
 
         try:
             temp = await in_thread(functools.partial(TempFile, self._tmp))
         except OSError as exc:
-            raise self._io_error(exc, f"cannot start writing {_show(name)}") from exc
+            raise io_error(self.root, exc, f"cannot start writing {show(name)}") from exc
         committed = False
         try:
-            await self._fill(temp, name, chunks, expected_size)
+            await fill(self.root, temp, name, chunks, expected_size)
             if expected_size is not None and temp.size != expected_size:
-                raise ChecksumMismatch(f"{_show(name)}: received {temp.size} bytes but "
+                raise ChecksumMismatch(f"{show(name)}: received {temp.size} bytes but "
                                        f"{expected_size} were announced; the data was discarded")
             checksum = temp.hasher.digest()
             want = late() if late is not None else early
             if want is not None and checksum != want:
                 raise ChecksumMismatch(
-                    f"{_show(name)}: the received content has digest {checksum.hex()[:16]}..., "
+                    f"{show(name)}: the received content has digest {checksum.hex()[:16]}..., "
                     f"not the expected {want.hex()[:16]}...; the data was discarded")
             obj, committed = await self._commit_temp(name, version, mode, mtime_ns, temp.size,
                                                      checksum, temp.path, want, attrs)
             if committed and temp.small is not None:  # (hashed above; installed by then)
-                self._remember_small(obj, temp.small, temp.signature)
+                self._small.remember(obj, temp.small, temp.signature)
             return obj
         finally:
             if not committed:
@@ -542,17 +362,18 @@ class ObjectStore:
         Not committed (the caller removes the temp file) when the same version was committed
         while the content was being written: that one is returned.
         """
-        async with self._name_lock(name):
+        async with self._locks.hold(name):
             held = self._held(name, version, expected_checksum)
             if held is not None:
                 return held, False
             previous = self._index.get(name)
-            commit = functools.partial(self._commit, name, version, mode, mtime_ns, size,
-                                       checksum, temp_path, previous, attrs)
+            commit = functools.partial(commit_version, self._objects, self._tmp, name, version,
+                                       mode, mtime_ns, size, checksum, temp_path, previous,
+                                       attrs)
             try:
                 obj = await in_thread(commit)
             except OSError as exc:
-                raise self._io_error(exc, f"cannot commit {_show(name)}") from exc
+                raise io_error(self.root, exc, f"cannot commit {show(name)}") from exc
             self._install(obj)  # no checkpoint between the commit and the index update
         # A file's content is durable from here: so are the records logged before it (its
         # inode and name, on the nodes that hold them with it).
@@ -572,12 +393,12 @@ class ObjectStore:
         impossible (another file system, a link limit) it falls back to ``put_file``'s copy,
         checked against ``checksum``.
         """
-        _check_name(name)
-        version = _check_version(version)
+        check_name(name)
+        version = check_version(version)
         held = self._held(name, version, checksum)
         if held is not None:
             return held
-        if self._logs(name, size):  # small: its bytes go to the log, no link
+        if is_logged(name, size):  # small: its bytes go to the log, no link
             try:
                 data = read_small_file(source, size)  # from the page cache: no thread hop
             except OSError as exc:
@@ -593,11 +414,11 @@ class ObjectStore:
                 return await self.put_file(name, version, mode, mtime_ns, source,
                                            expected_checksum=checksum, expected_size=size,
                                            attrs=attrs)
-            raise self._io_error(exc, f"cannot store {_show(name)} from {source}") from exc
+            raise io_error(self.root, exc, f"cannot store {show(name)} from {source}") from exc
         committed = False
         try:
             if linked != size:
-                raise ChecksumMismatch(f"{_show(name)}: {source} has {linked} bytes, not the "
+                raise ChecksumMismatch(f"{show(name)}: {source} has {linked} bytes, not the "
                                        f"{size} announced; nothing was stored")
             obj, committed = await self._commit_temp(name, version, mode, mtime_ns, size,
                                                      checksum, temp_path, checksum, attrs)
@@ -643,23 +464,24 @@ class ObjectStore:
         resurrect the name; ``drop`` forgets it once it has expired. StaleVersion if a newer
         version is held; if exactly ``version`` is held, that is returned unchanged.
         """
-        _check_name(name)
-        version = _check_version(version)
-        async with self._name_lock(name):
+        check_name(name)
+        version = check_version(version)
+        async with self._locks.hold(name):
             held = self._held(name, version, None)
             if held is not None:
                 return held
-            if self._logs(name, 0):
+            if is_logged(name, 0):
                 return await self._append(StoredObject(
                     name, version, 0, EMPTY_DIGEST, 0, mtime_ns, True, None,
                     written_here=True), b"")
             previous = self._index.get(name)
-            commit = functools.partial(self._commit, name, version, 0, mtime_ns, 0,
-                                       EMPTY_DIGEST, None, previous, b"")
+            commit = functools.partial(commit_version, self._objects, self._tmp, name, version,
+                                       0, mtime_ns, 0, EMPTY_DIGEST, None, previous, b"")
             try:
                 obj = await in_thread(commit)
             except OSError as exc:
-                raise self._io_error(exc, f"cannot record the deletion of {_show(name)}") from exc
+                raise io_error(self.root, exc,
+                               f"cannot record the deletion of {show(name)}") from exc
             self._install(obj)
             return obj
 
@@ -669,7 +491,7 @@ class ObjectStore:
         With ``version``, only that exact version is dropped, so a newer write that arrived
         after the caller decided to drop survives. Dropping an unknown name does nothing.
         """
-        async with self._name_lock(name):
+        async with self._locks.hold(name):
             held = self._index.get(name)
             if held is None or (version is not None and held.version != version):
                 return
@@ -677,36 +499,19 @@ class ObjectStore:
                 self._uninstall(name)
                 return
             try:
-                await in_thread(functools.partial(self._remove_version, held, durable=True))
+                await in_thread(functools.partial(remove_version, self._objects, held,
+                                                  durable=True))
             except OSError as exc:
-                raise self._io_error(exc, f"cannot drop {_show(name)}") from exc
+                raise io_error(self.root, exc, f"cannot drop {show(name)}") from exc
             self._uninstall(name)
 
     # --- the record log ---------------------------------------------------------------------
 
-    @staticmethod
-    def _logs(name: str, size: int) -> bool:
-        """Whether ``name`` is kept in the record log: the namespace's small records and the
-        small contents of files."""
-        if is_metadata(name):
-            return size <= LOG_MAX
-        return size <= LOG_CONTENT_MAX and name[:2] == DATA and record_ino(name) is not None
-
     async def _put_logged(self, name: str, version: Version, mode: int, mtime_ns: int,
                           chunks: AsyncIterable[bytes], late: Callable[[], bytes] | None,
                           early: bytes | None, size: int, attrs: bytes) -> StoredObject:
-        parts: list[bytes] = []
-        got = 0
-        async for item in chunks:
-            raw: object = item
-            if not isinstance(raw, bytes | bytearray | memoryview):
-                raise TypeError(f"content chunks must be bytes, got {type(raw).__name__}")
-            got += len(raw)
-            if got > size:
-                raise ChecksumMismatch(f"{_show(name)}: the sender sent more than the {size} "
-                                       "bytes announced; the data was discarded")
-            parts.append(bytes(raw))
-        return await self._log_bytes(name, version, mode, mtime_ns, b"".join(parts), size,
+        data = await gather(name, chunks, size)
+        return await self._log_bytes(name, version, mode, mtime_ns, data, size,
                                      late() if late is not None else early, attrs)
 
     async def _log_bytes(self, name: str, version: Version, mode: int, mtime_ns: int,
@@ -714,13 +519,13 @@ class ObjectStore:
                          ) -> StoredObject:
         """Check ``data`` (``size`` bytes announced, digest ``want``) and log it."""
         if len(data) != size:
-            raise ChecksumMismatch(f"{_show(name)}: received {len(data)} bytes but {size} were "
+            raise ChecksumMismatch(f"{show(name)}: received {len(data)} bytes but {size} were "
                                    "announced; the data was discarded")
         checksum = digest_of(data)
         if want is not None and checksum != want:
-            raise ChecksumMismatch(f"{_show(name)}: the received content does not match its "
+            raise ChecksumMismatch(f"{show(name)}: the received content does not match its "
                                    "digest; the data was discarded")
-        async with self._name_lock(name):
+        async with self._locks.hold(name):
             held = self._held(name, version, want)
             if held is not None:
                 return held
@@ -734,20 +539,20 @@ class ObjectStore:
     async def _append(self, obj: StoredObject, content: bytes) -> StoredObject:
         """Log ``obj`` (call with its name's lock held): in the page cache at once, durable
         at the next ``sync``."""
-        frame = Frame(obj.name, obj.version.clock, obj.version.writer, obj.size, obj.mode,
-                      obj.mtime_ns, obj.tombstone, obj.checksum, obj.attrs)
+        frame = frame_of(obj)
         async with self._log_turn:
             try:
                 ref, size = self._log.append(frame, content)
             except OSError as exc:
-                raise self._io_error(exc, f"cannot log {_show(obj.name)}") from exc
+                raise io_error(self.root, exc, f"cannot log {show(obj.name)}") from exc
         previous = self._index.get(obj.name)
         logged = dataclasses.replace(obj, log=ref)
         self._install(logged)
         self._frames[obj.name] = size
         self._log.live += size
         if previous is not None and previous.log is None:  # a version stored as files
-            await shielded(functools.partial(self._remove_version, previous, durable=False))
+            await shielded(functools.partial(remove_version, self._objects, previous,
+                                             durable=False))
         return logged
 
     async def sync(self) -> None:
@@ -757,7 +562,7 @@ class ObjectStore:
             try:
                 await self._log.sync()
             except OSError as exc:
-                raise self._io_error(exc, "cannot make the record log durable") from exc
+                raise io_error(self.root, exc, "cannot make the record log durable") from exc
 
     async def maintain(self) -> None:
         """Make the log durable, and rewrite it when superseded frames fill most of it (a
@@ -769,9 +574,8 @@ class ObjectStore:
         async with self._log_turn:
             names = [name for name, obj in self._index.items() if obj.log is not None]
             objs = [self._index[name] for name in names]
-            live = [(Frame(o.name, o.version.clock, o.version.writer, o.size, o.mode,
-                           o.mtime_ns, o.tombstone, o.checksum, o.attrs),
-                     log_.read(o.log) if o.log is not None else b"") for o in objs]
+            live = [(frame_of(o), log_.read(o.log) if o.log is not None else b"")
+                    for o in objs]
             try:
                 placed = await in_thread(functools.partial(log_.compact, live))
             except OSError as exc:
@@ -786,14 +590,12 @@ class ObjectStore:
         """Install what the record log holds, newer versions over older ones (worker thread,
         at start, after the files' recovery)."""
         for frame, ref, size in self._log.replay():
-            obj = StoredObject(frame.name, Version(frame.clock, frame.writer), frame.size,
-                               frame.checksum, frame.mode, frame.mtime_ns, frame.tombstone,
-                               None, attrs=frame.attrs, log=ref)
+            obj = logged_object(frame, ref)
             current = self._index.get(frame.name)
             if current is not None and current.version >= obj.version:
                 continue
             if current is not None and current.log is None:
-                self._remove_version(current, durable=False)
+                remove_version(self._objects, current, durable=False)
             self._install(obj)
             self._frames[frame.name] = size
             self._log.live += size
@@ -807,89 +609,15 @@ class ObjectStore:
         if held is None or held.version < version:
             return None
         if held.version > version:
-            raise StaleVersion(f"{_show(name)}: version {_show_version(version)} is older than "
-                               f"the version {_show_version(held.version)} already stored",
+            raise StaleVersion(f"{show(name)}: version {show_version(version)} is older than "
+                               f"the version {show_version(held.version)} already stored",
                                held.version)
         if (expected_checksum is not None and not held.tombstone
                 and held.checksum != expected_checksum):
             raise ChecksumMismatch(
-                f"{_show(name)}: version {_show_version(version)} is already stored with "
+                f"{show(name)}: version {show_version(version)} is already stored with "
                 f"digest {held.checksum.hex()[:16]}..., not {expected_checksum.hex()[:16]}...")
         return held
-
-    async def _check_room(self, name: str, size: int) -> None:
-        """Refuse at once a write that cannot fit, instead of after streaming it all."""
-        try:
-            st = await in_thread(functools.partial(os.statvfs, self.root))
-        except OSError:
-            return  # the write itself will tell
-        free = st.f_bavail * st.f_frsize
-        if size > free:
-            raise StoreFull(f"not enough space to store {_show(name)} in {self.root}: it needs "
-                            f"{size} bytes and only {free} are free; nothing was written")
-
-    async def _fill(self, temp: TempFile, name: str, chunks: AsyncIterable[bytes],
-                    expected_size: int | None) -> None:
-        """Stream ``chunks`` into ``temp`` in ~WRITE_BATCH thread hops, then fsync it."""
-        pending: list[bytes] = []
-        pending_bytes = 0
-        received = 0
-
-        async def flush() -> None:
-            nonlocal pending, pending_bytes
-            blocks, pending, pending_bytes = pending, [], 0
-            try:
-                await in_thread(functools.partial(temp.write, blocks))
-            except OSError as exc:
-                raise self._io_error(exc, f"cannot store {_show(name)} (after writing "
-                                          f"{temp.size} bytes)") from exc
-
-        async for item in chunks:
-            raw: object = item
-            if type(raw) is bytes:
-                chunk = raw
-            elif isinstance(raw, bytes | bytearray | memoryview):
-                chunk = bytes(raw)  # a copy: the sender may reuse its buffer once resumed
-            else:
-                raise TypeError(f"content chunks must be bytes, got {type(raw).__name__}")
-            if not chunk:
-                continue
-            received += len(chunk)
-            if expected_size is not None and received > expected_size:
-                raise ChecksumMismatch(f"{_show(name)}: the sender sent more than the "
-                                       f"{expected_size} bytes announced; the data was discarded")
-            pending.append(chunk)
-            pending_bytes += len(chunk)
-            if pending_bytes >= WRITE_BATCH:
-                await flush()
-        if pending:
-            await flush()
-        try:
-            await in_thread(temp.finish)
-        except OSError as exc:
-            raise self._io_error(exc, f"cannot store {_show(name)} ({temp.size} bytes)") from exc
-
-    def _io_error(self, exc: OSError, what: str) -> StoreError:
-        """StoreFull for a full disk or quota, StoreError naming the cause for anything else."""
-        reason = exc.strerror or str(exc)
-        if exc.errno in _FULL_ERRNOS:
-            return StoreFull(f"{what}: the filesystem of {self.root} is full ({reason}); "
-                             "the write was abandoned and any older version is untouched")
-        return StoreError(f"{what}: {reason}")
-
-    @contextlib.asynccontextmanager
-    async def _name_lock(self, name: str) -> AsyncIterator[None]:
-        entry = self._locks.get(name)
-        if entry is None:
-            entry = self._locks[name] = _NameLock()
-        entry.users += 1
-        try:
-            async with entry.lock:
-                yield
-        finally:
-            entry.users -= 1
-            if entry.users == 0:
-                del self._locks[name]
 
     def _install(self, obj: StoredObject) -> None:
         self._uninstall(obj.name)
@@ -901,210 +629,10 @@ class ObjectStore:
                 self._legacy.add(obj.name)
 
     def _uninstall(self, name: str) -> None:
-        self._forget_small(name)
+        self._small.forget(name)
         self._log.live -= self._frames.pop(name, 0)
         old = self._index.pop(name, None)
         if old is not None and not old.tombstone:
             self._live -= not is_metadata(name)
             self._bytes -= old.size
         self._legacy.discard(name)
-
-    def _commit(self, name: str, version: Version, mode: int, mtime_ns: int, size: int,
-                checksum: bytes, content: Path | None,
-                previous: StoredObject | None, attrs: bytes) -> StoredObject:
-        """Steps 2-5 of the commit order (worker thread). ``content`` None means a tombstone.
-
-        On failure everything this call made visible is removed again before raising.
-        """
-        data_path, meta_path = self.files_for(name, version)
-        directory = data_path.parent
-        if not directory.is_dir():
-            directory.mkdir(mode=0o700, exist_ok=True)
-            fsync_dir(self._objects)
-        doc = {"format": META_FORMAT, "name": name, "clock": version.clock,
-               "writer": version.writer.hex(), "size": size, "checksum": checksum.hex(),
-               "mode": mode, "mtime_ns": mtime_ns, "tombstone": content is None,
-               "attrs": attrs.hex()}
-        try:
-            if content is not None:
-                os.replace(content, data_path)
-            self._write_meta(meta_path, doc)
-            fsync_dir(directory)
-        except BaseException:
-            unlink_quietly(meta_path)
-            if content is not None:
-                unlink_quietly(data_path)
-            raise
-        if previous is not None and previous.version != version:
-            try:
-                self._remove_version(previous, durable=False)
-            except OSError as exc:  # the new version is committed anyway; recovery retries
-                log.warning("could not remove superseded version %s of %s: %s",
-                            _show_version(previous.version), _show(name), exc.strerror or exc)
-        return StoredObject(name, version, size, checksum, mode, mtime_ns, content is None,
-                            None if content is None else data_path, written_here=True,
-                            attrs=attrs)
-
-    def _write_meta(self, meta_path: Path, doc: dict[str, Any]) -> None:
-        """Write the metadata to tmp/, fsync it, rename it into place (worker thread)."""
-        payload = json.dumps(doc, ensure_ascii=True, separators=(",", ":")).encode("ascii")
-        temp = self._tmp / f"{secrets.token_hex(16)}.meta"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                write_all(fd, payload)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, meta_path)
-        except BaseException:
-            unlink_quietly(temp)
-            raise
-
-    def _remove_version(self, obj: StoredObject, *, durable: bool) -> None:
-        """Remove a version's files, metadata first so a crash never leaves meta without data.
-
-        Raises OSError only if the metadata could not be removed (the version is then still
-        committed); a content file left behind is an orphan that recovery deletes.
-        """
-        data_path, meta_path = self.files_for(obj.name, obj.version)
-        meta_path.unlink(missing_ok=True)
-        unlink_quietly(data_path)
-        if durable:
-            fsync_dir(meta_path.parent)
-
-    # --- recovery -----------------------------------------------------------------------------
-
-    def _recover(self) -> None:
-        """Bring the directory back to "newest committed version per name, nothing else"."""
-        stats = _Recovered()
-        for entry in os.scandir(self._tmp):
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                unlink_quietly(Path(entry.path))
-            stats.temp += 1
-
-        contents: dict[str, Path] = {}
-        metas: dict[str, Path] = {}
-        for sub in os.scandir(self._objects):
-            if not (sub.is_dir(follow_symlinks=False) and _FANOUT_RE.fullmatch(sub.name)):
-                stats.unknown += 1
-                continue
-            for entry in os.scandir(sub.path):
-                match = _FILE_RE.fullmatch(entry.name)
-                if match is None or not match.group(1).startswith(sub.name):
-                    stats.unknown += 1
-                    continue
-                stem = entry.name.rpartition(".")[0]
-                kind = metas if match.group(4) == "meta" else contents
-                kind[stem] = Path(entry.path)
-
-        by_name: dict[str, list[tuple[str, StoredObject]]] = {}
-        for stem, meta_path in metas.items():
-            obj = self._load_meta(meta_path, stem, stats)
-            if obj is not None and not obj.tombstone:
-                content = contents.get(stem)
-                try:
-                    if content is None or content.stat().st_size != obj.size:
-                        obj = None
-                except OSError:
-                    obj = None
-            if obj is None:
-                unlink_quietly(meta_path)
-                stats.broken_meta += 1
-                continue
-            by_name.setdefault(obj.name, []).append((stem, obj))
-
-        keep: set[str] = set()
-        for versions in by_name.values():
-            versions.sort(key=lambda item: item[1].version)
-            stem, newest = versions[-1]
-            for old_stem, _old in versions[:-1]:
-                unlink_quietly(metas[old_stem])
-                stats.superseded += 1
-            if not newest.tombstone:
-                keep.add(stem)
-            self._install(newest)
-        for stem, content in contents.items():
-            if stem not in keep:
-                unlink_quietly(content)
-                stats.orphan_content += 1
-
-        if stats.temp or stats.orphan_content or stats.broken_meta or stats.superseded:
-            log.info("store %s recovered: removed %d temp files, %d content files without "
-                     "metadata or superseded, %d incomplete metadata, %d superseded versions",
-                     self.root, stats.temp, stats.orphan_content, stats.broken_meta,
-                     stats.superseded)
-        if stats.converted:
-            log.info("store %s: %d records converted to the content digest", self.root,
-                     stats.converted)
-        if stats.unknown:
-            log.warning("store %s: ignored %d unknown entries under %s", self.root,
-                        stats.unknown, self._objects)
-
-    def _load_meta(self, meta_path: Path, stem: str, stats: _Recovered) -> StoredObject | None:
-        """Parse and cross-check one metadata file; None if it is not a valid commit record."""
-        try:
-            doc = json.loads(meta_path.read_bytes())
-            if isinstance(doc, dict) and doc.get("format") == _SHA256_META_FORMAT:
-                doc = self._upgrade_meta(meta_path, stem, doc, stats)
-            if not isinstance(doc, dict) or doc.get("format") not in (META_FORMAT,
-                                                                      _PATH_META_FORMAT):
-                return None
-            name, clock, writer = doc["name"], doc["clock"], bytes.fromhex(doc["writer"])
-            size, checksum = doc["size"], bytes.fromhex(doc["checksum"])
-            mode, mtime_ns, tombstone = doc["mode"], doc["mtime_ns"], doc["tombstone"]
-            attrs = bytes.fromhex(doc.get("attrs", ""))
-            if not (isinstance(name, str) and isinstance(size, int) and size >= 0
-                    and isinstance(mode, int) and isinstance(mtime_ns, int)
-                    and isinstance(tombstone, bool) and len(checksum) == DIGEST_SIZE):
-                return None
-            version = _check_version(Version(clock, writer))
-        except (OSError, ValueError, KeyError, TypeError):  # JSONDecodeError is a ValueError
-            return None
-        key = _name_key(name)
-        if _stem(key, version) != stem:
-            return None
-        data_path = meta_path.with_name(f"{stem}.data")
-        return StoredObject(name, version, size, checksum, mode, mtime_ns, tombstone,
-                            None if tombstone else data_path, attrs=attrs)
-
-    def _upgrade_meta(self, meta_path: Path, stem: str, doc: dict[str, Any],
-                      stats: _Recovered) -> dict[str, Any] | None:
-        """Rewrite a format-1 record (SHA-256 checksum) with the content digest, in place.
-
-        The content is read once and hashed both ways: only content that still matches its
-        recorded SHA-256 gets a digest (a damaged copy would otherwise be certified afresh);
-        it is dropped instead, and repair copies a good one back. A crash or an error while
-        rewriting leaves the format-1 record, which the next start converts again.
-        """
-        old = bytes.fromhex(doc["checksum"])
-        if not stats.converting:  # a long start deserves a word: every object is read once
-            log.info("store %s: converting SHA-256 records to the content digest (%s); "
-                     "every object is read once", self.root, ALGORITHM)
-            stats.converting = True
-        if doc.get("tombstone") is True:
-            matches, digest = old == _SHA256_OF_NOTHING, EMPTY_DIGEST
-        else:
-            old_hash, new_hash = hashlib.sha256(), new_hasher()
-            with open(meta_path.with_name(f"{stem}.data"), "rb") as fh:
-                while block := fh.read(WRITE_BATCH):
-                    old_hash.update(block)
-                    new_hash.update(block)
-            matches, digest = old_hash.digest() == old, new_hash.digest()
-        if not matches:
-            log.warning("store %s: %s no longer matches the SHA-256 recorded when it was "
-                        "written; dropped while converting the store (repair restores a copy)",
-                        self.root, _show(str(doc.get("name"))))
-            return None
-        upgraded = {**doc, "format": _PATH_META_FORMAT, "checksum": digest.hex()}
-        stats.converted += 1
-        try:
-            self._write_meta(meta_path, upgraded)
-            fsync_dir(meta_path.parent)
-        except OSError as exc:  # e.g. a full disk: serve it converted, rewrite it next start
-            log.warning("store %s: could not rewrite the record of %s in the new format (%s); "
-                        "kept, converted again at the next start", self.root,
-                        _show(str(doc.get("name"))), exc.strerror or exc)
-        return upgraded

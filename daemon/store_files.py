@@ -1,8 +1,8 @@
 """The object store's file primitives: temp files filled and fsynced, links, directory
 fsyncs, reads, and the worker-thread hop every blocking call of the store takes.
 
-``daemon.store`` keeps the index, the versions and the commit protocol; what is here touches
-one file or directory at a time and knows nothing of names or versions.
+``daemon.store`` keeps the index and the versions, ``daemon.store_commit`` the commit protocol;
+what is here touches one file or directory at a time and knows nothing of names or versions.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from daemon.peers import (
     resolved,
 )
 from daemon.quorum import background_for, corrections, until_enough
-from daemon.store import ChecksumMismatch, StaleVersion, StoreFull
+from daemon.store_layout import ChecksumMismatch, StaleVersion, StoreFull
 from daemon.wire import tuple_to_json, version_query
 
 if TYPE_CHECKING:

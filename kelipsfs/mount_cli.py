@@ -91,7 +91,7 @@ def _reason(exc: BaseException) -> str | None:
     """The message for an expected start failure; None for a bug (re-raised, with traceback)."""
     from daemon.runtime import JoinFailed, JoinRefused
     from daemon.security import KeyFileError
-    from daemon.store import StoreError
+    from daemon.store_layout import StoreError
     from kelipsfs.mount import MountError
     leaf = exc
     while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:

@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from daemon.quick_lock import QuickLock
+from daemon.quick_lock import QuickLock, QuickLocks
 
 
 def run(test: Callable[[], Awaitable[None]]) -> None:
@@ -102,4 +102,27 @@ def test_misuse_is_an_error() -> None:
         with pytest.raises(RuntimeError):
             await lock.acquire()
         lock.release()
+    run(main)
+
+
+def test_keyed_locks_serialize_one_key_and_forget_an_idle_one() -> None:
+    async def main() -> None:
+        locks: QuickLocks[str] = QuickLocks()
+        inside = most = 0
+
+        async def worker() -> None:
+            nonlocal inside, most
+            async with locks.hold("a"):
+                inside += 1
+                most = max(most, inside)
+                await trio.sleep(0.01)
+                inside -= 1
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(worker)
+            await trio.testing.wait_all_tasks_blocked()
+            async with locks.hold("b"):  # another key is free while "a" is held
+                assert inside == 1
+        assert most == 1 and locks._locks == {}
     run(main)

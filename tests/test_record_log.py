@@ -14,7 +14,8 @@ from daemon.core.messages import Version
 from daemon.digest import digest_of
 from daemon.peers import stream_of
 from daemon.record_log import Frame, RecordLog
-from daemon.store import LOG_CONTENT_MAX, ObjectStore
+from daemon.store import ObjectStore
+from daemon.store_log import LOG_CONTENT_MAX
 
 W = b"\x05" * 20
 

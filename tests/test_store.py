@@ -32,11 +32,12 @@ import pytest
 import trio
 
 from daemon import store as store_mod
+from daemon import store_recovery
 from daemon.core.messages import Version
 from daemon.digest import EMPTY_DIGEST, digest_of, new_hasher
-from daemon.store import (
+from daemon.store import ObjectStore
+from daemon.store_layout import (
     ChecksumMismatch,
-    ObjectStore,
     StaleVersion,
     StoredObject,
     StoreError,
@@ -927,7 +928,7 @@ def test_a_record_the_conversion_cannot_rewrite_is_kept_and_converted_next_time(
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with monkeypatch.context() as patch:
-        patch.setattr(ObjectStore, "_write_meta", disk_full)
+        patch.setattr(store_recovery, "write_meta", disk_full)
         assert ObjectStore(root).get("kept") == kept  # served, still format 1 on disk
     meta = store.files_for("kept", v(1))[1]
     assert json.loads(meta.read_bytes())["format"] == 1

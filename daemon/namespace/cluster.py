@@ -26,7 +26,7 @@ from daemon.namespace import ops
 from daemon.namespace.ops import Op, Result
 from daemon.namespace.primary import NotPrimary
 from daemon.peers import PeerError
-from daemon.store import StoreError
+from daemon.store_layout import StoreError
 from daemon.wire import tuple_from_json
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from daemon.digest import EMPTY_DIGEST
 from daemon.names import NameError_, validate_name
 from daemon.namespace import ops
 from daemon.namespace.primary import store_records
-from daemon.store import StoreError, StoreFull
+from daemon.store_layout import StoreError, StoreFull
 from daemon.wire import record_from_json, tuple_to_json
 
 if TYPE_CHECKING:

@@ -30,7 +30,7 @@ from daemon.logs import fields
 from daemon.namespace.cluster import ClusterRecords
 from daemon.namespace.ops import Op
 from daemon.namespace.vfs import Caller, Namespace
-from daemon.store import StoredObject
+from daemon.store_layout import StoredObject
 
 if TYPE_CHECKING:
     from daemon.runtime import NodeRuntime

@@ -37,7 +37,7 @@ from daemon.namespace.ops import Op, Result, locked_inodes, run
 from daemon.peers import PeerError, stream_of
 from daemon.quick_lock import QuickLock
 from daemon.quorum import background_for, corrections, until_enough
-from daemon.store import StaleVersion, StoreError
+from daemon.store_layout import StaleVersion, StoreError
 from daemon.wire import record_to_json
 from daemon.writes import INSERT_ATTEMPTS
 

@@ -24,7 +24,6 @@ do not wait on each other, and the version check is repeated under the lock befo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import functools
 import io
@@ -71,6 +70,7 @@ from daemon.store_layout import (
     show,
     show_version,
     version_files,
+    with_log,
 )
 from daemon.store_log import frame_of, gather, is_logged, logged_object
 from daemon.store_recovery import recover
@@ -546,7 +546,7 @@ class ObjectStore:
             except OSError as exc:
                 raise io_error(self.root, exc, f"cannot log {show(obj.name)}") from exc
         previous = self._index.get(obj.name)
-        logged = dataclasses.replace(obj, log=ref)
+        logged = with_log(obj, ref)
         self._install(logged)
         self._frames[obj.name] = size
         self._log.live += size
@@ -582,7 +582,7 @@ class ObjectStore:
                 log.warning("could not compact the record log of %s: %s", self.root, exc)
                 return
             for name, obj, (ref, size) in zip(names, objs, placed, strict=True):
-                self._index[name] = dataclasses.replace(obj, log=ref)
+                self._index[name] = with_log(obj, ref)
                 self._frames[name] = size
             log_.live = sum(size for _, size in placed)
 

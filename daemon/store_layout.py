@@ -104,6 +104,13 @@ class StoredObject:
     log: LogRef | None = field(default=None, compare=False)
 
 
+def with_log(obj: StoredObject, ref: LogRef) -> StoredObject:
+    """``obj`` kept in the record log at ``ref`` (``dataclasses.replace``, written out: it is
+    on the path of every logged record)."""
+    return StoredObject(obj.name, obj.version, obj.size, obj.checksum, obj.mode, obj.mtime_ns,
+                        obj.tombstone, obj.path, obj.written_here, obj.attrs, ref)
+
+
 def show(name: str) -> str:
     """A name for messages: repr (so odd characters stay visible), cut so 4 KiB does not flood."""
     text = repr(name)

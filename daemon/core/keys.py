@@ -19,6 +19,8 @@ directory is listed by asking any one member of one group.
 
 from __future__ import annotations
 
+import functools
+
 INODE = "i/"
 ENTRY = "e/"
 DATA = "d/"
@@ -88,6 +90,7 @@ def placement_key(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=4096)
 def is_metadata(name: str) -> bool:
     """An inode, entry or extended-attributes record: no file's bytes (``objects`` counts
     the rest: file contents and raw objects)."""

@@ -24,7 +24,7 @@ import contextlib
 import errno
 import functools
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from daemon.core.inodes import FsError, Write
@@ -35,7 +35,7 @@ from daemon.data_errors import DataError, InsertFailed, Superseded, Unavailable
 from daemon.namespace.memory import stamp_writes
 from daemon.namespace.ops import Op, Result, locked_inodes, run
 from daemon.peers import PeerError, stream_of
-from daemon.quick_lock import QuickLock
+from daemon.quick_lock import QuickLocks
 from daemon.quorum import background_for, corrections, until_enough
 from daemon.store_layout import StaleVersion, StoreError
 from daemon.wire import record_to_json
@@ -58,7 +58,7 @@ class Primary:
 
     def __init__(self, runtime: NodeRuntime) -> None:
         self.rt = runtime
-        self._locks: dict[int, tuple[QuickLock, int]] = {}
+        self._locks: QuickLocks[int] = QuickLocks()
 
     async def apply(self, op: Op) -> tuple[Result, list[TupleEntry]]:
         """Apply ``op``; (its result, the tuples it wrote). FsError if the rule refuses."""
@@ -73,7 +73,7 @@ class Primary:
             raise Unavailable("this node is still joining its group")
         async with contextlib.AsyncExitStack() as locks:
             for ino in locked_inodes(op):
-                await locks.enter_async_context(self._locked(ino))
+                await locks.enter_async_context(self._locks.hold(ino))
             for attempt in range(1, INSERT_ATTEMPTS + 1):
                 wall = self.rt.wall()
                 version = node.new_version(int(wall * 1000))
@@ -200,19 +200,6 @@ class Primary:
         await self.rt.dataplane.writes.publish_many(tuples, stored if corrected else [])
         return tuples
 
-    @contextlib.asynccontextmanager
-    async def _locked(self, ino: int) -> AsyncIterator[None]:
-        lock, users = self._locks.get(ino, (QuickLock(), 0))
-        self._locks[ino] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[ino]
-            if users <= 1:
-                del self._locks[ino]
-            else:
-                self._locks[ino] = (lock, users - 1)
 
 
 async def store_records(rt: NodeRuntime, records: Iterable[tuple[TupleEntry, bytes | None]],

@@ -40,7 +40,7 @@ from daemon.core.inodes import (
 )
 from daemon.core.keys import MAX_INO, ROOT_INO, inode_name, xattrs_name
 from daemon.namespace.ops import Op, Result
-from daemon.quick_lock import QuickLock
+from daemon.quick_lock import QuickLocks
 
 #: renameat2 flags (linux/fs.h).
 RENAME_NOREPLACE = 1
@@ -100,7 +100,7 @@ class Namespace:
     def __init__(self, records: Records, rng: random.Random | None = None) -> None:
         self.records = records
         self._rng = rng or random.SystemRandom()
-        self._dir_locks: dict[int, tuple[QuickLock, int]] = {}
+        self._dir_locks: QuickLocks[int] = QuickLocks()
 
     async def sync(self, ino: int) -> None:
         """fsync(2) of an inode's records: its attributes and, for a directory, its entries."""
@@ -472,20 +472,7 @@ class Namespace:
     async def _locked(self, *directories: int) -> AsyncIterator[None]:
         """Changes to the same directories through this namespace, one at a time (sorted:
         two renames in opposite directions cannot deadlock)."""
-        held: list[int] = []
-        try:
+        async with contextlib.AsyncExitStack() as held:
             for ino in sorted(set(directories)):
-                lock, users = self._dir_locks.get(ino, (QuickLock(), 0))
-                self._dir_locks[ino] = (lock, users + 1)
-                held.append(ino)
-                await lock.acquire()
+                await held.enter_async_context(self._dir_locks.hold(ino))
             yield
-        finally:
-            for ino in reversed(held):
-                lock, users = self._dir_locks[ino]
-                if lock.held_here():
-                    lock.release()
-                if users <= 1:
-                    del self._dir_locks[ino]
-                else:
-                    self._dir_locks[ino] = (lock, users - 1)

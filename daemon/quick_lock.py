@@ -11,7 +11,7 @@ name, an inode) for as long as some task holds or waits for it.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Generic, TypeVar
@@ -82,6 +82,12 @@ class QuickLocks(Generic[_K]):
         """``async with locks.hold(key):`` the key's lock, held for the block."""
         return _Held(self._locks, key)
 
+    def hold_all(self, keys: Iterable[_K]) -> _HeldAll[_K]:
+        """``async with locks.hold_all(keys):`` every key's lock, taken in sorted order (two
+        tasks holding some of the same keys cannot wait for each other)."""
+        ordered = sorted(set(keys), key=_sort_key)
+        return _HeldAll([_Held(self._locks, key) for key in ordered])
+
 
 class _Held(Generic[_K]):
     """The async context of ``QuickLocks.hold`` (a class: cheaper to enter than a generator)."""
@@ -113,3 +119,36 @@ class _Held(Generic[_K]):
         self._entry.users -= 1
         if self._entry.users == 0:
             del self._locks[self._key]
+
+
+def _sort_key(key: Hashable) -> tuple[str, object]:
+    """Keys of one kind compare as they are; a mix of kinds by kind first."""
+    return (type(key).__name__, key)
+
+
+class _HeldAll(Generic[_K]):
+    """The async context of ``QuickLocks.hold_all``."""
+
+    __slots__ = ("_held", "_taken")
+
+    def __init__(self, held: list[_Held[_K]]) -> None:
+        self._held = held
+        self._taken = 0
+
+    async def __aenter__(self) -> None:
+        try:
+            for held in self._held:
+                await held.__aenter__()
+                self._taken += 1
+        except BaseException:
+            await self._release()
+            raise
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self._release()
+
+    async def _release(self) -> None:
+        while self._taken:
+            self._taken -= 1
+            await self._held[self._taken].__aexit__(None, None, None)

@@ -126,3 +126,40 @@ def test_keyed_locks_serialize_one_key_and_forget_an_idle_one() -> None:
                 assert inside == 1
         assert most == 1 and locks._locks == {}
     run(main)
+
+
+def test_several_keys_are_taken_in_one_order_and_released_on_cancel() -> None:
+    """Two tasks taking the same pair of keys in opposite orders never deadlock (hold_all
+    sorts them); a task cancelled while it waits for its second key lets the first go."""
+    async def main() -> None:
+        locks: QuickLocks[int] = QuickLocks()
+        done: list[str] = []
+
+        async def pair(name: str, keys: list[int]) -> None:
+            for _ in range(20):
+                async with locks.hold_all(keys):
+                    await trio.sleep(0.001)
+            done.append(name)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pair, "up", [1, 2])
+                nursery.start_soon(pair, "down", [2, 1, 2])
+        assert sorted(done) == ["down", "up"] and locks._locks == {}
+
+        async def holder(release: trio.Event) -> None:
+            async with locks.hold(2):
+                await release.wait()
+
+        release = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(holder, release)
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.move_on_after(1):
+                async with locks.hold_all([1, 2]):
+                    raise AssertionError("key 2 is held elsewhere")
+            async with locks.hold(1):  # released when the wait for key 2 was cancelled
+                pass
+            release.set()
+        assert locks._locks == {}
+    run(main)

@@ -20,7 +20,6 @@ as for any object.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import logging
@@ -71,9 +70,7 @@ class Primary:
             raise NotPrimary(f"inode {op.key:x} is not held here")
         if not node.synced:
             raise Unavailable("this node is still joining its group")
-        async with contextlib.AsyncExitStack() as locks:
-            for ino in locked_inodes(op):
-                await locks.enter_async_context(self._locks.hold(ino))
+        async with self._locks.hold_all(locked_inodes(op)):
             for attempt in range(1, INSERT_ATTEMPTS + 1):
                 wall = self.rt.wall()
                 version = node.new_version(int(wall * 1000))

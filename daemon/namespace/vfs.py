@@ -17,11 +17,10 @@ on one mount never interleave; across mounts, each primary serialises its own in
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import random
 import stat
-from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -468,11 +467,7 @@ class Namespace:
 
     # --- local serialisation --------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _locked(self, *directories: int) -> AsyncIterator[None]:
+    def _locked(self, *directories: int) -> AbstractAsyncContextManager[None]:
         """Changes to the same directories through this namespace, one at a time (sorted:
         two renames in opposite directions cannot deadlock)."""
-        async with contextlib.AsyncExitStack() as held:
-            for ino in sorted(set(directories)):
-                await held.enter_async_context(self._dir_locks.hold(ino))
-            yield
+        return self._dir_locks.hold_all(directories)

@@ -60,10 +60,26 @@ class Frame(NamedTuple):
 
 
 class LogRef(NamedTuple):
-    """Where a record's content lies in the log (offset and length in the file)."""
+    """Where a record's content lies in the log: offset and length in the file of one
+    ``generation`` (a compaction starts the next one, and moves every live record)."""
 
     offset: int
     length: int
+    generation: int = 0
+
+
+class MovedRecord(LookupError):
+    """A reference taken before the log was compacted: the record is elsewhere now (or
+    gone), and its holder must look it up again."""
+
+
+class Compacted(NamedTuple):
+    """A compacted log, written and renamed into place, not yet in use (``RecordLog.adopt``)."""
+
+    fd: int
+    size: int
+    #: The new place of each live record's content and the size of its frame, in order.
+    refs: list[tuple[LogRef, int]]
 
 
 def encode(frame: Frame, content: bytes) -> tuple[bytes, int]:
@@ -116,6 +132,8 @@ class RecordLog:
         self._synced = 0  # everything before this offset is durable
         self._syncing: trio.Event | None = None
         self._quick = True  # the last fdatasync took at most INLINE_SYNC_MAX
+        self.generation = 0  # of the file in use: one more at each compaction
+        self._retired: list[int] = []  # descriptors of replaced files a sync still uses
         self.live = 0  # bytes of frames still holding a current record (kept by the store)
 
     @property
@@ -140,7 +158,7 @@ class RecordLog:
                 frame, offset, size = decode(payload)
             except ValueError:
                 break
-            yield frame, LogRef(start + offset, size), _HEAD.size + length
+            yield frame, LogRef(start + offset, size, self.generation), _HEAD.size + length
             at = start + length
         if at != len(data):
             os.ftruncate(self._fd, at)
@@ -156,7 +174,7 @@ class RecordLog:
         written = os.pwrite(self._fd, data, self._end)
         if written != len(data):
             raise OSError(28, "short write to the record log")  # ENOSPC in practice
-        ref = LogRef(self._end + offset, len(content))
+        ref = LogRef(self._end + offset, len(content), self.generation)
         self._end += len(data)
         return ref, len(data)
 
@@ -170,6 +188,9 @@ class RecordLog:
         self._allocated = self._end + needed + PREALLOCATE
 
     def read(self, ref: LogRef) -> bytes:
+        """The content at ``ref``; MovedRecord if a compaction moved it since."""
+        if ref.generation != self.generation:
+            raise MovedRecord(f"record moved by a compaction of {self.path}")
         return os.pread(self._fd, ref.length, ref.offset) if ref.length else b""
 
     @property
@@ -178,29 +199,36 @@ class RecordLog:
 
     async def sync(self) -> None:
         """Return once every record appended before the call is durable (one fdatasync,
-        shared by every caller waiting for it)."""
-        target = self._end
-        while self._synced < target:
+        shared by every caller waiting for it; a compaction meanwhile made them durable in
+        the new file)."""
+        target, generation = self._end, self.generation
+        while self.generation == generation and self._synced < target:
             if self._syncing is not None:
                 await self._syncing.wait()
                 continue
             self._syncing = done = trio.Event()
-            upto = self._end
+            upto, fd = self._end, self._fd
             try:
                 started = time.perf_counter()
                 if self._quick:
-                    os.fdatasync(self._fd)
+                    os.fdatasync(fd)
                 else:
-                    await trio.to_thread.run_sync(os.fdatasync, self._fd)
+                    await trio.to_thread.run_sync(os.fdatasync, fd)
                 self._quick = time.perf_counter() - started <= INLINE_SYNC_MAX
-                self._synced = max(self._synced, upto)
+                if self.generation == generation:
+                    self._synced = max(self._synced, upto)
             finally:
                 self._syncing = None
+                while self._retired:  # a file replaced by a compaction while this ran
+                    os.close(self._retired.pop())
                 done.set()
 
-    def compact(self, live: list[tuple[Frame, bytes]]) -> list[tuple[LogRef, int]]:
-        """Rewrite the log with only ``live`` (blocks: a worker thread, with no append
-        meanwhile); the new place of each one's content, and its frame's size."""
+    def compact(self, live: list[tuple[Frame, bytes]]) -> Compacted:
+        """Write a log of only ``live``, fsynced and renamed over this one (blocks: a worker
+        thread, with no append meanwhile). Reads go on from the old file, still open, until
+        ``adopt`` (on the event loop) switches to the new one: a read never meets a
+        descriptor being swapped, and a reference taken before raises MovedRecord after."""
+        generation = self.generation + 1
         fresh = self.path.with_suffix(".compact")
         fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         refs: list[tuple[LogRef, int]] = []
@@ -209,7 +237,7 @@ class RecordLog:
             chunks: list[bytes] = []
             for frame, content in live:
                 data, offset = encode(frame, content)
-                refs.append((LogRef(at + offset, len(content)), len(data)))
+                refs.append((LogRef(at + offset, len(content), generation), len(data)))
                 chunks.append(data)
                 at += len(data)
             os.pwrite(fd, b"".join(chunks), 0)
@@ -224,10 +252,19 @@ class RecordLog:
             os.close(fd)
             fresh.unlink(missing_ok=True)
             raise
-        os.close(self._fd)
-        self._fd = fd
-        self._end = self._synced = self._allocated = self.live = at
-        return refs
+        return Compacted(fd, at, refs)
+
+    def adopt(self, compacted: Compacted) -> None:
+        """Switch to a compacted log (on the event loop, with no append meanwhile)."""
+        old, self._fd = self._fd, compacted.fd
+        self.generation += 1
+        self._end = self._synced = self._allocated = self.live = compacted.size
+        if self._syncing is None:
+            os.close(old)
+        else:  # an fdatasync of it runs in a worker thread: closed when it ends
+            self._retired.append(old)
 
     def close(self) -> None:
         os.close(self._fd)
+        while self._retired:
+            os.close(self._retired.pop())

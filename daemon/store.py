@@ -38,7 +38,7 @@ from daemon.core.keys import is_legacy, is_metadata
 from daemon.core.messages import Version
 from daemon.digest import DIGEST_SIZE, EMPTY_DIGEST, digest_of, new_hasher
 from daemon.quick_lock import QuickLock, QuickLocks
-from daemon.record_log import RecordLog
+from daemon.record_log import MovedRecord, RecordLog
 from daemon.small_cache import SMALL_CACHE_BYTES, SmallCache
 from daemon.store_commit import (
     WRITE_BATCH,
@@ -168,7 +168,7 @@ class ObjectStore:
         after that raises StoreError, and so does opening a tombstone.
         """
         if obj.log is not None:
-            return io.BytesIO(self._log.read(obj.log))
+            return io.BytesIO(self._logged(obj))
         if obj.tombstone or obj.path is None:
             raise StoreError(f"{show(obj.name)} is deleted (tombstone of version "
                              f"{show_version(obj.version)}): it has no content")
@@ -195,7 +195,7 @@ class ObjectStore:
         if not 0 <= offset <= obj.size:
             raise ValueError(f"offset must be within 0..{obj.size}, got {offset}")
         if obj.log is not None:
-            data = self._log.read(obj.log)
+            data = self._logged(obj)
             if verify and digest_of(data) != obj.checksum:
                 raise ChecksumMismatch(f"the logged content of {show(obj.name)} does not match "
                                        "its checksum: it is corrupt")
@@ -256,7 +256,10 @@ class ObjectStore:
         is unchanged since (one stat).
         """
         if obj.log is not None and not obj.tombstone and obj.size <= limit:
-            data = self._log.read(obj.log)
+            try:
+                data = self._logged(obj)
+            except StoreError:
+                return None
             return data if digest_of(data) == obj.checksum else None
         if obj.tombstone or obj.path is None or obj.size > limit:
             return None
@@ -274,6 +277,21 @@ class ObjectStore:
         if self._index.get(obj.name) is obj:
             self._small.remember(obj, data, signature)
         return data
+
+    def _logged(self, obj: StoredObject) -> bytes:
+        """The content of a record of the log (on the event loop, where the log is
+        compacted): where the index has it now if a compaction moved it since ``obj`` was
+        taken; StoreError if that version is no longer held."""
+        assert obj.log is not None
+        try:
+            return self._log.read(obj.log)
+        except MovedRecord:
+            current = self._index.get(obj.name)
+            if current is None or current.version != obj.version or current.log is None:
+                raise StoreError(f"version {show_version(obj.version)} of {show(obj.name)} "
+                                 "is no longer stored (replaced by a newer version or "
+                                 "dropped)") from None
+            return self._log.read(current.log)
 
     def _read_whole(self, obj: StoredObject, offset: int) -> bytes:
         with self.open_content(obj) as fh:
@@ -577,14 +595,19 @@ class ObjectStore:
             live = [(frame_of(o), log_.read(o.log) if o.log is not None else b"")
                     for o in objs]
             try:
-                placed = await in_thread(functools.partial(log_.compact, live))
+                compacted = await in_thread(functools.partial(log_.compact, live))
             except OSError as exc:
                 log.warning("could not compact the record log of %s: %s", self.root, exc)
                 return
-            for name, obj, (ref, size) in zip(names, objs, placed, strict=True):
-                self._index[name] = with_log(obj, ref)
-                self._frames[name] = size
-            log_.live = sum(size for _, size in placed)
+            log_.adopt(compacted)
+            kept = 0
+            for name, obj, (ref, size) in zip(names, objs, compacted.refs, strict=True):
+                # (A name dropped meanwhile, or given a version kept as files, stays so.)
+                if self._index.get(name) is obj:
+                    self._index[name] = with_log(obj, ref)
+                    self._frames[name] = size
+                    kept += size
+            log_.live = kept
 
     def _replay_log(self) -> None:
         """Install what the record log holds, newer versions over older ones (worker thread,

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
-from daemon import record_log
+from daemon import record_log, store_files
 from daemon.core.messages import Version
 from daemon.digest import digest_of
 from daemon.peers import stream_of
@@ -159,3 +160,98 @@ def test_compaction_keeps_the_live_records(tmp_path: Path) -> None:
     late = store.get("x/0000000000000009")
     assert late is not None and store.read_small(late, 100) == b"late"
     assert store.get("x/0000000000000004") is not None
+
+
+def test_a_compaction_never_pulls_the_log_from_under_a_reader(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Objects taken before a compaction still read their bytes after it (never another
+    record's, never a closed descriptor); a name given a version kept as files while the
+    compaction ran keeps that version; what is appended after it is durable there."""
+    import daemon.store as store_module
+
+    big = b"B" * (LOG_CONTENT_MAX + 1)
+    replaced = "d/0000000000000003"
+
+    async def main() -> None:
+        store = await trio.to_thread.run_sync(ObjectStore, tmp_path / "s")
+        payloads = {f"x/{k:016x}": bytes([65 + k]) * (1000 + k) for k in range(5)}
+        payloads[replaced] = b"small content"
+        for i in range(300):
+            for name, data in payloads.items():
+                await store.put(name, Version(1 + i, W), 0, 0, stream_of(data),
+                                expected_checksum=digest_of(data), expected_size=len(data))
+        taken = {name: store.get(name) for name in payloads}
+        original_in_thread = store_files.in_thread
+
+        async def during_compaction(fn):  # type: ignore[no-untyped-def]
+            if getattr(fn, "func", None) == store._log.compact:
+                await store.put(replaced, Version(10_000, W), 0, 0, stream_of(big),
+                                expected_checksum=digest_of(big), expected_size=len(big))
+            return await original_in_thread(fn)
+
+        monkeypatch.setattr("daemon.store.in_thread", during_compaction)
+        monkeypatch.setattr(store_module, "COMPACT_MIN", 10_000)
+        await store.maintain()
+        monkeypatch.setattr("daemon.store.in_thread", original_in_thread)
+        assert store._log.generation == 1
+        for name, data in payloads.items():
+            obj = taken[name]
+            assert obj is not None and obj.log is not None and obj.log.generation == 0
+            if name == replaced:
+                assert store.read_small(obj, 1 << 20) is None  # that version is gone
+                continue
+            assert store.read_small(obj, 1 << 20) == data
+            assert b"".join([c async for c in store.read_chunks(obj, verify=False)]) == data
+        now = store.get(replaced)
+        assert now is not None and now.log is None and now.size == len(big)
+        await store.put("x/0000000000000009", Version(20_000, W), 0, 0, stream_of(b"late"),
+                        expected_checksum=digest_of(b"late"), expected_size=4)
+        await store.sync()
+
+    trio.run(main)
+    again = ObjectStore(tmp_path / "s")
+    late = again.get("x/0000000000000009")
+    assert late is not None and again.read_small(late, 100) == b"late"
+    kept = again.get(replaced)
+    assert kept is not None and kept.size == len(big)
+
+
+def test_a_sync_in_a_worker_thread_outlives_the_file_a_compaction_replaced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compaction adopted while an fdatasync of the old file runs in a worker thread
+    closes that file only once the sync is done, and the sync's caller returns with its
+    records durable (in the compacted file)."""
+    import threading
+
+    path = tmp_path / "r.log"
+    log = RecordLog(path)
+    list(log.replay())
+    log.append(frame("i/0000000000000001", 1, b"one"), b"one")
+    release = threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def held_fdatasync(fd: int) -> None:
+        release.wait(10)
+        real_fdatasync(fd)
+
+    async def main() -> None:
+        log._quick = False  # the next sync goes to a worker thread
+        monkeypatch.setattr(os, "fdatasync", held_fdatasync)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log.sync)
+            await trio.testing.wait_all_tasks_blocked()
+            old = log._fd
+            log.adopt(log.compact([(frame("i/0000000000000001", 1, b"one"), b"one")]))
+            os.fstat(old)  # still open: the sync in the thread uses it
+            release.set()
+        with pytest.raises(OSError):
+            os.fstat(old)
+        assert not log.dirty and log.generation == 1
+        monkeypatch.setattr(os, "fdatasync", real_fdatasync)
+        log.append(frame("i/0000000000000002", 2, b"two"), b"two")
+        await log.sync()
+        assert not log.dirty
+
+    trio.run(main)
+    log.close()
+    assert [f.clock for f, _, _ in RecordLog(path).replay()] == [1, 2]

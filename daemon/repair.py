@@ -28,6 +28,8 @@ log = logging.getLogger("kelipsfs.data")
 REPAIR_PERIOD = 1.0
 #: Seconds between passes that drop local copies the group has moved past.
 RECONCILE_PERIOD = 10.0
+#: Objects looked at between two turns of the event loop.
+RECONCILE_BATCH = 256
 
 
 class Repairer:
@@ -73,7 +75,11 @@ class Repairer:
             return
         now_ns = time.time_ns()
         ttl_ns = int(self._dp.node.config.tombstone_ttl * 1e9)
-        for obj in self._dp.rt.store.objects():
+        for done, obj in enumerate(self._dp.rt.store.objects()):
+            if done % RECONCILE_BATCH == RECONCILE_BATCH - 1:
+                await trio.lowlevel.checkpoint()  # a large store: let requests in between
+            if self._dp.rt.store.get(obj.name) is not obj:
+                continue  # changed since the pass began: the next pass sees what it is now
             if self._dp.node.group_of(obj.name) != self._dp.node.group:
                 continue
             current = self._dp.node.tuples.get(obj.name)

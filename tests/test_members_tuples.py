@@ -203,6 +203,13 @@ def test_tombstones_expire_after_ttl() -> None:
     s.merge(tup("/x", 2), 1.0)
     assert s.expire_tombstones(100.0, ttl=10.0) == []
     assert s.get("/x") == tup("/x", 2)
+    # oldest first: a tombstone deleted again later waits its own ttl from then
+    s.merge(tup("/a", 1, tombstone=True), 200.0)
+    s.merge(tup("/b", 1, tombstone=True), 201.0)
+    s.merge(tup("/a", 2, tombstone=True), 205.0)
+    assert s.expire_tombstones(212.0, ttl=10.0) == ["/b"]
+    assert s.expire_tombstones(214.0, ttl=10.0) == []
+    assert s.expire_tombstones(215.0, ttl=10.0) == ["/a"]
 
 
 def test_select_hot_sends_each_change_rumor_sends_times() -> None:

@@ -53,7 +53,7 @@ class TupleStore:
         self._hot: OrderedDict[str, int] = OrderedDict()  # name -> sends left
         self._cursor_names: list[str] | None = None
         self._cursor = 0
-        self._tomb_since: dict[str, float] = {}
+        self._tomb_since: dict[str, float] = {}  # tombstone -> when recorded, oldest first
         # directory inode -> names of its entry records (``keys``): a listing reads these
         # instead of every tuple of the group
         self._entries: dict[int, set[str]] = {}
@@ -108,14 +108,20 @@ class TupleStore:
                 self._entries.setdefault(parsed[0], set()).add(entry.name)
         self._tuples[entry.name] = entry
         self._hot[entry.name] = self.rumor_sends
-        if entry.tombstone:
+        self._tomb_since.pop(entry.name, None)
+        if entry.tombstone:  # (at the end: the oldest come first)
             self._tomb_since[entry.name] = now
-        else:
-            self._tomb_since.pop(entry.name, None)
         return True
 
     def expire_tombstones(self, now: float, ttl: float) -> list[str]:
-        gone = [name for name, since in self._tomb_since.items() if now - since >= ttl]
+        """Forget the tombstones held for ``ttl``: the oldest first, up to the first younger
+        one (a rare one recorded out of order only waits for those before it), so a check
+        costs what it removes, not what the group holds."""
+        gone = []
+        for name, since in self._tomb_since.items():
+            if now - since < ttl:
+                break
+            gone.append(name)
         for name in gone:
             del self._tomb_since[name]
             del self._tuples[name]

@@ -167,7 +167,7 @@ def test_small_reads_are_kept_in_memory_for_exactly_the_version_read(
     stored or a read verified: only for that same version, and only while its file is
     unchanged (a write to it is found out by the next read, as before). A newer version, a
     delete or a drop forgets it, and the byte budget drops the least recently used first."""
-    import daemon.store as store_module
+    import daemon.store_reads as store_module
 
     opened: list[Path] = []
     real_open = store_module.open_read
@@ -767,6 +767,7 @@ def test_async_methods_do_no_file_io_in_the_trio_thread(
         return real_open_read(path)
 
     monkeypatch.setattr(store_mod, "open_read", open_read)
+    monkeypatch.setattr("daemon.store_reads.open_read", open_read)
 
     async def main() -> None:
         obj = await put_bytes(store, "f", v(1), b"d" * (3 * MiB))

@@ -92,6 +92,10 @@ class LocalCopy:
     def size(self) -> int:
         return os.fstat(self.fd).st_size
 
+    def memory(self) -> bytes | None:
+        """The content, when it is held in memory (``kelipsfs.memory_copy``); else None."""
+        return None
+
     # --- writes (spool copies) ------------------------------------------------------------
 
     def write(self, data: bytes, offset: int, append: bool, max_size: int) -> int:

@@ -29,6 +29,7 @@ class MemoryCopy(LocalCopy):
     def __init__(self, name: str, path: Path, data: bytes, *, clock: int | None,
                  checksum: bytes | None = None, dirty: bool = False,
                  mtime_ns: int = 0) -> None:
+        # (dirty=False: no running hash for the base to start; the buffer is hashed whole)
         super().__init__(name, path, -1, spool=True, clock=clock, mtime_ns=mtime_ns,
                          dirty=False, checksum=checksum, size=len(data))
         self.dirty = dirty
@@ -103,18 +104,19 @@ class MemoryCopy(LocalCopy):
         """Put the content in the spool file (call with ``lock`` held); a file from then on,
         hashed as written when it was written front to back."""
         assert self._data is not None
+        data = bytes(self._data)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            write_all(fd, bytes(self._data))
+            write_all(fd, data)
         except BaseException:
             os.close(fd)
             self.path.unlink(missing_ok=True)
             raise
         hasher = SequentialHash()
-        hasher.feed(bytes(self._data))
+        hasher.feed(data)
         self.fd, self._shared = fd, False
         self._drop_hash()
-        self._hasher, self._hashed, self._written_out = hasher, len(self._data), 0
+        self._hasher, self._hashed, self._written_out = hasher, len(data), 0
         self._data = None
 
     def close(self) -> None:

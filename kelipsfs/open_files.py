@@ -33,7 +33,7 @@ import trio
 
 from daemon.data_errors import DataError, InsertFailed
 from daemon.digest import digest_of
-from daemon.quick_lock import QuickLock
+from daemon.quick_lock import QuickLock, QuickLocks
 from kelipsfs.content import Content
 from kelipsfs.local_copy import CorruptCopy, LocalCopy
 from kelipsfs.memory_copy import MemoryCopy
@@ -80,7 +80,7 @@ class OpenFiles:
         self._files: dict[int, _Open] = {}  # ino -> the copy new opens share
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
-        self._opening: dict[int, QuickLock] = {}
+        self._opening: QuickLocks[int] = QuickLocks()  # opens of one inode, one at a time
 
     # --- what is open ---------------------------------------------------------------------
 
@@ -107,18 +107,13 @@ class OpenFiles:
     # --- open and close -------------------------------------------------------------------
 
     async def open(self, ino: int, writable: bool, truncate: bool, append: bool) -> int:
-        lock = self._opening.setdefault(ino, QuickLock())
-        try:
-            async with lock:
-                f = await self._copy_for(ino, truncate)
-                if truncate and f.copy.size():
-                    async with f.lock:
-                        await self._before_change(f.copy)
-                        f.copy.truncate(0)
-                return self._install(f, writable, append)
-        finally:
-            if not lock.waiting() and not lock.locked():
-                self._opening.pop(ino, None)
+        async with self._opening.hold(ino):
+            f = await self._copy_for(ino, truncate)
+            if truncate and f.copy.size():
+                async with f.lock:
+                    await self._before_change(f.copy)
+                    f.copy.truncate(0)
+            return self._install(f, writable, append)
 
     async def create(self, ino: int, writable: bool, append: bool) -> int:
         """A handle on a new, empty file: published at the first flush, even if empty."""
@@ -274,7 +269,7 @@ class OpenFiles:
                 return False
             size = copy.size()
             source: Path | bytes = copy.path
-            if isinstance(copy, MemoryCopy) and (held := copy.memory()) is not None:
+            if (held := copy.memory()) is not None:
                 source, checksum = held, digest_of(held)
             elif size <= HASH_IN_LOOP:  # a small file hashes faster than a thread hop
                 with copy.lock:

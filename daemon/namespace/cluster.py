@@ -49,7 +49,7 @@ class ClusterRecords:
         node = self.rt.node
         if node.group_of(name) == node.group:
             held = node.tuples.get(name)
-            if held is not None or node.knows_absence(name, self.rt.now()):
+            if held is not None:
                 return held
         return await self.rt.dataplane.find(name)
 

@@ -11,14 +11,14 @@ name, an inode) for as long as some task holds or waits for it.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Generic, TypeVar
 
 import trio
 
-_K = TypeVar("_K", bound=Hashable)
+_K = TypeVar("_K", int, str)  # keys: inode numbers, object names
 
 
 class QuickLock:
@@ -85,8 +85,7 @@ class QuickLocks(Generic[_K]):
     def hold_all(self, keys: Iterable[_K]) -> _HeldAll[_K]:
         """``async with locks.hold_all(keys):`` every key's lock, taken in sorted order (two
         tasks holding some of the same keys cannot wait for each other)."""
-        ordered = sorted(set(keys), key=_sort_key)
-        return _HeldAll([_Held(self._locks, key) for key in ordered])
+        return _HeldAll([_Held(self._locks, key) for key in sorted(set(keys))])
 
 
 class _Held(Generic[_K]):
@@ -95,8 +94,8 @@ class _Held(Generic[_K]):
     __slots__ = ("_entry", "_key", "_locks")
 
     def __init__(self, locks: dict[_K, _Shared], key: _K) -> None:
-        self._locks = locks
-        self._key = key
+        self._locks: dict[_K, _Shared] = locks
+        self._key: _K = key
 
     async def __aenter__(self) -> None:
         entry = self._locks.get(self._key)
@@ -121,18 +120,13 @@ class _Held(Generic[_K]):
             del self._locks[self._key]
 
 
-def _sort_key(key: Hashable) -> tuple[str, object]:
-    """Keys of one kind compare as they are; a mix of kinds by kind first."""
-    return (type(key).__name__, key)
-
-
 class _HeldAll(Generic[_K]):
     """The async context of ``QuickLocks.hold_all``."""
 
     __slots__ = ("_held", "_taken")
 
     def __init__(self, held: list[_Held[_K]]) -> None:
-        self._held = held
+        self._held: list[_Held[_K]] = held
         self._taken = 0
 
     async def __aenter__(self) -> None:

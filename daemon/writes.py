@@ -36,6 +36,7 @@ from daemon.peers import (
     PeerError,
     refusal,
     resolved,
+    stream_of,
 )
 from daemon.quorum import background_for, corrections, until_enough
 from daemon.store_layout import ChecksumMismatch, StaleVersion, StoreFull
@@ -164,7 +165,7 @@ class Writes:
         a copy of it."""
         store = self.rt.store
         if isinstance(source, bytes):
-            await store.put(name, version, mode, mtime_ns, _once(source),
+            await store.put(name, version, mode, mtime_ns, stream_of(source),
                             expected_checksum=checksum, expected_size=size, attrs=attrs)
         elif link_ok:
             await store.adopt_file(name, version, mode, mtime_ns, source, size, checksum, attrs)
@@ -417,11 +418,6 @@ async def until_not_overtaken(attempt: Callable[[], Awaitable[TupleEntry]]) -> T
                                   "overtaken by a newer write") from exc
             log.info("%s; trying again above that version", exc.message)
     raise AssertionError("unreachable")
-
-
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    """``data`` as a stream of one chunk (the store's ``put`` takes a stream)."""
-    yield data
 
 
 def _note_newer(exc: BaseException, newer: list[int]) -> None:

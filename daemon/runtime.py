@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from daemon.chunks import Chunks
 from daemon.core import codec
 from daemon.core.ids import group_of_node
-from daemon.core.keys import is_metadata
+from daemon.core.keys import CHUNK, is_metadata
 from daemon.core.messages import (
     DATAGRAM_TYPES,
     Address,
@@ -130,6 +131,7 @@ class NodeRuntime:
         self._primary: Primary | None = None
         self.started_at = time.time()
         self.lookups = DatagramLookups(self)
+        self.chunks = Chunks(self)
 
     # --- accessors ----------------------------------------------------------------------------
 
@@ -200,6 +202,7 @@ class NodeRuntime:
                 nursery.start_soon(self._timer_loop)
                 nursery.start_soon(dataplane.repair.loop)
                 nursery.start_soon(self._maintain_store)
+                nursery.start_soon(self.chunks.loop)
                 if s.bootstrap is not None:
                     nursery.start_soon(self._bootstrap_loop)
                 await self._join()
@@ -483,6 +486,8 @@ class NodeRuntime:
         self.metrics.gauge("kelips_members", members)
         self.metrics.gauge("kelips_contacts", contacts)
         self.metrics.gauge("kelips_objects", objects)
+        self.metrics.gauge("kelips_stored_chunks",
+                           lambda: {(): len(self.store.names(CHUNK))})
 
     def status(self) -> dict[str, Any]:
         """The membership table and the node's view, as `kelipsfs status` shows it."""

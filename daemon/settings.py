@@ -126,6 +126,8 @@ class NodeSettings:
     http_timeout: float = 10.0
     max_request_bytes: int = 1 << 20
     max_object_bytes: int = 1 << 40
+    #: Seconds a chunk no manifest names any more stays readable (``daemon.chunks``).
+    chunk_retire_grace: float = 60.0
     bootstrap_refresh: float = 10.0
     auth_window: float = 30.0
     log_level: str = "info"
@@ -155,7 +157,7 @@ class NodeSettings:
                    f"0 (all reachable) or at most replication ({replication})")
         _check_int("max_request_bytes", self.max_request_bytes, 1, _MAX_SIZE)
         _check_int("max_object_bytes", self.max_object_bytes, 1, _MAX_SIZE)
-        for name in ("http_timeout", "bootstrap_refresh", "auth_window"):
+        for name in ("http_timeout", "bootstrap_refresh", "auth_window", "chunk_retire_grace"):
             _check_positive(name, getattr(self, name))
         if isinstance(self.send_delay, bool) or not isinstance(self.send_delay, (int, float)) \
                 or not 0 <= self.send_delay <= 5:
@@ -198,6 +200,7 @@ _NODE_KINDS: dict[str, str] = {
     "http_timeout": "float",
     "max_request_bytes": "int",
     "max_object_bytes": "int",
+    "chunk_retire_grace": "float",
     "bootstrap_refresh": "float",
     "auth_window": "float",
     "log_level": "choice",
@@ -223,6 +226,9 @@ _DESCRIPTIONS: dict[str, str] = {
     "http_timeout": "seconds allowed for every node-to-node HTTP call",
     "max_request_bytes": "largest control request body accepted, in bytes (not object bodies)",
     "max_object_bytes": "largest object accepted, in bytes",
+    "chunk_retire_grace": "seconds a chunk of a large file that was replaced, cut or removed stays "
+                          "readable (for readers of the older version on other mounts) before it "
+                          "is reclaimed",
     "bootstrap_refresh": "seconds between refreshes of the bootstrap server's member list",
     "auth_window": "seconds of clock skew accepted on signed datagrams and requests "
                    "(nonces are remembered this long against replay)",

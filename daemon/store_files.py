@@ -12,7 +12,7 @@ import errno
 import logging
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -146,3 +146,21 @@ class TempFile:
             with contextlib.suppress(OSError):
                 os.close(fd)
         unlink_quietly(self.path)
+
+
+async def stream_to_new_file(dest: Path, blocks: AsyncIterable[bytes],
+                             write: Callable[[int, bytes], object] = write_all) -> None:
+    """Create ``dest`` and ``write`` each block to it in a worker thread; on any failure
+    (or cancellation) the file is removed, so no partial file is ever left behind."""
+    fd = await trio.to_thread.run_sync(
+        os.open, dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    ok = False
+    try:
+        async for block in blocks:
+            await trio.to_thread.run_sync(write, fd, block)
+        ok = True
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(os.close, fd)
+            if not ok:
+                await trio.to_thread.run_sync(dest.unlink, True)

@@ -113,6 +113,7 @@ class Writes:
             announcer = None
 
         async def store_on(holder: MemberEntry) -> None:
+            self.rt.metrics.inc("kelips_content_bytes_sent_total", size)
             try:
                 if holder.node_id == self.node.node_id:
                     await self._store_here(name, version, mode, mtime_ns, source, size,

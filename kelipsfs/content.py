@@ -14,19 +14,22 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, cast
 
 import trio
 
+from daemon.chunks import Chunks
 from daemon.core.keys import data_name
+from daemon.core.manifest import Manifest, is_manifest
 from daemon.core.messages import TupleEntry
 from daemon.data_errors import NotFound, TransferFailed
 from daemon.digest import file_digest
-from daemon.store_files import write_all
+from daemon.store_files import stream_to_new_file, write_all
 
 if TYPE_CHECKING:
+    from daemon.dataplane import Located
     from daemon.runtime import NodeRuntime
 
 log = logging.getLogger("kelipsfs.fuse")
@@ -45,6 +48,8 @@ class Fetched(NamedTuple):
     verify: bool = False
     #: The content itself, when it was asked for in memory (and no file was made).
     data: bytes | None = None
+    #: The file is stored in chunks: its manifest (and no file was made).
+    manifest: Manifest | None = None
 
 
 def _write_new(dest: Path, data: bytes) -> None:
@@ -97,6 +102,8 @@ class Content:
             entry = await self._rt.dataplane.find(name)
             if entry is None or entry.tombstone:
                 return None
+            if is_manifest(entry.attrs):
+                return await self._manifest(name)
             if obj.version >= entry.version:
                 if obj.log is not None:  # a small content of the record log (checked)
                     data = store.read_small(obj, obj.size)
@@ -117,14 +124,21 @@ class Content:
             log.info("%s; reading it again", exc.message)
             return await self._streamed(name, dest)
 
+    async def _manifest(self, name: str, plan: tuple[Located, bytes | None] | None = None
+                        ) -> Fetched:
+        manifest, meta = await self._rt.chunks.read_manifest(name, plan)
+        return Fetched(manifest.size, meta.checksum, meta.clock, manifest=manifest)
+
     async def _streamed(self, name: str, dest: Path) -> Fetched:
-        meta, stream_of = await self._rt.dataplane.open_read(name)
+        plan = await self._rt.dataplane.read_plan(name)
+        entry = plan[0].entry
+        if entry is not None and not entry.tombstone and is_manifest(entry.attrs):
+            return await self._manifest(name, plan)
+        meta, stream_of = await self._rt.dataplane.open_read(name, plan)
         # An async generator (DataPlane._stream): closing it releases the holder's connection.
         chunks = cast(AsyncGenerator[bytes, None], stream_of)
-        fd = await trio.to_thread.run_sync(
-            os.open, dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        ok = False
-        try:
+
+        async def batched() -> AsyncIterator[bytes]:
             pending: list[bytes] = []
             size = 0
             async with contextlib.aclosing(chunks) as stream:
@@ -132,17 +146,17 @@ class Content:
                     pending.append(chunk)
                     size += len(chunk)
                     if size >= FETCH_BATCH:
-                        block, pending, size = b"".join(pending), [], 0
-                        await trio.to_thread.run_sync(write_all, fd, block)
+                        yield b"".join(pending)
+                        pending, size = [], 0
             if pending:
-                await trio.to_thread.run_sync(write_all, fd, b"".join(pending))
-            ok = True
-        finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(os.close, fd)
-                if not ok:
-                    await trio.to_thread.run_sync(dest.unlink, True)
+                yield b"".join(pending)
+
+        await stream_to_new_file(dest, batched())
         return Fetched(meta.size, meta.checksum, meta.clock)
+
+    @property
+    def chunks(self) -> Chunks:
+        return self._rt.chunks
 
     async def current(self, ino: int) -> TupleEntry | None:
         """The content record's tuple (None: never written, or removed)."""

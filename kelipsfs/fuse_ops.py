@@ -155,8 +155,9 @@ class KelipsOperations(pyfuse3.Operations):
         entry's cache time is the directory's)."""
         busy = self._files.busy(inode.ino)
         size, mtime = inode.size, inode.mtime_ns
+        stored = inode.stored if inode.stored is not None else size
         if busy is not None:
-            size = busy.size()
+            size, stored = busy.size(), busy.stored()
             if busy.mtime_ns:
                 mtime = busy.mtime_ns
         a = pyfuse3.EntryAttributes()
@@ -171,7 +172,7 @@ class KelipsOperations(pyfuse3.Operations):
         a.st_rdev = inode.rdev
         a.st_size = size
         a.st_blksize = IO_BLOCK
-        a.st_blocks = (size + 511) // 512
+        a.st_blocks = (stored + 511) // 512
         a.st_atime_ns = inode.atime_ns
         a.st_mtime_ns = mtime
         a.st_ctime_ns = max(inode.ctime_ns, mtime) if busy is not None else inode.ctime_ns
@@ -383,7 +384,7 @@ class KelipsOperations(pyfuse3.Operations):
             try:
                 await self._ns.getattr(ino)
             except FsError:
-                self._files.unlinked(ino)
+                await self._files.unlinked(ino)
 
     # --- files ----------------------------------------------------------------------------
 

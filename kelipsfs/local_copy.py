@@ -88,6 +88,7 @@ class LocalCopy:
         self._size = size
         self._check = (_BackgroundCheck(fd, size, checksum, name)
                        if verify and checksum is not None else None)
+        self._handed_over = False
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
@@ -95,6 +96,38 @@ class LocalCopy:
     def memory(self) -> bytes | None:
         """The content, when it is held in memory (``kelipsfs.memory_copy``); else None."""
         return None
+
+    # --- what a read or a change needs first (a chunked copy fetches it) ------------------
+
+    async def load(self, offset: int, size: int) -> None:
+        """Make the bytes a read of ``size`` at ``offset`` returns local (here: they are)."""
+
+    async def load_edges(self, offset: int, size: int) -> None:
+        """Make local what a write of ``size`` bytes at ``offset`` does not overwrite whole."""
+
+    async def load_all(self) -> None:
+        """Make the whole content local."""
+
+    async def load_cut(self, length: int) -> None:
+        """Make local what a truncate to ``length`` keeps of a partly cut block."""
+
+    def stored(self) -> int:
+        """Bytes the content takes in the cluster (a chunked file's holes take none)."""
+        return self.size()
+
+    def hand_over(self) -> tuple[Path, int]:
+        """Give the spool file and its descriptor to a new owner (``ChunkedCopy.adopt``):
+        this copy no longer closes or removes them."""
+        with self.lock:
+            if self._check is not None:
+                self._check.stop()
+            self._drop_hash()
+            for _, fd in self._retired:
+                os.close(fd)
+            self._retired.clear()
+            path, fd = self.path, self.fd
+            self.fd, self._handed_over = -1, True
+            return path, fd
 
     # --- writes (spool copies) ------------------------------------------------------------
 
@@ -203,6 +236,8 @@ class LocalCopy:
 
     def close(self) -> None:
         """Close every descriptor and remove the local file (the store keeps its own link)."""
+        if self._handed_over:
+            return
         if self._check is not None:
             self._check.stop()
         self._drop_hash()

@@ -31,9 +31,11 @@ from pathlib import Path
 
 import trio
 
+from daemon.core.manifest import CHUNK_SIZE, is_manifest
 from daemon.data_errors import DataError, InsertFailed
 from daemon.digest import digest_of
 from daemon.quick_lock import QuickLock, QuickLocks
+from kelipsfs.chunked_copy import ChunkedCopy
 from kelipsfs.content import Content
 from kelipsfs.local_copy import CorruptCopy, LocalCopy
 from kelipsfs.memory_copy import MemoryCopy
@@ -93,12 +95,17 @@ class OpenFiles:
     def is_open(self, ino: int) -> bool:
         return ino in self._files
 
-    def unlinked(self, ino: int) -> None:
+    async def unlinked(self, ino: int) -> None:
         """The inode is gone (its last link removed): open handles keep reading and writing
-        their copy, which is never published again."""
+        their copy, which is never published again. What of it is still only in the cluster
+        is fetched now, before its chunks are reclaimed."""
         f = self._files.get(ino)
         if f is not None:
             f.copy.unlinked = True
+            try:
+                await f.copy.load_all()
+            except OSError as exc:
+                log.warning("inode %x: unlinked while open, not all of it kept: %s", ino, exc)
 
     def is_unlinked(self, ino: int) -> bool:
         f = self._files.get(ino)
@@ -109,7 +116,7 @@ class OpenFiles:
     async def open(self, ino: int, writable: bool, truncate: bool, append: bool) -> int:
         async with self._opening.hold(ino):
             f = await self._copy_for(ino, truncate)
-            if truncate and f.copy.size():
+            if truncate and (f.copy.size() or isinstance(f.copy, ChunkedCopy)):
                 async with f.lock:
                     await self._before_change(f.copy)
                     f.copy.truncate(0)
@@ -126,7 +133,11 @@ class OpenFiles:
         if current is not None and (_busy(current) or truncate):
             return current  # this mount's unpublished state wins
         if truncate:
-            f = _Open(ino, self._empty_copy(ino))
+            latest = await self._content.current(ino)
+            if latest is not None and is_manifest(latest.attrs):
+                f = _Open(ino, await self._fetch(ino))  # cut to 0 by its chunks: retired
+            else:
+                f = _Open(ino, self._empty_copy(ino))
             self._files[ino] = f
             return f
         if current is not None:
@@ -153,6 +164,9 @@ class OpenFiles:
             copy = self._empty_copy(ino)
             copy.dirty = False
             return copy
+        if meta.manifest is not None:  # in chunks: each fetched when first needed
+            return await ChunkedCopy.open(f"{ino:x}", ino, path, meta.manifest, meta.clock,
+                                          self._content.chunks)
         if meta.data is not None:  # small: read from memory until a write needs the file
             return MemoryCopy(f"{ino:x}", path, meta.data, clock=meta.clock,
                               checksum=meta.checksum)
@@ -210,6 +224,7 @@ class OpenFiles:
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         copy = self._handle(fh).file.copy
         try:
+            await copy.load(offset, size)
             if copy.check_pending(size, offset):
                 return await trio.to_thread.run_sync(copy.read, size, offset)
             return copy.read(size, offset)
@@ -222,8 +237,10 @@ class OpenFiles:
             raise FileError(errno.EBADF)
         f = handle.file
         async with f.lock:
-            await self._before_change(f.copy)
-            return f.copy.write(data, offset, handle.append, self._max_size)
+            copy = f.copy
+            await self._before_change(copy)
+            await copy.load_edges(copy.size() if handle.append else offset, len(data))
+            return copy.write(data, offset, handle.append, self._max_size)
 
     async def truncate(self, ino: int, length: int) -> bool:
         """Cut or extend the open copy of ``ino`` (published with it); False if none is
@@ -235,6 +252,7 @@ class OpenFiles:
             raise FileError(errno.EFBIG)
         async with f.lock:
             await self._before_change(f.copy)
+            await f.copy.load_cut(length)
             f.copy.truncate(length)
         return True
 
@@ -268,6 +286,11 @@ class OpenFiles:
             if not copy.dirty or copy.unlinked:
                 return False
             size = copy.size()
+            if size > CHUNK_SIZE and not isinstance(copy, ChunkedCopy):
+                copy = f.copy = ChunkedCopy.adopt(copy, f.ino, self._content.chunks)
+            if isinstance(copy, ChunkedCopy):
+                await self._publish_chunks(f.ino, copy)
+                return True
             source: Path | bytes = copy.path
             if (held := copy.memory()) is not None:
                 source, checksum = held, digest_of(held)
@@ -288,6 +311,23 @@ class OpenFiles:
             with copy.lock:
                 copy.published(entry.version.clock, linked=True)
             return True
+
+    async def _publish_chunks(self, ino: int, copy: ChunkedCopy) -> None:
+        """Upload what changed of a chunked copy, then its manifest (``f.lock`` held)."""
+        try:
+            latest = None
+            if copy.base.chunks:  # (an adopted copy uploads every chunk anyway)
+                current = await self._content.current(ino)
+                latest = current.version.clock if current is not None else None
+            entry = await copy.publish(copy.mtime_ns, latest)
+        except InsertFailed as exc:
+            log.warning("inode %x not stored: %s", ino, exc.message)
+            raise FileError(errno.ENOSPC if exc.full else errno.EIO) from exc
+        except DataError as exc:
+            log.warning("inode %x not stored: %s", ino, exc.message)
+            raise FileError(errno.EIO) from exc
+        with copy.lock:
+            copy.published(entry.version.clock, linked=False)
 
 
 def _busy(f: _Open) -> bool:

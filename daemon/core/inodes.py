@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Protocol
 
 from .keys import ROOT_INO, data_name, entry_name, inode_name, parse_entry, xattrs_name
+from .manifest import manifest_sizes
 from .messages import TupleEntry, Version
 
 #: attrs of an inode record: format, uid, gid, nlink, rdev, atime, ctime, the clock of the
@@ -108,6 +109,8 @@ class Inode:
     version: Version | None = None
     #: The content record's version (None: no content written yet).
     content: Version | None = None
+    #: Bytes the content stores (less than ``size`` when a chunked file has holes).
+    stored: int | None = None
 
     @property
     def kind(self) -> int:
@@ -139,8 +142,9 @@ class Inode:
             return self
         written = clock_ns(content.version.clock)
         mtime = content.mtime_ns if content.version.clock > self.mtime_clock else self.mtime_ns
-        return replace(self, size=content.size, mtime_ns=mtime,
-                       ctime_ns=max(self.ctime_ns, written), content=content.version)
+        size, stored = manifest_sizes(content.attrs) or (content.size, content.size)
+        return replace(self, size=size, mtime_ns=mtime, ctime_ns=max(self.ctime_ns, written),
+                       content=content.version, stored=stored)
 
 
 class Entry(NamedTuple):

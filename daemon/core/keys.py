@@ -8,6 +8,8 @@ The filesystem is stored as small records, each a name with versions like any ob
     d/<ino>            a regular file's content
     x/<ino>            an inode's user extended attributes (content)
     o/<name>           a raw object of the DHT, outside the namespace (``/v1/objects``)
+    c/<ino>/<i>.<gen>  a chunk of a large file whose content record is a manifest
+                       (``daemon.core.manifest``), placed by its own name
 
 ``<ino>`` is the inode number as 16 lowercase hex digits. Every record about one inode --
 its attributes, its content, its extended attributes and, for a directory, its entries -- is
@@ -27,6 +29,8 @@ DATA = "d/"
 XATTRS = "x/"
 #: Raw objects of the DHT (``/v1/objects/NAME``), apart from the namespace.
 OBJECT = "o/"
+#: Chunks of files stored in chunks (``daemon.core.manifest``), placed by their own name.
+CHUNK = "c/"
 _INO_DIGITS = 16
 _HEX = frozenset("0123456789abcdef")
 ROOT_INO = 1
@@ -102,6 +106,6 @@ def is_metadata(name: str) -> bool:
 def is_legacy(name: str) -> bool:
     """A name of neither the namespace nor the raw objects: an object stored by a version
     that named files by their path (``daemon.namespace.migrate`` converts them)."""
-    if name.startswith(OBJECT) or is_metadata(name):
+    if name.startswith((OBJECT, CHUNK)) or is_metadata(name):
         return False
     return not (name[:2] == DATA and record_ino(name) is not None)

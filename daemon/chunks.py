@@ -1,0 +1,283 @@
+"""Chunked files on the data plane: chunks up and down, manifests, and reclaiming old chunks.
+
+A large file's content record holds a manifest (``daemon.core.manifest``) and its bytes live
+in chunk objects spread over the groups. This module moves them: ``upload`` stores one chunk
+on its holders (fsynced on the write quorum, like any insert), ``fetch`` reads one back and
+checks it against the digest the manifest gives, ``publish`` stores a manifest as the file's
+content, and ``stream`` reads a whole file in order, a window of chunks at a time in parallel.
+
+Chunks no manifest names any more -- replaced by a write, cut by a truncate, left by a
+removed file or by an upload that never got its manifest published -- are reclaimed here:
+
+* a writer that replaced chunks hands them to ``retire``: ``chunk_retire_grace`` seconds later
+  (readers on other mounts that opened the older manifest keep finding them meanwhile) they
+  are deleted if the file's current manifest does not name them;
+* each node also sweeps the chunks it holds: a chunk whose inode is deleted is dropped once
+  ``chunk_retire_grace`` old, one its current manifest does not name once ``ORPHAN_AGE`` old (an
+  upload whose manifest is still to come is never that slow).
+
+Only definite answers delete: a lookup that cannot reach the inode's group keeps the chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from daemon.core.inodes import clock_ns
+from daemon.core.keys import CHUNK, data_name, inode_name, record_ino
+from daemon.core.manifest import ChunkRef, Manifest, chunk_name, is_manifest, parse_chunk_name
+from daemon.core.messages import TupleEntry
+from daemon.data_errors import DataError, NotFound
+from daemon.digest import digest_of, new_hasher
+from daemon.store_files import stream_to_new_file, write_all
+
+if TYPE_CHECKING:
+    from daemon.dataplane import Located, ObjectMeta
+    from daemon.runtime import NodeRuntime
+
+log = logging.getLogger("kelipsfs.data")
+
+#: Age in seconds past which a chunk of a live file that its manifest does not name is an
+#: orphan (an upload that crashed or lost to another writer).
+ORPHAN_AGE = 3600.0
+#: Seconds between two sweeps of the chunks this node holds.
+SWEEP_PERIOD = 20.0
+#: Inodes looked up per sweep (the rest wait for the next ones, in turn).
+SWEEP_INODES = 64
+#: Chunks read at once by ``stream``.
+STREAM_WINDOW = 4
+#: Chunks hashed on the event loop up to this size (larger ones in a worker thread).
+HASH_IN_LOOP = 64 << 10
+
+
+class ChunkMissing(DataError):
+    """A chunk a manifest names is gone (reclaimed after the file was overwritten)."""
+
+
+@dataclass
+class _Retired:
+    due: float
+    ino: int
+    names: frozenset[str]
+
+
+async def digest_chunk(data: bytes) -> bytes:
+    if len(data) <= HASH_IN_LOOP:
+        return digest_of(data)
+    return await trio.to_thread.run_sync(digest_of, data)
+
+
+class Chunks:
+    """Chunks and manifests through one node (see the module docstring)."""
+
+    def __init__(self, runtime: NodeRuntime) -> None:
+        self._rt = runtime
+        self._retired: list[_Retired] = []
+        self._sweep_from = ""  # the next sweep starts after this inode's chunks
+
+    # --- chunks ---------------------------------------------------------------------------
+
+    async def upload(self, ino: int, index: int, data: bytes) -> ChunkRef:
+        """Store ``data`` as a new chunk ``index`` of ``ino`` (acknowledged at the quorum)."""
+        ref = ChunkRef(index, secrets.randbits(64), len(data), await digest_chunk(data))
+        await self._rt.dataplane.writes.insert(chunk_name(ino, index, ref.gen), data,
+                                                ref.length, ref.checksum, 0, time.time_ns())
+        return ref
+
+    async def fetch(self, ino: int, ref: ChunkRef) -> bytes:
+        """The bytes of a chunk, verified against the manifest's digest."""
+        name = chunk_name(ino, ref.index, ref.gen)
+        try:
+            data, _ = await self._read(name)
+        except NotFound as exc:
+            raise ChunkMissing(f"{name}: chunk gone (the file was overwritten since it was "
+                               f"opened)") from exc
+        if len(data) != ref.length or digest_of(data) != ref.checksum:
+            raise DataError(f"{name}: chunk does not match its manifest")
+        return data
+
+    async def _read(self, name: str, plan: tuple[Located, bytes | None] | None = None
+                    ) -> tuple[bytes, ObjectMeta]:
+        meta, stream = await self._rt.dataplane.open_read(name, plan)
+        data = b"".join([block async for block in stream])
+        if len(data) != meta.size:
+            raise DataError(f"{name}: short read")
+        return data, meta
+
+    # --- manifests ------------------------------------------------------------------------
+
+    async def read_manifest(self, name: str, plan: tuple[Located, bytes | None] | None = None
+                            ) -> tuple[Manifest, ObjectMeta]:
+        """The manifest content record ``name`` holds now (``plan``: its lookup, made)."""
+        data, meta = await self._read(name, plan)
+        try:
+            return Manifest.decode(data), meta
+        except ValueError as exc:
+            raise DataError(f"{name}: {exc}") from exc
+
+    async def publish(self, ino: int, manifest: Manifest, mtime_ns: int) -> TupleEntry:
+        """Store ``manifest`` as the content of ``ino`` (the write that finishes last stays)."""
+        data = manifest.encode()
+        entry: TupleEntry = await self._rt.dataplane.writes.insert(
+            data_name(ino), data, len(data), digest_of(data), 0, mtime_ns,
+            attrs=manifest.attrs())
+        return entry
+
+    async def stream(self, ino: int, manifest: Manifest) -> AsyncIterator[bytes]:
+        """The file's bytes in order (holes as zeros), ``STREAM_WINDOW`` chunks fetched at
+        once."""
+        count = manifest.count
+        got: dict[int, bytes] = {}
+
+        async def one(index: int) -> None:
+            ref = manifest.chunks.get(index)
+            got[index] = await self.fetch(ino, ref) if ref is not None else b""
+
+        for first in range(0, count, STREAM_WINDOW):
+            window = range(first, min(count, first + STREAM_WINDOW))
+            got.clear()
+            async with trio.open_nursery() as nursery:
+                for index in window:
+                    nursery.start_soon(one, index)
+            for index in window:
+                data = got[index]
+                span = manifest.span(index)
+                yield data + bytes(span - len(data)) if len(data) < span else data
+
+    async def assemble(self, name: str, plan: tuple[Located, bytes | None] | None = None
+                       ) -> tuple[Path, Manifest, bytes, ObjectMeta]:
+        """The whole file whose manifest ``name`` holds, in a new scratch file of the store:
+        (its path, the manifest, the file's digest, the manifest record's metadata). For a
+        client that verifies a whole file's digest before it trusts it."""
+        manifest, meta = await self.read_manifest(name, plan)
+        ino = record_ino(name)
+        if ino is None:
+            raise DataError(f"{name}: not a content record")
+        path = self._rt.store.scratch()
+        hasher = new_hasher()
+
+        def hash_and_write(fd: int, block: bytes) -> None:
+            hasher.update(block)
+            write_all(fd, block)
+
+        await stream_to_new_file(path, self.stream(ino, manifest), hash_and_write)
+        return path, manifest, hasher.digest(), meta
+
+    # --- reclaiming -----------------------------------------------------------------------
+
+    @property
+    def _grace(self) -> float:
+        return self._rt.settings.chunk_retire_grace
+
+    def retire(self, ino: int, names: Iterable[str]) -> None:
+        """Chunks of ``ino`` a new manifest no longer names: deleted after ``chunk_retire_grace``
+        unless the manifest current by then names them again."""
+        names = frozenset(names)
+        if names:
+            self._retired.append(_Retired(self._rt.now() + self._grace, ino, names))
+
+    async def loop(self) -> None:
+        """Delete retired chunks when due, and sweep this node's own chunks."""
+        period = min(SWEEP_PERIOD, max(1.0, self._grace))
+        next_sweep = self._rt.now() + period
+        while True:
+            await trio.sleep(1.0)
+            now = self._rt.now()
+            due = [r for r in self._retired if r.due <= now]
+            self._retired = [r for r in self._retired if r.due > now]
+            for retired in due:
+                await self._reclaim(retired.ino, retired.names, orphans_too=True)
+            if now >= next_sweep:
+                next_sweep = now + period
+                await self.sweep()
+
+    async def sweep(self) -> int:
+        """One pass over (part of) the chunks this node stores; the number deleted."""
+        by_ino: dict[int, list[str]] = {}
+        grace_ns = int(self._grace * 1e9)
+        now_ns = time.time_ns()
+        store, node = self._rt.store, self._rt.node
+        for name in store.names(CHUNK):
+            parsed = parse_chunk_name(name)
+            obj = store.get(name)
+            entry = node.tuples.get(name)
+            if parsed is None or obj is None or entry is None:
+                continue
+            live = {h.node_id for h in node.live_holders(entry)}
+            first = next((nid for nid in entry.holders if nid in live), node.node_id)
+            if first != node.node_id:
+                continue  # its first live holder sweeps it
+            if now_ns - clock_ns(obj.version.clock) >= grace_ns:
+                by_ino.setdefault(parsed[0], []).append(name)
+        order = sorted(by_ino)
+        later = [ino for ino in order if f"{ino:016x}" > self._sweep_from]
+        batch = (later + [ino for ino in order if ino not in set(later)])[:SWEEP_INODES]
+        deleted = 0
+        for ino in batch:
+            self._sweep_from = f"{ino:016x}"
+            deleted += await self._reclaim(ino, frozenset(by_ino[ino]), orphans_too=False)
+        if len(batch) == len(order):
+            self._sweep_from = ""
+        return deleted
+
+    async def _reclaim(self, ino: int, names: frozenset[str], *, orphans_too: bool) -> int:
+        """Delete those of ``names`` (chunks of ``ino``) that nothing can read any more.
+
+        ``orphans_too``: the caller knows they were replaced (a retired set): delete them
+        once the current manifest does not name them, whatever their age."""
+        try:
+            keep = await self._still_named(ino)
+        except DataError as exc:
+            log.debug("chunks of inode %x kept: %s", ino, exc.message)
+            return 0
+        if keep is None:
+            return 0
+        doomed: list[str] = []
+        orphan_ns = int(ORPHAN_AGE * 1e9)
+        now_ns = time.time_ns()
+        for name in names - keep.names:
+            obj = self._rt.store.get(name)
+            old = obj is not None and now_ns - clock_ns(obj.version.clock) >= orphan_ns
+            if keep.inode_gone or orphans_too or old or obj is None:
+                doomed.append(name)
+        deleted = 0
+        for name in doomed:
+            try:
+                await self._rt.dataplane.writes.delete(name)
+                deleted += 1
+            except NotFound:
+                pass
+            except DataError as exc:
+                log.info("chunk %s not deleted yet: %s", name, exc.message)
+        if deleted:
+            self._rt.metrics.inc("kelips_chunks_reclaimed_total", deleted)
+        return deleted
+
+    async def _still_named(self, ino: int) -> _Named | None:
+        """What of ``ino``'s chunks is still in use; None when that is not known for sure."""
+        inode = await self._rt.dataplane.find(inode_name(ino))
+        if inode is None:
+            return None  # not reached, or never made: no definite answer
+        if inode.tombstone:
+            return _Named(frozenset(), inode_gone=True)
+        content = await self._rt.dataplane.find(data_name(ino))
+        if content is None:
+            return None
+        if content.tombstone or not is_manifest(content.attrs):
+            return _Named(frozenset(), inode_gone=False)
+        manifest, _ = await self.read_manifest(content.name)
+        return _Named(frozenset(manifest.names(ino)), inode_gone=False)
+
+
+@dataclass(frozen=True)
+class _Named:
+    names: frozenset[str]
+    inode_gone: bool

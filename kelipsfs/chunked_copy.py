@@ -1,0 +1,271 @@
+"""The local copy of a file stored in chunks: fetched a chunk at a time, published by chunk.
+
+The copy is a sparse spool file as long as the file. A chunk the manifest names is fetched
+into it the first time a read (or a write that covers it only in part) needs it, with the
+next few chunks when the reads go front to back, all at once from their holders; a hole is
+never fetched (the spool reads zeros there). The chunks a write or truncate changed are
+remembered, and a publish uploads only those -- a chunk that became all zeros becomes a hole
+-- then the new manifest; the chunks it no longer names are retired (``daemon.chunks``).
+
+When another mount published the file since this copy's manifest, a publish re-uploads every
+chunk instead of naming the older manifest's chunks: those are reclaimed once no manifest
+names them, and this copy cannot know that the current one still does.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from pathlib import Path
+
+import trio
+
+from daemon.chunks import Chunks
+from daemon.core.manifest import CHUNK_SIZE, Manifest
+from daemon.core.messages import TupleEntry
+from kelipsfs.local_copy import LocalCopy
+
+log = logging.getLogger("kelipsfs.fuse")
+
+#: Chunks fetched at once, ahead of a read that goes front to back.
+READ_AHEAD = 8
+#: Chunks uploaded at once by a publish.
+UPLOAD_WINDOW = 8
+
+
+class ChunkedCopy(LocalCopy):
+    """A ``LocalCopy`` of a chunked file (see the module docstring)."""
+
+    def __init__(self, name: str, ino: int, path: Path, fd: int, base: Manifest, *,
+                 clock: int | None, chunks: Chunks, changed: set[int] | None = None,
+                 dirty: bool = False, mtime_ns: int = 0) -> None:
+        super().__init__(name, path, fd, spool=True, clock=clock, mtime_ns=mtime_ns,
+                         dirty=False)
+        self.dirty = dirty
+        self.ino = ino
+        self.base = base
+        self._chunks = chunks
+        #: Chunks whose bytes the spool holds (fetched, written, or cut by a truncate).
+        self.present: set[int] = set(changed or ())
+        #: Chunks changed since ``base``: uploaded (or made holes) by the next publish.
+        self.changed: set[int] = set(changed or ())
+        self._loading: dict[int, trio.Event] = {}
+        self._next_read = -1  # where the last read ended: the next one there goes on in order
+
+    @classmethod
+    async def open(cls, name: str, ino: int, path: Path, base: Manifest, clock: int,
+                   chunks: Chunks) -> ChunkedCopy:
+        """A copy of the manifest ``base``: an empty sparse spool of the file's size."""
+        def make() -> int:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.ftruncate(fd, base.size)
+            return fd
+        fd = await trio.to_thread.run_sync(make)
+        return cls(name, ino, path, fd, base, clock=clock, chunks=chunks)
+
+    @classmethod
+    def adopt(cls, copy: LocalCopy, ino: int, chunks: Chunks) -> ChunkedCopy:
+        """Take over a whole file's spool copy about to be stored in chunks: every chunk is
+        new."""
+        path, fd = copy.hand_over()
+        return cls(copy.name, ino, path, fd, Manifest(0), clock=copy.clock, chunks=chunks,
+                   changed=_data_chunks(fd), dirty=True, mtime_ns=copy.mtime_ns)
+
+    def memory(self) -> bytes | None:
+        return None
+
+    def stored(self) -> int:
+        """Bytes the content stores (holes excluded), as far as this copy knows."""
+        size = self.size()
+        total = 0
+        for index in range(-(-size // CHUNK_SIZE)):
+            ref = self.base.chunks.get(index)
+            if index in self.changed:
+                total += min(CHUNK_SIZE, size - index * CHUNK_SIZE)
+            elif ref is not None:
+                total += ref.length
+        return total
+
+    # --- fetching -------------------------------------------------------------------------
+
+    def _missing(self, offset: int, size: int) -> list[int]:
+        end = min(offset + size, self.size())
+        if end <= offset:
+            return []
+        return [i for i in range(offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1)
+                if i not in self.present and i in self.base.chunks]
+
+    async def load(self, offset: int, size: int) -> None:
+        """Fetch what a read of ``size`` bytes at ``offset`` needs (and the chunks after it
+        when the reads go front to back)."""
+        wanted = self._missing(offset, size)
+        ahead: list[int] = []
+        if offset == self._next_read or offset == 0:
+            last = (offset + size) // CHUNK_SIZE
+            ahead = [i for i in range(last + 1, last + 1 + READ_AHEAD)
+                     if i not in self.present and i in self.base.chunks and i not in wanted]
+        self._next_read = offset + size
+        if wanted or ahead:
+            await self._fetch(wanted, ahead)
+
+    async def load_edges(self, offset: int, size: int) -> None:
+        """Fetch the chunks a change of [offset, offset + size) covers only in part."""
+        if size <= 0:
+            return
+        edges = {offset // CHUNK_SIZE, (offset + size - 1) // CHUNK_SIZE}
+        wanted = [i for i in sorted(edges)
+                  if i not in self.present and i in self.base.chunks
+                  and not (offset <= i * CHUNK_SIZE and (i + 1) * CHUNK_SIZE <= offset + size)]
+        if wanted:
+            await self._fetch(wanted)
+
+    async def load_all(self) -> None:
+        await self._fetch([i for i in self.base.chunks if i not in self.present])
+
+    async def load_cut(self, length: int) -> None:
+        """Fetch the chunk a truncate to ``length`` cuts or extends in the middle."""
+        end = min(length, self.size())
+        if end % CHUNK_SIZE:
+            await self.load_edges(end, 1)
+
+    async def _fetch(self, indexes: list[int], ahead: list[int] | None = None) -> None:
+        """Fetch ``indexes`` (OSError if one fails) and ``ahead`` (read-ahead: a failure is
+        left for the read that needs the chunk), ``READ_AHEAD`` at once."""
+        failures: list[BaseException] = []
+        window = trio.CapacityLimiter(READ_AHEAD)
+
+        async def one(index: int, needed: bool) -> None:
+            async with window:
+                try:
+                    await self._fetch_one(index)
+                except OSError as exc:
+                    if needed:
+                        failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for index in indexes:
+                nursery.start_soon(one, index, True)
+            for index in ahead or ():
+                nursery.start_soon(one, index, False)
+        if failures:
+            raise failures[0]
+
+    async def _fetch_one(self, index: int) -> None:
+        loading = self._loading.get(index)
+        if loading is not None:  # another read or write is fetching it: wait for that
+            await loading.wait()
+            if index not in self.present and index in self.base.chunks:
+                raise OSError(errno.EIO, f"chunk {index} of inode {self.ino:x} not fetched")
+            return
+        ref = self.base.chunks.get(index)
+        if ref is None or index in self.present:
+            return
+        done = self._loading[index] = trio.Event()
+        try:
+            data = await self._chunks.fetch(self.ino, ref)
+            # Written only if nothing changed the chunk meanwhile (a write or truncate makes
+            # it present and authoritative), and only the part the file still covers.
+            if index not in self.present and self.base.chunks.get(index) is ref:
+                room = max(0, self.size() - index * CHUNK_SIZE)
+                if room:
+                    await trio.to_thread.run_sync(os.pwrite, self.fd, data[:room],
+                                                  index * CHUNK_SIZE)
+                if index not in self.present:
+                    self.present.add(index)
+        except OSError:
+            raise
+        except Exception as exc:
+            log.warning("inode %x: %s", self.ino, exc)
+            raise OSError(errno.EIO, str(exc)) from exc
+        finally:
+            del self._loading[index]
+            done.set()
+
+    # --- changes --------------------------------------------------------------------------
+
+    def write(self, data: bytes, offset: int, append: bool, max_size: int) -> int:
+        if append:
+            offset = self.size()
+        written = super().write(data, offset, False, max_size)
+        self._touch(offset, written)
+        return written
+
+    def truncate(self, length: int) -> None:
+        old = self.size()
+        super().truncate(length)
+        self._drop_hash()  # (chunks are hashed one by one when published)
+        if length < old:
+            self._touch(length, old - length)
+        elif length > old and old % CHUNK_SIZE:
+            self._touch(old, 1)  # the old last chunk now reads zeros to its end
+
+    def _touch(self, offset: int, size: int) -> None:
+        if size <= 0:
+            return
+        for index in range(offset // CHUNK_SIZE, (offset + size - 1) // CHUNK_SIZE + 1):
+            self.present.add(index)
+            self.changed.add(index)
+
+    # --- publishing -----------------------------------------------------------------------
+
+    async def publish(self, mtime_ns: int, latest_clock: int | None) -> TupleEntry:
+        """Upload the changed chunks and the new manifest; ``latest_clock``: the version the
+        cluster holds now (another than this copy's: every chunk goes up again)."""
+        size = self.size()
+        count = -(-size // CHUNK_SIZE)
+        if latest_clock is not None and latest_clock != self.clock:
+            await self._fetch([i for i in range(count) if i in self.base.chunks])
+            self.changed.update(range(count))
+        refs = {i: r for i, r in self.base.chunks.items() if i < count and i not in self.changed}
+        window = trio.CapacityLimiter(UPLOAD_WINDOW)
+        errors: list[BaseException] = []
+
+        async def upload(index: int) -> None:
+            async with window:
+                span = min(CHUNK_SIZE, size - index * CHUNK_SIZE)
+                data = await trio.to_thread.run_sync(os.pread, self.fd, span,
+                                                     index * CHUNK_SIZE)
+                data = data.rstrip(b"\0")
+                if data:
+                    try:
+                        refs[index] = await self._chunks.upload(self.ino, index, data)
+                    except Exception as exc:
+                        errors.append(exc)
+
+        with_data = await trio.to_thread.run_sync(_data_chunks, self.fd)
+        async with trio.open_nursery() as nursery:
+            for index in sorted(i for i in self.changed if i < count):
+                if index in with_data:  # (a chunk the spool has no data in is a hole)
+                    nursery.start_soon(upload, index)
+        if errors:
+            raise errors[0]
+        manifest = Manifest(size, refs)
+        entry = await self._chunks.publish(self.ino, manifest, mtime_ns)
+        self._chunks.retire(self.ino, set(self.base.names(self.ino)) - set(
+            manifest.names(self.ino)))
+        self.base = manifest
+        self.changed.clear()
+        return entry
+
+    def checksum(self) -> bytes:
+        raise AssertionError("a chunked copy is published by chunk, not hashed whole")
+
+
+def _data_chunks(fd: int) -> set[int]:
+    """The chunks of a sparse local file that hold data (the holes the local filesystem
+    reports are holes of the file, and never read)."""
+    size = os.fstat(fd).st_size
+    found: set[int] = set()
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after offset
+                break
+            return set(range(-(-size // CHUNK_SIZE)))  # no SEEK_DATA here: all of it
+        found.update(range(start // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1))
+        offset = end
+    return found

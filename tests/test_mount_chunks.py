@@ -1,0 +1,136 @@
+"""Files stored in chunks, on real mounts: a small write uploads a small part, holes cost
+nothing, chunks no manifest names are reclaimed, and other mounts and `kelipsfs get` read
+chunked files whole."""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon.core.manifest import CHUNK_SIZE
+from tests.test_mount import MiB, Mount, Mounts, pytestmark, run_cli, wait_for  # noqa: F401
+
+#: Settings of the mounts here: chunks a write replaced go quickly.
+QUICK_RECLAIM = "chunk_retire_grace=1"
+
+
+def metric(mount: Mount, name: str) -> float:
+    """The sum of a counter over its labels, from the node's /metrics."""
+    with urllib.request.urlopen(f"http://{mount.address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def stored_chunks(*mounts: Mount) -> int:
+    """Live chunk objects in the mounts' stores (what `du` of the data dirs counts)."""
+    total = 0
+    for mount in mounts:
+        with urllib.request.urlopen(f"http://{mount.address}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        total += sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+                     if line.startswith("kelips_stored_chunks"))
+    return total
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mount, Mount]]:
+    with Mounts(tmp_path_factory.mktemp("chunks"), base=150) as ms:
+        first = ms.new(QUICK_RECLAIM)
+        yield first, ms.new(QUICK_RECLAIM, join=first)
+
+
+def test_a_small_write_uploads_its_chunk_and_the_manifest(pair: tuple[Mount, Mount]) -> None:
+    a, b = pair
+    data = bytearray(os.urandom(20 * MiB + 5))
+    path = a.path("big.bin")
+    path.write_bytes(data)
+    assert b.path("big.bin").read_bytes() == data
+    sent = metric(a, "kelips_content_bytes_sent_total")
+    with open(path, "r+b") as fh:
+        fh.seek(7 * MiB + 3)
+        fh.write(b"!")
+        fh.flush()
+        os.fsync(fh.fileno())
+        data[7 * MiB + 3] = ord("!")
+        sent = metric(a, "kelips_content_bytes_sent_total") - sent
+    # one chunk and the manifest, to each of the two holders (r = 3 capped by 2 nodes)
+    assert 2 * CHUNK_SIZE <= sent <= 2 * (CHUNK_SIZE + 64 * 1024)
+    assert path.read_bytes() == data
+    assert b.path("big.bin").read_bytes() == data  # a new open on the other mount sees it
+    out = Path(str(a.data_dir) + "-got")
+    run_cli("get", "big.bin", str(out), "--node", b.address)
+    try:
+        assert out.read_bytes() == data
+    finally:
+        out.unlink()
+
+
+def test_holes_are_not_stored(pair: tuple[Mount, Mount]) -> None:
+    a, b = pair
+    before = stored_chunks(a, b)
+    path = a.path("sparse.img")
+    with open(path, "wb") as fh:
+        fh.truncate(10 * 1024 * MiB)
+        fh.seek(5 * 1024 * MiB + 100)
+        fh.write(b"x" * MiB)
+    st = b.path("sparse.img").stat()
+    assert st.st_size == 10 * 1024 * MiB
+    assert st.st_blocks * 512 <= 2 * MiB  # what du shows: the written MiB, not 10 GiB
+    assert stored_chunks(a, b) - before <= 2 * 2  # two chunks, on two nodes
+    with open(b.path("sparse.img"), "rb") as fh:
+        fh.seek(5 * 1024 * MiB)
+        assert fh.read(200) == bytes(100) + b"x" * 100
+        fh.seek(3 * 1024 * MiB)
+        assert fh.read(1000) == bytes(1000)
+
+
+def test_truncates_cut_and_extend(pair: tuple[Mount, Mount]) -> None:
+    a, b = pair
+    data = os.urandom(5 * MiB + 7)
+    path = a.path("cut.bin")
+    path.write_bytes(data)
+    os.truncate(path, 2 * MiB + 11)
+    assert b.path("cut.bin").read_bytes() == data[:2 * MiB + 11]
+    os.truncate(b.path("cut.bin"), 4 * MiB)  # through the other mount: from its manifest
+    assert path.read_bytes() == data[:2 * MiB + 11] + bytes(4 * MiB - 2 * MiB - 11)
+    with open(path, "r+b") as fh:
+        fh.truncate(MiB // 2)
+        fh.truncate(3 * MiB)  # the cut part must come back as zeros, not as the old bytes
+        fh.seek(2 * MiB)
+        fh.write(b"end")
+    assert b.path("cut.bin").read_bytes() == (data[:MiB // 2] + bytes(2 * MiB - MiB // 2)
+                                              + b"end" + bytes(MiB - 3))
+
+
+def test_an_open_file_survives_its_unlink(pair: tuple[Mount, Mount]) -> None:
+    """A handle open when the last link went keeps reading: the mount fetches what it had
+    not fetched before the chunks can be reclaimed."""
+    a, _ = pair
+    data = os.urandom(6 * MiB)
+    a.path("held.bin").write_bytes(data)
+    with open(a.path("held.bin"), "rb") as fh:
+        assert fh.read(10) == data[:10]
+        a.path("held.bin").unlink()
+        wait_for(lambda: metric(a, "kelips_chunks_reclaimed_total") > 0, 60,
+                 "the unlinked file's chunks to be reclaimed", interval=0.5)
+        fh.seek(0)
+        assert fh.read() == data
+
+
+def test_chunks_no_manifest_names_are_reclaimed(pair: tuple[Mount, Mount]) -> None:
+    a, b = pair
+    path = a.path("gone.bin")
+    path.write_bytes(os.urandom(8 * MiB))
+    with open(path, "r+b") as fh:  # replaces chunk 3: the old one goes after the grace
+        fh.seek(3 * MiB)
+        fh.write(os.urandom(MiB))
+    assert stored_chunks(a, b) > 0
+    for name in ("gone.bin", "cut.bin", "sparse.img", "big.bin"):
+        a.path(name).unlink(missing_ok=True)
+    # every file of this module is gone: no chunk may remain
+    wait_for(lambda: stored_chunks(a, b) == 0, 120, "the chunks to be reclaimed", interval=1)

@@ -96,11 +96,12 @@ class Chunks:
         """The bytes of a chunk, verified against the manifest's digest."""
         name = chunk_name(ino, ref.index, ref.gen)
         try:
-            data, _ = await self._read(name)
+            data, meta = await self._read(name)
         except NotFound as exc:
             raise ChunkMissing(f"{name}: chunk gone (the file was overwritten since it was "
                                f"opened)") from exc
-        if len(data) != ref.length or digest_of(data) != ref.checksum:
+        # (the bytes were checked against the digest the holder stored with them)
+        if len(data) != ref.length or meta.checksum != ref.checksum:
             raise DataError(f"{name}: chunk does not match its manifest")
         return data
 
@@ -269,9 +270,9 @@ class Chunks:
         if inode.tombstone:
             return _Named(frozenset(), inode_gone=True)
         content = await self._rt.dataplane.find(data_name(ino))
-        if content is None:
-            return None
-        if content.tombstone or not is_manifest(content.attrs):
+        # (no content record: a first upload still under way, or one that crashed -- the
+        # inode's holders answered for the inode, and hold its content record too)
+        if content is None or content.tombstone or not is_manifest(content.attrs):
             return _Named(frozenset(), inode_gone=False)
         manifest, _ = await self.read_manifest(content.name)
         return _Named(frozenset(manifest.names(ino)), inode_gone=False)

@@ -14,6 +14,7 @@ names them, and this copy cannot know that the current one still does.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -22,24 +23,24 @@ from pathlib import Path
 import trio
 
 from daemon.chunks import Chunks
-from daemon.core.manifest import CHUNK_SIZE, Manifest
+from daemon.core.manifest import CHUNK_SIZE, Manifest, chunk_name
 from daemon.core.messages import TupleEntry
 from kelipsfs.local_copy import LocalCopy
+from kelipsfs.upload_behind import UPLOAD_WINDOW, UploadBehind
 
 log = logging.getLogger("kelipsfs.fuse")
 
 #: Chunks fetched at once, ahead of a read that goes front to back.
 READ_AHEAD = 8
-#: Chunks uploaded at once by a publish.
-UPLOAD_WINDOW = 8
 
 
 class ChunkedCopy(LocalCopy):
     """A ``LocalCopy`` of a chunked file (see the module docstring)."""
 
     def __init__(self, name: str, ino: int, path: Path, fd: int, base: Manifest, *,
-                 clock: int | None, chunks: Chunks, changed: set[int] | None = None,
-                 dirty: bool = False, mtime_ns: int = 0) -> None:
+                 clock: int | None, chunks: Chunks, background: trio.Nursery | None = None,
+                 changed: set[int] | None = None, dirty: bool = False, mtime_ns: int = 0,
+                 following: int = -1) -> None:
         super().__init__(name, path, fd, spool=True, clock=clock, mtime_ns=mtime_ns,
                          dirty=False)
         self.dirty = dirty
@@ -51,26 +52,32 @@ class ChunkedCopy(LocalCopy):
         #: Chunks changed since ``base``: uploaded (or made holes) by the next publish.
         self.changed: set[int] = set(changed or ())
         self._loading: dict[int, trio.Event] = {}
+        self._behind = UploadBehind(ino, path, chunks, background, following=following)
+        self._background = background
+        self._closed = False
         self._next_read = -1  # where the last read ended: the next one there goes on in order
 
     @classmethod
     async def open(cls, name: str, ino: int, path: Path, base: Manifest, clock: int,
-                   chunks: Chunks) -> ChunkedCopy:
+                   chunks: Chunks, background: trio.Nursery | None) -> ChunkedCopy:
         """A copy of the manifest ``base``: an empty sparse spool of the file's size."""
         def make() -> int:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             os.ftruncate(fd, base.size)
             return fd
         fd = await trio.to_thread.run_sync(make)
-        return cls(name, ino, path, fd, base, clock=clock, chunks=chunks)
+        return cls(name, ino, path, fd, base, clock=clock, chunks=chunks, background=background)
 
     @classmethod
-    def adopt(cls, copy: LocalCopy, ino: int, chunks: Chunks) -> ChunkedCopy:
-        """Take over a whole file's spool copy about to be stored in chunks: every chunk is
-        new."""
+    def adopt(cls, copy: LocalCopy, ino: int, chunks: Chunks,
+              background: trio.Nursery | None = None, following: int = -1) -> ChunkedCopy:
+        """Take over a whole file's spool copy grown past a chunk: every chunk is new.
+        ``following``: where the write that made it grow began (the writes go on from
+        there)."""
         path, fd = copy.hand_over()
         return cls(copy.name, ino, path, fd, Manifest(0), clock=copy.clock, chunks=chunks,
-                   changed=_data_chunks(fd), dirty=True, mtime_ns=copy.mtime_ns)
+                   background=background, changed=_data_chunks(fd), dirty=True,
+                   mtime_ns=copy.mtime_ns, following=following)
 
     def memory(self) -> bytes | None:
         return None
@@ -106,8 +113,18 @@ class ChunkedCopy(LocalCopy):
             ahead = [i for i in range(last + 1, last + 1 + READ_AHEAD)
                      if i not in self.present and i in self.base.chunks and i not in wanted]
         self._next_read = offset + size
-        if wanted or ahead:
-            await self._fetch(wanted, ahead)
+        if self._background is None:
+            wanted += ahead
+        else:  # fetched while the reader goes on; a failure is met again by the read itself
+            for index in ahead:
+                if index not in self._loading:
+                    self._background.start_soon(self._fetch_ahead, index)
+        if wanted:
+            await self._fetch(wanted)
+
+    async def _fetch_ahead(self, index: int) -> None:
+        with contextlib.suppress(OSError):
+            await self._fetch_one(index)
 
     async def load_edges(self, offset: int, size: int) -> None:
         """Fetch the chunks a change of [offset, offset + size) covers only in part."""
@@ -129,25 +146,21 @@ class ChunkedCopy(LocalCopy):
         if end % CHUNK_SIZE:
             await self.load_edges(end, 1)
 
-    async def _fetch(self, indexes: list[int], ahead: list[int] | None = None) -> None:
-        """Fetch ``indexes`` (OSError if one fails) and ``ahead`` (read-ahead: a failure is
-        left for the read that needs the chunk), ``READ_AHEAD`` at once."""
+    async def _fetch(self, indexes: list[int]) -> None:
+        """Fetch ``indexes``, ``READ_AHEAD`` at once (OSError if one fails)."""
         failures: list[BaseException] = []
         window = trio.CapacityLimiter(READ_AHEAD)
 
-        async def one(index: int, needed: bool) -> None:
+        async def one(index: int) -> None:
             async with window:
                 try:
                     await self._fetch_one(index)
                 except OSError as exc:
-                    if needed:
-                        failures.append(exc)
+                    failures.append(exc)
 
         async with trio.open_nursery() as nursery:
             for index in indexes:
-                nursery.start_soon(one, index, True)
-            for index in ahead or ():
-                nursery.start_soon(one, index, False)
+                nursery.start_soon(one, index)
         if failures:
             raise failures[0]
 
@@ -165,14 +178,15 @@ class ChunkedCopy(LocalCopy):
         try:
             data = await self._chunks.fetch(self.ino, ref)
             # Written only if nothing changed the chunk meanwhile (a write or truncate makes
-            # it present and authoritative), and only the part the file still covers.
-            if index not in self.present and self.base.chunks.get(index) is ref:
+            # it present and authoritative), and only the part the file still covers. On the
+            # event loop, not in a thread: a close in between would leave a thread writing
+            # through a descriptor number a new file may have been given by then.
+            if not self._closed and index not in self.present and (
+                    self.base.chunks.get(index) is ref):
                 room = max(0, self.size() - index * CHUNK_SIZE)
                 if room:
-                    await trio.to_thread.run_sync(os.pwrite, self.fd, data[:room],
-                                                  index * CHUNK_SIZE)
-                if index not in self.present:
-                    self.present.add(index)
+                    os.pwrite(self.fd, data[:room], index * CHUNK_SIZE)
+                self.present.add(index)
         except OSError:
             raise
         except Exception as exc:
@@ -206,6 +220,10 @@ class ChunkedCopy(LocalCopy):
         for index in range(offset // CHUNK_SIZE, (offset + size - 1) // CHUNK_SIZE + 1):
             self.present.add(index)
             self.changed.add(index)
+            self._behind.changed(index)
+
+    async def after_write(self, offset: int, written: int) -> None:
+        await self._behind.wrote(offset, written)
 
     # --- publishing -----------------------------------------------------------------------
 
@@ -218,6 +236,10 @@ class ChunkedCopy(LocalCopy):
             await self._fetch([i for i in range(count) if i in self.base.chunks])
             self.changed.update(range(count))
         refs = {i: r for i, r in self.base.chunks.items() if i < count and i not in self.changed}
+        ahead = await self._behind.settle()
+        for index, ref in ahead.items():
+            if index >= count and ref is not None:  # cut off since: never named
+                self._chunks.retire(self.ino, [chunk_name(self.ino, index, ref.gen)])
         window = trio.CapacityLimiter(UPLOAD_WINDOW)
         errors: list[BaseException] = []
 
@@ -236,7 +258,10 @@ class ChunkedCopy(LocalCopy):
         with_data = await trio.to_thread.run_sync(_data_chunks, self.fd)
         async with trio.open_nursery() as nursery:
             for index in sorted(i for i in self.changed if i < count):
-                if index in with_data:  # (a chunk the spool has no data in is a hole)
+                if index in ahead:  # uploaded while the writer went on
+                    if (ref := ahead[index]) is not None:
+                        refs[index] = ref
+                elif index in with_data:  # (a chunk the spool has no data in is a hole)
                     nursery.start_soon(upload, index)
         if errors:
             raise errors[0]
@@ -247,6 +272,11 @@ class ChunkedCopy(LocalCopy):
         self.base = manifest
         self.changed.clear()
         return entry
+
+    def close(self) -> None:
+        self._closed = True
+        self._behind.abandon()
+        super().close()
 
     def checksum(self) -> bytes:
         raise AssertionError("a chunked copy is published by chunk, not hashed whole")

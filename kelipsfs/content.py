@@ -158,6 +158,11 @@ class Content:
     def chunks(self) -> Chunks:
         return self._rt.chunks
 
+    @property
+    def background(self) -> trio.Nursery | None:
+        """Where uploads that outlive a write request run."""
+        return self._rt.background
+
     async def current(self, ino: int) -> TupleEntry | None:
         """The content record's tuple (None: never written, or removed)."""
         entry = await self._rt.dataplane.find(data_name(ino))

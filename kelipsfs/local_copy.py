@@ -105,6 +105,10 @@ class LocalCopy:
     async def load_edges(self, offset: int, size: int) -> None:
         """Make local what a write of ``size`` bytes at ``offset`` does not overwrite whole."""
 
+    async def after_write(self, offset: int, written: int) -> None:
+        """A write of ``written`` bytes at ``offset`` is done (a chunked copy may upload what
+        it finished)."""
+
     async def load_all(self) -> None:
         """Make the whole content local."""
 

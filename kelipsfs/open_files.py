@@ -166,7 +166,7 @@ class OpenFiles:
             return copy
         if meta.manifest is not None:  # in chunks: each fetched when first needed
             return await ChunkedCopy.open(f"{ino:x}", ino, path, meta.manifest, meta.clock,
-                                          self._content.chunks)
+                                          self._content.chunks, self._content.background)
         if meta.data is not None:  # small: read from memory until a write needs the file
             return MemoryCopy(f"{ino:x}", path, meta.data, clock=meta.clock,
                               checksum=meta.checksum)
@@ -239,8 +239,14 @@ class OpenFiles:
         async with f.lock:
             copy = f.copy
             await self._before_change(copy)
-            await copy.load_edges(copy.size() if handle.append else offset, len(data))
-            return copy.write(data, offset, handle.append, self._max_size)
+            at = copy.size() if handle.append else offset
+            await copy.load_edges(at, len(data))
+            written = copy.write(data, offset, handle.append, self._max_size)
+            if copy.size() > CHUNK_SIZE and not isinstance(copy, ChunkedCopy):
+                copy = f.copy = ChunkedCopy.adopt(copy, f.ino, self._content.chunks,
+                                                  self._content.background, following=at)
+            await copy.after_write(at, written)
+            return written
 
     async def truncate(self, ino: int, length: int) -> bool:
         """Cut or extend the open copy of ``ino`` (published with it); False if none is

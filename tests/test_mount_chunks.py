@@ -44,6 +44,30 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mount, Moun
         yield first, ms.new(QUICK_RECLAIM, join=first)
 
 
+def test_chunks_written_front_to_back_go_up_before_the_close(
+        pair: tuple[Mount, Mount]) -> None:
+    """A writer's finished chunks are uploaded while it writes on; one rewritten after its
+    upload is uploaded again at the close, and the earlier upload is reclaimed."""
+    a, b = pair
+    before = stored_chunks(a, b)  # (the first test of the module: nothing is being reclaimed)
+    data = bytearray(os.urandom(6 * MiB))
+    with open(a.path("behind.bin"), "wb") as fh:
+        fh.write(data[:5 * MiB])
+        fh.flush()
+        # chunks 0-3 are finished: stored on both nodes before any close or fsync
+        wait_for(lambda: stored_chunks(a, b) - before >= 2 * 4, 30, "uploads behind the writer")
+        fh.seek(MiB + 10)
+        fh.write(b"again")
+        data[MiB + 10:MiB + 15] = b"again"
+        fh.seek(5 * MiB)
+        fh.write(data[5 * MiB:])
+    assert b.path("behind.bin").read_bytes() == data
+    # six chunks on two nodes: the first upload of chunk 1 is gone once the grace is over
+    wait_for(lambda: stored_chunks(a, b) - before == 2 * 6, 60, "the stale upload to go",
+             interval=0.5)
+    a.path("behind.bin").unlink()
+
+
 def test_a_small_write_uploads_its_chunk_and_the_manifest(pair: tuple[Mount, Mount]) -> None:
     a, b = pair
     data = bytearray(os.urandom(20 * MiB + 5))

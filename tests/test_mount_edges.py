@@ -409,13 +409,21 @@ def _holders(m: Mount, name: str) -> list[str]:
     return [h["address"] for h in json.loads(os.getxattr(m.path(name), "user.kelips.holders"))]
 
 
-def _read_in_thread(path: Path, timeout: float) -> tuple[bytes | None, OSError | None]:
+def _read_in_thread(path: Path, timeout: float, pace: float = 0.0
+                    ) -> tuple[bytes | None, OSError | None]:
+    """Read ``path`` whole in a thread; ``pace``: seconds of pause after each MiB read (a
+    reader that takes its time, so a holder can die in the middle of it)."""
     result: list[bytes] = []
     error: list[OSError] = []
 
     def read() -> None:
         try:
-            result.append(path.read_bytes())
+            with open(path, "rb") as fh:
+                blocks = []
+                while block := fh.read(MiB):
+                    blocks.append(block)
+                    time.sleep(pace)
+            result.append(b"".join(blocks))
         except OSError as exc:
             error.append(exc)
 
@@ -426,36 +434,35 @@ def _read_in_thread(path: Path, timeout: float) -> tuple[bytes | None, OSError |
     return (result[0] if result else None), (error[0] if error else None)
 
 
-def _kill_serving_holder(ms: Mounts, reader: Mount, holders: list[Mount], size: int) -> int:
-    """Wait for the reader's fetch to start, SIGKILL the holder sending it; bytes the reader
-    had when it died."""
-    cache = reader.data_dir / "spool"  # where the mount's local copies are fetched to
-    start = {m.pid or 0: _wchar(m.pid or 0) for m in holders}
+def _kill_serving_holder(ms: Mounts, reader: Mount, holders: list[Mount],
+                         reading: threading.Thread) -> int:
+    """Wait for the reader's fetch to be well under way, SIGKILL the holder that sent the
+    most; the bytes the reader's node had written (its spool and FUSE replies) by then."""
+    start = {m.pid or 0: _wchar(m.pid or 0) for m in [reader, *holders]}
     deadline = time.monotonic() + 60
     got = 0
     while time.monotonic() < deadline:
-        files = list(cache.iterdir())
-        got = max((p.stat().st_size for p in files if p.exists()), default=0)
-        if got >= 4 * MiB:
+        got = _wchar(reader.pid or 0) - start[reader.pid or 0]
+        if got >= 8 * MiB:
             break
         time.sleep(0.002)
-    assert got >= 4 * MiB, f"the fetch had only {got} bytes after 60 s"
-    sent = {pid: _wchar(pid) - before for pid, before in start.items()}
+    assert got >= 8 * MiB, f"the fetch had only {got} bytes after 60 s"
+    sent = {m.pid or 0: _wchar(m.pid or 0) - start[m.pid or 0] for m in holders}
     serving = max(holders, key=lambda m: sent[m.pid or 0])
+    assert reading.is_alive(), "the read finished before the holder could be killed"
     ms.kill(serving)
-    assert got < size, "the fetch finished before the holder could be killed"
     return got
 
 
-def _read_while_killing(ms: Mounts, reader: Mount, holders: list[Mount],
-                        size: int) -> tuple[bytes | None, OSError | None, int]:
-    """Read big.bin through ``reader`` while its source holder is killed: (the bytes or the
-    error, the bytes fetched when the holder died)."""
+def _read_while_killing(ms: Mounts, reader: Mount, holders: list[Mount]
+                        ) -> tuple[bytes | None, OSError | None, int]:
+    """Read big.bin through ``reader`` while a holder is killed: (the bytes or the error,
+    the bytes the reader's node had written when the holder died)."""
     box: list[tuple[bytes | None, OSError | None]] = []
     t = threading.Thread(target=lambda: box.append(
-        _read_in_thread(reader.path("big.bin"), 120)), daemon=True)
+        _read_in_thread(reader.path("big.bin"), 120, pace=0.01)), daemon=True)
     t.start()
-    got = _kill_serving_holder(ms, reader, holders, size)
+    got = _kill_serving_holder(ms, reader, holders, t)
     t.join(130)
     assert box, "the read gave no answer (it hung, or failed other than with an OSError)"
     return (*box[0], got)
@@ -483,18 +490,19 @@ def _mounts_and_a_reader(ms: Mounts, tmp_path: Path, size: int,
 
 @pytest.mark.slow
 def test_holder_killed_mid_read(tmp_path: Path) -> None:
-    """Two holders (r = 2) of a 200 MiB file and a third mount that holds none: the holder it
-    fetches from is killed with SIGKILL mid-transfer. The read resumes on the other holder
-    and returns exactly the file, or fails with EIO; it never hangs nor returns other bytes."""
+    """Two copies (r = 2) of a 200 MiB file's chunks, on three mounts, read through the one
+    that does not hold its manifest: a holder is killed with SIGKILL mid-read. The chunks it
+    was sending come from their other holder, and the read returns exactly the file, or
+    fails with EIO; it never hangs nor returns other bytes."""
     size = 200 * MiB
     with Mounts(tmp_path, base=150) as ms:
         reader, holders, digest = _mounts_and_a_reader(ms, tmp_path, size, 2)
-        data, error, got = _read_while_killing(ms, reader, holders, size)
+        data, error, got = _read_while_killing(ms, reader, holders)
         if data is not None:
             assert len(data) == size and digest_of(data) == digest
         else:
             assert error is not None and error.errno == errno.EIO, error
-        print(f"holder killed at {got / MiB:.0f} MiB of the fetch: "
+        print(f"holder killed {got / MiB:.0f} MiB into the read: "
               f"{'completed on the other holder' if data is not None else 'EIO'}")
         del data
         again, error = _read_in_thread(reader.path("big.bin"), 120)  # the survivor serves it
@@ -505,12 +513,12 @@ def test_holder_killed_mid_read(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_only_holder_killed_mid_read_is_eio(tmp_path: Path) -> None:
-    """r = 1: the one holder dies mid-transfer, so nothing can resume: EIO, promptly, no
-    partial copy left, and the reading mount carries on."""
+    """r = 1: a holder of the chunks dies mid-read, so the chunks it held cannot be read from
+    anywhere: EIO, promptly, no partial copy left, and the reading mount carries on."""
     size = 200 * MiB
     with Mounts(tmp_path, base=160) as ms:
         reader, holders, _ = _mounts_and_a_reader(ms, tmp_path, size, 1)
-        data, error, _ = _read_while_killing(ms, reader, holders, size)
+        data, error, _ = _read_while_killing(ms, reader, holders)
         assert data is None and error is not None and error.errno == errno.EIO, (data, error)
         assert os.path.ismount(reader.mountpoint)
         assert list((reader.data_dir / "spool").iterdir()) == []

@@ -376,6 +376,7 @@ class _Api:
         headers = meta_headers(obj.size, obj.mode, obj.mtime_ns, obj.checksum,
                                 obj.version.clock)
         headers["content-length"] = str(obj.size - offset)
+        self.rt.metrics.inc("kelips_content_bytes_served_total", obj.size - offset)
         # Not hashed here: every reader of a replica (DataPlane._stream) hashes what it
         # receives against the checksum sent above, and fails over or refuses on a mismatch.
         return Response(200, headers=headers,

@@ -158,3 +158,27 @@ def test_chunks_no_manifest_names_are_reclaimed(pair: tuple[Mount, Mount]) -> No
         a.path(name).unlink(missing_ok=True)
     # every file of this module is gone: no chunk may remain
     wait_for(lambda: stored_chunks(a, b) == 0, 120, "the chunks to be reclaimed", interval=1)
+
+
+def test_a_large_file_is_read_from_more_machines_than_its_copies(tmp_path: Path) -> None:
+    """Five nodes, r = 3: the chunks of one file are placed by their own names, so reading it
+    through one node takes chunks from more than the three holders of any one object."""
+    with Mounts(tmp_path, base=170) as ms:
+        first = ms.new("replication=3")
+        others = [ms.new("replication=3", join=first) for _ in range(4)]
+        everyone = [first, *others]
+        wait_for(lambda: all(_alive(m) == 5 for m in everyone), 30, "five members")
+        data = os.urandom(48 * MiB)
+        first.path("spread.bin").write_bytes(data)
+        reader = others[-1]
+        served = {m.address: metric(m, "kelips_content_bytes_served_total") for m in everyone}
+        assert reader.path("spread.bin").read_bytes() == data
+        sent = {m.address: metric(m, "kelips_content_bytes_served_total") - served[m.address]
+                for m in everyone if m is not reader}
+        # the reader holds some chunks itself: the machines read from are it and the senders
+        assert sum(1 for v in sent.values() if v > 0) + 1 > 3, sent
+
+
+def _alive(mount: Mount) -> int:
+    lines = os.getxattr(mount.mountpoint, "user.kelips.members").decode().splitlines()
+    return sum(1 for line in lines if '"alive"' in line)

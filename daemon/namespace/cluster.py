@@ -54,17 +54,20 @@ class ClusterRecords:
         return await self.rt.dataplane.find(name)
 
     async def inode(self, ino: int) -> Inode | None:
+        found = await self.bare_inode(ino)
+        if found is None or not stat.S_ISREG(found.mode):
+            return found
+        return found.join(await self.record(data_name(ino)))
+
+    async def bare_inode(self, ino: int) -> Inode | None:
         t = await self.record(inode_name(ino))
         if t is None or t.tombstone:
             return None
         try:
-            found = Inode.from_record(ino, t)
+            return Inode.from_record(ino, t)
         except ValueError:
             log.warning("inode record %s is malformed; treated as missing", t.name)
             return None
-        if not stat.S_ISREG(found.mode):
-            return found
-        return found.join(await self.record(data_name(ino)))
 
     async def entry(self, directory: int, name: str) -> Entry | None:
         t = await self.record(entry_name(directory, name))

@@ -72,6 +72,9 @@ class MemoryRecords:
     async def inode(self, ino: int) -> Inode | None:
         return current_inode(_View(self), ino)
 
+    async def bare_inode(self, ino: int) -> Inode | None:
+        return current_inode(_View(self), ino)
+
     async def entry(self, directory: int, name: str) -> Entry | None:
         t = self._tuples.get(entry_name(directory, name))
         return entry_from_record(t) if t is not None else None

@@ -60,6 +60,10 @@ class Records(Protocol):
     async def inode(self, ino: int) -> Inode | None:
         """The inode with its content joined (``Inode.join``), or None if it is gone."""
 
+    async def bare_inode(self, ino: int) -> Inode | None:
+        """The inode's own record, its content not joined (no size or content mtime), or
+        None if it is gone: for what needs only its mode, owner and flags."""
+
     async def entry(self, directory: int, name: str) -> Entry | None:
         """The entry ``name`` of ``directory``, or None."""
 
@@ -453,7 +457,10 @@ class Namespace:
         return values[name]
 
     async def listxattr(self, ino: int) -> dict[str, bytes]:
-        found = await self.getattr(ino)
+        # (asked before every write, for security.capability: no content record looked up)
+        found = await self.records.bare_inode(ino)
+        if found is None:
+            raise FsError(errno.ENOENT, f"inode {ino:x} does not exist")
         if not found.flags & HAS_XATTRS:
             return {}
         try:

@@ -69,6 +69,17 @@ class _Retired:
     names: frozenset[str]
 
 
+def spread_reads(found: Located, index: int, me: bytes) -> None:
+    """Order a chunk's holders for its read: this node first when it holds it (no
+    transfer), else the live holders in turn by the chunk's index, so the chunks of one
+    file come from all their holders at once rather than all from the nearest."""
+    holders = found.holders
+    if not holders or holders[0].node_id == me:
+        return
+    turn = index % len(holders)
+    found.holders = holders[turn:] + holders[:turn]
+
+
 async def digest_chunk(data: bytes) -> bytes:
     if len(data) <= HASH_IN_LOOP:
         return digest_of(data)
@@ -96,7 +107,9 @@ class Chunks:
         """The bytes of a chunk, verified against the manifest's digest."""
         name = chunk_name(ino, ref.index, ref.gen)
         try:
-            data, meta = await self._read(name)
+            plan = await self._rt.dataplane.read_plan(name)
+            spread_reads(plan[0], ref.index, self._rt.node.node_id)
+            data, meta = await self._read(name, plan)
         except NotFound as exc:
             raise ChunkMissing(f"{name}: chunk gone (the file was overwritten since it was "
                                f"opened)") from exc

@@ -18,12 +18,13 @@ import contextlib
 import errno
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import trio
 
 from daemon.chunks import Chunks
-from daemon.core.manifest import CHUNK_SIZE, Manifest, chunk_name
+from daemon.core.manifest import CHUNK_SIZE, ChunkRef, Manifest, chunk_name
 from daemon.core.messages import TupleEntry
 from kelipsfs.local_copy import LocalCopy
 from kelipsfs.upload_behind import UPLOAD_WINDOW, UploadBehind
@@ -237,9 +238,8 @@ class ChunkedCopy(LocalCopy):
             self.changed.update(range(count))
         refs = {i: r for i, r in self.base.chunks.items() if i < count and i not in self.changed}
         ahead = await self._behind.settle()
-        for index, ref in ahead.items():
-            if index >= count and ref is not None:  # cut off since: never named
-                self._chunks.retire(self.ino, [chunk_name(self.ino, index, ref.gen)])
+        self._retire(ref for index, ref in ahead.items()  # cut off since: never named
+                     if index >= count and ref is not None)
         window = trio.CapacityLimiter(UPLOAD_WINDOW)
         errors: list[BaseException] = []
 
@@ -263,15 +263,21 @@ class ChunkedCopy(LocalCopy):
                         refs[index] = ref
                 elif index in with_data:  # (a chunk the spool has no data in is a hole)
                     nursery.start_soon(upload, index)
-        if errors:
-            raise errors[0]
         manifest = Manifest(size, refs)
-        entry = await self._chunks.publish(self.ino, manifest, mtime_ns)
-        self._chunks.retire(self.ino, set(self.base.names(self.ino)) - set(
-            manifest.names(self.ino)))
+        try:
+            if errors:
+                raise errors[0]
+            entry = await self._chunks.publish(self.ino, manifest, mtime_ns)
+        except BaseException:  # what this publish uploaded is named by no manifest
+            self._retire(r for i, r in refs.items() if self.base.chunks.get(i) is not r)
+            raise
+        self._retire(r for i, r in self.base.chunks.items() if manifest.chunks.get(i) is not r)
         self.base = manifest
         self.changed.clear()
         return entry
+
+    def _retire(self, refs: Iterable[ChunkRef]) -> None:
+        self._chunks.retire(self.ino, (chunk_name(self.ino, r.index, r.gen) for r in refs))
 
     def close(self) -> None:
         self._closed = True

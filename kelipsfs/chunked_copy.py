@@ -84,15 +84,15 @@ class ChunkedCopy(LocalCopy):
         return None
 
     def stored(self) -> int:
-        """Bytes the content stores (holes excluded), as far as this copy knows."""
+        """Bytes the content stores (holes excluded), as far as this copy knows: the
+        manifest's, with each changed chunk counted whole (asked at every getattr of a file
+        being written: the changed chunks only, not every chunk of the file)."""
         size = self.size()
-        total = 0
-        for index in range(-(-size // CHUNK_SIZE)):
+        total = self.base.stored
+        for index in self.changed:  # (a truncate marks every chunk it cut as changed)
             ref = self.base.chunks.get(index)
-            if index in self.changed:
-                total += min(CHUNK_SIZE, size - index * CHUNK_SIZE)
-            elif ref is not None:
-                total += ref.length
+            total += max(0, min(CHUNK_SIZE, size - index * CHUNK_SIZE)) - (
+                ref.length if ref is not None else 0)
         return total
 
     # --- fetching -------------------------------------------------------------------------

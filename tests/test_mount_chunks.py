@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 
 from daemon.core.manifest import CHUNK_SIZE
-from tests.test_mount import MiB, Mount, Mounts, pytestmark, run_cli, wait_for  # noqa: F401
+from tests.test_mount import (  # noqa: F401
+    MiB,
+    Mount,
+    Mounts,
+    _alive_members,
+    pytestmark,
+    run_cli,
+    wait_for,
+)
 
 #: Settings of the mounts here: chunks a write replaced go quickly.
 QUICK_RECLAIM = "chunk_retire_grace=1"
@@ -31,13 +39,7 @@ def metric(mount: Mount, name: str) -> float:
 
 def stored_chunks(*mounts: Mount) -> int:
     """Live chunk objects in the mounts' stores (what `du` of the data dirs counts)."""
-    total = 0
-    for mount in mounts:
-        with urllib.request.urlopen(f"http://{mount.address}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        total += sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
-                     if line.startswith("kelips_stored_chunks"))
-    return total
+    return sum(int(metric(mount, "kelips_stored_chunks")) for mount in mounts)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +172,7 @@ def test_a_large_file_is_read_from_more_machines_than_its_copies(tmp_path: Path)
         first = ms.new("replication=3")
         others = [ms.new("replication=3", join=first) for _ in range(4)]
         everyone = [first, *others]
-        wait_for(lambda: all(_alive(m) == 5 for m in everyone), 30, "five members")
+        wait_for(lambda: all(_alive_members(m) == 5 for m in everyone), 30, "five members")
         data = os.urandom(48 * MiB)
         first.path("spread.bin").write_bytes(data)
         reader = others[-1]
@@ -180,11 +182,6 @@ def test_a_large_file_is_read_from_more_machines_than_its_copies(tmp_path: Path)
                 for m in everyone if m is not reader}
         # the reader holds some chunks itself: the machines read from are it and the senders
         assert sum(1 for v in sent.values() if v > 0) + 1 > 3, sent
-
-
-def _alive(mount: Mount) -> int:
-    lines = os.getxattr(mount.mountpoint, "user.kelips.members").decode().splitlines()
-    return sum(1 for line in lines if '"alive"' in line)
 
 
 @pytest.mark.slow
@@ -198,7 +195,7 @@ def test_a_holder_killed_during_a_large_write_loses_nothing(tmp_path: Path) -> N
         writer = ms.new(*settings)
         other = ms.new(*settings, join=writer)
         victim = ms.new(*settings, join=writer)
-        wait_for(lambda: all(_alive(m) == 3 for m in (writer, other, victim)), 30,
+        wait_for(lambda: all(_alive_members(m) == 3 for m in (writer, other, victim)), 30,
                  "three members")
         data = os.urandom(64 * MiB)
         outcome: list[BaseException | None] = []

@@ -19,6 +19,7 @@ size and the bytes its chunks store), so a ``stat`` needs no fetch of the manife
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -75,7 +76,7 @@ class Manifest:
         """Chunks the file's size spans (stored or holes)."""
         return -(-self.size // self.chunk_size)
 
-    @property
+    @functools.cached_property
     def stored(self) -> int:
         """Bytes its chunks hold (what ``du`` shows: holes cost nothing)."""
         return sum(ref.length for ref in self.chunks.values())

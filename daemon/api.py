@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -373,15 +373,20 @@ class _Api:
         offset = req.int_arg("offset", 0)
         if not 0 <= offset <= obj.size:
             raise HTTPError(416, "offset outside the object")
+        length = req.int_arg("length", obj.size - offset)  # (a part: one chunk of a run)
+        if not 0 <= length <= obj.size - offset:
+            raise HTTPError(416, "length past the end of the object")
         headers = meta_headers(obj.size, obj.mode, obj.mtime_ns, obj.checksum,
                                 obj.version.clock)
-        headers["content-length"] = str(obj.size - offset)
-        self.rt.metrics.inc("kelips_content_bytes_served_total", obj.size - offset)
-        # Not hashed here: every reader of a replica (DataPlane._stream) hashes what it
-        # receives against the checksum sent above, and fails over or refuses on a mismatch.
-        return Response(200, headers=headers,
-                        stream=self.rt.store.read_chunks(obj, offset=offset, verify=False),
-                        file=obj.path, file_offset=offset)
+        headers["content-length"] = str(length)
+        self.rt.metrics.inc("kelips_content_bytes_served_total", length)
+        # Not hashed here: every reader of a replica hashes what it receives against the
+        # checksum sent above, or a part against the one its manifest gives, and fails over
+        # or refuses on a mismatch.
+        stream = (self.rt.store.read_chunks(obj, offset=offset, verify=False)
+                  if length == obj.size - offset else
+                  _part(self.rt.store.read_range(obj, offset, length)))
+        return Response(200, headers=headers, stream=stream, file=obj.path, file_offset=offset)
 
     async def delete_replica(self, req: Request) -> Response:
         name = self.name_of(req, "/v1/replica/")
@@ -534,6 +539,10 @@ def prefix_or_400(prefix: str) -> str:
         return validate_prefix(prefix)
     except NameError_ as exc:
         raise HTTPError(400, str(exc)) from exc
+
+
+async def _part(read: Awaitable[bytes]) -> AsyncIterator[bytes]:
+    yield await read
 
 
 async def _scratch_stream(path: Path) -> AsyncIterator[bytes]:

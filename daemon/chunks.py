@@ -33,7 +33,14 @@ import trio
 
 from daemon.core.inodes import clock_ns
 from daemon.core.keys import CHUNK, data_name, inode_name, record_ino
-from daemon.core.manifest import ChunkRef, Manifest, chunk_name, is_manifest, parse_chunk_name
+from daemon.core.manifest import (
+    CHUNK_SIZE,
+    ChunkRef,
+    Manifest,
+    chunk_name,
+    is_manifest,
+    parse_chunk_name,
+)
 from daemon.core.messages import TupleEntry
 from daemon.data_errors import DataError, NotFound
 from daemon.digest import digest_of, new_hasher
@@ -54,8 +61,6 @@ SWEEP_PERIOD = 20.0
 SWEEP_INODES = 64
 #: Chunks read at once by ``stream``.
 STREAM_WINDOW = 4
-#: Chunks hashed on the event loop up to this size (larger ones in a worker thread).
-HASH_IN_LOOP = 64 << 10
 
 
 class ChunkMissing(DataError):
@@ -80,10 +85,11 @@ def spread_reads(found: Located, index: int, me: bytes) -> None:
     found.holders = holders[turn:] + holders[:turn]
 
 
-async def digest_chunk(data: bytes) -> bytes:
-    if len(data) <= HASH_IN_LOOP:
-        return digest_of(data)
-    return await trio.to_thread.run_sync(digest_of, data)
+def _digests(data: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
+    """The digest of a run's object and (length, digest) of each of its chunks."""
+    view = memoryview(data)
+    parts = [view[start:start + CHUNK_SIZE] for start in range(0, len(data), CHUNK_SIZE)]
+    return digest_of(data), [(len(part), digest_of(part)) for part in parts]
 
 
 class Chunks:
@@ -96,27 +102,28 @@ class Chunks:
 
     # --- chunks ---------------------------------------------------------------------------
 
-    async def upload(self, ino: int, index: int, data: bytes) -> ChunkRef:
-        """Store ``data`` as a new chunk ``index`` of ``ino`` (acknowledged at the quorum)."""
-        ref = ChunkRef(index, secrets.randbits(64), len(data), await digest_chunk(data))
-        await self._rt.dataplane.writes.insert(chunk_name(ino, index, ref.gen), data,
-                                                ref.length, ref.checksum, 0, time.time_ns())
-        return ref
+    async def upload(self, ino: int, first: int, data: bytes) -> list[ChunkRef]:
+        """Store ``data`` as new chunks of ``ino`` from index ``first`` on, in one object (a
+        run: every chunk whole but the last); acknowledged at the write quorum."""
+        gen = secrets.randbits(64)
+        whole, parts = await trio.to_thread.run_sync(_digests, data)
+        refs = [ChunkRef(first + lead, gen, length, digest, lead)
+                for lead, (length, digest) in enumerate(parts)]
+        await self._rt.dataplane.writes.insert(chunk_name(ino, first, gen), data, len(data),
+                                                whole, 0, time.time_ns())
+        return refs
 
     async def fetch(self, ino: int, ref: ChunkRef) -> bytes:
         """The bytes of a chunk, verified against the manifest's digest."""
-        name = chunk_name(ino, ref.index, ref.gen)
+        name = ref.object_name(ino)
         try:
             plan = await self._rt.dataplane.read_plan(name)
             spread_reads(plan[0], ref.index, self._rt.node.node_id)
-            data, meta = await self._read(name, plan)
+            return await self._rt.dataplane.read_part(name, ref.offset(), ref.length,
+                                                      ref.checksum, plan)
         except NotFound as exc:
             raise ChunkMissing(f"{name}: chunk gone (the file was overwritten since it was "
                                f"opened)") from exc
-        # (the bytes were checked against the digest the holder stored with them)
-        if len(data) != ref.length or meta.checksum != ref.checksum:
-            raise DataError(f"{name}: chunk does not match its manifest")
-        return data
 
     async def _read(self, name: str, plan: tuple[Located, bytes | None] | None = None
                     ) -> tuple[bytes, ObjectMeta]:

@@ -18,7 +18,7 @@ from daemon.core import codec
 from daemon.core.messages import LookupReply, MemberEntry, TupleEntry
 from daemon.core.node import KelipsNode, LookupPlan
 from daemon.data_errors import DataError, NotFound, TransferFailed, Unavailable
-from daemon.digest import digest_of, new_hasher
+from daemon.digest import digest_async, digest_of, new_hasher
 from daemon.peers import (
     BULK_MIN,
     PeerClient,
@@ -358,6 +358,60 @@ class DataPlane:
             self.rt.metrics.inc("kelips_lookups_total", result="ok")
             return meta, self._stream(entry, meta, stack, chunks, found.holders[i + 1:])
         raise Unavailable(f"{name}: no live holder answered: {'; '.join(errors) or 'none known'}")
+
+    async def read_part(self, name: str, offset: int, length: int, checksum: bytes,
+                        plan: tuple[Located, bytes | None] | None = None) -> bytes:
+        """``length`` bytes of ``name`` from ``offset`` whose digest is ``checksum`` (one
+        chunk of a run, which its manifest names with a digest of its own), from the first
+        holder whose bytes match it. NotFound when no holder has the object."""
+        found, data = plan if plan is not None else await self.read_plan(name)
+        entry = found.entry
+        if entry is None or entry.tombstone:
+            raise NotFound(f"{name}: no such object")
+        if data is not None:  # (the whole object came with the lookup)
+            part = data[offset:offset + length]
+            if len(part) == length and await digest_async(part) == checksum:
+                return part
+        errors: list[str] = []
+        missing = 0
+        for holder in found.holders:
+            try:
+                part = await self._part_from(holder, entry, offset, length)
+            except NotFound as exc:
+                missing += 1
+                errors.append(f"{holder.host}:{holder.port}: {exc}")
+                continue
+            except (PeerError, OSError, StoreError) as exc:
+                errors.append(f"{holder.host}:{holder.port}: {exc}")
+                continue
+            if len(part) == length and await digest_async(part) == checksum:
+                return part
+            errors.append(f"{holder.host}:{holder.port}: bytes {offset}+{length} do not match "
+                          "their digest")
+        if found.holders and missing == len(found.holders):
+            raise NotFound(f"{name}: no holder has it")
+        raise Unavailable(f"{name}: no live holder gave bytes {offset}+{length}: "
+                          f"{'; '.join(errors) or 'none known'}")
+
+    async def _part_from(self, holder: MemberEntry, entry: TupleEntry, offset: int,
+                         length: int) -> bytes:
+        if holder.node_id == self.node.node_id:
+            obj = self.rt.store.get(entry.name)
+            if obj is None or obj.tombstone or obj.version.clock < entry.version.clock:
+                raise NotFound("local copy missing or older")
+            if offset + length > obj.size:
+                raise NotFound("local copy is shorter")
+            return await self.rt.store.read_range(obj, offset, length)
+        query = {"min_clock": entry.version.clock, "offset": offset, "length": length}
+        async with self.peers.stream("GET", holder.address, "/v1/replica/" + entry.name,
+                                     query, bulk_size=0 if length >= BULK_MIN else None
+                                     ) as response:
+            if response.status_code == 404:
+                raise NotFound("holder has no such version")
+            if response.status_code != 200:
+                raise PeerError(f"status {response.status_code}", response.status_code)
+            return b"".join([block async for block in _guarded(
+                response.aiter_bytes(_READ_BLOCK))])
 
     async def _stream(self, entry: TupleEntry, meta: ObjectMeta, stack: AsyncExitStack,
                       chunks: AsyncIterator[bytes], others: list[MemberEntry]

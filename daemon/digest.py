@@ -22,12 +22,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+import trio
 from blake3 import blake3
 
 #: Name recorded in on-disk metadata and shown to users.
 ALGORITHM = "blake3"
 #: Bytes of a digest (BLAKE3's default output length).
 DIGEST_SIZE = 32
+#: Bytes hashed on the event loop by ``digest_async`` (more go to a worker thread).
+HASH_IN_LOOP = 64 << 10
 
 Hasher = blake3
 """An incremental hasher: ``update(bytes)`` any number of times, then ``digest()``."""
@@ -41,6 +44,13 @@ def new_hasher() -> Hasher:
 def digest_of(data: bytes | bytearray | memoryview) -> bytes:
     """The content digest of bytes in memory."""
     return blake3(data).digest()
+
+
+async def digest_async(data: bytes) -> bytes:
+    """``digest_of`` from trio: in a worker thread when hashing would hold up the loop."""
+    if len(data) <= HASH_IN_LOOP:
+        return digest_of(data)
+    return await trio.to_thread.run_sync(digest_of, data)
 
 
 def file_digest(path: str | os.PathLike[str]) -> bytes:

@@ -76,7 +76,8 @@ class StoreReader:
             return
         if obj.size - offset <= min(chunk_size, _SMALL_READ):
             # Small objects (the common case for metadata-heavy work) in one thread hop.
-            block = await in_thread(functools.partial(self._read_whole, obj, offset))
+            block = await in_thread(functools.partial(self._read_part, obj, offset,
+                                                      obj.size - offset))
             if len(block) != obj.size - offset:
                 raise ChecksumMismatch(
                     f"stored content of {show(obj.name)} (version "
@@ -114,6 +115,20 @@ class StoreReader:
                     "is corrupt: its digest no longer matches the one recorded at write time")
         finally:
             await shielded(f.close)
+
+    async def read_range(self, obj: StoredObject, offset: int, length: int) -> bytes:
+        """``length`` bytes of the content of ``obj`` from ``offset``, not verified (a part
+        cannot be checked against the whole's digest: the caller knows the part's)."""
+        if not (offset >= 0 and length >= 0 and offset + length <= obj.size):
+            raise ValueError(f"range {offset}+{length} is outside {show(obj.name)} "
+                             f"({obj.size} bytes)")
+        if obj.log is not None:
+            return self._logged(obj)[offset:offset + length]
+        block = await in_thread(functools.partial(self._read_part, obj, offset, length))
+        if len(block) != length:
+            raise ChecksumMismatch(f"stored content of {show(obj.name)} (version "
+                                   f"{show_version(obj.version)}) is truncated on disk")
+        return block
 
     def read_small(self, obj: StoredObject, limit: int) -> bytes | None:
         """The whole verified content of a small object, read in the calling thread; None if
@@ -165,12 +180,12 @@ class StoreReader:
                                  "dropped)") from None
             return self._log.read(current.log)
 
-    def _read_whole(self, obj: StoredObject, offset: int) -> bytes:
+    def _read_part(self, obj: StoredObject, offset: int, length: int) -> bytes:
         with self.open_content(obj) as fh:
             if offset:
                 fh.seek(offset)
             try:
-                return fh.read(obj.size - offset)
+                return fh.read(length)
             except OSError as exc:
                 raise StoreError(f"cannot read {show(obj.name)}: "
                                  f"{exc.strerror or exc}") from exc

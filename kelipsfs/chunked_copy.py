@@ -18,16 +18,15 @@ import contextlib
 import errno
 import logging
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import trio
 
 from daemon.chunks import Chunks
-from daemon.core.manifest import CHUNK_SIZE, ChunkRef, Manifest, chunk_name
+from daemon.core.manifest import CHUNK_SIZE, RUN_CHUNKS, Manifest
 from daemon.core.messages import TupleEntry
 from kelipsfs.local_copy import LocalCopy
-from kelipsfs.upload_behind import UPLOAD_WINDOW, UploadBehind
+from kelipsfs.upload_behind import UPLOAD_WINDOW, UploadBehind, upload_run
 
 log = logging.getLogger("kelipsfs.fuse")
 
@@ -41,7 +40,7 @@ class ChunkedCopy(LocalCopy):
     def __init__(self, name: str, ino: int, path: Path, fd: int, base: Manifest, *,
                  clock: int | None, chunks: Chunks, background: trio.Nursery | None = None,
                  changed: set[int] | None = None, dirty: bool = False, mtime_ns: int = 0,
-                 following: int = -1) -> None:
+                 following: int = 0, whole: bool = False) -> None:
         super().__init__(name, path, fd, spool=True, clock=clock, mtime_ns=mtime_ns,
                          dirty=False)
         self.dirty = dirty
@@ -53,7 +52,8 @@ class ChunkedCopy(LocalCopy):
         #: Chunks changed since ``base``: uploaded (or made holes) by the next publish.
         self.changed: set[int] = set(changed or ())
         self._loading: dict[int, trio.Event] = {}
-        self._behind = UploadBehind(ino, path, chunks, background, following=following)
+        self._behind = UploadBehind(ino, path, chunks, background, following=following,
+                                    whole=whole)
         self._background = background
         self._closed = False
         self._next_read = -1  # where the last read ended: the next one there goes on in order
@@ -78,7 +78,7 @@ class ChunkedCopy(LocalCopy):
         path, fd = copy.hand_over()
         return cls(copy.name, ino, path, fd, Manifest(0), clock=copy.clock, chunks=chunks,
                    background=background, changed=_data_chunks(fd), dirty=True,
-                   mtime_ns=copy.mtime_ns, following=following)
+                   mtime_ns=copy.mtime_ns, following=following, whole=True)
 
     def memory(self) -> bytes | None:
         return None
@@ -237,47 +237,47 @@ class ChunkedCopy(LocalCopy):
             await self._fetch([i for i in range(count) if i in self.base.chunks])
             self.changed.update(range(count))
         refs = {i: r for i, r in self.base.chunks.items() if i < count and i not in self.changed}
-        ahead = await self._behind.settle()
-        self._retire(ref for index, ref in ahead.items()  # cut off since: never named
-                     if index >= count and ref is not None)
+        ahead, uploaded = await self._behind.settle()
         window = trio.CapacityLimiter(UPLOAD_WINDOW)
         errors: list[BaseException] = []
 
-        async def upload(index: int) -> None:
+        async def upload(first: int, number: int) -> None:
             async with window:
-                span = min(CHUNK_SIZE, size - index * CHUNK_SIZE)
+                span = min(number * CHUNK_SIZE, size - first * CHUNK_SIZE)
                 data = await trio.to_thread.run_sync(os.pread, self.fd, span,
-                                                     index * CHUNK_SIZE)
-                data = data.rstrip(b"\0")
-                if data:
-                    try:
-                        refs[index] = await self._chunks.upload(self.ino, index, data)
-                    except Exception as exc:
-                        errors.append(exc)
+                                                     first * CHUNK_SIZE)
+                try:
+                    got, names = await upload_run(self._chunks, self.ino, first, data)
+                except Exception as exc:
+                    errors.append(exc)
+                    return
+                uploaded.update(names)
+                refs.update((i, r) for i, r in got.items() if r is not None)
 
         with_data = await trio.to_thread.run_sync(_data_chunks, self.fd)
+        todo: list[int] = []
+        for index in sorted(i for i in self.changed if i < count):
+            if index in ahead:  # uploaded while the writer went on
+                if (ref := ahead[index]) is not None:
+                    refs[index] = ref
+            elif index in with_data:  # (a chunk the spool has no data in is a hole)
+                todo.append(index)
         async with trio.open_nursery() as nursery:
-            for index in sorted(i for i in self.changed if i < count):
-                if index in ahead:  # uploaded while the writer went on
-                    if (ref := ahead[index]) is not None:
-                        refs[index] = ref
-                elif index in with_data:  # (a chunk the spool has no data in is a hole)
-                    nursery.start_soon(upload, index)
+            for first, number in _runs(todo):
+                nursery.start_soon(upload, first, number)
         manifest = Manifest(size, refs)
         try:
             if errors:
                 raise errors[0]
             entry = await self._chunks.publish(self.ino, manifest, mtime_ns)
         except BaseException:  # what this publish uploaded is named by no manifest
-            self._retire(r for i, r in refs.items() if self.base.chunks.get(i) is not r)
+            self._chunks.retire(self.ino, uploaded - self.base.names(self.ino))
             raise
-        self._retire(r for i, r in self.base.chunks.items() if manifest.chunks.get(i) is not r)
+        self._chunks.retire(self.ino, (self.base.names(self.ino) | uploaded)
+                            - manifest.names(self.ino))
         self.base = manifest
         self.changed.clear()
         return entry
-
-    def _retire(self, refs: Iterable[ChunkRef]) -> None:
-        self._chunks.retire(self.ino, (chunk_name(self.ino, r.index, r.gen) for r in refs))
 
     def close(self) -> None:
         self._closed = True
@@ -286,6 +286,18 @@ class ChunkedCopy(LocalCopy):
 
     def checksum(self) -> bytes:
         raise AssertionError("a chunked copy is published by chunk, not hashed whole")
+
+
+def _runs(indexes: list[int]) -> list[tuple[int, int]]:
+    """Sorted chunk indexes as runs of consecutive ones, at most RUN_CHUNKS long: (first,
+    number)."""
+    runs: list[tuple[int, int]] = []
+    for index in indexes:
+        if runs and runs[-1][0] + runs[-1][1] == index and runs[-1][1] < RUN_CHUNKS:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((index, 1))
+    return runs
 
 
 def _data_chunks(fd: int) -> set[int]:

@@ -33,7 +33,7 @@ import trio
 
 from daemon.core.manifest import CHUNK_SIZE, is_manifest
 from daemon.data_errors import DataError, InsertFailed
-from daemon.digest import digest_of
+from daemon.digest import HASH_IN_LOOP, digest_of
 from daemon.quick_lock import QuickLock, QuickLocks
 from kelipsfs.chunked_copy import ChunkedCopy
 from kelipsfs.content import Content
@@ -41,10 +41,6 @@ from kelipsfs.local_copy import CorruptCopy, LocalCopy
 from kelipsfs.memory_copy import MemoryCopy
 
 log = logging.getLogger("kelipsfs.fuse")
-
-
-#: Files up to this size are hashed on the event loop when they are published.
-HASH_IN_LOOP = 64 << 10
 
 
 class FileError(OSError):

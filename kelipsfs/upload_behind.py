@@ -2,13 +2,14 @@
 
 ``cp`` of a large file into the mount writes it front to back and closes it. Left to the
 close, every chunk would go up only then, and the close would take as long as the whole
-upload. A chunk the writer has written to its end and moved past is uploaded at once in the
-background instead (at most ``UPLOAD_WINDOW`` at a time: a writer faster than the uploads
-waits for them), so the close only uploads the last chunks and the manifest.
+upload. Each time the writer has finished ``RUN_CHUNKS`` chunks past the last run, they are
+uploaded at once in the background as one run (one object, ``daemon.core.manifest``), at most
+``UPLOAD_WINDOW`` runs at a time (a writer faster than the uploads waits for them), so the
+close only uploads the last chunks and the manifest.
 
 An upload is only a candidate until the publish names it: a chunk written again after its
-upload read it is uploaded again by the publish, and the earlier upload, which no manifest
-will name, is retired at once (``daemon.chunks``).
+upload read it is uploaded again by the publish, and the objects uploaded here that the
+published manifest does not name are retired then (``daemon.chunks``).
 """
 
 from __future__ import annotations
@@ -22,20 +23,22 @@ from pathlib import Path
 import trio
 
 from daemon.chunks import Chunks
-from daemon.core.manifest import CHUNK_SIZE, ChunkRef, chunk_name
+from daemon.core.manifest import CHUNK_SIZE, RUN_CHUNKS, ChunkRef
 
 log = logging.getLogger("kelipsfs.fuse")
 
-#: Chunks uploaded at once, in the background or by a publish.
-UPLOAD_WINDOW = 8
+#: Runs uploaded at once, in the background or by a publish (each up to RUN_CHUNKS chunks
+#: read into memory).
+UPLOAD_WINDOW = 4
 
 
 @dataclass(eq=False)
 class _Upload:
+    first: int
+    count: int
     done: trio.Event = field(default_factory=trio.Event)
-    ref: ChunkRef | None = None
-    hole: bool = False  # the chunk was all zeros: nothing to upload
-    stale: bool = False  # changed after the upload read it
+    refs: dict[int, ChunkRef | None] = field(default_factory=dict)  # None: a hole
+    stale: set[int] = field(default_factory=set)  # changed after the upload read them
     failed: bool = False
 
 
@@ -43,78 +46,133 @@ class UploadBehind:
     """The background uploads of one chunked copy (see the module docstring)."""
 
     def __init__(self, ino: int, path: Path, chunks: Chunks,
-                 background: trio.Nursery | None, *, following: int = -1) -> None:
+                 background: trio.Nursery | None, *, following: int = 0,
+                 whole: bool = False) -> None:
+        """``following``: where a write goes on in order (a copy's first write at 0 does);
+        ``whole``: the spool holds every chunk (a whole file's copy grown into chunks), so
+        the first run may start before the first write it sees."""
         self._ino = ino
         self._path = path
         self._chunks = chunks
         self._background = background
-        self._uploads: dict[int, _Upload] = {}
+        self._uploads: dict[int, _Upload] = {}  # by each chunk it covers
+        self._names: set[str] = set()  # objects uploaded, not yet handed to a publish
         self._window = trio.CapacityLimiter(UPLOAD_WINDOW)
         self._end = following  # where the last write ended
+        # the first finished chunk no run has taken yet (None: where the writer starts)
+        self._run_from: int | None = 0 if whole else None
+        self._abandoned = False
 
     async def wrote(self, offset: int, written: int) -> None:
         """A write of ``written`` bytes at ``offset`` happened: if it went on from the last
-        one, upload the chunks it finished."""
+        one, upload the runs of chunks it finished."""
         following = offset == self._end
         self._end = offset + written
         if not following or self._background is None:
+            self._run_from = None
             return
-        for index in range(offset // CHUNK_SIZE, self._end // CHUNK_SIZE):
-            if index not in self._uploads:
-                upload = _Upload()
+        start = offset // CHUNK_SIZE if self._run_from is None else self._run_from
+        finished = self._end // CHUNK_SIZE
+        while finished - start >= RUN_CHUNKS:
+            if not any(i in self._uploads for i in range(start, start + RUN_CHUNKS)):
+                upload = _Upload(start, RUN_CHUNKS)
                 await self._window.acquire_on_behalf_of(upload)
-                self._uploads[index] = upload
-                self._background.start_soon(self._run, index, upload)
+                for index in range(start, start + RUN_CHUNKS):
+                    self._uploads[index] = upload
+                self._background.start_soon(self._run, upload)
+            start += RUN_CHUNKS
+        self._run_from = start
 
     def changed(self, index: int) -> None:
         """Chunk ``index`` changed: what was uploaded of it is void."""
         upload = self._uploads.pop(index, None)
         if upload is not None:
-            upload.stale = True
-            self._retire(index, upload)
+            upload.stale.add(index)
 
-    async def settle(self) -> dict[int, ChunkRef | None]:
+    async def settle(self) -> tuple[dict[int, ChunkRef | None], set[str]]:
         """Wait for the uploads under way; the chunks uploaded as they are now (None: a
-        hole). They belong to the publish that asked from then on."""
-        for upload in list(self._uploads.values()):
+        hole), and every object uploaded. They belong to the publish that asked from then
+        on: it retires the objects its manifest does not name."""
+        for upload in set(self._uploads.values()):
             await upload.done.wait()
         uploads, self._uploads = self._uploads, {}
-        return {index: upload.ref for index, upload in uploads.items()
-                if not upload.stale and not upload.failed and (upload.ref or upload.hole)}
+        names, self._names = self._names, set()
+        self._run_from = None
+        refs = {index: upload.refs[index] for index, upload in uploads.items()
+                if not upload.failed and index not in upload.stale and index in upload.refs}
+        return refs, names
 
     def abandon(self) -> None:
         """The copy goes away unpublished: every upload is void."""
-        for index in list(self._uploads):
-            self.changed(index)
+        self._abandoned = True
+        self._uploads.clear()
+        self._retire_names()
 
-    def _retire(self, index: int, upload: _Upload) -> None:
-        if upload.ref is not None:
-            self._chunks.retire(self._ino, [chunk_name(self._ino, index, upload.ref.gen)])
+    def _retire_names(self) -> None:
+        names, self._names = self._names, set()
+        self._chunks.retire(self._ino, names)
 
-    async def _run(self, index: int, upload: _Upload) -> None:
+    async def _run(self, upload: _Upload) -> None:
         try:
-            data = await trio.to_thread.run_sync(_read_chunk, self._path, index)
-            if not data:
-                upload.hole = True
-                return
-            upload.ref = await self._chunks.upload(self._ino, index, data)
-            if upload.stale:  # changed while it was sent
-                self._retire(index, upload)
+            data = await trio.to_thread.run_sync(_read_run, self._path, upload.first,
+                                                 upload.count)
+            refs, names = await upload_run(self._chunks, self._ino, upload.first, data)
+            upload.refs = refs
+            self._names |= names
+            if self._abandoned:  # gone while it was sent
+                self._retire_names()
         except Exception as exc:  # the publish uploads it again and reports what fails then
             upload.failed = True
-            log.debug("inode %x: chunk %d not uploaded ahead: %s", self._ino, index, exc)
+            log.debug("inode %x: chunks %d+%d not uploaded ahead: %s", self._ino, upload.first,
+                      upload.count, exc)
         finally:
             upload.done.set()
             self._window.release_on_behalf_of(upload)
 
 
-def _read_chunk(path: Path, index: int) -> bytes:
-    """Chunk ``index`` of the spool file without its trailing zeros (worker thread)."""
+async def upload_run(chunks: Chunks, ino: int, first: int, data: bytes
+                     ) -> tuple[dict[int, ChunkRef | None], set[str]]:
+    """Upload ``data``, chunks ``first`` on (whole chunks but the last), as runs split at
+    the chunks that are all zeros (holes: stored nowhere); (the refs by index, None for a
+    hole; the objects uploaded)."""
+    count = -(-len(data) // CHUNK_SIZE)
+    holes = [_is_zero(data, lead * CHUNK_SIZE, min(len(data), (lead + 1) * CHUNK_SIZE))
+             for lead in range(count)]
+    refs: dict[int, ChunkRef | None] = {first + lead: None for lead in range(count)
+                                        if holes[lead]}
+    names: set[str] = set()
+    lead = 0
+    while lead < count:
+        if holes[lead]:
+            lead += 1
+            continue
+        end = lead
+        while end < count and not holes[end]:
+            end += 1
+        last = data[(end - 1) * CHUNK_SIZE:end * CHUNK_SIZE]
+        stop = (end - 1) * CHUNK_SIZE + len(last.rstrip(b"\0"))  # (trailing zeros read back)
+        uploaded = await chunks.upload(ino, first + lead, data[lead * CHUNK_SIZE:stop])
+        refs.update((ref.index, ref) for ref in uploaded)
+        names.add(uploaded[0].object_name(ino))
+        lead = end
+    return refs, names
+
+
+def _is_zero(data: bytes, start: int, end: int) -> bool:
+    if start >= end:
+        return True
+    if data[start] or data[end - 1]:  # (the common case, data: no scan)
+        return False
+    return not data[start:end].lstrip(b"\0")
+
+
+def _read_run(path: Path, first: int, count: int) -> bytes:
+    """Chunks ``first`` .. ``first + count`` of the spool file (worker thread)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise OSError(errno.ESTALE, f"the local copy is gone: {exc}") from exc
     try:
-        return os.pread(fd, CHUNK_SIZE, index * CHUNK_SIZE).rstrip(b"\0")
+        return os.pread(fd, count * CHUNK_SIZE, first * CHUNK_SIZE)
     finally:
         os.close(fd)

@@ -290,7 +290,8 @@ def test_writing_after_fsync_never_changes_the_stored_version(single: Mount) -> 
 def test_damage_to_a_store_file_found_after_a_restart_is_eio(tmp_path: Path) -> None:
     """Content the node did not write in this run (found on disk at start) is checked while a
     reader reads it: a flipped byte makes the read that reaches the end fail with EIO. A
-    chunk of a large file is checked when it is fetched: reading it fails, the others read."""
+    chunk of a large file is checked when it is fetched: reading it fails, the others of its
+    object read."""
     whole, chunked = os.urandom(900 * 1024), os.urandom(5 * MiB)
     with Mounts(tmp_path, base=100) as ms:
         mount = ms.new()
@@ -300,9 +301,9 @@ def test_damage_to_a_store_file_found_after_a_restart_is_eio(tmp_path: Path) -> 
         run_cli("umount", str(mount.mountpoint))
         files = list((mount.data_dir / "store" / "objects").rglob("*.data"))
         stored = [p for p in files if p.stat().st_size == len(whole)]
-        chunk = [p for p in files if p.read_bytes() == chunked[4 * MiB:]]
-        assert len(stored) == 1 and len(chunk) == 1
-        for path, offset in ((stored[0], 800 * 1024), (chunk[0], 100)):
+        run = [p for p in files if p.read_bytes() == chunked]  # (its chunks are one object)
+        assert len(stored) == 1 and len(run) == 1
+        for path, offset in ((stored[0], 800 * 1024), (run[0], 4 * MiB + 100)):
             with open(path, "r+b") as fh:  # bit rot while the node was down
                 fh.seek(offset)
                 byte = fh.read(1)

@@ -739,6 +739,24 @@ def test_read_chunks_from_an_offset(root: Path) -> None:
         run(functools.partial(read_from, 3 * MiB + 6))
 
 
+def test_read_range_reads_a_part_of_a_file_or_a_logged_object(root: Path) -> None:
+    store = ObjectStore(root)
+    data = random.Random(6).randbytes(3 * MiB + 5)
+    big = run(lambda: put_bytes(store, "c/big", v(1), data))
+    small = run(lambda: put_bytes(store, "d/0000000000000002", v(1), data[:1000],
+                                  expected_size=1000))
+    assert big.log is None and small.log is not None
+    for obj, whole in ((big, data), (small, data[:1000])):
+        for offset, length in ((0, 0), (0, 10), (7, 500), (len(whole) - 3, 3)):
+            part = run(functools.partial(store.read_range, obj, offset, length))
+            assert part == whole[offset:offset + length]
+        with pytest.raises(ValueError, match="outside"):
+            run(functools.partial(store.read_range, obj, len(whole) - 3, 4))
+    os.truncate(big.path, MiB)  # type: ignore[arg-type]
+    with pytest.raises(ChecksumMismatch, match="truncated"):
+        run(functools.partial(store.read_range, big, 2 * MiB, 10))
+
+
 async def _read_unverified(store: ObjectStore, obj: StoredObject) -> bytes:
     return b"".join([c async for c in store.read_chunks(obj, 4096, verify=False)])
 

@@ -13,6 +13,12 @@ whoever holds it can ask that inode's manifest whether it is still used
 a database's or a VM image's page write lands in one known chunk, and reclaiming one needs
 no cluster-wide reference count.
 
+One stored object may hold a **run** of up to ``RUN_CHUNKS`` consecutive chunks (named by the
+first): a file written front to back is stored as a few large objects instead of one per
+chunk, each costing one request, one commit and one digest on each holder. Each chunk of a
+run keeps its own digest in the manifest and is read by its range of the object, so a later
+write still replaces one chunk: the object stays while any chunk of the manifest is in it.
+
 The manifest record says it is one in its tuple's ``attrs`` (``MANIFEST_MARK``, the file's
 size and the bytes its chunks store), so a ``stat`` needs no fetch of the manifest itself.
 """
@@ -21,19 +27,23 @@ from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .keys import CHUNK, ino_text
 
 #: Bytes per chunk: a small write uploads at most this much per chunk it touches.
 CHUNK_SIZE = 1 << 20
+#: Most chunks one stored object holds (a run written front to back).
+RUN_CHUNKS = 16
 #: First byte of a content record's tuple attrs when its content is a manifest.
 MANIFEST_MARK = b"M"
 
-_MAGIC = b"KFM1"
+_MAGIC_SINGLE = b"KFM1"  # every chunk an object of its own
+_MAGIC = b"KFM2"
 _HEAD = struct.Struct(">4sIQI")  # magic, chunk size, file size, chunk count
-_REF = struct.Struct(">IQI32s")  # index, generation, length, digest
+_REF_SINGLE = struct.Struct(">IQI32s")  # index, generation, length, digest
+_REF = struct.Struct(">IQI32sB")  # ... and how many chunks before it its object starts
 _ATTRS = struct.Struct(">1sQQ")  # mark, file size, stored bytes
 
 
@@ -46,6 +56,21 @@ class ChunkRef:
     gen: int
     length: int
     checksum: bytes
+    #: Chunks between the first of the run its object holds and this one (0: its object
+    #: starts with it).
+    lead: int = 0
+
+    @property
+    def first(self) -> int:
+        """Index of the first chunk of its object (the one the object is named by)."""
+        return self.index - self.lead
+
+    def object_name(self, ino: int) -> str:
+        return chunk_name(ino, self.first, self.gen)
+
+    def offset(self, chunk_size: int = CHUNK_SIZE) -> int:
+        """Where its bytes start in its object."""
+        return self.lead * chunk_size
 
 
 def chunk_name(ino: int, index: int, gen: int) -> str:
@@ -81,8 +106,9 @@ class Manifest:
         """Bytes its chunks hold (what ``du`` shows: holes cost nothing)."""
         return sum(ref.length for ref in self.chunks.values())
 
-    def names(self, ino: int) -> Iterator[str]:
-        return (chunk_name(ino, r.index, r.gen) for r in self.chunks.values())
+    def names(self, ino: int) -> set[str]:
+        """The stored objects its chunks are in."""
+        return {r.object_name(ino) for r in self.chunks.values()}
 
     def span(self, index: int) -> int:
         """Bytes of the file that chunk ``index`` covers (the last one may be shorter)."""
@@ -91,7 +117,8 @@ class Manifest:
     def encode(self) -> bytes:
         refs = sorted(self.chunks.values(), key=lambda r: r.index)
         head = _HEAD.pack(_MAGIC, self.chunk_size, self.size, len(refs))
-        return head + b"".join(_REF.pack(r.index, r.gen, r.length, r.checksum) for r in refs)
+        return head + b"".join(_REF.pack(r.index, r.gen, r.length, r.checksum, r.lead)
+                               for r in refs)
 
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
@@ -99,14 +126,18 @@ class Manifest:
         if len(data) < _HEAD.size:
             raise ValueError("manifest too short")
         magic, chunk_size, size, count = _HEAD.unpack_from(data)
-        if magic != _MAGIC or chunk_size <= 0 or len(data) != _HEAD.size + count * _REF.size:
+        ref = _REF if magic == _MAGIC else _REF_SINGLE
+        if (magic not in (_MAGIC, _MAGIC_SINGLE) or chunk_size <= 0
+                or len(data) != _HEAD.size + count * ref.size):
             raise ValueError("not a manifest")
         chunks: dict[int, ChunkRef] = {}
         for n in range(count):
-            index, gen, length, digest = _REF.unpack_from(data, _HEAD.size + n * _REF.size)
-            if index in chunks or not 0 < length <= chunk_size or index * chunk_size >= size:
+            index, gen, length, digest, *rest = ref.unpack_from(data, _HEAD.size + n * ref.size)
+            lead = rest[0] if rest else 0
+            if (index in chunks or not 0 < length <= chunk_size or index * chunk_size >= size
+                    or not 0 <= lead < RUN_CHUNKS or lead > index):
                 raise ValueError(f"manifest chunk {index} is malformed")
-            chunks[index] = ChunkRef(index, gen, length, digest)
+            chunks[index] = ChunkRef(index, gen, length, digest, lead)
         return cls(size, chunks, chunk_size)
 
     def attrs(self) -> bytes:

@@ -28,6 +28,8 @@ from daemon.bulk import MAGIC, BulkError, Reader, declared_length, frame, parse_
 IDLE_PER_PEER = 8
 #: Seconds an idle connection is kept for reuse.
 IDLE_KEEP = 10.0
+#: Largest body sent in one piece with its head (a larger one goes in a send of its own).
+SEND_JOINED = 64 << 10
 
 Address = tuple[str, int]
 
@@ -114,7 +116,11 @@ class CallPool:
         try:
             with trio.fail_after(self._timeout):
                 try:
-                    await conn.stream.send_all(MAGIC + frame(head) + body)
+                    if len(body) > SEND_JOINED:  # (a copy of a large body costs more)
+                        await conn.stream.send_all(MAGIC + frame(head))
+                        await conn.stream.send_all(body)
+                    else:
+                        await conn.stream.send_all(MAGIC + frame(head) + body)
                     if not conn.reader.buffer and not await conn.reader.more() and not fresh:
                         raise _Stale
                 except (trio.BrokenResourceError, OSError) as exc:

@@ -184,7 +184,8 @@ class ObjectStore:
     async def put(self, name: str, version: Version, mode: int, mtime_ns: int,
                   chunks: AsyncIterable[bytes],
                   expected_checksum: bytes | Callable[[], bytes] | None = None,
-                  expected_size: int | None = None, attrs: bytes = b"") -> StoredObject:
+                  expected_size: int | None = None, attrs: bytes = b"",
+                  trusted: bool = False) -> StoredObject:
         """Store ``version`` of ``name`` with the content streamed from ``chunks``.
 
         The content goes to a temp file (never whole in memory), is fsynced and checked against
@@ -203,6 +204,10 @@ class ObjectStore:
         A callable ``expected_checksum`` is a digest known only once ``chunks`` has ended (it
         came after the body, ``peers.LateDigest``): called then, before the commit; whatever it
         raises propagates, with the same clean-up.
+
+        ``trusted``: the caller computed ``expected_checksum`` itself from the bytes it
+        streams, held in its memory (this node's own copy of its own write): they are not
+        hashed again.
         """
         check_name(name)
         version = check_version(version)
@@ -213,6 +218,8 @@ class ObjectStore:
                              f"got {len(early)} bytes")
         if expected_size is not None and expected_size < 0:
             raise ValueError(f"expected_size must not be negative, got {expected_size}")
+        if trusted and early is None:
+            raise ValueError("a trusted put needs the digest of its bytes")
         held = self._held(name, version, early)
         if held is not None:
             return held
@@ -223,7 +230,7 @@ class ObjectStore:
             await check_room(self.root, name, expected_size)
 
         try:
-            temp = await in_thread(functools.partial(TempFile, self._tmp))
+            temp = await in_thread(functools.partial(TempFile, self._tmp, not trusted))
         except OSError as exc:
             raise io_error(self.root, exc, f"cannot start writing {show(name)}") from exc
         committed = False
@@ -232,7 +239,8 @@ class ObjectStore:
             if expected_size is not None and temp.size != expected_size:
                 raise ChecksumMismatch(f"{show(name)}: received {temp.size} bytes but "
                                        f"{expected_size} were announced; the data was discarded")
-            checksum = temp.hasher.digest()
+            checksum = temp.hasher.digest() if temp.hasher is not None else early
+            assert checksum is not None
             want = late() if late is not None else early
             if want is not None and checksum != want:
                 raise ChecksumMismatch(

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, TypeVar
 import trio
 
 from daemon.core.codec import INLINE_MAX
-from daemon.digest import new_hasher
+from daemon.digest import Hasher, new_hasher
 from daemon.writeback import advance_writeback
 
 log = logging.getLogger("kelipsfs.store")
@@ -116,10 +116,10 @@ async def shielded(fn: Callable[[], object]) -> None:
 class TempFile:
     """A temp file in ``root/tmp`` being filled; every method blocks (call from a thread)."""
 
-    def __init__(self, tmp_dir: Path) -> None:
+    def __init__(self, tmp_dir: Path, hashing: bool = True) -> None:
         self.path = tmp_dir / f"{secrets.token_hex(16)}.part"
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self.hasher = new_hasher()
+        self.hasher: Hasher | None = new_hasher() if hashing else None
         self.size = 0
         self._written_out = 0  # how far writeback was asked (advance_writeback)
         self.small: bytes | None = None  # the whole content, if it came in one small write
@@ -128,7 +128,8 @@ class TempFile:
     def write(self, blocks: list[bytes]) -> None:
         data = blocks[0] if len(blocks) == 1 else b"".join(blocks)
         self.small = data if self.size == 0 and len(data) <= SMALL_KEEP else None
-        self.hasher.update(data)
+        if self.hasher is not None:
+            self.hasher.update(data)
         write_all(self.fd, data)
         self.size += len(data)
         self._written_out = advance_writeback(self.fd, self._written_out, self.size)

@@ -75,7 +75,9 @@ class Writes:
                      mode: int, mtime_ns: int, *, link_ok: bool = False,
                      overwrite: bool = True, attrs: bytes = b"") -> TupleEntry:
         """Store ``source`` (a local file, or the bytes themselves) under ``name`` on the
-        name's holders; returns the published tuple.
+        name's holders; returns the published tuple. ``checksum`` is the digest this process
+        computed of ``source`` (this node's own copy of bytes is not hashed again; every
+        other holder checks it).
 
         ``link_ok``: the caller computed ``checksum`` from the bytes it wrote and never writes
         ``source`` again, so this node's own copy (when it is a holder) may be a hard link to it
@@ -165,9 +167,10 @@ class Writes:
         """This node's own copy of an insert: the bytes, a link to the file (``link_ok``) or
         a copy of it."""
         store = self.rt.store
-        if isinstance(source, bytes):
+        if isinstance(source, bytes):  # (the caller hashed these very bytes: not again)
             await store.put(name, version, mode, mtime_ns, stream_of(source),
-                            expected_checksum=checksum, expected_size=size, attrs=attrs)
+                            expected_checksum=checksum, expected_size=size, attrs=attrs,
+                            trusted=True)
         elif link_ok:
             await store.adopt_file(name, version, mode, mtime_ns, source, size, checksum, attrs)
         else:

@@ -154,9 +154,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             targets["kelipsfs_3"] = (three.mountpoint, three,
                                      [first.data_dir, second.data_dir, three.data_dir])
             for name, (path, node, storage) in targets.items():
-                row = poke(path, args.big_mib, node)
+                # (the sparse file first: files removed before it are reclaimed while it is
+                # measured, which would hide its bytes in what they free)
+                row = sparse(path, storage)
+                row |= poke(path, args.big_mib, node)
                 row |= sqlite_runs(path, args.db_mib, args.inserts, args.commits)
-                row |= sparse(path, storage)
                 results[name] = row
                 print(name, json.dumps(row), flush=True)
     finally:

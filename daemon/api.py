@@ -498,7 +498,8 @@ class _Api:
         None for small objects, which this node answers itself (one request, often one
         datagram)."""
         entry = found.entry
-        if entry is None or entry.tombstone or entry.size < BULK_MIN or not found.holders:
+        if (entry is None or entry.tombstone or entry.size < BULK_MIN or not found.holders
+                or is_manifest(entry.attrs)):  # (a chunked file is gathered here)
             return None  # (a missing object: open_read says so, and counts it)
         self.rt.metrics.inc("kelips_reads_sent_to_holders_total")
         return Response.json({"name": entry.name, "size": entry.size,

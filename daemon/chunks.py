@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +35,7 @@ from daemon.core.inodes import clock_ns
 from daemon.core.keys import CHUNK, data_name, inode_name, record_ino
 from daemon.core.manifest import (
     CHUNK_SIZE,
+    RUN_CHUNKS,
     ChunkRef,
     Manifest,
     chunk_name,
@@ -42,7 +43,7 @@ from daemon.core.manifest import (
     parse_chunk_name,
 )
 from daemon.core.messages import TupleEntry
-from daemon.data_errors import DataError, NotFound
+from daemon.data_errors import ContentMismatch, DataError, NotFound
 from daemon.digest import digest_of, new_hasher
 from daemon.store_files import stream_to_new_file, write_all
 
@@ -59,6 +60,8 @@ ORPHAN_AGE = 3600.0
 SWEEP_PERIOD = 20.0
 #: Inodes looked up per sweep (the rest wait for the next ones, in turn).
 SWEEP_INODES = 64
+#: Runs of a client's upload sent to their holders at once (each held in memory).
+UPLOAD_RUNS = 2
 #: Chunks read at once by ``stream``.
 STREAM_WINDOW = 4
 
@@ -92,6 +95,14 @@ def _digests(data: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
     return digest_of(data), [(len(part), digest_of(part)) for part in parts]
 
 
+def _is_zero(data: bytes, start: int, end: int) -> bool:
+    if start >= end:
+        return True
+    if data[start] or data[end - 1]:  # (the common case, data: no scan)
+        return False
+    return not data[start:end].lstrip(b"\0")
+
+
 class Chunks:
     """Chunks and manifests through one node (see the module docstring)."""
 
@@ -112,6 +123,92 @@ class Chunks:
         await self._rt.dataplane.writes.insert(chunk_name(ino, first, gen), data, len(data),
                                                 whole, 0, time.time_ns())
         return refs
+
+    async def upload_run(self, ino: int, first: int, data: bytes
+                         ) -> tuple[dict[int, ChunkRef | None], set[str]]:
+        """Upload ``data``, chunks ``first`` on (whole chunks but the last), as runs split at
+        the chunks that are all zeros (holes: stored nowhere); (the refs by index, None for a
+        hole; the objects uploaded)."""
+        count = -(-len(data) // CHUNK_SIZE)
+        holes = [_is_zero(data, lead * CHUNK_SIZE, min(len(data), (lead + 1) * CHUNK_SIZE))
+                 for lead in range(count)]
+        refs: dict[int, ChunkRef | None] = {first + lead: None for lead in range(count)
+                                            if holes[lead]}
+        names: set[str] = set()
+        lead = 0
+        while lead < count:
+            if holes[lead]:
+                lead += 1
+                continue
+            end = lead
+            while end < count and not holes[end]:
+                end += 1
+            last = data[(end - 1) * CHUNK_SIZE:end * CHUNK_SIZE]
+            stop = (end - 1) * CHUNK_SIZE + len(last.rstrip(b"\0"))  # (zeros read back)
+            try:
+                uploaded = await self.upload(ino, first + lead, data[lead * CHUNK_SIZE:stop])
+            except BaseException:
+                self.retire(ino, names)  # (named by no manifest)
+                raise
+            refs.update((ref.index, ref) for ref in uploaded)
+            names.add(uploaded[0].object_name(ino))
+            lead = end
+        return refs, names
+
+    async def store_stream(self, ino: int, body: AsyncIterable[bytes], size: int,
+                           checksum: bytes | Callable[[], bytes], mtime_ns: int
+                           ) -> TupleEntry:
+        """A client's upload of a file of ``size`` bytes, stored as chunks while it arrives
+        (runs of ``RUN_CHUNKS``, ``UPLOAD_RUNS`` at a time), then its manifest as the content
+        of ``ino``; ContentMismatch, and nothing named, if the bytes are not ``size`` long
+        or do not hash to ``checksum`` (known once the body ended when it is a callable)."""
+        run_bytes = RUN_CHUNKS * CHUNK_SIZE
+        hasher = new_hasher()
+        refs: dict[int, ChunkRef] = {}
+        names: set[str] = set()
+        errors: list[BaseException] = []
+        window = trio.Semaphore(UPLOAD_RUNS)
+        pending = bytearray()
+        received = 0
+        first = 0
+
+        async def upload(at: int, data: bytes) -> None:
+            try:
+                got, uploaded = await self.upload_run(ino, at, data)
+                names.update(uploaded)
+                refs.update((i, r) for i, r in got.items() if r is not None)
+            except Exception as exc:
+                errors.append(exc)
+            finally:
+                window.release()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                async for block in body:
+                    received += len(block)
+                    if received > size:
+                        raise ContentMismatch(f"inode {ino:x}: the upload sent more than the "
+                                              f"{size} bytes announced; nothing was stored")
+                    hasher.update(block)
+                    pending += block
+                    while len(pending) >= run_bytes or (received == size and pending):
+                        data = bytes(pending[:run_bytes])
+                        del pending[:run_bytes]
+                        await window.acquire()
+                        if errors:
+                            raise errors[0]
+                        nursery.start_soon(upload, first, data)
+                        first += RUN_CHUNKS
+            if errors:
+                raise errors[0]
+            want = checksum() if callable(checksum) else checksum
+            if received != size or hasher.digest() != want:
+                raise ContentMismatch(f"inode {ino:x}: the upload's {received} bytes do not "
+                                      f"match its size ({size}) or digest; nothing was stored")
+            return await self.publish(ino, Manifest(size, refs), mtime_ns)
+        except BaseException:
+            self.retire(ino, names)  # (named by no manifest)
+            raise
 
     async def fetch(self, ino: int, ref: ChunkRef) -> bytes:
         """The bytes of a chunk, verified against the manifest's digest."""

@@ -26,7 +26,7 @@ from daemon.chunks import Chunks
 from daemon.core.manifest import CHUNK_SIZE, RUN_CHUNKS, Manifest
 from daemon.core.messages import TupleEntry
 from kelipsfs.local_copy import LocalCopy
-from kelipsfs.upload_behind import UPLOAD_WINDOW, UploadBehind, upload_run
+from kelipsfs.upload_behind import UPLOAD_WINDOW, UploadBehind
 
 log = logging.getLogger("kelipsfs.fuse")
 
@@ -247,7 +247,7 @@ class ChunkedCopy(LocalCopy):
                 data = await trio.to_thread.run_sync(os.pread, self.fd, span,
                                                      first * CHUNK_SIZE)
                 try:
-                    got, names = await upload_run(self._chunks, self.ino, first, data)
+                    got, names = await self._chunks.upload_run(self.ino, first, data)
                 except Exception as exc:
                     errors.append(exc)
                     return

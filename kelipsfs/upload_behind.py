@@ -116,7 +116,7 @@ class UploadBehind:
         try:
             data = await trio.to_thread.run_sync(_read_run, self._path, upload.first,
                                                  upload.count)
-            refs, names = await upload_run(self._chunks, self._ino, upload.first, data)
+            refs, names = await self._chunks.upload_run(self._ino, upload.first, data)
             upload.refs = refs
             self._names |= names
             if self._abandoned:  # gone while it was sent
@@ -128,42 +128,6 @@ class UploadBehind:
         finally:
             upload.done.set()
             self._window.release_on_behalf_of(upload)
-
-
-async def upload_run(chunks: Chunks, ino: int, first: int, data: bytes
-                     ) -> tuple[dict[int, ChunkRef | None], set[str]]:
-    """Upload ``data``, chunks ``first`` on (whole chunks but the last), as runs split at
-    the chunks that are all zeros (holes: stored nowhere); (the refs by index, None for a
-    hole; the objects uploaded)."""
-    count = -(-len(data) // CHUNK_SIZE)
-    holes = [_is_zero(data, lead * CHUNK_SIZE, min(len(data), (lead + 1) * CHUNK_SIZE))
-             for lead in range(count)]
-    refs: dict[int, ChunkRef | None] = {first + lead: None for lead in range(count)
-                                        if holes[lead]}
-    names: set[str] = set()
-    lead = 0
-    while lead < count:
-        if holes[lead]:
-            lead += 1
-            continue
-        end = lead
-        while end < count and not holes[end]:
-            end += 1
-        last = data[(end - 1) * CHUNK_SIZE:end * CHUNK_SIZE]
-        stop = (end - 1) * CHUNK_SIZE + len(last.rstrip(b"\0"))  # (trailing zeros read back)
-        uploaded = await chunks.upload(ino, first + lead, data[lead * CHUNK_SIZE:stop])
-        refs.update((ref.index, ref) for ref in uploaded)
-        names.add(uploaded[0].object_name(ino))
-        lead = end
-    return refs, names
-
-
-def _is_zero(data: bytes, start: int, end: int) -> bool:
-    if start >= end:
-        return True
-    if data[start] or data[end - 1]:  # (the common case, data: no scan)
-        return False
-    return not data[start:end].lstrip(b"\0")
 
 
 def _read_run(path: Path, first: int, count: int) -> bytes:

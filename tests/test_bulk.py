@@ -18,6 +18,7 @@ import trio
 
 import kelipsfs.client as client_module
 from daemon import bulk
+from daemon.core.manifest import CHUNK_SIZE, RUN_CHUNKS, Manifest
 from daemon.digest import Stopped, digest_of, new_hasher
 from daemon.peers import (
     CONTENT_DIGEST_HEADER,
@@ -230,6 +231,10 @@ def _metric(node: NodeProc, name: str) -> float:
     return sum(values)
 
 
+def _stored_chunks(node: NodeProc) -> float:
+    return _metric(node, "kelips_stored_chunks")
+
+
 def _big_file(tmp_path: Path, size: int) -> tuple[Path, bytes]:
     data = os.urandom(size)
     source = tmp_path / "big.bin"
@@ -246,9 +251,10 @@ def _joined(c: Cluster, count: int) -> list[NodeProc]:
 
 
 def test_a_large_get_is_fetched_from_the_holders(tmp_path: Path) -> None:
-    """The node a client asks answers a large read with the holders (303); the client
-    fetches from the nearest, and from the next ones when a holder is dead."""
-    source, data = _big_file(tmp_path, 2 * MiB + 1)
+    """The node a client asks answers a large read of a file stored whole (the largest one
+    not chunked) with the holders (303); the client fetches from the nearest, and from the
+    next ones when a holder is dead."""
+    source, data = _big_file(tmp_path, CHUNK_SIZE)
     with Cluster(tmp_path / "c", settings=["k=1", "replication=2"]) as c:
         nodes = _joined(c, 4)
         c.cli(nodes[0], "put", str(source), "big")
@@ -266,10 +272,11 @@ def test_a_large_get_is_fetched_from_the_holders(tmp_path: Path) -> None:
 
 
 def test_a_large_put_is_sent_to_a_holder(tmp_path: Path) -> None:
-    """A node that is not a holder of a large upload's name answers the client with the
-    holders (307) without reading the body; the client sends it to the first, which stores
-    it and relays it to the others. A node that is a holder stores and relays it itself."""
-    source, data = _big_file(tmp_path, 2 * MiB + 3)
+    """A node that is not a holder of a large upload's name (the largest file stored whole)
+    answers the client with the holders (307) without reading the body; the client sends it
+    to the first, which stores it and relays it to the others. A node that is a holder
+    stores and relays it itself."""
+    source, data = _big_file(tmp_path, CHUNK_SIZE)
     with Cluster(tmp_path / "c", settings=["k=1", "replication=2"]) as c:
         nodes = _joined(c, 4)
         ids = {c.status(n)["node_id"]: n for n in nodes}
@@ -851,7 +858,7 @@ def test_a_trailer_upload_is_relayed_to_every_holder(
 def test_the_cli_put_sends_its_digest_in_a_trailer(pair: tuple[Cluster, list[NodeProc]],
                                                    tmp_path: Path) -> None:
     c, nodes = pair
-    for size in (0, 5, 3 * MiB + 1):
+    for size in (0, 5, CHUNK_SIZE):
         data = os.urandom(size)
         source = tmp_path / f"src-{size}"
         source.write_bytes(data)
@@ -862,6 +869,34 @@ def test_the_cli_put_sends_its_digest_in_a_trailer(pair: tuple[Cluster, list[Nod
         out = tmp_path / f"out-{size}"
         c.cli(nodes[0], "get", f"relay/cli-{size}", str(out))
         assert out.read_bytes() == data
+
+
+def test_a_cli_put_of_a_file_larger_than_a_chunk_is_stored_in_chunks(
+        pair: tuple[Cluster, list[NodeProc]], tmp_path: Path) -> None:
+    """The node asked stores a large upload as runs of chunks while it arrives and then the
+    manifest; the file reads back whole through either node. An upload whose bytes do not
+    match its digest is refused and leaves no chunk behind once the grace is over."""
+    c, nodes = pair
+    size = 2 * RUN_CHUNKS * CHUNK_SIZE + 5  # (two full runs and a short one)
+    data = bytearray(os.urandom(size))
+    data[CHUNK_SIZE:2 * CHUNK_SIZE] = bytes(CHUNK_SIZE)  # a hole: stored nowhere
+    source = tmp_path / "chunked.bin"
+    source.write_bytes(data)
+    before = [_stored_chunks(n) for n in nodes]
+    c.cli(nodes[1], "put", str(source), "relay/chunked.bin")
+    record = _content_record(c, nodes[0], "relay/chunked.bin")
+    manifest = Manifest.decode(_held(nodes[0], "replica", record) or b"")
+    assert manifest.size == size and 1 not in manifest.chunks
+    assert len(manifest.names(int(record[2:], 16))) == 4  # chunk 0, 2-15, 16-31, 32
+    assert [_stored_chunks(n) - b for n, b in zip(nodes, before, strict=True)] == [4, 4]
+    for node in nodes:
+        out = tmp_path / "out.bin"
+        c.cli(node, "get", "relay/chunked.bin", str(out))
+        assert out.read_bytes() == data
+    status, body = _put_with_trailer(nodes[0], "files", "relay/refused.bin", bytes(data),
+                                     _other_digest, BODY_TRAILER)
+    assert status == 422, body
+    assert _fetch(nodes[0], "/v1/files/relay/refused.bin")[0] == 404
 
 
 @pytest.mark.parametrize(("make", "size", "expected"), [

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from daemon.core.manifest import CHUNK_SIZE
 from daemon.digest import digest_of
 from kelipsfs.client import Client as ClientT
 from kelipsfs.client import ClientError
@@ -34,6 +35,8 @@ HEARTBEAT = 1.0
 #: Detection bound: T_fail after the last heartbeat rise (up to one heartbeat interval before the
 #: crash), plus a few gossip periods to spread, plus the 0.25 s polling step.
 DETECT_BOUND = T_FAIL + HEARTBEAT + 4 * GOSSIP + 0.5
+#: Size of the files stored in chunks here (three chunks, in one object).
+CHUNKED = 2 * CHUNK_SIZE + 7
 
 
 def _members(lab: Lab, host: Host) -> dict[str, dict[str, Any]]:
@@ -84,8 +87,15 @@ def test_kill_one_of_five_hosts_loses_nothing(tmp_path: Path) -> None:
     with Lab(tmp_path, hosts=5, settings=["k=1"]) as lab:
         started = time.monotonic()
         files = _start_with_files(lab, 1, 500, "s1")
+        # and files stored in chunks: each is its manifest and one object of three chunks
+        chunked = {f"s1/chunked{i}": random.Random(i).randbytes(CHUNKED + i) for i in range(5)}
+        results = lab.put_many([(lab.hosts[i], name, data)
+                                for i, (name, data) in enumerate(chunked.items())])
+        assert not [r for r in results if isinstance(r, Exception)], results
+        files |= chunked
+        objects = len(files) + len(chunked)
         put_seconds = time.monotonic() - started  # start and membership included
-        lab.wait_for(lambda: _stored_copies(lab, lab.hosts) == 3 * len(files), 60,
+        lab.wait_for(lambda: _stored_copies(lab, lab.hosts) == 3 * objects, 60,
                      "three copies of every file")
 
         victim = random.Random().choice(lab.hosts)
@@ -109,7 +119,7 @@ def test_kill_one_of_five_hosts_loses_nothing(tmp_path: Path) -> None:
         assert min(removed_after.values()) >= T_CLEANUP - HEARTBEAT, removed_after
         assert max(removed_after.values()) <= T_CLEANUP + HEARTBEAT + 4 * GOSSIP + 0.5
 
-        repair = lab.wait_for(lambda: _stored_copies(lab, survivors) == 3 * len(files), 120,
+        repair = lab.wait_for(lambda: _stored_copies(lab, survivors) == 3 * objects, 120,
                               "three copies restored on the survivors")
         started = time.monotonic()
         _assert_all_readable(lab, survivors, files)
@@ -624,7 +634,9 @@ def test_kill_9_during_puts_keeps_every_acknowledged_object(tmp_path: Path) -> N
             for i in range(200):
                 name = (rng.choice(sorted(acked)) if acked and i % 4 == 0
                         else f"s8/r{round_}/o{i}")
-                data = rng.randbytes(rng.choice((100, 5000, 70_000, 300_000)))
+                # every twentieth a file stored in chunks (three chunks in one run)
+                data = rng.randbytes(CHUNKED if i % 20 == 7 else
+                                     rng.choice((100, 5000, 70_000, 300_000)))
                 batch.append((node, name, data))
             # a random point inside the batch, as long as an unbroken one takes
             killer = threading.Timer(rng.uniform(0.02, 0.98) * batch_s, lambda: lab.kill(node))
@@ -645,7 +657,8 @@ def test_kill_9_during_puts_keeps_every_acknowledged_object(tmp_path: Path) -> N
                 elif name not in acked or _version(result) > acked[name][0]:
                     acked[name] = (_version(result), data)
         lab.start(node)
-        report("crash_consistency", kills=20, puts=21 * 200, batch_s=round(batch_s, 2),
+        report("crash_consistency", kills=20, puts=21 * 200, chunked_puts=21 * 10,
+               batch_s=round(batch_s, 2),
                acknowledged_names=len(acked),
                rounds_killed_mid_batch=kills_mid_batch, checked_after_restart=checked,
                lost=lost, torn=torn)

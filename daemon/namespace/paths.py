@@ -4,7 +4,8 @@ PUT    /v1/files/PATH        store a file (missing directories are made, 0755); 
                              what PATH named, as ``rsync`` and ``install`` do: a new inode gets
                              the content, then the name is bound to it in one step, so a
                              reader sees the old file or the new one, never a mix. Of two puts
-                             of one name the one bound last stays.
+                             of one name the one bound last stays. A file larger than a chunk
+                             is stored in chunks by the node asked, as it arrives.
 GET    /v1/files/PATH        a regular file's content (verified; a large one is named by its
                              holders, 303, and the client fetches it from the nearest)
 DELETE /v1/files/PATH        unlink (an empty directory: rmdir)
@@ -31,6 +32,7 @@ import trio
 from daemon.asgi import HTTPError, Request, Response, Router
 from daemon.core.inodes import Entry, FsError, Inode
 from daemon.core.keys import MAX_INO, ROOT_INO, data_name, entry_name, inode_name, parse_ino
+from daemon.core.manifest import CHUNK_SIZE
 from daemon.data_errors import DataError
 from daemon.digest import EMPTY_DIGEST
 from daemon.names import NameError_, validate_prefix
@@ -118,7 +120,9 @@ class PathApi:
         if ino is None or not 1 < ino <= MAX_INO:
             raise HTTPError(400, "ino must be 16 hex digits")
         record = data_name(ino)
-        if given is None and req.query.get("direct") == "1" and size >= BULK_MIN:
+        chunked = size > CHUNK_SIZE  # (stored in chunks by this node: no holder to send it to)
+        if (given is None and not chunked and req.query.get("direct") == "1"
+                and size >= BULK_MIN):
             redirect = await self.api.upload_redirect(record, req.target,
                                                       {"ino": f"{ino:016x}"})
             if redirect is not None:
@@ -130,8 +134,12 @@ class PathApi:
                 "ino": ino, "mode": stat.S_IFREG | mode, "uid": 0, "gid": 0, "rdev": 0,
                 "parent": directory}))
             try:
-                entry = await self.rt.dataplane.writes.insert_stream(record, req.stream(), size,
-                                                              checksum, 0, mtime_ns)
+                if chunked:
+                    entry = await self.rt.chunks.store_stream(ino, req.stream(), size,
+                                                              checksum, mtime_ns)
+                else:
+                    entry = await self.rt.dataplane.writes.insert_stream(
+                        record, req.stream(), size, checksum, 0, mtime_ns)
                 bound = await self._bind(directory, leaf, ino)
             except BaseException:
                 with trio.CancelScope(shield=True):

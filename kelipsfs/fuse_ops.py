@@ -400,12 +400,16 @@ class KelipsOperations(pyfuse3.Operations):
         truncate = writable and bool(flags & os.O_TRUNC)
         fh = await self._call(self._files.open, inode, writable, truncate,
                               bool(flags & os.O_APPEND))
+        previous = self._last.get(inode)
         self._last[inode] = found
         if flags & os.O_ACCMODE != os.O_WRONLY:
             self._accessed(found)
         # The kernel keeps the file's pages from one open to the next where a change of its
-        # content made elsewhere reaches this node (kelipsfs.invalidation drops them).
-        return pyfuse3.FileInfo(fh=fh, keep_cache=bool(self._cached(inode)))
+        # content made elsewhere reaches this node (kelipsfs.invalidation drops them), unless
+        # the content changed since the last open here: a write closed through another mount
+        # just before this open is read even if its invalidation has not run yet.
+        unchanged = previous is None or previous.content == found.content
+        return pyfuse3.FileInfo(fh=fh, keep_cache=bool(self._cached(inode)) and unchanged)
 
     def _accessed(self, inode: Inode) -> None:
         """relatime (``-o relatime``; else nothing): the first read after a change (or a day

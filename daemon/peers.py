@@ -172,6 +172,16 @@ class PeerClient:
         """Send a local file of ``size`` bytes (or bytes in memory) as the request body (a
         bulk connection, from the file with sendfile, when it is large); the signature covers
         its digest. Returns the answer's body."""
+        if isinstance(source, bytes) and size >= BULK_MIN:
+            # a block at a time, each bounded by the timeout (a whole run of chunks in one
+            # bounded call would fail on a slow link)
+            async with self.stream("PUT", addr, path, query, body=_blocks_of(source),
+                                   content_digest=content_digest,
+                                   bulk_size=size) as response:
+                reply = await _read(response, addr)
+            if response.status_code != 200:
+                raise refusal(addr, reply, response.status_code)
+            return reply
         if isinstance(source, bytes) or size < BULK_MIN:
             # a small call on a kept connection (``daemon.bulk_calls``)
             if isinstance(source, bytes):
@@ -271,6 +281,11 @@ class StreamedResponse(Protocol):
     def aiter_bytes(self, chunk_size: int | None = None) -> AsyncIterator[bytes]: ...
 
     async def aread(self) -> bytes: ...
+
+
+async def _blocks_of(data: bytes) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), bulk.SENDFILE_BLOCK):
+        yield data[start:start + bulk.SENDFILE_BLOCK]
 
 
 async def stream_of(data: bytes) -> AsyncIterator[bytes]:

@@ -211,13 +211,17 @@ class Chunks:
             raise
 
     async def fetch(self, ino: int, ref: ChunkRef) -> bytes:
-        """The bytes of a chunk, verified against the manifest's digest."""
+        """The bytes of a chunk (its patches laid over them), verified against the manifest's
+        digest."""
+        if not ref.has_object:
+            return ref.apply(b"")
         name = ref.object_name(ino)
         try:
             plan = await self._rt.dataplane.read_plan(name)
             spread_reads(plan[0], ref.index, self._rt.node.node_id)
-            return await self._rt.dataplane.read_part(name, ref.offset(), ref.length,
+            data = await self._rt.dataplane.read_part(name, ref.offset(), ref.length,
                                                       ref.checksum, plan)
+            return ref.apply(data)
         except NotFound as exc:
             raise ChunkMissing(f"{name}: chunk gone (the file was overwritten since it was "
                                f"opened)") from exc
@@ -268,7 +272,7 @@ class Chunks:
             for index in window:
                 data = got[index]
                 span = manifest.span(index)
-                yield data + bytes(span - len(data)) if len(data) < span else data
+                yield data + bytes(span - len(data)) if len(data) < span else data[:span]
 
     async def assemble(self, name: str, plan: tuple[Located, bytes | None] | None = None
                        ) -> tuple[Path, Manifest, bytes, ObjectMeta]:

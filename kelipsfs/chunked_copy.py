@@ -5,7 +5,10 @@ into it the first time a read (or a write that covers it only in part) needs it,
 next few chunks when the reads go front to back, all at once from their holders; a hole is
 never fetched (the spool reads zeros there). The chunks a write or truncate changed are
 remembered, and a publish uploads only those -- a chunk that became all zeros becomes a hole
--- then the new manifest; the chunks it no longer names are retired (``daemon.chunks``).
+-- then the new manifest; the chunks it no longer names are retired (``daemon.chunks``). A
+chunk changed only by a few small writes is not uploaded: the bytes written go in the manifest
+as patches (``daemon.core.manifest``), until the patches outgrow their bounds and the most
+patched chunks are uploaded whole again.
 
 When another mount published the file since this copy's manifest, a publish re-uploads every
 chunk instead of naming the older manifest's chunks: those are reclaimed once no manifest
@@ -23,7 +26,15 @@ from pathlib import Path
 import trio
 
 from daemon.chunks import Chunks
-from daemon.core.manifest import CHUNK_SIZE, RUN_CHUNKS, Manifest
+from daemon.core.manifest import (
+    CHUNK_SIZE,
+    PATCH_CHUNK_MAX,
+    PATCH_COUNT_MAX,
+    PATCH_TOTAL_MAX,
+    RUN_CHUNKS,
+    ChunkRef,
+    Manifest,
+)
 from daemon.core.messages import TupleEntry
 from kelipsfs.local_copy import LocalCopy
 from kelipsfs.upload_behind import UPLOAD_WINDOW, UploadBehind
@@ -51,6 +62,9 @@ class ChunkedCopy(LocalCopy):
         self.present: set[int] = set(changed or ())
         #: Chunks changed since ``base``: uploaded (or made holes) by the next publish.
         self.changed: set[int] = set(changed or ())
+        #: For a changed chunk only small writes touched: the spans of the file they wrote
+        #: (sorted, apart), published as patches. A changed chunk not here goes up whole.
+        self._spans: dict[int, list[tuple[int, int]]] = {}
         self._loading: dict[int, trio.Event] = {}
         self._behind = UploadBehind(ino, path, chunks, background, following=following,
                                     whole=whole)
@@ -92,7 +106,7 @@ class ChunkedCopy(LocalCopy):
         for index in self.changed:  # (a truncate marks every chunk it cut as changed)
             ref = self.base.chunks.get(index)
             total += max(0, min(CHUNK_SIZE, size - index * CHUNK_SIZE)) - (
-                ref.length if ref is not None else 0)
+                ref.extent if ref is not None else 0)
         return total
 
     # --- fetching -------------------------------------------------------------------------
@@ -203,7 +217,7 @@ class ChunkedCopy(LocalCopy):
         if append:
             offset = self.size()
         written = super().write(data, offset, False, max_size)
-        self._touch(offset, written)
+        self._touch(offset, written, spans=True)
         return written
 
     def truncate(self, length: int) -> None:
@@ -215,10 +229,19 @@ class ChunkedCopy(LocalCopy):
         elif length > old and old % CHUNK_SIZE:
             self._touch(old, 1)  # the old last chunk now reads zeros to its end
 
-    def _touch(self, offset: int, size: int) -> None:
+    def _touch(self, offset: int, size: int, spans: bool = False) -> None:
+        """Mark what [offset, offset + size) covers changed; ``spans``: by a write, whose
+        spans may become patches (a truncate changes its chunks whole)."""
         if size <= 0:
             return
         for index in range(offset // CHUNK_SIZE, (offset + size - 1) // CHUNK_SIZE + 1):
+            if spans and (index not in self.changed or index in self._spans):
+                start = max(offset, index * CHUNK_SIZE)
+                end = min(offset + size, (index + 1) * CHUNK_SIZE)
+                if not _add_span(self._spans.setdefault(index, []), start, end):
+                    del self._spans[index]  # too much for patches: it goes up whole
+            else:
+                self._spans.pop(index, None)
             self.present.add(index)
             self.changed.add(index)
             self._behind.changed(index)
@@ -236,6 +259,7 @@ class ChunkedCopy(LocalCopy):
         if latest_clock is not None and latest_clock != self.clock:
             await self._fetch([i for i in range(count) if i in self.base.chunks])
             self.changed.update(range(count))
+            self._spans.clear()
         refs = {i: r for i, r in self.base.chunks.items() if i < count and i not in self.changed}
         ahead, uploaded = await self._behind.settle()
         window = trio.CapacityLimiter(UPLOAD_WINDOW)
@@ -254,30 +278,73 @@ class ChunkedCopy(LocalCopy):
                 uploaded.update(names)
                 refs.update((i, r) for i, r in got.items() if r is not None)
 
-        with_data = await trio.to_thread.run_sync(_data_chunks, self.fd)
         todo: list[int] = []
         for index in sorted(i for i in self.changed if i < count):
             if index in ahead:  # uploaded while the writer went on
                 if (ref := ahead[index]) is not None:
                     refs[index] = ref
-            elif index in with_data:  # (a chunk the spool has no data in is a hole)
+            elif (patched := self._patched(index, size)) is not None:
+                refs[index] = patched
+            else:
                 todo.append(index)
-        async with trio.open_nursery() as nursery:
-            for first, number in _runs(todo):
-                nursery.start_soon(upload, first, number)
+        if todo:  # (a chunk the spool has no data in is a hole)
+            with_data = await trio.to_thread.run_sync(_data_chunks, self.fd)
+            todo = [index for index in todo if index in with_data]
+        todo += await self._fold(refs)
+        if todo:
+            async with trio.open_nursery() as nursery:
+                for first, number in _runs(sorted(todo)):
+                    nursery.start_soon(upload, first, number)
         manifest = Manifest(size, refs)
         try:
             if errors:
                 raise errors[0]
             entry = await self._chunks.publish(self.ino, manifest, mtime_ns)
         except BaseException:  # what this publish uploaded is named by no manifest
-            self._chunks.retire(self.ino, uploaded - self.base.names(self.ino))
+            self._chunks.retire(self.ino, Manifest(0).unnamed(self.ino, self.base, uploaded))
             raise
-        self._chunks.retire(self.ino, (self.base.names(self.ino) | uploaded)
-                            - manifest.names(self.ino))
+        self._chunks.retire(self.ino, self.base.unnamed(self.ino, manifest, uploaded))
         self.base = manifest
         self.changed.clear()
+        self._spans.clear()
         return entry
+
+    def _patched(self, index: int, size: int) -> ChunkRef | None:
+        """The chunk ``index`` with what small writes changed in it as patches, or None if
+        it goes up whole."""
+        spans = self._spans.get(index)
+        if spans is None:
+            return None
+        start_of_chunk = index * CHUNK_SIZE
+        changes = [(start - start_of_chunk, os.pread(self.fd, min(end, size) - start, start))
+                   for start, end in spans if start < size]
+        ref = self.base.chunks.get(index) or ChunkRef.patches_only(index, ())
+        ref = ref.patched(changes)
+        if not ref.patches and not ref.has_object:
+            return None
+        if ref.patch_bytes > PATCH_CHUNK_MAX or len(ref.patches) > PATCH_COUNT_MAX:
+            return None
+        return ref
+
+    async def _fold(self, refs: dict[int, ChunkRef]) -> list[int]:
+        """Keep the manifest's patches within ``PATCH_TOTAL_MAX``: past it, the most patched
+        chunks (fetched first if this copy lacks them) leave ``refs`` to go up whole, until
+        half of it is left. Their indexes."""
+        total = sum(ref.patch_bytes for ref in refs.values() if ref.patches)
+        if total <= PATCH_TOTAL_MAX:
+            return []
+        folded: list[int] = []
+        for ref in sorted(refs.values(), key=lambda r: r.patch_bytes, reverse=True):
+            if total <= PATCH_TOTAL_MAX // 2:
+                break
+            total -= ref.patch_bytes
+            folded.append(ref.index)
+        await self._fetch([i for i in folded if i not in self.present])
+        for index in folded:
+            del refs[index]
+            self.changed.add(index)  # (if this publish fails, the next one uploads it)
+            self._spans.pop(index, None)
+        return folded
 
     def close(self) -> None:
         self._closed = True
@@ -286,6 +353,20 @@ class ChunkedCopy(LocalCopy):
 
     def checksum(self) -> bytes:
         raise AssertionError("a chunked copy is published by chunk, not hashed whole")
+
+
+def _add_span(spans: list[tuple[int, int]], start: int, end: int) -> bool:
+    """Add [start, end) to the sorted, apart ``spans`` of one chunk; False once they are
+    more than patches should carry."""
+    kept = [(s, e) for s, e in spans if e < start or s > end]
+    for s, e in spans:
+        if not (e < start or s > end):
+            start, end = min(start, s), max(end, e)
+    kept.append((start, end))
+    kept.sort()
+    spans[:] = kept
+    return (len(kept) <= PATCH_COUNT_MAX
+            and sum(e - s for s, e in kept) <= PATCH_CHUNK_MAX)
 
 
 def _runs(indexes: list[int]) -> list[tuple[int, int]]:

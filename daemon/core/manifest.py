@@ -19,6 +19,14 @@ chunk, each costing one request, one commit and one digest on each holder. Each 
 run keeps its own digest in the manifest and is read by its range of the object, so a later
 write still replaces one chunk: the object stays while any chunk of the manifest is in it.
 
+A small change to a chunk is a **patch** in the manifest instead: the bytes written and where,
+kept with the chunk's entry and laid over its stored bytes when it is read (a chunk with no
+object yet -- a hole, or a file grown by appends -- may be patches alone). A 1-byte write and
+an fsync then send the manifest alone rather than a whole chunk to every holder: one commit
+per holder instead of two. Patches are bounded (``PATCH_CHUNK_MAX`` bytes per chunk,
+``PATCH_TOTAL_MAX`` per manifest); past that the writer uploads the chunk whole again and its
+patches go (``kelipsfs.chunked_copy``). Their bytes are checked as the manifest's are.
+
 The manifest record says it is one in its tuple's ``attrs`` (``MANIFEST_MARK``, the file's
 size and the bytes its chunks store), so a ``stat`` needs no fetch of the manifest itself.
 """
@@ -27,8 +35,8 @@ from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 from .keys import CHUNK, ino_text
 
@@ -39,18 +47,30 @@ RUN_CHUNKS = 16
 #: First byte of a content record's tuple attrs when its content is a manifest.
 MANIFEST_MARK = b"M"
 
+#: Most patch bytes one chunk's entry carries (more: the chunk is uploaded whole).
+PATCH_CHUNK_MAX = 32 << 10
+#: Most patch bytes one manifest carries (more: the most patched chunks are uploaded whole).
+PATCH_TOTAL_MAX = 128 << 10
+#: Most patches one chunk's entry carries.
+PATCH_COUNT_MAX = 64
+
 _MAGIC_SINGLE = b"KFM1"  # every chunk an object of its own
-_MAGIC = b"KFM2"
+_MAGIC_RUNS = b"KFM2"  # chunks in runs
+_MAGIC = b"KFM3"  # ... and patches
 _HEAD = struct.Struct(">4sIQI")  # magic, chunk size, file size, chunk count
 _REF_SINGLE = struct.Struct(">IQI32s")  # index, generation, length, digest
-_REF = struct.Struct(">IQI32sB")  # ... and how many chunks before it its object starts
+_REF_RUNS = struct.Struct(">IQI32sB")  # ... and how many chunks before it its object starts
+_REF = struct.Struct(">IQI32sBH")  # ... and how many patches follow it
+_PATCH = struct.Struct(">II")  # offset in the chunk, length; the bytes follow
+_NO_OBJECT = bytes(32)
 _ATTRS = struct.Struct(">1sQQ")  # mark, file size, stored bytes
 
 
 @dataclass(frozen=True, slots=True)
 class ChunkRef:
     """One stored chunk of a file: where it sits (``index``), which write made it (``gen``),
-    how many bytes it holds (the rest of the chunk reads as zeros) and their digest."""
+    how many bytes it holds (the rest of the chunk reads as zeros) and their digest, and the
+    patches laid over them. ``length`` 0: no object, the chunk is its patches over zeros."""
 
     index: int
     gen: int
@@ -59,6 +79,45 @@ class ChunkRef:
     #: Chunks between the first of the run its object holds and this one (0: its object
     #: starts with it).
     lead: int = 0
+    #: (offset in the chunk, bytes) written over the object's bytes: sorted, disjoint.
+    patches: tuple[tuple[int, bytes], ...] = ()
+
+    @classmethod
+    def patches_only(cls, index: int, patches: tuple[tuple[int, bytes], ...]) -> ChunkRef:
+        """A chunk with no object: zeros and ``patches``."""
+        return cls(index, 0, 0, _NO_OBJECT, 0, patches)
+
+    @property
+    def has_object(self) -> bool:
+        return self.length > 0
+
+    @property
+    def patch_bytes(self) -> int:
+        return sum(len(data) for _, data in self.patches)
+
+    @property
+    def extent(self) -> int:
+        """Bytes of the chunk up to the last one stored or patched (the rest reads zeros)."""
+        if not self.patches:
+            return self.length
+        offset, data = self.patches[-1]
+        return max(self.length, offset + len(data))
+
+    def patched(self, changes: list[tuple[int, bytes]]) -> ChunkRef:
+        """This chunk with ``changes`` (offset in the chunk, bytes; later ones win) laid
+        over its patches."""
+        return replace(self, patches=merge_patches(self.patches, changes))
+
+    def apply(self, data: bytes) -> bytes:
+        """The chunk's bytes: its object's ``data`` with the patches laid over it."""
+        if not self.patches:
+            return data
+        out = bytearray(data)
+        if len(out) < self.extent:
+            out.extend(bytes(self.extent - len(out)))
+        for offset, patch in self.patches:
+            out[offset:offset + len(patch)] = patch
+        return bytes(out)
 
     @property
     def first(self) -> int:
@@ -71,6 +130,32 @@ class ChunkRef:
     def offset(self, chunk_size: int = CHUNK_SIZE) -> int:
         """Where its bytes start in its object."""
         return self.lead * chunk_size
+
+
+def merge_patches(old: tuple[tuple[int, bytes], ...], changes: list[tuple[int, bytes]]
+                  ) -> tuple[tuple[int, bytes], ...]:
+    """``old`` patches with ``changes`` laid over them in order: sorted, disjoint, touching
+    ones joined."""
+    merged = list(old)
+    for offset, data in changes:
+        if not data:
+            continue
+        end = offset + len(data)
+        kept: list[tuple[int, bytes]] = []
+        start, body = offset, bytearray(data)
+        for o, d in merged:
+            e = o + len(d)
+            if e < offset or o > end:  # neither overlaps nor touches
+                kept.append((o, d))
+                continue
+            if o < start:  # keep what the earlier patch has before the change
+                body[0:0] = d[:start - o]
+                start = o
+            if e > start + len(body):  # ... and after it
+                body.extend(d[start + len(body) - o:])
+        kept.append((start, bytes(body)))
+        merged = sorted(kept)
+    return tuple(merged)
 
 
 def chunk_name(ino: int, index: int, gen: int) -> str:
@@ -104,11 +189,39 @@ class Manifest:
     @functools.cached_property
     def stored(self) -> int:
         """Bytes its chunks hold (what ``du`` shows: holes cost nothing)."""
-        return sum(ref.length for ref in self.chunks.values())
+        return sum(ref.extent for ref in self.chunks.values())
+
+    @functools.cached_property
+    def patch_bytes(self) -> int:
+        return sum(ref.patch_bytes for ref in self.chunks.values())
 
     def names(self, ino: int) -> set[str]:
         """The stored objects its chunks are in."""
-        return {r.object_name(ino) for r in self.chunks.values()}
+        return {r.object_name(ino) for r in self.chunks.values() if r.has_object}
+
+    def names_object(self, first: int, gen: int) -> bool:
+        """Whether a chunk of it is in the object of the run starting at ``first`` written
+        under ``gen``."""
+        for index in range(first, first + RUN_CHUNKS):
+            ref = self.chunks.get(index)
+            if ref is not None and ref.gen == gen and ref.first == first and ref.has_object:
+                return True
+        return False
+
+    def unnamed(self, ino: int, newer: Manifest, uploaded: Iterable[str] = ()) -> set[str]:
+        """The objects this manifest or ``uploaded`` (chunk names of ``ino``) are in that
+        ``newer`` names no more: only the chunks whose entry changed are looked at, so a
+        small change to a big file costs little."""
+        gone: set[tuple[int, int]] = set()
+        for index, ref in self.chunks.items():
+            if ref.has_object and newer.chunks.get(index) is not ref:
+                gone.add((ref.first, ref.gen))
+        for name in uploaded:
+            parsed = parse_chunk_name(name)
+            if parsed is not None and parsed[0] == ino:
+                gone.add(parsed[1:])
+        return {chunk_name(ino, first, gen) for first, gen in gone
+                if not newer.names_object(first, gen)}
 
     def span(self, index: int) -> int:
         """Bytes of the file that chunk ``index`` covers (the last one may be shorter)."""
@@ -116,9 +229,13 @@ class Manifest:
 
     def encode(self) -> bytes:
         refs = sorted(self.chunks.values(), key=lambda r: r.index)
-        head = _HEAD.pack(_MAGIC, self.chunk_size, self.size, len(refs))
-        return head + b"".join(_REF.pack(r.index, r.gen, r.length, r.checksum, r.lead)
-                               for r in refs)
+        parts = [_HEAD.pack(_MAGIC, self.chunk_size, self.size, len(refs))]
+        for r in refs:
+            parts.append(_REF.pack(r.index, r.gen, r.length, r.checksum, r.lead,
+                                   len(r.patches)))
+            for offset, data in r.patches:
+                parts += (_PATCH.pack(offset, len(data)), data)
+        return b"".join(parts)
 
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
@@ -126,23 +243,60 @@ class Manifest:
         if len(data) < _HEAD.size:
             raise ValueError("manifest too short")
         magic, chunk_size, size, count = _HEAD.unpack_from(data)
-        ref = _REF if magic == _MAGIC else _REF_SINGLE
-        if (magic not in (_MAGIC, _MAGIC_SINGLE) or chunk_size <= 0
-                or len(data) != _HEAD.size + count * ref.size):
+        ref = {_MAGIC: _REF, _MAGIC_RUNS: _REF_RUNS, _MAGIC_SINGLE: _REF_SINGLE}.get(magic)
+        if ref is None or chunk_size <= 0 or (
+                len(data) < _HEAD.size + count * ref.size if ref is _REF
+                else len(data) != _HEAD.size + count * ref.size):
             raise ValueError("not a manifest")
         chunks: dict[int, ChunkRef] = {}
-        for n in range(count):
-            index, gen, length, digest, *rest = ref.unpack_from(data, _HEAD.size + n * ref.size)
+        at = _HEAD.size
+        for _ in range(count):
+            if at + ref.size > len(data):
+                raise ValueError("manifest too short")
+            index, gen, length, digest, *rest = ref.unpack_from(data, at)
+            at += ref.size
             lead = rest[0] if rest else 0
-            if (index in chunks or not 0 < length <= chunk_size or index * chunk_size >= size
-                    or not 0 <= lead < RUN_CHUNKS or lead > index):
-                raise ValueError(f"manifest chunk {index} is malformed")
-            chunks[index] = ChunkRef(index, gen, length, digest, lead)
+            patches: list[tuple[int, bytes]] = []
+            for _ in range(rest[1] if len(rest) > 1 else 0):
+                if at + _PATCH.size > len(data):
+                    raise ValueError("manifest too short")
+                offset, patch_length = _PATCH.unpack_from(data, at)
+                at += _PATCH.size
+                patches.append((offset, data[at:at + patch_length]))
+                at += patch_length
+            try:
+                chunks[index] = _checked(ChunkRef(index, gen, length, digest, lead,
+                                                  tuple(patches)), chunks, size, chunk_size)
+            except ValueError as exc:
+                raise ValueError(f"manifest chunk {index} is malformed: {exc}") from None
+        if at != len(data):
+            raise ValueError("not a manifest (bytes after its chunks)")
         return cls(size, chunks, chunk_size)
 
     def attrs(self) -> bytes:
         """The tuple attrs of the content record holding this manifest."""
         return _ATTRS.pack(MANIFEST_MARK, self.size, self.stored)
+
+
+def _checked(ref: ChunkRef, chunks: Mapping[int, ChunkRef], size: int, chunk_size: int
+             ) -> ChunkRef:
+    """``ref`` if it is a well-formed entry of a manifest (ValueError otherwise)."""
+    if ref.index in chunks:
+        raise ValueError("listed twice")
+    if not 0 <= ref.length <= chunk_size or not 0 <= ref.lead < RUN_CHUNKS or (
+            ref.lead > ref.index):
+        raise ValueError("bad length or run")
+    if not ref.has_object and (not ref.patches or ref.lead or ref.gen):
+        raise ValueError("neither an object nor patches")
+    end = 0
+    for offset, data in ref.patches:
+        if offset < end or not data or (end and offset == end):
+            raise ValueError("patches not sorted and apart")
+        end = offset + len(data)
+    if end > chunk_size or len(ref.patches) > PATCH_COUNT_MAX or ref.index * chunk_size >= size or (
+            ref.index * chunk_size + end > size):
+        raise ValueError("past the chunk or the file")
+    return ref
 
 
 def manifest_sizes(attrs: bytes) -> tuple[int, int] | None:

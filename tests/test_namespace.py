@@ -14,12 +14,14 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
+import trio.testing
 
 from daemon.core.inodes import (
     HAS_XATTRS,
     XATTR_CREATE,
     XATTR_REPLACE,
     AttrChange,
+    Entry,
     FsError,
     Inode,
     decode_xattrs,
@@ -388,3 +390,45 @@ def test_an_access_moves_the_atime_and_not_the_ctime(w: World) -> None:
     w.clock.advance()
     touched = w.do(w.ns.setattr, f.ino, AttrChange(atime_ns=5))  # utimensat moves the ctime
     assert touched.atime_ns == 5 and touched.ctime_ns > f.ctime_ns
+
+
+class _LaggingRecords(MemoryRecords):
+    """Records of a node that has not yet heard of some entries (its tuples lag behind the
+    primary's): ``entry`` answers None for them the first ``lag`` times it is asked."""
+
+    def __init__(self, clock: Clock, lag: int) -> None:
+        super().__init__(clock)
+        self.lag = lag
+        self.hidden: set[str] = set()
+
+    async def entry(self, directory: int, name: str) -> Entry | None:
+        if name in self.hidden and self.lag > 0:
+            self.lag -= 1
+            return None
+        return await super().entry(directory, name)
+
+
+@pytest.mark.parametrize("lag", [0, 3, 100])
+def test_a_directory_made_meanwhile_is_found_once_its_entry_arrives(lag: int) -> None:
+    """The loser of two writers making one path: its mkdir says EEXIST while its own records
+    have not heard of the winner's entry yet; it looks again for a while instead of failing
+    with ENOENT (and gives up with ENOENT if the entry never comes)."""
+    clock = Clock()
+    records = _LaggingRecords(clock, lag=0)
+    ns = Namespace(records, random.Random(7))
+
+    async def scenario() -> int:
+        await ns.ensure_root(ROOT)
+        made = await ns.mkdir(ROOT_INO, "s3", 0o755, ROOT)  # the winner, through another node
+        records.hidden.add("s3")
+        records.lag = lag
+        found = await ns.make_or_find_dir(ROOT_INO, "s3", 0o755, ROOT)
+        assert found.ino == made.ino and found.is_dir
+        return len(await ns.readdir(ROOT_INO))
+
+    if lag >= 100:
+        with pytest.raises(FsError) as info:
+            trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+        assert info.value.errno == errno.ENOENT
+    else:
+        assert trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0)) == 1

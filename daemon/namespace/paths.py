@@ -93,17 +93,8 @@ class PathApi:
         if make and await self.ns.records.inode(ROOT_INO) is None:
             await self.ns.ensure_root(ADMIN)  # a cluster that no mount has used yet
         for part in parts:
-            try:
-                found = await self.ns.lookup(current, part)
-            except FsError as exc:
-                if exc.errno != errno.ENOENT or not make:
-                    raise
-                try:
-                    found = await self.ns.mkdir(current, part, 0o755, ADMIN)
-                except FsError as again:
-                    if again.errno != errno.EEXIST:
-                        raise
-                    found = await self.ns.lookup(current, part)  # made meanwhile: use it
+            found = await (self.ns.make_or_find_dir(current, part, 0o755, ADMIN) if make
+                           else self.ns.lookup(current, part))
             if not found.is_dir:
                 raise FsError(errno.ENOTDIR, f"{part!r} is not a directory")
             current = found.ino

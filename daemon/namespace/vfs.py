@@ -52,6 +52,10 @@ MAX_DEPTH = 4096
 #: Inode numbers drawn at most to find one placed with its directory (about as many as the
 #: members of a group are needed).
 PLACE_TRIES = 64
+#: Lookups of a directory another writer made at the same moment, before giving up
+#: (``make_or_find_dir``), the n-th after ``n * FIND_MADE_STEP`` seconds.
+FIND_MADE_TRIES = 10
+FIND_MADE_STEP = 0.05
 
 
 class Records(Protocol):
@@ -260,6 +264,33 @@ class Namespace:
 
     async def mkdir(self, directory: int, name: str, mode: int, caller: Caller) -> Inode:
         return await self.mknod(directory, name, stat.S_IFDIR | (mode & 0o7777), caller)
+
+    async def make_or_find_dir(self, directory: int, name: str, mode: int,
+                               caller: Caller) -> Inode:
+        """The inode ``name`` names in ``directory``, a new directory if it names none.
+
+        Writers making the same path at once race: the loser's mkdir says EEXIST (its
+        directory's primary has the winner's entry) while this node's own records may not
+        have heard of that entry yet, so its lookup is tried again for a short while
+        rather than failing with ENOENT for a directory that exists."""
+        try:
+            return await self.lookup(directory, name)
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        try:
+            return await self.mkdir(directory, name, mode, caller)
+        except FsError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+        for attempt in range(1, FIND_MADE_TRIES + 1):
+            try:
+                return await self.lookup(directory, name)
+            except FsError as exc:
+                if exc.errno != errno.ENOENT or attempt == FIND_MADE_TRIES:
+                    raise
+            await trio.sleep(attempt * FIND_MADE_STEP)
+        raise AssertionError("unreachable")  # (the last try returned or raised)
 
     async def symlink(self, directory: int, name: str, target: bytes, caller: Caller) -> Inode:
         if len(target) > MAX_SYMLINK_BYTES:

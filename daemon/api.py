@@ -17,7 +17,6 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -28,8 +27,8 @@ from daemon import bulk
 from daemon.asgi import HTTPError, Request, Response, Router
 from daemon.core import codec
 from daemon.core.ids import NODE_ID_BYTES
-from daemon.core.keys import OBJECT
-from daemon.core.manifest import is_manifest
+from daemon.core.keys import OBJECT, record_ino
+from daemon.core.manifest import is_manifest, manifest_sizes
 from daemon.core.messages import Snapshot, SyncRequest, TupleEntry, Version
 from daemon.data_errors import DataError
 from daemon.dataplane import Located
@@ -37,7 +36,13 @@ from daemon.digest import DIGEST_SIZE, EMPTY_DIGEST, digest_of
 from daemon.names import NameError_, validate_name, validate_prefix
 from daemon.namespace.http import add_routes as add_namespace_routes
 from daemon.namespace.paths import add_routes as add_path_routes
-from daemon.peers import BULK_MIN, CONTENT_DIGEST_HEADER, TRAILER_MARK, LateDigest
+from daemon.peers import (
+    BULK_MIN,
+    CONTENT_DIGEST_HEADER,
+    DIGEST_AFTER_HEADER,
+    TRAILER_MARK,
+    LateDigest,
+)
 from daemon.security import DIGEST_IN_TRAILER, MAC_HEADER, AuthError
 from daemon.settings import format_address
 from daemon.store_layout import ChecksumMismatch, StaleVersion, StoredObject, StoreError, StoreFull
@@ -482,13 +487,20 @@ class _Api:
 
     async def _chunked_answer(self, record: str, plan: tuple[Located, bytes | None],
                               started: float) -> Response:
-        """A file stored in chunks, gathered (each chunk verified) into a scratch file
-        first: the answer's headers carry the whole file's digest, which no holder has."""
-        path, manifest, digest, meta = await self.rt.chunks.assemble(record, plan)
-        headers = meta_headers(manifest.size, meta.mode, meta.mtime_ns, digest, meta.clock)
+        """A file stored in chunks, sent as its chunks come (each checked against its own
+        digest): the whole file's digest, which no holder has, follows the bytes
+        (``DIGEST_AFTER_HEADER``)."""
+        manifest, meta = await self.rt.chunks.read_manifest(record, plan)
+        ino = record_ino(record)
+        if ino is None:
+            raise DataError(f"{record}: not a content record")
+        headers = meta_headers(manifest.size, meta.mode, meta.mtime_ns, b"", meta.clock)
+        del headers["x-kelips-checksum"]
+        headers[DIGEST_AFTER_HEADER] = "1"
         headers[ELAPSED_HEADER] = str(int((time.perf_counter() - started) * 1e6))
-        headers["content-length"] = str(manifest.size)
-        return Response(200, headers=headers, stream=_scratch_stream(path))
+        headers["content-length"] = str(manifest.size + DIGEST_SIZE)
+        return Response(200, headers=headers,
+                        stream=self.rt.chunks.stream_checked(ino, manifest))
 
     def _holders_answer(self, found: Located) -> Response | None:
         """For a client that fetches large objects from a holder itself (``direct=1``): a 303
@@ -498,8 +510,13 @@ class _Api:
         None for small objects, which this node answers itself (one request, often one
         datagram)."""
         entry = found.entry
-        if (entry is None or entry.tombstone or entry.size < BULK_MIN or not found.holders
-                or is_manifest(entry.attrs)):  # (a chunked file is gathered here)
+        sizes = manifest_sizes(entry.attrs) if entry is not None else None
+        if entry is not None and not entry.tombstone and sizes is not None:
+            # A chunked file is sent by this node (no holder has it whole): over a bulk
+            # connection, which a 303 naming no holder asks the client for.
+            return Response.json({"name": entry.name, "size": sizes[0],
+                                  "clock": entry.version.clock, "holders": []}, 303)
+        if entry is None or entry.tombstone or entry.size < BULK_MIN or not found.holders:
             return None  # (a missing object: open_read says so, and counts it)
         self.rt.metrics.inc("kelips_reads_sent_to_holders_total")
         return Response.json({"name": entry.name, "size": entry.size,
@@ -544,18 +561,6 @@ def prefix_or_400(prefix: str) -> str:
 
 async def _part(read: Awaitable[bytes]) -> AsyncIterator[bytes]:
     yield await read
-
-
-async def _scratch_stream(path: Path) -> AsyncIterator[bytes]:
-    """A scratch file's bytes, the file removed once sent (or abandoned)."""
-    try:
-        f = await trio.open_file(path, "rb")
-        async with f:
-            while block := await f.read(1 << 20):
-                yield block
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(path.unlink, True)
 
 
 def meta_headers(size: int, mode: int, mtime_ns: int, checksum: bytes, clock: int

@@ -26,13 +26,12 @@ import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
 from daemon.core.inodes import clock_ns
-from daemon.core.keys import CHUNK, data_name, inode_name, record_ino
+from daemon.core.keys import CHUNK, data_name, inode_name
 from daemon.core.manifest import (
     CHUNK_SIZE,
     RUN_CHUNKS,
@@ -45,7 +44,6 @@ from daemon.core.manifest import (
 from daemon.core.messages import TupleEntry
 from daemon.data_errors import ContentMismatch, DataError, NotFound
 from daemon.digest import digest_of, new_hasher
-from daemon.store_files import stream_to_new_file, write_all
 
 if TYPE_CHECKING:
     from daemon.dataplane import Located, ObjectMeta
@@ -63,7 +61,7 @@ SWEEP_INODES = 64
 #: Runs of a client's upload sent to their holders at once (each held in memory).
 UPLOAD_RUNS = 2
 #: Chunks read at once by ``stream``.
-STREAM_WINDOW = 4
+STREAM_WINDOW = 8
 
 
 class ChunkMissing(DataError):
@@ -93,6 +91,11 @@ def _digests(data: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
     view = memoryview(data)
     parts = [view[start:start + CHUNK_SIZE] for start in range(0, len(data), CHUNK_SIZE)]
     return digest_of(data), [(len(part), digest_of(part)) for part in parts]
+
+
+def _spanned(data: bytes, span: int) -> bytes:
+    """A chunk's stored bytes as the ``span`` bytes of the file it covers (zeros after)."""
+    return data + bytes(span - len(data)) if len(data) < span else data[:span]
 
 
 def _is_zero(data: bytes, start: int, end: int) -> bool:
@@ -254,8 +257,49 @@ class Chunks:
         return entry
 
     async def stream(self, ino: int, manifest: Manifest) -> AsyncIterator[bytes]:
-        """The file's bytes in order (holes as zeros), ``STREAM_WINDOW`` chunks fetched at
-        once."""
+        """The file's bytes in order (holes as zeros), each chunk checked; up to
+        ``STREAM_WINDOW`` chunks are fetched ahead of the one being sent, by a task of the
+        node's background nursery (an async generator cannot hold a nursery across its
+        yields), cancelled when the reader stops early."""
+        count = manifest.count
+        background = self._rt.background
+        if background is None:  # (not running yet: one window at a time)
+            async for block in self._stream_windows(ino, manifest):
+                yield block
+            return
+        got: dict[int, bytes | Exception] = {}
+        ready = [trio.Event() for _ in range(count)]
+        window = trio.Semaphore(STREAM_WINDOW)
+        scope = trio.CancelScope()
+
+        async def one(index: int) -> None:
+            ref = manifest.chunks.get(index)
+            try:
+                got[index] = await self.fetch(ino, ref) if ref is not None else b""
+            except Exception as exc:  # (handed to the reader: never raised in background)
+                got[index] = exc
+            ready[index].set()
+
+        async def ahead() -> None:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    for index in range(count):
+                        await window.acquire()
+                        nursery.start_soon(one, index)
+
+        background.start_soon(ahead)
+        try:
+            for index in range(count):
+                await ready[index].wait()
+                data = got.pop(index)
+                if isinstance(data, Exception):
+                    raise data
+                window.release()
+                yield _spanned(data, manifest.span(index))
+        finally:
+            scope.cancel()
+
+    async def _stream_windows(self, ino: int, manifest: Manifest) -> AsyncIterator[bytes]:
         count = manifest.count
         got: dict[int, bytes] = {}
 
@@ -270,28 +314,17 @@ class Chunks:
                 for index in window:
                     nursery.start_soon(one, index)
             for index in window:
-                data = got[index]
-                span = manifest.span(index)
-                yield data + bytes(span - len(data)) if len(data) < span else data[:span]
+                yield _spanned(got[index], manifest.span(index))
 
-    async def assemble(self, name: str, plan: tuple[Located, bytes | None] | None = None
-                       ) -> tuple[Path, Manifest, bytes, ObjectMeta]:
-        """The whole file whose manifest ``name`` holds, in a new scratch file of the store:
-        (its path, the manifest, the file's digest, the manifest record's metadata). For a
-        client that verifies a whole file's digest before it trusts it."""
-        manifest, meta = await self.read_manifest(name, plan)
-        ino = record_ino(name)
-        if ino is None:
-            raise DataError(f"{name}: not a content record")
-        path = self._rt.store.scratch()
+    async def stream_checked(self, ino: int, manifest: Manifest) -> AsyncIterator[bytes]:
+        """The file's bytes (``stream``) and then their digest, ``DIGEST_SIZE`` bytes more: for
+        a client that checks what it received as it does a whole object's, without the file
+        gathered anywhere first (each chunk is checked here against its own digest)."""
         hasher = new_hasher()
-
-        def hash_and_write(fd: int, block: bytes) -> None:
+        async for block in self.stream(ino, manifest):
             hasher.update(block)
-            write_all(fd, block)
-
-        await stream_to_new_file(path, self.stream(ino, manifest), hash_and_write)
-        return path, manifest, hasher.digest(), meta
+            yield block
+        yield hasher.digest()
 
     # --- reclaiming -----------------------------------------------------------------------
 

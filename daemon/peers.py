@@ -29,6 +29,9 @@ from daemon.store_files import read_small_file
 
 Address = tuple[str, int]
 CONTENT_DIGEST_HEADER = "x-kelips-content-digest"
+#: An answer's header saying its body ends with the digest of the bytes before it (a file
+#: sent as its chunks come, whose whole digest is known only at the end).
+DIGEST_AFTER_HEADER = "x-kelips-digest-after"
 #: CONTENT_DIGEST_HEADER's value when the digest follows the body in a signed trailer.
 TRAILER_MARK = "trailer"
 #: Bodies at least this large travel over a bulk connection (``daemon.bulk``), not HTTP.

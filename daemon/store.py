@@ -136,11 +136,6 @@ class ObjectStore:
         """The live objects named by their path, as an earlier version stored files."""
         return [self._index[name] for name in sorted(self._legacy)]
 
-    def scratch(self) -> Path:
-        """A new path for a temporary file of the caller's (removed at the next start if left
-        behind)."""
-        return self._tmp / f"scratch-{secrets.token_hex(12)}"
-
     def names(self, prefix: str = "") -> list[str]:
         """Sorted names of live (non-tombstone) objects starting with ``prefix``."""
         return sorted(name for name, obj in self._index.items()

@@ -26,6 +26,7 @@ from daemon.digest import Stopped, fd_digest, new_hasher
 from daemon.names import NameError_, validate_name
 from daemon.peers import (
     BULK_MIN,
+    DIGEST_AFTER_HEADER,
     Address,
     LateDigest,
     PeerClient,
@@ -343,10 +344,15 @@ class _Meta(NamedTuple):
     size: int
     checksum: bytes
     clock: int
+    #: The digest follows the object's bytes in the body (``DIGEST_AFTER_HEADER``).
+    digest_after: bool = False
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> _Meta:
         try:
+            if headers.get(DIGEST_AFTER_HEADER) == "1":
+                return cls(int(headers["x-kelips-size"]), b"",
+                           int(headers.get("x-kelips-clock", "0")), digest_after=True)
             return cls(int(headers["x-kelips-size"]), bytes.fromhex(headers["x-kelips-checksum"]),
                        int(headers.get("x-kelips-clock", "0")))
         except (KeyError, ValueError) as exc:
@@ -359,19 +365,25 @@ class _Sink:
     def __init__(self, send: trio.MemorySendChannel[bytes], out: BinaryIO) -> None:
         self.sha = new_hasher()
         self.size = 0
+        #: What came after the object's bytes (``copy``'s ``payload``): its digest.
+        self.after = b""
         self._send = send
         self._out = out
 
-    async def copy(self, response: StreamedResponse, meter: _Progress | None) -> None:
+    async def copy(self, response: StreamedResponse, meter: _Progress | None,
+                   payload: int | None = None) -> None:
+        """The answer's body into the output; ``payload``: the bytes of it that are the
+        object's (the rest, kept in ``after``, is not written)."""
         if int(response.headers.get("content-length", GET_BLOCK)) < GET_BLOCK:
             # Small: hashed and written here; a thread hop would cost more than the write.
-            data = await response.aread()
+            data = self._split(await response.aread(), payload)
             self.size += len(data)
             _hash_and_write(self.sha, self._out, data)
             return
         pending: list[bytes] = []
         pending_size = 0
-        async for chunk in response.aiter_bytes(GET_BLOCK):
+        async for block in response.aiter_bytes(GET_BLOCK):
+            chunk = self._split(block, payload)
             self.size += len(chunk)
             pending.append(chunk)
             pending_size += len(chunk)
@@ -384,6 +396,16 @@ class _Sink:
             await self._send.send(b"".join(pending))
         if meter:
             meter.done()
+
+    def _split(self, block: bytes, payload: int | None) -> bytes:
+        """The part of ``block`` that is the object's; the rest goes to ``after``."""
+        if payload is None:
+            return block
+        room = max(0, payload - self.size)
+        if len(block) > room:
+            self.after += block[room:]
+            return block[:room]
+        return block
 
 
 @asynccontextmanager
@@ -409,8 +431,9 @@ async def _copy_answer(response: StreamedResponse, sink: _Sink, progress: bool) 
     if response.status_code != 200:
         raise ClientError(_error(await response.aread(), response.status_code))
     meta = _Meta.from_headers(response.headers)
-    await sink.copy(response, _meter(meta.size, progress))
-    return meta
+    await sink.copy(response, _meter(meta.size, progress),
+                    meta.size if meta.digest_after else None)
+    return meta._replace(checksum=sink.after) if meta.digest_after else meta
 
 
 def _meter(total: int, progress: bool) -> _Progress | None:

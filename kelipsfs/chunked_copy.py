@@ -142,15 +142,33 @@ class ChunkedCopy(LocalCopy):
             await self._fetch_one(index)
 
     async def load_edges(self, offset: int, size: int) -> None:
-        """Fetch the chunks a change of [offset, offset + size) covers only in part."""
+        """Fetch what a write of [offset, offset + size) needs: the chunks it covers only in
+        part, but those it may be laid over unfetched (``_overlay_fits``)."""
+        await self._fetch([i for i in self._edges(offset, size)
+                           if not self._overlay_fits(i, offset, size)])
+
+    def _edges(self, offset: int, size: int) -> list[int]:
+        """The stored chunks not here that [offset, offset + size) covers only in part."""
         if size <= 0:
-            return
+            return []
         edges = {offset // CHUNK_SIZE, (offset + size - 1) // CHUNK_SIZE}
-        wanted = [i for i in sorted(edges)
-                  if i not in self.present and i in self.base.chunks
-                  and not (offset <= i * CHUNK_SIZE and (i + 1) * CHUNK_SIZE <= offset + size)]
-        if wanted:
-            await self._fetch(wanted)
+        return [i for i in sorted(edges)
+                if i not in self.present and i in self.base.chunks
+                and not (offset <= i * CHUNK_SIZE and (i + 1) * CHUNK_SIZE <= offset + size)]
+
+    def _overlay_fits(self, index: int, offset: int, size: int) -> bool:
+        """Whether a write of [offset, offset + size) may go into the spool over chunk
+        ``index`` without fetching it first: the spans written since the manifest stay
+        patch-sized, so the publish sends them as patches, and a read fetches the chunk
+        then with them laid over it (``_fetch_one``)."""
+        if index in self.changed and index not in self._spans:
+            return False  # (changed whole: only a chunk that is here is)
+        spans = list(self._spans.get(index, ()))
+        start = max(offset, index * CHUNK_SIZE)
+        end = min(offset + size, (index + 1) * CHUNK_SIZE)
+        ref = self.base.chunks[index]
+        return (_add_span(spans, start, end) and ref.patch_bytes
+                + sum(e - s for s, e in spans) <= PATCH_CHUNK_MAX)
 
     async def load_all(self) -> None:
         await self._fetch([i for i in self.base.chunks if i not in self.present])
@@ -159,7 +177,7 @@ class ChunkedCopy(LocalCopy):
         """Fetch the chunk a truncate to ``length`` cuts or extends in the middle."""
         end = min(length, self.size())
         if end % CHUNK_SIZE:
-            await self.load_edges(end, 1)
+            await self._fetch(self._edges(end, 1))
 
     async def _fetch(self, indexes: list[int]) -> None:
         """Fetch ``indexes``, ``READ_AHEAD`` at once (OSError if one fails)."""
@@ -193,14 +211,19 @@ class ChunkedCopy(LocalCopy):
         try:
             data = await self._chunks.fetch(self.ino, ref)
             # Written only if nothing changed the chunk meanwhile (a write or truncate makes
-            # it present and authoritative), and only the part the file still covers. On the
-            # event loop, not in a thread: a close in between would leave a thread writing
-            # through a descriptor number a new file may have been given by then.
+            # it present and authoritative), and only the part the file still covers, the
+            # spans written over it unfetched kept. On the event loop, not in a thread: a
+            # close in between would leave a thread writing through a descriptor number a new
+            # file may have been given by then.
             if not self._closed and index not in self.present and (
                     self.base.chunks.get(index) is ref):
                 room = max(0, self.size() - index * CHUNK_SIZE)
                 if room:
+                    written = [(start, os.pread(self.fd, end - start, start))
+                               for start, end in self._spans.get(index, ())]
                     os.pwrite(self.fd, data[:room], index * CHUNK_SIZE)
+                    for start, kept in written:
+                        os.pwrite(self.fd, kept, start)
                 self.present.add(index)
         except OSError:
             raise
@@ -238,11 +261,19 @@ class ChunkedCopy(LocalCopy):
             if spans and (index not in self.changed or index in self._spans):
                 start = max(offset, index * CHUNK_SIZE)
                 end = min(offset + size, (index + 1) * CHUNK_SIZE)
-                if not _add_span(self._spans.setdefault(index, []), start, end):
+                if not _add_span(self._spans.setdefault(index, []), start, end) and (
+                        index in self.present):  # (kept while they are all it has here)
                     del self._spans[index]  # too much for patches: it goes up whole
             else:
                 self._spans.pop(index, None)
-            self.present.add(index)
+            # A truncate leaves what it cut zeros and fetched the chunk it cuts in the
+            # middle first (``load_cut``); a write that covers a chunk whole replaces it.
+            if (not spans or index in self.present or index not in self.base.chunks
+                    or (offset <= index * CHUNK_SIZE
+                        and (index + 1) * CHUNK_SIZE <= offset + size)):
+                self.present.add(index)
+            else:  # laid over a chunk not fetched (``load_edges``): no run may read it
+                self._behind.partial(index)
             self.changed.add(index)
             self._behind.changed(index)
 
@@ -291,6 +322,7 @@ class ChunkedCopy(LocalCopy):
             with_data = await trio.to_thread.run_sync(_data_chunks, self.fd)
             todo = [index for index in todo if index in with_data]
         todo += await self._fold(refs)
+        await self._fetch([i for i in todo if i not in self.present])
         if todo:
             async with trio.open_nursery() as nursery:
                 for first, number in _runs(sorted(todo)):

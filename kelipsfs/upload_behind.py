@@ -83,6 +83,12 @@ class UploadBehind:
             start += RUN_CHUNKS
         self._run_from = start
 
+    def partial(self, index: int) -> None:
+        """Chunk ``index`` was written without being fetched: the spool holds only what
+        was written of it, so no run of the writer's may take it."""
+        if self._run_from is None or self._run_from <= index:
+            self._run_from = index + 1
+
     def changed(self, index: int) -> None:
         """Chunk ``index`` changed: what was uploaded of it is void."""
         upload = self._uploads.pop(index, None)

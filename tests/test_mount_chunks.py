@@ -299,3 +299,66 @@ def test_a_holder_killed_during_a_large_write_loses_nothing(tmp_path: Path) -> N
         objects = -(-len(data) // (RUN_CHUNKS * CHUNK_SIZE))  # (written as runs)
         wait_for(lambda: stored_chunks(writer, other) == 2 * objects, 90,
                  "two copies of every chunk on the survivors", interval=0.5)
+
+
+def test_small_writes_into_chunks_not_fetched_yet(pair: tuple[Mount, Mount]) -> None:
+    """A copy opened on the other mount has none of the file's chunks: a small write goes
+    into it without fetching its chunk (the publish sends it as a patch), and a read, a
+    truncate or a larger write fetches the chunk then with what was written kept."""
+    a, b = pair
+    data = bytearray(os.urandom(6 * MiB + 99))
+    a.path("unfetched.bin").write_bytes(data)
+    assert b.path("unfetched.bin").stat().st_size == len(data)
+    sent = metric(b, "kelips_content_bytes_sent_total")
+    with open(b.path("unfetched.bin"), "r+b") as fh:
+        for offset, piece in ((3 * MiB + 5, b"abc"), (3 * MiB + 1000, b"d" * 5000),
+                              (5 * MiB - 2, b"across")):
+            os.pwrite(fh.fileno(), piece, offset)
+            data[offset:offset + len(piece)] = piece
+        os.fsync(fh.fileno())
+        # the manifest alone sent
+        assert metric(b, "kelips_content_bytes_sent_total") - sent < 64 * 1024
+        assert os.pread(fh.fileno(), 20, 3 * MiB) == bytes(data[3 * MiB:3 * MiB + 20])
+        os.pwrite(fh.fileno(), b"e" * 40_000, 1 * MiB + 7)  # more than patches carry
+        data[MiB + 7:MiB + 40_007] = b"e" * 40_000
+        os.pwrite(fh.fileno(), b"f" * 10, 2 * MiB + 3)
+        data[2 * MiB + 3:2 * MiB + 13] = b"f" * 10
+        fh.truncate(2 * MiB + 8)  # into the chunk written but not fetched
+        del data[2 * MiB + 8:]
+    assert a.path("unfetched.bin").read_bytes() == data
+    assert b.path("unfetched.bin").read_bytes() == data
+    a.path("unfetched.bin").unlink()
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_random_small_changes_through_two_mounts_read_back(pair: tuple[Mount, Mount],
+                                                           seed: int) -> None:
+    """Writes, reads, truncates and fsyncs at random, each round through the other mount
+    (whose copy then holds none of the chunks), checked against a model of the file."""
+    a, b = pair
+    rng = random.Random(seed)
+    model = bytearray(os.urandom(3 * MiB + 5))
+    a.path("random.bin").write_bytes(model)
+    for round_ in range(12):
+        mount = (a, b)[round_ % 2]
+        with open(mount.path("random.bin"), "r+b") as fh:
+            for _ in range(25):
+                op = rng.random()
+                if op < 0.6:
+                    offset = rng.randrange(len(model) + 2000)
+                    piece = os.urandom(rng.choice((1, 17, 512, 4096, 40_000)))
+                    os.pwrite(fh.fileno(), piece, offset)
+                    if offset > len(model):
+                        model.extend(bytes(offset - len(model)))
+                    model[offset:offset + len(piece)] = piece
+                elif op < 0.8:
+                    offset = rng.randrange(len(model) + 1)
+                    assert os.pread(fh.fileno(), 3000, offset) == model[offset:offset + 3000]
+                elif op < 0.9:
+                    length = rng.randrange(2 * MiB, 4 * MiB)
+                    fh.truncate(length)
+                    model = model[:length] + bytes(max(0, length - len(model)))
+                else:
+                    os.fsync(fh.fileno())
+        assert (b, a)[round_ % 2].path("random.bin").read_bytes() == model, round_
+    a.path("random.bin").unlink()

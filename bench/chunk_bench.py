@@ -6,7 +6,7 @@ Targets, in turn in the same run: a local directory, a JuiceFS mount (sqlite3 me
 local file storage; left out with a note when the `juicefs` command is absent), a one-node
 kelipsfs mount and a three-node cluster (r = 3) measured through its third node. On each:
 
-* ``poke``: a 1-byte write and an fsync in the middle of a ``--big-mib`` file (median of 5,
+* ``poke``: a 1-byte write and an fsync in the middle of a ``--big-mib`` file (median of 11,
   at different offsets); for kelipsfs also the content bytes the mount's node sent to holders
   for it (``kelips_content_bytes_sent_total``);
 * ``sqlite_inserts``: ``--inserts`` autocommit inserts into a database of ``--db-mib``;
@@ -35,12 +35,15 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from bench.disk import settle
 from bench.metadata_bench import JuiceFS, _alive_members, juicefs
 from tests.test_mount import Mount, Mounts, wait_for
 
 RESULTS = Path(os.environ.get("KELIPSFS_BENCH_RESULTS", Path(__file__).parent / "results"))
 MiB = 1 << 20
 SPARSE_SIZE = 10 << 30
+#: 1-byte writes measured per target (their median is the figure).
+POKES = 11
 MEMBERSHIP_TIMEOUT = 60.0
 
 
@@ -64,17 +67,20 @@ def _du(*paths: Path) -> int:
 
 
 def poke(target: Path, big_mib: int, node: Mount | None) -> dict[str, float]:
-    """1-byte write + fsync in the middle of a big file: median seconds and bytes sent."""
+    """1-byte write + fsync in the middle half of a big file, ``POKES`` times at offsets
+    spread over it: median seconds and bytes sent. The disk is settled first (``settle``):
+    the figure is the small write's, not the writeback of the big file written just before."""
     path = target / "big.bin"
     block = os.urandom(MiB)
     with open(path, "wb") as fh:
         for _ in range(big_mib):
             fh.write(block)
+    settle()
     times, sent = [], []
     with open(path, "r+b") as fh:
         fh.read(1)  # opened and read once, as a program working on it would
-        for i in range(5):
-            offset = (big_mib * MiB // 2) + i * 3 * MiB + 7
+        for i in range(POKES):
+            offset = big_mib * MiB // 4 + i * (big_mib * MiB // 2 // POKES) + 7
             before = _sent(node)
             started = time.perf_counter()
             os.pwrite(fh.fileno(), b"!", offset)

@@ -37,7 +37,7 @@ from daemon.core.manifest import (
 )
 from daemon.core.messages import TupleEntry
 from kelipsfs.local_copy import LocalCopy
-from kelipsfs.upload_behind import UPLOAD_WINDOW, UploadBehind
+from kelipsfs.upload_behind import UPLOAD_WINDOW, UploadBehind, data_chunks
 
 log = logging.getLogger("kelipsfs.fuse")
 
@@ -91,7 +91,7 @@ class ChunkedCopy(LocalCopy):
         there)."""
         path, fd = copy.hand_over()
         return cls(copy.name, ino, path, fd, Manifest(0), clock=copy.clock, chunks=chunks,
-                   background=background, changed=_data_chunks(fd), dirty=True,
+                   background=background, changed=data_chunks(fd), dirty=True,
                    mtime_ns=copy.mtime_ns, following=following, whole=True)
 
     def memory(self) -> bytes | None:
@@ -319,7 +319,7 @@ class ChunkedCopy(LocalCopy):
             else:
                 todo.append(index)
         if todo:  # (a chunk the spool has no data in is a hole)
-            with_data = await trio.to_thread.run_sync(_data_chunks, self.fd)
+            with_data = await trio.to_thread.run_sync(data_chunks, self.fd)
             todo = [index for index in todo if index in with_data]
         todo += await self._fold(refs)
         await self._fetch([i for i in todo if i not in self.present])
@@ -411,22 +411,3 @@ def _runs(indexes: list[int]) -> list[tuple[int, int]]:
         else:
             runs.append((index, 1))
     return runs
-
-
-def _data_chunks(fd: int) -> set[int]:
-    """The chunks of a sparse local file that hold data (the holes the local filesystem
-    reports are holes of the file, and never read)."""
-    size = os.fstat(fd).st_size
-    found: set[int] = set()
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data after offset
-                break
-            return set(range(-(-size // CHUNK_SIZE)))  # no SEEK_DATA here: all of it
-        found.update(range(start // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1))
-        offset = end
-    return found

@@ -120,9 +120,14 @@ class UploadBehind:
 
     async def _run(self, upload: _Upload) -> None:
         try:
-            data = await trio.to_thread.run_sync(_read_run, self._path, upload.first,
-                                                 upload.count)
-            refs, names = await self._chunks.upload_run(self._ino, upload.first, data)
+            data, with_data = await trio.to_thread.run_sync(_read_run, self._path,
+                                                            upload.first, upload.count)
+            if with_data:
+                refs, names = await self._chunks.upload_run(self._ino, upload.first, data,
+                                                            with_data)
+            else:  # (all holes: nothing read, nothing to store)
+                refs = {i: None for i in range(upload.first, upload.first + upload.count)}
+                names = set()
             upload.refs = refs
             self._names |= names
             if self._abandoned:  # gone while it was sent
@@ -136,13 +141,40 @@ class UploadBehind:
             self._window.release_on_behalf_of(upload)
 
 
-def _read_run(path: Path, first: int, count: int) -> bytes:
-    """Chunks ``first`` .. ``first + count`` of the spool file (worker thread)."""
+def _read_run(path: Path, first: int, count: int) -> tuple[bytes, set[int]]:
+    """Chunks ``first`` .. ``first + count`` of the spool file, and which of them it has
+    data in (worker thread); no bytes read when it has none (a run of holes)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise OSError(errno.ESTALE, f"the local copy is gone: {exc}") from exc
     try:
-        return os.pread(fd, count * CHUNK_SIZE, first * CHUNK_SIZE)
+        with_data = data_chunks(fd, first, first + count)
+        if not with_data:
+            return b"", with_data
+        return os.pread(fd, count * CHUNK_SIZE, first * CHUNK_SIZE), with_data
     finally:
         os.close(fd)
+
+
+def data_chunks(fd: int, start: int = 0, end: int | None = None) -> set[int]:
+    """The chunks of a sparse local file, from ``start`` to ``end`` (its last by default),
+    that hold data: the holes the local filesystem reports are holes of the file, and never
+    read."""
+    size = os.fstat(fd).st_size
+    stop = size if end is None else min(size, end * CHUNK_SIZE)
+    found: set[int] = set()
+    offset = start * CHUNK_SIZE
+    while offset < stop:
+        try:
+            begin = os.lseek(fd, offset, os.SEEK_DATA)
+            finish = os.lseek(fd, begin, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after offset
+                break
+            return set(range(start, -(-stop // CHUNK_SIZE)))  # no SEEK_DATA here: all of it
+        if begin >= stop:
+            break
+        found.update(range(begin // CHUNK_SIZE, (min(finish, stop) - 1) // CHUNK_SIZE + 1))
+        offset = finish
+    return found

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from daemon.core.manifest import CHUNK_SIZE
 from daemon.digest import digest_of
 from kelipsfs import local_copy
 from kelipsfs.local_copy import CorruptCopy, LocalCopy
 from kelipsfs.memory_copy import MEMORY_MAX, MemoryCopy
+from kelipsfs.upload_behind import data_chunks
 
 MiB = 1 << 20
 BIG = 64 * MiB
@@ -215,3 +217,20 @@ def test_a_memory_copy_changes_in_memory_and_makes_its_file_only_past_the_limit(
     idle.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
+
+
+def test_the_data_chunks_of_a_sparse_file_are_found_without_reading(tmp_path: Path) -> None:
+    path = tmp_path / "sparse"
+    with open(path, "wb") as fh:
+        fh.truncate(40 * CHUNK_SIZE)
+        for index in (0, 7, 8, 30):
+            fh.seek(index * CHUNK_SIZE + 100)
+            fh.write(b"x")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert data_chunks(fd) == {0, 7, 8, 30}
+        assert data_chunks(fd, 1, 8) == {7}
+        assert data_chunks(fd, 8, 30) == {8}
+        assert data_chunks(fd, 31) == set()
+    finally:
+        os.close(fd)

@@ -362,3 +362,23 @@ def test_random_small_changes_through_two_mounts_read_back(pair: tuple[Mount, Mo
                     os.fsync(fh.fileno())
         assert (b, a)[round_ % 2].path("random.bin").read_bytes() == model, round_
     a.path("random.bin").unlink()
+
+
+def test_a_write_far_past_the_end_of_a_small_file_stores_no_zeros(
+        pair: tuple[Mount, Mount]) -> None:
+    """A small file written again 3 GiB further on: the chunks between are holes, found
+    without reading them, and nothing but the two written parts is stored."""
+    a, b = pair
+    before = stored_chunks(a, b)
+    with open(a.path("far.bin"), "wb") as fh:
+        fh.write(b"head")
+        fh.seek(3 << 30)
+        fh.write(b"tail" * 1000)
+    st = b.path("far.bin").stat()
+    assert st.st_size == (3 << 30) + 4000 and st.st_blocks * 512 <= 2 * MiB
+    assert stored_chunks(a, b) - before <= 2 * 2  # (two objects at most, on two nodes)
+    with open(b.path("far.bin"), "rb") as fh:
+        assert fh.read(8) == b"head" + bytes(4)
+        fh.seek(3 << 30)
+        assert fh.read() == b"tail" * 1000
+    a.path("far.bin").unlink()

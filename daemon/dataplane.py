@@ -376,7 +376,7 @@ class DataPlane:
         missing = 0
         for holder in found.holders:
             try:
-                part = await self._part_from(holder, entry, offset, length)
+                part = await self._part_from(holder, entry, offset, length, checksum)
             except NotFound as exc:
                 missing += 1
                 errors.append(f"{holder.host}:{holder.port}: {exc}")
@@ -384,6 +384,8 @@ class DataPlane:
             except (PeerError, OSError, StoreError) as exc:
                 errors.append(f"{holder.host}:{holder.port}: {exc}")
                 continue
+            if holder.node_id == self.node.node_id:
+                return part  # (checked as it was read)
             if len(part) == length and await digest_async(part) == checksum:
                 return part
             errors.append(f"{holder.host}:{holder.port}: bytes {offset}+{length} do not match "
@@ -394,14 +396,16 @@ class DataPlane:
                           f"{'; '.join(errors) or 'none known'}")
 
     async def _part_from(self, holder: MemberEntry, entry: TupleEntry, offset: int,
-                         length: int) -> bytes:
+                         length: int, checksum: bytes) -> bytes:
+        """The part from ``holder``: checked against ``checksum`` when it is this node (in
+        the thread that reads it), as it comes otherwise (the caller checks it)."""
         if holder.node_id == self.node.node_id:
             obj = self.rt.store.get(entry.name)
             if obj is None or obj.tombstone or obj.version.clock < entry.version.clock:
                 raise NotFound("local copy missing or older")
             if offset + length > obj.size:
                 raise NotFound("local copy is shorter")
-            return await self.rt.store.read_range(obj, offset, length)
+            return await self.rt.store.read_range(obj, offset, length, checksum)
         query = {"min_clock": entry.version.clock, "offset": offset, "length": length}
         async with self.peers.stream("GET", holder.address, "/v1/replica/" + entry.name,
                                      query, bulk_size=0 if length >= BULK_MIN else None

@@ -166,9 +166,10 @@ class ObjectStore:
         """``StoreReader.read_chunks``."""
         return self._reads.read_chunks(obj, chunk_size, offset=offset, verify=verify)
 
-    async def read_range(self, obj: StoredObject, offset: int, length: int) -> bytes:
+    async def read_range(self, obj: StoredObject, offset: int, length: int,
+                         checksum: bytes | None = None) -> bytes:
         """``StoreReader.read_range``."""
-        return await self._reads.read_range(obj, offset, length)
+        return await self._reads.read_range(obj, offset, length, checksum)
 
     def read_small(self, obj: StoredObject, limit: int) -> bytes | None:
         """``StoreReader.read_small``."""

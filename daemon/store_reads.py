@@ -116,18 +116,34 @@ class StoreReader:
         finally:
             await shielded(f.close)
 
-    async def read_range(self, obj: StoredObject, offset: int, length: int) -> bytes:
-        """``length`` bytes of the content of ``obj`` from ``offset``, not verified (a part
-        cannot be checked against the whole's digest: the caller knows the part's)."""
+    async def read_range(self, obj: StoredObject, offset: int, length: int,
+                         checksum: bytes | None = None) -> bytes:
+        """``length`` bytes of the content of ``obj`` from ``offset``: not verified (a part
+        cannot be checked against the whole's digest), unless the caller gives the part's
+        own ``checksum`` (ChecksumMismatch if they do not match it: checked in the thread
+        that read them)."""
         if not (offset >= 0 and length >= 0 and offset + length <= obj.size):
             raise ValueError(f"range {offset}+{length} is outside {show(obj.name)} "
                              f"({obj.size} bytes)")
         if obj.log is not None:
-            return self._logged(obj)[offset:offset + length]
-        block = await in_thread(functools.partial(self._read_part, obj, offset, length))
+            block = self._logged(obj)[offset:offset + length]
+        else:
+            block = await in_thread(functools.partial(self._read_checked, obj, offset,
+                                                      length, checksum))
         if len(block) != length:
             raise ChecksumMismatch(f"stored content of {show(obj.name)} (version "
                                    f"{show_version(obj.version)}) is truncated on disk")
+        if obj.log is not None and checksum is not None and digest_of(block) != checksum:
+            raise ChecksumMismatch(f"bytes {offset}+{length} of {show(obj.name)} do not "
+                                   "match their digest")
+        return block
+
+    def _read_checked(self, obj: StoredObject, offset: int, length: int,
+                      checksum: bytes | None) -> bytes:
+        block = self._read_part(obj, offset, length)
+        if checksum is not None and len(block) == length and digest_of(block) != checksum:
+            raise ChecksumMismatch(f"bytes {offset}+{length} of {show(obj.name)} do not "
+                                   "match their digest")
         return block
 
     def read_small(self, obj: StoredObject, limit: int) -> bytes | None:

@@ -42,7 +42,7 @@ from kelipsfs.upload_behind import UPLOAD_WINDOW, UploadBehind, data_chunks
 log = logging.getLogger("kelipsfs.fuse")
 
 #: Chunks fetched at once, ahead of a read that goes front to back.
-READ_AHEAD = 8
+READ_AHEAD = 16
 
 
 class ChunkedCopy(LocalCopy):

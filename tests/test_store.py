@@ -752,6 +752,11 @@ def test_read_range_reads_a_part_of_a_file_or_a_logged_object(root: Path) -> Non
             assert part == whole[offset:offset + length]
         with pytest.raises(ValueError, match="outside"):
             run(functools.partial(store.read_range, obj, len(whole) - 3, 4))
+    for obj, whole in ((big, data), (small, data[:1000])):  # with the part's own digest
+        right = digest_of(whole[5:105])
+        assert run(functools.partial(store.read_range, obj, 5, 100, right)) == whole[5:105]
+        with pytest.raises(ChecksumMismatch, match="do not match"):
+            run(functools.partial(store.read_range, obj, 6, 100, right))
     os.truncate(big.path, MiB)  # type: ignore[arg-type]
     with pytest.raises(ChecksumMismatch, match="truncated"):
         run(functools.partial(store.read_range, big, 2 * MiB, 10))

@@ -126,25 +126,10 @@ class StoreReader:
             raise ValueError(f"range {offset}+{length} is outside {show(obj.name)} "
                              f"({obj.size} bytes)")
         if obj.log is not None:
-            block = self._logged(obj)[offset:offset + length]
-        else:
-            block = await in_thread(functools.partial(self._read_checked, obj, offset,
-                                                      length, checksum))
-        if len(block) != length:
-            raise ChecksumMismatch(f"stored content of {show(obj.name)} (version "
-                                   f"{show_version(obj.version)}) is truncated on disk")
-        if obj.log is not None and checksum is not None and digest_of(block) != checksum:
-            raise ChecksumMismatch(f"bytes {offset}+{length} of {show(obj.name)} do not "
-                                   "match their digest")
-        return block
-
-    def _read_checked(self, obj: StoredObject, offset: int, length: int,
-                      checksum: bytes | None) -> bytes:
-        block = self._read_part(obj, offset, length)
-        if checksum is not None and len(block) == length and digest_of(block) != checksum:
-            raise ChecksumMismatch(f"bytes {offset}+{length} of {show(obj.name)} do not "
-                                   "match their digest")
-        return block
+            return _part_checked(obj, self._logged(obj)[offset:offset + length], offset,
+                                 length, checksum)
+        return await in_thread(lambda: _part_checked(
+            obj, self._read_part(obj, offset, length), offset, length, checksum))
 
     def read_small(self, obj: StoredObject, limit: int) -> bytes | None:
         """The whole verified content of a small object, read in the calling thread; None if
@@ -205,3 +190,16 @@ class StoreReader:
             except OSError as exc:
                 raise StoreError(f"cannot read {show(obj.name)}: "
                                  f"{exc.strerror or exc}") from exc
+
+
+def _part_checked(obj: StoredObject, block: bytes, offset: int, length: int,
+                  checksum: bytes | None) -> bytes:
+    """``block``, read as bytes ``offset``..+``length`` of ``obj``, if it is whole and, given
+    the part's own ``checksum``, matches it (ChecksumMismatch otherwise)."""
+    if len(block) != length:
+        raise ChecksumMismatch(f"stored content of {show(obj.name)} (version "
+                               f"{show_version(obj.version)}) is truncated on disk")
+    if checksum is not None and digest_of(block) != checksum:
+        raise ChecksumMismatch(f"bytes {offset}+{length} of {show(obj.name)} do not match "
+                               "their digest")
+    return block

@@ -191,10 +191,6 @@ class Manifest:
         """Bytes its chunks hold (what ``du`` shows: holes cost nothing)."""
         return sum(ref.extent for ref in self.chunks.values())
 
-    @functools.cached_property
-    def patch_bytes(self) -> int:
-        return sum(ref.patch_bytes for ref in self.chunks.values())
-
     def names(self, ino: int) -> set[str]:
         """The stored objects its chunks are in."""
         return {r.object_name(ino) for r in self.chunks.values() if r.has_object}

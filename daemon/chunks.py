@@ -273,10 +273,8 @@ class Chunks:
         yields), cancelled when the reader stops early."""
         count = manifest.count
         background = self._rt.background
-        if background is None:  # (not running yet: one window at a time)
-            async for block in self._stream_windows(ino, manifest):
-                yield block
-            return
+        if background is None:
+            raise DataError("the node is not running")
         got: dict[int, bytes | Exception] = {}
         ready = [trio.Event() for _ in range(count)]
         window = trio.Semaphore(STREAM_WINDOW)
@@ -308,23 +306,6 @@ class Chunks:
                 yield _spanned(data, manifest.span(index))
         finally:
             scope.cancel()
-
-    async def _stream_windows(self, ino: int, manifest: Manifest) -> AsyncIterator[bytes]:
-        count = manifest.count
-        got: dict[int, bytes] = {}
-
-        async def one(index: int) -> None:
-            ref = manifest.chunks.get(index)
-            got[index] = await self.fetch(ino, ref) if ref is not None else b""
-
-        for first in range(0, count, STREAM_WINDOW):
-            window = range(first, min(count, first + STREAM_WINDOW))
-            got.clear()
-            async with trio.open_nursery() as nursery:
-                for index in window:
-                    nursery.start_soon(one, index)
-            for index in window:
-                yield _spanned(got[index], manifest.span(index))
 
     async def stream_checked(self, ino: int, manifest: Manifest) -> AsyncIterator[bytes]:
         """The file's bytes (``stream``) and then their digest, ``DIGEST_SIZE`` bytes more: for
